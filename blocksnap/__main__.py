@@ -1,0 +1,5 @@
+"""Entry point for python -m blocksnap."""
+
+from blocksnap.cli import main
+
+raise SystemExit(main())

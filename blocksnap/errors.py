@@ -1,0 +1,67 @@
+"""The exception tree: one root, a shallow set of kinds, each carrying its CLI exit code."""
+
+from __future__ import annotations
+
+
+class BlocksnapError(Exception):
+    """Root of every error blocksnap raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(BlocksnapError):
+    """The caller asked for something malformed (bad name, bad size, bad option)."""
+
+    exit_code = 2
+
+
+class NotFoundError(BlocksnapError):
+    """A repository, volume or snapshot that was named does not exist."""
+
+    exit_code = 3
+
+
+class LockedError(BlocksnapError):
+    """Another process holds what this operation needs exclusively."""
+
+    exit_code = 4
+
+
+class IntegrityError(BlocksnapError):
+    """Stored data or metadata is damaged: a checksum, hash or structure does not match."""
+
+    exit_code = 5
+
+
+class StoreError(BlocksnapError):
+    """The repository could not be read or written (I/O error, disk full, permissions)."""
+
+    exit_code = 6
+
+
+class SourceError(BlocksnapError):
+    """The volume being snapshotted could not be read, or changed size while being read."""
+
+    exit_code = 7
+
+
+class RestoreError(BlocksnapError):
+    """The restore target cannot take the image (too small, not writable, wrong kind)."""
+
+    exit_code = 8
+
+
+class NativeError(BlocksnapError):
+    """The native backend is missing when it was required, or refused its arguments."""
+
+    exit_code = 9
+
+
+class Interrupted(BlocksnapError):
+    """The operation was interrupted (Ctrl-C); nothing it had not committed was kept."""
+
+    exit_code = 130
+
+
+class MissingObjectError(IntegrityError):
+    """An object the repository refers to (a pack, a snapshot record) is not in storage."""

@@ -1,0 +1,78 @@
+"""Value types, constants and the narrow protocols that every layer of blocksnap shares."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+MIN_BLOCK_SIZE = 4 << 10
+MAX_BLOCK_SIZE = 4 << 20
+DEFAULT_BLOCK_SIZE = 64 << 10
+FILTER_DIGEST_SIZE = 16  # XXH3-128, the change filter
+BLOCK_ID_SIZE = 32  # the strong, store-wide block identity
+
+
+class SnapshotKind(enum.Enum):
+    FULL = "full"
+    INCREMENTAL = "incremental"
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotCounts:
+    """What one snapshot run did, block by block."""
+
+    read: int = 0  # blocks read from the source
+    changed: int = 0  # blocks whose content differs from the parent's at the same index
+    hashed: int = 0  # changed non-zero blocks that were strong-hashed
+    stored: int = 0  # blocks whose content was new to the repository and was written
+    zero: int = 0  # all-zero blocks (never hashed, never stored)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    """A committed snapshot, as recorded in the repository."""
+
+    id: str
+    volume: str
+    time: str  # ISO 8601, UTC
+    kind: SnapshotKind
+    parent: str | None
+    image_size: int
+    block_size: int
+    counts: SnapshotCounts
+    stored_size: int  # bytes this snapshot added to the store (compressed, with metadata)
+    metadata_size: int  # of that, bytes of new block-map nodes
+    duration: float  # seconds
+    labels: dict[str, str] = field(default_factory=dict)
+    map_root: bytes = b""
+    map_height: int = 0
+
+    @property
+    def block_count(self) -> int:
+        return -(-self.image_size // self.block_size)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """One progress report: phase, bytes done and total (total 0 when unknown)."""
+
+    phase: str
+    done_size: int
+    total_size: int
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class BlockSource(Protocol):
+    """Where readers and restorers get block contents: verified bytes by block ID."""
+
+    def read_block(self, block_id: bytes) -> bytes:
+        """Return the block's content, checked against its ID, or raise IntegrityError."""
+        ...
+
+    def read_node(self, node_id: bytes) -> bytes:
+        """Return a block-map node's bytes, checked against its ID."""
+        ...

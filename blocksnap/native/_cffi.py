@@ -1,0 +1,56 @@
+"""The typed binding over blocksnap._native: the only module that touches ffi and lib."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blocksnap._native import ffi, lib
+from blocksnap.errors import NativeError
+
+ABI_VERSION: int = lib.BS_ABI_VERSION
+DIGEST_SIZE: int = lib.BS_DIGEST_SIZE
+FLAG_ZERO: int = lib.BS_FLAG_ZERO
+FLAG_CHANGED: int = lib.BS_FLAG_CHANGED
+
+# One table from C status to exception; grows with the ABI.
+_STATUS_ERRORS: dict[int, str] = {
+    lib.BS_EINVAL: "native scan rejected its arguments (block size, buffer or output sizes)",
+}
+
+if lib.bs_abi_version() != ABI_VERSION:  # header and compiled object disagree: stale build
+    raise NativeError(
+        f"blocksnap._native ABI {lib.bs_abi_version()} != header ABI {ABI_VERSION}; rebuild"
+    )
+
+
+def _check(status: int) -> None:
+    if status != lib.BS_OK:
+        raise NativeError(_STATUS_ERRORS.get(status, f"native status {status}"))
+
+
+def scan(
+    buf: Any,
+    block_size: int,
+    seed: int,
+    parent_digests: Any,
+    flags_out: bytearray,
+    digests_out: bytearray,
+) -> None:
+    """Fill flags_out and digests_out for every block of buf; see bs_scan in bs_native.h."""
+    src = ffi.from_buffer(buf)
+    parent = ffi.from_buffer(parent_digests) if parent_digests is not None else ffi.NULL
+    parent_count = len(parent_digests) // DIGEST_SIZE if parent_digests is not None else 0
+    out_count = min(len(flags_out), len(digests_out) // DIGEST_SIZE)
+    _check(
+        lib.bs_scan(
+            src,
+            len(src),
+            block_size,
+            seed,
+            parent,
+            parent_count,
+            ffi.from_buffer(flags_out, require_writable=True),
+            ffi.from_buffer(digests_out, require_writable=True),
+            out_count,
+        )
+    )

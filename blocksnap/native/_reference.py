@@ -1,0 +1,56 @@
+"""The executable specification of the native scanner, in pure Python.
+
+It gives byte-identical results to bs_scan in csrc/ and is what the property tests hold the
+C code to.  It is also the fallback backend where the extension is not built.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+
+import xxhash
+
+from blocksnap.errors import NativeError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+DIGEST_SIZE = 16
+FLAG_ZERO = 1
+FLAG_CHANGED = 2
+_ZERO_DIGEST = bytes(DIGEST_SIZE)
+
+
+def scan(
+    buf: Buffer,
+    block_size: int,
+    seed: int,
+    parent_digests: Buffer | None,
+    flags_out: bytearray,
+    digests_out: bytearray,
+) -> None:
+    """Fill flags_out and digests_out for every block of buf; see bs_scan in bs_native.h."""
+    if block_size <= 0 or block_size & (block_size - 1):
+        raise NativeError("native scan rejected its arguments (block size, buffer or output sizes)")
+    data = memoryview(buf).cast("B")
+    parent = memoryview(parent_digests).cast("B") if parent_digests is not None else None
+    parent_count = len(parent) // DIGEST_SIZE if parent is not None else 0
+    count = -(-len(data) // block_size)
+    if count > min(len(flags_out), len(digests_out) // DIGEST_SIZE):
+        raise NativeError("native scan rejected its arguments (block size, buffer or output sizes)")
+    for i in range(count):
+        block = data[i * block_size : (i + 1) * block_size]
+        raw = bytes(block)
+        if raw.count(0) == len(raw):
+            flags, digest = FLAG_ZERO, _ZERO_DIGEST
+        else:
+            flags, digest = 0, xxhash.xxh3_128_digest(raw, seed)
+        if parent is not None and i < parent_count:
+            old = bytes(parent[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE])
+        else:
+            old = _ZERO_DIGEST
+        if digest != old:
+            flags |= FLAG_CHANGED
+        flags_out[i] = flags
+        digests_out[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] = digest

@@ -1,0 +1,179 @@
+"""The public Python API: a Repository with snapshot, list, restore, verify and stats."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from blocksnap import blockid
+from blocksnap.check import VerifyReport, verify
+from blocksnap.model import ProgressCallback, SnapshotInfo
+from blocksnap.reader import DEFAULT_CACHE_SIZE, ImageReader
+from blocksnap.restore import RestoreResult, restore_image
+from blocksnap.snapshot import take_snapshot
+from blocksnap.store.rebuild import RebuildReport, rebuild_index
+from blocksnap.store.repository import (
+    DEFAULT_COMPRESSION_LEVEL,
+    DEFAULT_PACK_TARGET_SIZE,
+    Store,
+    init_repository,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RepositoryStats:
+    volumes: int
+    snapshots: int
+    objects: int
+    packs: int
+    stored_size: int  # bytes of packs in storage
+    logical_size: int  # sum of the image sizes of every snapshot
+
+    @property
+    def ratio(self) -> float:
+        """Logical bytes per stored byte: what dedup, zero elision and compression gave."""
+        return self.logical_size / self.stored_size if self.stored_size else 0.0
+
+
+class Repository:
+    """An open blocksnap repository.  Use as a context manager, or call close()."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._store = Store(self.path)
+
+    @classmethod
+    def init(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        block_id: str = blockid.DEFAULT_ALGORITHM,
+        compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+        pack_target_size: int = DEFAULT_PACK_TARGET_SIZE,
+    ) -> Repository:
+        """Create a repository at path and open it."""
+        init_repository(
+            os.fspath(path),
+            block_id=block_id,
+            compression_level=compression_level,
+            pack_target_size=pack_target_size,
+        )
+        return cls(path)
+
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def store(self) -> Store:
+        """The underlying store: a BlockSource for readers, and the index."""
+        return self._store
+
+    def snapshot(
+        self,
+        volume: str,
+        source: str | os.PathLike[str] | BinaryIO,
+        *,
+        full: bool = False,
+        block_size: int | None = None,
+        labels: dict[str, str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> SnapshotInfo:
+        """Snapshot a file, block device or readable binary file object into volume."""
+        return take_snapshot(
+            self._store, volume, source, full=full, block_size=block_size, labels=labels,
+            progress=progress,
+        )
+
+    def volumes(self) -> list[str]:
+        return self._store.volumes()
+
+    def snapshots(self, volume: str) -> list[SnapshotInfo]:
+        """The volume's snapshots, oldest first (empty for an unknown volume)."""
+        return self._store.snapshots(volume)
+
+    def resolve(self, volume: str, snapshot: str) -> SnapshotInfo:
+        """A snapshot by id, unique prefix, "latest" or "latest~N"."""
+        return self._store.resolve(volume, snapshot)
+
+    def open_image(
+        self, volume: str, snapshot: str = "latest", cache_size: int = DEFAULT_CACHE_SIZE
+    ) -> ImageReader:
+        """A lazy, seekable, read-only file object over the snapshot's image."""
+        return ImageReader(self._store, self.resolve(volume, snapshot), cache_size)
+
+    def restore(
+        self,
+        volume: str,
+        snapshot: str,
+        target: str | os.PathLike[str],
+        *,
+        only_changed: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> RestoreResult:
+        return restore_image(
+            self._store,
+            self.resolve(volume, snapshot),
+            os.fspath(target),
+            filter_seed=self._store.config.filter_seed,
+            only_changed=only_changed,
+            progress=progress,
+        )
+
+    def verify(self, *, read_data: bool = False, progress: ProgressCallback | None = None) -> VerifyReport:
+        return verify(self._store, read_data=read_data, progress=progress)
+
+    def stats(self) -> RepositoryStats:
+        volumes = self._store.volumes()
+        snapshots = [s for v in volumes for s in self._store.snapshots(v)]
+        packs = list(self._store.backend.list("packs/"))
+        return RepositoryStats(
+            volumes=len(volumes),
+            snapshots=len(snapshots),
+            objects=self._store.index.object_count(),
+            packs=len(packs),
+            stored_size=sum(size for _, size in packs),
+            logical_size=sum(s.image_size for s in snapshots),
+        )
+
+
+class _OwningImageReader(ImageReader):
+    """An ImageReader that closes the repository it opened when it is closed."""
+
+    def __init__(self, repo: Repository, info: SnapshotInfo, cache_size: int) -> None:
+        super().__init__(repo.store, info, cache_size)
+        self._repo = repo
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            self._repo.close()
+
+
+def open_image(
+    repository: str | os.PathLike[str],
+    volume: str,
+    snapshot: str = "latest",
+    *,
+    cache_size: int = DEFAULT_CACHE_SIZE,
+) -> ImageReader:
+    """Open a snapshot's image for reading; closing the reader closes the repository."""
+    repo = Repository(repository)
+    try:
+        return _OwningImageReader(repo, repo.resolve(volume, snapshot), cache_size)
+    except BaseException:
+        repo.close()
+        raise
+
+
+def repair_index(
+    repository: str | os.PathLike[str], progress: ProgressCallback | None = None
+) -> RebuildReport:
+    """Rebuild the index from packs and snapshot objects (needs the repository to itself)."""
+    return rebuild_index(os.fspath(repository), progress)

@@ -1,0 +1,187 @@
+"""Whole-image restore: a snapshot onto a new sparse file, an existing file or a device.
+
+A new file is built under a temporary name beside the target and renamed into place only
+when complete, so a failed or interrupted restore leaves nothing behind.  An existing file
+or block device is written in place; with only_changed, each of its blocks is first read
+and compared (by the same seeded XXH3-128 change filter that snapshots use) and only blocks
+that differ are written.  Every block written was checked against its ID by the source.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from blocksnap import native
+from blocksnap.blockmap import ZERO_ID, BlockMap
+from blocksnap.errors import Interrupted, RestoreError
+from blocksnap.model import BLOCK_ID_SIZE, BlockSource, Progress, ProgressCallback, SnapshotInfo
+
+CHUNK_SIZE = 8 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreResult:
+    """What a restore did."""
+
+    target: str
+    image_size: int
+    blocks_written: int
+    blocks_unchanged: int  # with only_changed: blocks already right in the target
+    zero_blocks: int  # left as holes (new file) or written as zeros (in place)
+    # written + unchanged + zero == the snapshot's block count
+    bytes_written: int
+
+
+def _open_device(target: str, image_size: int) -> tuple[int, bool]:
+    """Return (fd of the target if it is a block device else -1, whether target is new)."""
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise RestoreError(f"cannot inspect {target}: {exc.strerror or exc}") from exc
+    try:
+        if st is not None and stat.S_ISBLK(st.st_mode):
+            fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
+            size = os.lseek(fd, 0, os.SEEK_END)
+            if size < image_size:
+                os.close(fd)
+                raise RestoreError(f"device {target} holds {size} bytes; the image needs {image_size}")
+            return fd, False
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise RestoreError(f"target {target} is not a regular file or block device")
+        return -1, st is None
+    except PermissionError:
+        raise RestoreError(f"permission denied opening {target}") from None
+
+
+def restore_image(
+    source: BlockSource,
+    info: SnapshotInfo,
+    target: str,
+    *,
+    filter_seed: int,
+    only_changed: bool = False,
+    progress: ProgressCallback | None = None,
+    workers: int | None = None,
+) -> RestoreResult:
+    """Write the snapshot's image to target (see the module docstring for the cases)."""
+    fd, is_new = _open_device(target, info.image_size)
+    tmp: str | None = None
+    in_place = fd >= 0 or (not is_new and only_changed)
+    try:
+        if fd < 0:
+            if in_place:
+                fd = os.open(target, os.O_RDWR | os.O_CLOEXEC)
+                os.ftruncate(fd, info.image_size)
+            else:
+                directory = os.path.dirname(os.path.abspath(target))
+                tmp = os.path.join(
+                    directory, f".{os.path.basename(target)}.blocksnap-{secrets.token_hex(4)}"
+                )
+                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                os.ftruncate(fd, info.image_size)
+        result = _write(source, info, fd, in_place, only_changed, filter_seed, progress, workers)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        if tmp is not None:
+            os.rename(tmp, target)
+            tmp = None
+        return RestoreResult(target, info.image_size, *result)
+    except KeyboardInterrupt:
+        raise Interrupted("restore interrupted") from None
+    except PermissionError:
+        raise RestoreError(f"permission denied writing {target}") from None
+    except OSError as exc:
+        raise RestoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _write(
+    source: BlockSource,
+    info: SnapshotInfo,
+    fd: int,
+    in_place: bool,
+    only_changed: bool,
+    seed: int,
+    progress: ProgressCallback | None,
+    workers: int | None,
+) -> tuple[int, int, int, int]:
+    bs = info.block_size
+    block_map = BlockMap(source.read_node, info.map_root, info.map_height, info.block_count)
+    per_chunk = max(1, CHUNK_SIZE // bs)
+    totals = [0, 0, 0, 0]  # written, unchanged, zero, bytes
+    report: Callable[[Progress], None] = progress or (lambda _p: None)
+
+    def work(start: int, digests: bytes, ids: bytes) -> tuple[int, int, int, int]:
+        count = len(ids) // BLOCK_ID_SIZE
+        offset = start * bs
+        length = min(count * bs, info.image_size - offset)
+        current_flags = current = None
+        if only_changed and in_place:
+            existing = os.pread(fd, length, offset)
+            current_flags = bytearray(count)
+            current = bytearray(count * 16)
+            native.scan(existing, bs, seed, digests, current_flags, current)
+        written = unchanged = zero = nbytes = 0
+        for i in range(count):
+            block_id = ids[i * BLOCK_ID_SIZE : (i + 1) * BLOCK_ID_SIZE]
+            if current_flags is not None and not current_flags[i] & native.FLAG_CHANGED:
+                unchanged += 1
+                continue
+            pos = offset + i * bs
+            size = min(bs, info.image_size - pos)
+            if block_id == ZERO_ID:
+                zero += 1
+                if not in_place:
+                    continue  # a hole in the new sparse file
+                data = bytes(size)
+            else:
+                written += 1
+                data = source.read_block(block_id)
+                if len(data) != size:
+                    raise RestoreError(f"block {start + i} holds {len(data)} bytes, expected {size}")
+            view = memoryview(data)
+            while view:
+                view = view[os.pwrite(fd, view, pos + len(data) - len(view)) :]
+            nbytes += size
+        return written, unchanged, zero, nbytes
+
+    def collect(future: Future[tuple[int, int, int, int]]) -> None:
+        for k, v in enumerate(future.result()):
+            totals[k] += v
+        done_blocks = totals[0] + totals[1] + totals[2]
+        report(Progress("restore", min(done_blocks * bs, info.image_size), info.image_size))
+
+    workers = workers or os.cpu_count() or 2
+    in_flight: deque[Future[tuple[int, int, int, int]]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blocksnap-restore") as pool:
+        try:
+            for start in range(0, info.block_count, per_chunk):
+                n = min(per_chunk, info.block_count - start)
+                digests, ids = block_map.entries(start, n)
+                in_flight.append(pool.submit(work, start, digests, ids))
+                if len(in_flight) > workers * 2:
+                    collect(in_flight.popleft())
+            while in_flight:
+                collect(in_flight.popleft())
+        except BaseException:
+            for future in in_flight:
+                future.cancel()
+            raise
+    written, unchanged, zero, nbytes = totals
+    return written, unchanged, zero, nbytes

@@ -1,0 +1,345 @@
+"""Taking snapshots: read a volume once, store what changed, commit a complete block map.
+
+The pipeline: the calling thread reads the source in buffers of whole blocks; a pool of
+worker threads scans each buffer natively (zero flags, XXH3-128 compared with the parent's
+digests), strong-hashes only the blocks that changed, asks the index which of those are
+new, and compresses just those; the calling thread takes results in order, appends new
+records to packs and builds the new map's leaves.  Every stage that does real work
+releases the GIL, so reading, hashing and compressing overlap on all cores, and at most
+a few buffers are in flight, so memory does not grow with the image.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from blocksnap import native
+from blocksnap.blockmap import LEAF_SPAN, BlockMap, MapBuilder
+from blocksnap.errors import Interrupted, SourceError, UsageError
+from blocksnap.model import (
+    BLOCK_ID_SIZE,
+    DEFAULT_BLOCK_SIZE,
+    FILTER_DIGEST_SIZE,
+    MAX_BLOCK_SIZE,
+    MIN_BLOCK_SIZE,
+    Progress,
+    ProgressCallback,
+    SnapshotCounts,
+    SnapshotInfo,
+    SnapshotKind,
+)
+from blocksnap.store.codec import compress
+from blocksnap.store.packs import KIND_BLOCK, KIND_NODE
+from blocksnap.store.repository import Store, StoreWriter
+
+BUFFER_SIZE = 8 << 20
+MAX_VOLUME_NAME_SIZE = 200
+
+
+def check_volume_name(name: str) -> None:
+    if not name or len(name.encode()) > MAX_VOLUME_NAME_SIZE:
+        raise UsageError(f"volume name must be 1 to {MAX_VOLUME_NAME_SIZE} bytes")
+    if any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise UsageError("volume name must not contain control characters")
+
+
+def check_block_size(block_size: int) -> None:
+    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size & (block_size - 1):
+        raise UsageError(
+            f"block size {block_size} is not a power of two from {MIN_BLOCK_SIZE} "
+            f"to {MAX_BLOCK_SIZE}"
+        )
+
+
+@dataclass(slots=True)
+class _Scanned:
+    """A worker's result for one buffer."""
+
+    count: int
+    flags: bytearray
+    digests: bytearray
+    ids: dict[int, bytes]  # block index within the buffer -> strong id, for changed blocks
+    new: dict[int, tuple[int, bytes, int]]  # index -> (codec, payload, raw size), if new
+
+
+class _Source:
+    """A readable volume: exact size when known, and detection of size changes."""
+
+    def __init__(self, source: str | os.PathLike[str] | BinaryIO) -> None:
+        self._owned = False
+        self.size: int | None = None
+        if isinstance(source, (str, os.PathLike)):
+            path = os.fspath(source)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise SourceError(f"source {path} does not exist") from None
+            except PermissionError:
+                raise SourceError(f"permission denied reading {path}") from None
+            except OSError as exc:
+                raise SourceError(f"cannot open {path}: {exc.strerror or exc}") from exc
+            mode = os.fstat(fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                os.close(fd)
+                raise SourceError(f"source {path} is not a regular file or block device")
+            self.size = os.lseek(fd, 0, os.SEEK_END)
+            os.lseek(fd, 0, os.SEEK_SET)
+            self.file: BinaryIO = os.fdopen(fd, "rb", buffering=0)
+            self.name = path
+            self._owned = True
+        else:
+            self.file = source
+            self.name = getattr(source, "name", "<stream>")
+            try:
+                if source.seekable():
+                    here = source.tell()
+                    self.size = source.seek(0, os.SEEK_END) - here
+                    source.seek(here)
+            except OSError:
+                self.size = None
+        self.done = 0
+
+    def _read_into(self, view: memoryview) -> int:
+        readinto = getattr(self.file, "readinto", None)
+        try:
+            if readinto is not None:
+                got = readinto(view)
+                return got or 0
+            data = self.file.read(len(view))
+        except OSError as exc:
+            raise SourceError(f"error reading {self.name}: {exc.strerror or exc}") from exc
+        view[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int) -> bytearray:
+        """The next buffer, full unless the volume ends; empty at the end."""
+        want = size if self.size is None else min(size, self.size - self.done)
+        buf = bytearray(want)
+        view = memoryview(buf)
+        got = 0
+        while got < want:
+            n = self._read_into(view[got:])
+            if n == 0:
+                break
+            got += n
+        self.done += got
+        if self.size is not None and got < want:
+            raise SourceError(
+                f"{self.name} shrank while being read ({self.size} bytes expected, "
+                f"ended at {self.done})"
+            )
+        if self.size is not None and self.done == self.size and self._read_into(
+            memoryview(bytearray(1))
+        ):
+            raise SourceError(f"{self.name} grew while being read (past {self.size} bytes)")
+        del view
+        if got < want:
+            del buf[got:]
+        return buf
+
+    def close(self) -> None:
+        if self._owned:
+            self.file.close()
+
+
+class _Scanner:
+    """The per-buffer work that runs on worker threads."""
+
+    def __init__(self, store: Store, block_size: int, level: int) -> None:
+        self.store = store
+        self.block_size = block_size
+        self.level = level
+        self.seed = store.config.filter_seed
+        self.hash = store.hash
+
+    def __call__(self, buf: bytearray, parent_digests: bytes | None) -> _Scanned:
+        bs = self.block_size
+        count = -(-len(buf) // bs)
+        flags = bytearray(count)
+        digests = bytearray(count * FILTER_DIGEST_SIZE)
+        native.scan(buf, bs, self.seed, parent_digests, flags, digests)
+        view = memoryview(buf)
+        ids: dict[int, bytes] = {}
+        for i in range(count):
+            if flags[i] == native.FLAG_CHANGED:  # changed and not zero
+                ids[i] = self.hash(view[i * bs : (i + 1) * bs])
+        new: dict[int, tuple[int, bytes, int]] = {}
+        if ids:
+            order = list(ids)
+            missing = self.store.index.missing([ids[i] for i in order])
+            for i, absent in zip(order, missing, strict=True):
+                if absent:
+                    block = view[i * bs : (i + 1) * bs]
+                    codec, payload = compress(block, self.level)
+                    new[i] = (codec, payload, len(block))
+        return _Scanned(count, flags, digests, ids, new)
+
+
+class _MapWriter:
+    """Collects entries block by block and emits leaves to a MapBuilder."""
+
+    def __init__(self, writer: StoreWriter, store: Store) -> None:
+        self.writer = writer
+        self.store = store
+        self.metadata_size = 0
+        self.builder = MapBuilder(self._put_node)
+        self.digests = bytearray()
+        self.ids = bytearray()
+
+    def _put_node(self, node: bytes) -> bytes:
+        node_id = self.store.hash(node)
+        if not self.writer.has(node_id):
+            codec, payload = compress(node, 3)
+            self.metadata_size += self.writer.add(KIND_NODE, node_id, len(node), codec, payload)
+        return node_id
+
+    def extend(self, digests: bytes | bytearray, ids: bytes | bytearray) -> None:
+        self.digests += digests
+        self.ids += ids
+        leaf_digests = LEAF_SPAN * FILTER_DIGEST_SIZE
+        while len(self.digests) >= leaf_digests:
+            self.builder.add_leaf(self.digests[:leaf_digests], self.ids[: LEAF_SPAN * BLOCK_ID_SIZE])
+            del self.digests[:leaf_digests]
+            del self.ids[: LEAF_SPAN * BLOCK_ID_SIZE]
+
+    def finish(self, block_count: int) -> tuple[bytes, int]:
+        if self.digests:
+            self.builder.add_leaf(self.digests, self.ids)
+            self.digests, self.ids = bytearray(), bytearray()
+        return self.builder.finish(block_count)
+
+
+def take_snapshot(
+    store: Store,
+    volume: str,
+    source: str | os.PathLike[str] | BinaryIO,
+    *,
+    full: bool = False,
+    block_size: int | None = None,
+    labels: Mapping[str, str] | None = None,
+    progress: ProgressCallback | None = None,
+    workers: int | None = None,
+) -> SnapshotInfo:
+    """Snapshot source into volume: incremental against the latest one unless full."""
+    check_volume_name(volume)
+    labels = dict(labels or {})
+    for key, value in labels.items():
+        if not key or "=" in key or not isinstance(value, str):
+            raise UsageError(f"invalid label {key!r}")
+    with store.lock_volume(volume):
+        fixed = store.volume_block_size(volume)
+        if fixed is not None and block_size is not None and block_size != fixed:
+            raise UsageError(f"volume {volume!r} has block size {fixed}, not {block_size}")
+        bs = fixed or block_size or DEFAULT_BLOCK_SIZE
+        check_block_size(bs)
+        ids = store.index.snapshot_ids(volume)
+        parent = store.snapshot(ids[-1]) if ids and not full else None
+        src = _Source(source)
+        try:
+            return _run(store, volume, src, bs, parent, labels, progress, workers)
+        except KeyboardInterrupt:
+            raise Interrupted("snapshot interrupted; nothing was committed") from None
+        finally:
+            src.close()
+
+
+def _run(
+    store: Store,
+    volume: str,
+    src: _Source,
+    bs: int,
+    parent: SnapshotInfo | None,
+    labels: dict[str, str],
+    progress: ProgressCallback | None,
+    workers: int | None,
+) -> SnapshotInfo:
+    started = time.time()
+    clock = time.perf_counter()
+    parent_map = (
+        BlockMap(store.read_node, parent.map_root, parent.map_height, parent.block_count)
+        if parent is not None
+        else None
+    )
+    writer = store.writer()
+    map_writer = _MapWriter(writer, store)
+    scanner = _Scanner(store, bs, store.config.compression_level)
+    buffer_size = max(bs, BUFFER_SIZE // bs * bs)
+    workers = workers or os.cpu_count() or 2
+    counts = {"read": 0, "changed": 0, "hashed": 0, "stored": 0, "zero": 0}
+    block_index = 0
+    report: Callable[[Progress], None] = progress or (lambda _p: None)
+
+    def consume(item: tuple[Future[_Scanned], bytes]) -> None:
+        future, parent_ids = item
+        res = future.result()
+        ids = bytearray(parent_ids)
+        for i in range(res.count):
+            f = res.flags[i]
+            if f & native.FLAG_ZERO:
+                counts["zero"] += 1
+                ids[i * BLOCK_ID_SIZE : (i + 1) * BLOCK_ID_SIZE] = bytes(BLOCK_ID_SIZE)
+            if f & native.FLAG_CHANGED:
+                counts["changed"] += 1
+        for i, block_id in res.ids.items():
+            counts["hashed"] += 1
+            ids[i * BLOCK_ID_SIZE : (i + 1) * BLOCK_ID_SIZE] = block_id
+            stored = res.new.get(i)
+            if stored is not None and writer.add(KIND_BLOCK, block_id, stored[2], stored[0], stored[1]):
+                counts["stored"] += 1
+        counts["read"] += res.count
+        map_writer.extend(res.digests, ids)
+
+    in_flight: deque[tuple[Future[_Scanned], bytes]] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blocksnap-scan") as pool:
+        try:
+            while True:
+                buf = src.read(buffer_size)
+                if not buf:
+                    break
+                n = -(-len(buf) // bs)
+                if parent_map is not None:
+                    parent_digests, parent_ids = parent_map.entries(block_index, n)
+                else:
+                    parent_digests, parent_ids = None, bytes(n * BLOCK_ID_SIZE)
+                in_flight.append((pool.submit(scanner, buf, parent_digests), parent_ids))
+                block_index += n
+                if len(in_flight) > workers:
+                    consume(in_flight.popleft())
+                report(Progress("read", src.done, src.size or 0))
+            while in_flight:
+                consume(in_flight.popleft())
+        except BaseException:
+            for future, _ in in_flight:
+                future.cancel()
+            raise
+    image_size = src.done
+    root, height = map_writer.finish(block_index)
+    writer.flush()
+    report(Progress("packs-written", image_size, image_size))
+    info = SnapshotInfo(
+        id=secrets.token_hex(16),
+        volume=volume,
+        time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        kind=SnapshotKind.INCREMENTAL if parent is not None else SnapshotKind.FULL,
+        parent=parent.id if parent is not None else None,
+        image_size=image_size,
+        block_size=bs,
+        counts=SnapshotCounts(**counts),
+        stored_size=writer.written_size,
+        metadata_size=map_writer.metadata_size,
+        duration=time.perf_counter() - clock,
+        labels=labels,
+        map_root=root,
+        map_height=height,
+    )
+    store.commit_snapshot(info, writer)
+    report(Progress("committed", image_size, image_size))
+    return info

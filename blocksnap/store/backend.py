@@ -1,0 +1,166 @@
+"""The storage seam: whole-object put, ranged get, list and delete, plus the local backend.
+
+Everything the store keeps outside LMDB (packs, snapshot records) goes through ObjectStore,
+so an object-storage backend (S3) can stand in for a directory without the engine knowing.
+Names are '/'-separated relative paths such as "packs/ab/ab12...".
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Protocol
+
+from blocksnap.errors import MissingObjectError, StoreError
+
+TMP_MARKER = ".tmp-"
+
+
+class ObjectStore(Protocol):
+    """The narrow interface every storage backend implements."""
+
+    def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        """Store a whole object atomically and durably; an existing one is replaced."""
+        ...
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Read length bytes (all when None) from offset; fewer if the object is shorter."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """Yield (name, size) for every complete object whose name starts with prefix."""
+        ...
+
+    def delete(self, name: str) -> None:
+        """Remove an object; a missing one is not an error."""
+        ...
+
+
+def _os_error(action: str, name: str, exc: OSError) -> StoreError:
+    if exc.errno == errno.ENOSPC:
+        return StoreError(f"disk full while {action} {name}")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return StoreError(f"permission denied while {action} {name}")
+    return StoreError(f"I/O error while {action} {name}: {exc.strerror or exc}")
+
+
+class LocalBackend:
+    """Objects as files below a directory: write to a temporary name, fsync, rename."""
+
+    def __init__(self, root: str, fd_cache_size: int = 64) -> None:
+        self.root = root
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fd_cache_size = fd_cache_size
+        self._lock = threading.Lock()
+
+    def _path(self, name: str) -> str:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise StoreError(f"invalid object name {name!r}")
+        return os.path.join(self.root, *name.split("/"))
+
+    def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
+        path = self._path(name)
+        directory = os.path.dirname(path)
+        tmp = f"{path}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+            # The rename is durable only once the directory entry is on disk.
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise _os_error("writing", name, exc) from exc
+        self._forget(name)
+
+    def _fd(self, name: str) -> int:
+        with self._lock:
+            fd = self._fds.get(name)
+            if fd is not None:
+                self._fds.move_to_end(name)
+                return fd
+        try:
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise MissingObjectError(f"object {name} is missing from the repository") from None
+        except OSError as exc:
+            raise _os_error("opening", name, exc) from exc
+        with self._lock:
+            other = self._fds.get(name)
+            if other is not None:  # another thread opened it meanwhile
+                os.close(fd)
+                return other
+            self._fds[name] = fd
+            while len(self._fds) > self._fd_cache_size:
+                _, old = self._fds.popitem(last=False)
+                os.close(old)
+        return fd
+
+    def _forget(self, name: str) -> None:
+        with self._lock:
+            fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        fd = self._fd(name)
+        try:
+            if length is None:
+                length = max(0, os.fstat(fd).st_size - offset)
+            return os.pread(fd, length, offset)
+        except OSError as exc:
+            raise _os_error("reading", name, exc) from exc
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+        top = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
+        for dirpath, _dirs, files in os.walk(top):
+            for filename in files:
+                if TMP_MARKER in filename:
+                    continue  # an unfinished put: never part of the repository
+                path = os.path.join(dirpath, filename)
+                rel = os.path.relpath(path, self.root).replace(os.sep, "/")
+                try:
+                    size = os.stat(path).st_size
+                except FileNotFoundError:
+                    continue
+                yield rel, size
+
+    def delete(self, name: str) -> None:
+        self._forget(name)
+        try:
+            os.unlink(self._path(name))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _os_error("deleting", name, exc) from exc
+
+    def leftovers(self) -> list[str]:
+        """Temporary files of puts that never finished (a writer was killed mid-write)."""
+        found = []
+        for dirpath, _dirs, files in os.walk(self.root):
+            found += [os.path.join(dirpath, f) for f in files if TMP_MARKER in f]
+        return found
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), OrderedDict()
+        for fd in fds:
+            os.close(fd)

@@ -1,0 +1,123 @@
+"""Snapshot records: their on-disk format, in the index and as objects in storage.
+
+A snapshot record is UTF-8 JSON with these keys (format 1):
+
+    format         1
+    id             32 lowercase hex digits, random
+    volume         the volume name
+    time           ISO 8601 UTC, when the snapshot started reading
+    kind           "full" or "incremental"
+    parent         the id of the snapshot it was compared with, or null
+    image_size     bytes; any value, the last block may be short
+    block_size     bytes, a power of two from 4 KiB to 4 MiB, fixed per volume
+    map            {"root": hex id of the block map's root node, "height": levels}
+    counts         {"read", "changed", "hashed", "stored", "zero"}: blocks
+    stored_size    bytes this snapshot added to the store, metadata included
+    metadata_size  bytes of that which are new block-map nodes
+    duration       seconds
+    labels         {string: string}
+    block_id, change_filter, compression: the algorithms in force (repository config)
+
+The same bytes are kept twice: in the index's snapshots database (the commit point: a
+snapshot exists once that transaction commits) and, written durably just before that
+commit, as the object snapshots/<id>, framed as b"BSSNAP\\x00\\x01" + BLAKE3-256(body) +
+body.  The object lets the index be rebuilt; one whose commit never happened is a
+leftover of an interrupted run, reported by verify.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import blake3
+
+from blocksnap.errors import IntegrityError
+from blocksnap.model import SnapshotCounts, SnapshotInfo, SnapshotKind
+
+RECORD_FORMAT = 1
+OBJECT_MAGIC = b"BSSNAP\x00\x01"
+SNAPSHOT_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def object_name(snapshot_id: str) -> str:
+    return f"snapshots/{snapshot_id}"
+
+
+def encode(info: SnapshotInfo, algorithms: dict[str, str]) -> bytes:
+    record: dict[str, Any] = {
+        "format": RECORD_FORMAT,
+        "id": info.id,
+        "volume": info.volume,
+        "time": info.time,
+        "kind": info.kind.value,
+        "parent": info.parent,
+        "image_size": info.image_size,
+        "block_size": info.block_size,
+        "map": {"root": info.map_root.hex(), "height": info.map_height},
+        "counts": {
+            "read": info.counts.read,
+            "changed": info.counts.changed,
+            "hashed": info.counts.hashed,
+            "stored": info.counts.stored,
+            "zero": info.counts.zero,
+        },
+        "stored_size": info.stored_size,
+        "metadata_size": info.metadata_size,
+        "duration": info.duration,
+        "labels": info.labels,
+        **algorithms,
+    }
+    return json.dumps(record, sort_keys=True).encode()
+
+
+def decode(data: bytes, what: str) -> SnapshotInfo:
+    try:
+        r = json.loads(data)
+        if r["format"] != RECORD_FORMAT:
+            raise IntegrityError(f"{what}: unsupported snapshot record format {r['format']}")
+        counts = r["counts"]
+        info = SnapshotInfo(
+            id=str(r["id"]),
+            volume=str(r["volume"]),
+            time=str(r["time"]),
+            kind=SnapshotKind(r["kind"]),
+            parent=r["parent"],
+            image_size=int(r["image_size"]),
+            block_size=int(r["block_size"]),
+            counts=SnapshotCounts(
+                read=int(counts["read"]),
+                changed=int(counts["changed"]),
+                hashed=int(counts["hashed"]),
+                stored=int(counts["stored"]),
+                zero=int(counts["zero"]),
+            ),
+            stored_size=int(r["stored_size"]),
+            metadata_size=int(r["metadata_size"]),
+            duration=float(r["duration"]),
+            labels={str(k): str(v) for k, v in r["labels"].items()},
+            map_root=bytes.fromhex(r["map"]["root"]),
+            map_height=int(r["map"]["height"]),
+        )
+    except IntegrityError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IntegrityError(f"{what}: damaged snapshot record ({exc!r})") from exc
+    if not SNAPSHOT_ID.fullmatch(info.id) or info.image_size < 0 or info.block_size <= 0:
+        raise IntegrityError(f"{what}: damaged snapshot record (invalid fields)")
+    return info
+
+
+def frame(body: bytes) -> bytes:
+    return OBJECT_MAGIC + blake3.blake3(body).digest() + body
+
+
+def unframe(data: bytes, what: str) -> bytes:
+    head = len(OBJECT_MAGIC)
+    if data[:head] != OBJECT_MAGIC or len(data) < head + 32:
+        raise IntegrityError(f"{what}: not a snapshot object")
+    body = data[head + 32 :]
+    if blake3.blake3(body).digest() != data[head : head + 32]:
+        raise IntegrityError(f"{what}: snapshot object checksum mismatch")
+    return body
