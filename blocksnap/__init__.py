@@ -52,6 +52,7 @@ __all__ = [
     "SourceError",
     "StoreError",
     "UsageError",
+    "VerifyReport",
     "open_image",
     "repair_index",
 ]

@@ -105,10 +105,11 @@ def verify(
             bad_objects[key] = f"pack {loc.pack.hex()} is missing"
         elif loc.offset + HEADER_SIZE + loc.stored_size > present[name]:
             bad_objects[key] = f"pack {loc.pack.hex()} is truncated"
-    for pack_id, info in recorded.items():
+    for pack_id, pack_info in recorded.items():
         name = pack_name(pack_id)
-        if name in present and present[name] != info.get("size"):
-            msg = f"pack {pack_id.hex()} has {present[name]} bytes, index says {info.get('size')}"
+        if name in present and present[name] != pack_info.get("size"):
+            recorded_size = pack_info.get("size")
+            msg = f"pack {pack_id.hex()} has {present[name]} bytes, index says {recorded_size}"
             damage.setdefault(msg, set())
 
     # 3. With read_data: every record of every pack, checked and re-hashed.
@@ -129,7 +130,8 @@ def verify(
                         bad_objects[key] = bad[offset]
                     elif offset not in good:
                         bad_objects.setdefault(
-                            key, bad.get(-1, f"no record at offset {offset} of pack {pack_id.hex()}")
+                            key,
+                            bad.get(-1, f"no record at offset {offset} of pack {pack_id.hex()}"),
                         )
 
     # 4. Snapshots: record, map, and every block they name.
@@ -146,7 +148,9 @@ def verify(
                 info = store.snapshot(snapshot_id)
                 if snapshot_id not in snapshot_objects:
                     damage[f"snapshot object {snapshot_id} is missing"].add(label)
-                block_map = BlockMap(store.read_node, info.map_root, info.map_height, info.block_count)
+                block_map = BlockMap(
+                    store.read_node, info.map_root, info.map_height, info.block_count
+                )
                 referenced.add(info.map_root)
                 for leaf_index in range(block_map.leaf_count()):
                     _digests, ids = block_map.leaf(leaf_index)

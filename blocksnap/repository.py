@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from blocksnap import blockid
 from blocksnap.check import VerifyReport, verify
 from blocksnap.model import ProgressCallback, SnapshotInfo
 from blocksnap.reader import DEFAULT_CACHE_SIZE, ImageReader
 from blocksnap.restore import RestoreResult, restore_image
-from blocksnap.snapshot import take_snapshot
+from blocksnap.snapshot import SourceArg, take_snapshot
 from blocksnap.store.rebuild import RebuildReport, rebuild_index
 from blocksnap.store.repository import (
     DEFAULT_COMPRESSION_LEVEL,
@@ -78,7 +77,7 @@ class Repository:
     def snapshot(
         self,
         volume: str,
-        source: str | os.PathLike[str] | BinaryIO,
+        source: SourceArg,
         *,
         full: bool = False,
         block_size: int | None = None,
@@ -87,7 +86,12 @@ class Repository:
     ) -> SnapshotInfo:
         """Snapshot a file, block device or readable binary file object into volume."""
         return take_snapshot(
-            self._store, volume, source, full=full, block_size=block_size, labels=labels,
+            self._store,
+            volume,
+            source,
+            full=full,
+            block_size=block_size,
+            labels=labels,
             progress=progress,
         )
 
@@ -126,7 +130,9 @@ class Repository:
             progress=progress,
         )
 
-    def verify(self, *, read_data: bool = False, progress: ProgressCallback | None = None) -> VerifyReport:
+    def verify(
+        self, *, read_data: bool = False, progress: ProgressCallback | None = None
+    ) -> VerifyReport:
         return verify(self._store, read_data=read_data, progress=progress)
 
     def stats(self) -> RepositoryStats:

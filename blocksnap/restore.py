@@ -9,6 +9,7 @@ that differ are written.  Every block written was checked against its ID by the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
@@ -52,7 +53,9 @@ def _open_device(target: str, image_size: int) -> tuple[int, bool]:
             size = os.lseek(fd, 0, os.SEEK_END)
             if size < image_size:
                 os.close(fd)
-                raise RestoreError(f"device {target} holds {size} bytes; the image needs {image_size}")
+                raise RestoreError(
+                    f"device {target} holds {size} bytes; the image needs {image_size}"
+                )
             return fd, False
         if st is not None and not stat.S_ISREG(st.st_mode):
             raise RestoreError(f"target {target} is not a regular file or block device")
@@ -105,10 +108,8 @@ def restore_image(
         if fd >= 0:
             os.close(fd)
         if tmp is not None:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
 
 
 def _write(
@@ -154,7 +155,9 @@ def _write(
                 written += 1
                 data = source.read_block(block_id)
                 if len(data) != size:
-                    raise RestoreError(f"block {start + i} holds {len(data)} bytes, expected {size}")
+                    raise RestoreError(
+                        f"block {start + i} holds {len(data)} bytes, expected {size}"
+                    )
             view = memoryview(data)
             while view:
                 view = view[os.pwrite(fd, view, pos + len(data) - len(view)) :]

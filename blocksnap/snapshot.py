@@ -11,6 +11,7 @@ a few buffers are in flight, so memory does not grow with the image.
 
 from __future__ import annotations
 
+import io
 import os
 import secrets
 import stat
@@ -41,6 +42,8 @@ from blocksnap.store.packs import KIND_BLOCK, KIND_NODE
 from blocksnap.store.repository import Store, StoreWriter
 
 BUFFER_SIZE = 8 << 20
+# What a snapshot reads: a path (image file or block device) or a readable binary stream.
+SourceArg = str | os.PathLike[str] | BinaryIO | io.RawIOBase | io.BufferedIOBase
 MAX_VOLUME_NAME_SIZE = 200
 
 
@@ -73,7 +76,7 @@ class _Scanned:
 class _Source:
     """A readable volume: exact size when known, and detection of size changes."""
 
-    def __init__(self, source: str | os.PathLike[str] | BinaryIO) -> None:
+    def __init__(self, source: SourceArg) -> None:
         self._owned = False
         self.size: int | None = None
         if isinstance(source, (str, os.PathLike)):
@@ -92,7 +95,9 @@ class _Source:
                 raise SourceError(f"source {path} is not a regular file or block device")
             self.size = os.lseek(fd, 0, os.SEEK_END)
             os.lseek(fd, 0, os.SEEK_SET)
-            self.file: BinaryIO = os.fdopen(fd, "rb", buffering=0)
+            self.file: BinaryIO | io.RawIOBase | io.BufferedIOBase = os.fdopen(
+                fd, "rb", buffering=0
+            )
             self.name = path
             self._owned = True
         else:
@@ -136,8 +141,10 @@ class _Source:
                 f"{self.name} shrank while being read ({self.size} bytes expected, "
                 f"ended at {self.done})"
             )
-        if self.size is not None and self.done == self.size and self._read_into(
-            memoryview(bytearray(1))
+        if (
+            self.size is not None
+            and self.done == self.size
+            and self._read_into(memoryview(bytearray(1)))
         ):
             raise SourceError(f"{self.name} grew while being read (past {self.size} bytes)")
         del view
@@ -206,7 +213,9 @@ class _MapWriter:
         self.ids += ids
         leaf_digests = LEAF_SPAN * FILTER_DIGEST_SIZE
         while len(self.digests) >= leaf_digests:
-            self.builder.add_leaf(self.digests[:leaf_digests], self.ids[: LEAF_SPAN * BLOCK_ID_SIZE])
+            self.builder.add_leaf(
+                self.digests[:leaf_digests], self.ids[: LEAF_SPAN * BLOCK_ID_SIZE]
+            )
             del self.digests[:leaf_digests]
             del self.ids[: LEAF_SPAN * BLOCK_ID_SIZE]
 
@@ -220,7 +229,7 @@ class _MapWriter:
 def take_snapshot(
     store: Store,
     volume: str,
-    source: str | os.PathLike[str] | BinaryIO,
+    source: SourceArg,
     *,
     full: bool = False,
     block_size: int | None = None,
@@ -292,7 +301,9 @@ def _run(
             counts["hashed"] += 1
             ids[i * BLOCK_ID_SIZE : (i + 1) * BLOCK_ID_SIZE] = block_id
             stored = res.new.get(i)
-            if stored is not None and writer.add(KIND_BLOCK, block_id, stored[2], stored[0], stored[1]):
+            if stored is not None and writer.add(
+                KIND_BLOCK, block_id, stored[2], stored[0], stored[1]
+            ):
                 counts["stored"] += 1
         counts["read"] += res.count
         map_writer.extend(res.digests, ids)

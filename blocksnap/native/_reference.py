@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-
 import xxhash
 
 from blocksnap.errors import NativeError

@@ -7,6 +7,8 @@ Names are '/'-separated relative paths such as "packs/ab/ab12...".
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import errno
 import os
 import secrets
@@ -84,10 +86,8 @@ class LocalBackend:
             finally:
                 os.close(dir_fd)
         except OSError as exc:
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
             raise _os_error("writing", name, exc) from exc
         self._forget(name)
 
@@ -152,7 +152,7 @@ class LocalBackend:
         except OSError as exc:
             raise _os_error("deleting", name, exc) from exc
 
-    def leftovers(self) -> list[str]:
+    def leftovers(self) -> builtins.list[str]:
         """Temporary files of puts that never finished (a writer was killed mid-write)."""
         found = []
         for dirpath, _dirs, files in os.walk(self.root):

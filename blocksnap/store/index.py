@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import struct
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -197,7 +199,9 @@ class Index:
 
     def pack_infos(self) -> dict[bytes, dict[str, Any]]:
         with lmdb_errors("reading index"), self.env.begin() as txn:
-            return {bytes(k): _json(v, f"pack {bytes(k).hex()}") for k, v in txn.cursor(db=self.packs)}
+            return {
+                bytes(k): _json(v, f"pack {bytes(k).hex()}") for k, v in txn.cursor(db=self.packs)
+            }
 
     # --- writes ------------------------------------------------------------------------
 
@@ -207,7 +211,9 @@ class Index:
         with lmdb_errors("indexing pack"), self.env.begin(write=True) as txn:
             txn.put(pack_id, info.encode(), db=self.packs)
             for rec in records:
-                loc = Location(pack_id, rec.offset, rec.stored_size, rec.raw_size, rec.kind, rec.codec)
+                loc = Location(
+                    pack_id, rec.offset, rec.stored_size, rec.raw_size, rec.kind, rec.codec
+                )
                 # overwrite=False: a concurrent writer that stored the same content first
                 # keeps its entry; this copy becomes unreferenced garbage.
                 txn.put(rec.id, encode_location(rec.id, loc), db=self.objects, overwrite=False)
@@ -219,7 +225,11 @@ class Index:
         with lmdb_errors("committing snapshot"), self.env.begin(write=True) as txn:
             raw = txn.get(volume.encode(), db=self.volumes)
             if raw is None:
-                vol: dict[str, Any] = {"block_size": block_size, "created": time.time(), "next_seq": 0}
+                vol: dict[str, Any] = {
+                    "block_size": block_size,
+                    "created": time.time(),
+                    "next_seq": 0,
+                }
             else:
                 vol = _json(raw, f"volume {volume}")
                 if vol["block_size"] != block_size:
@@ -229,3 +239,33 @@ class Index:
             txn.put(volume.encode(), json.dumps(vol).encode(), db=self.volumes)
             txn.put(snapshot_id.encode(), record, db=self.snapshots)
             txn.put(timeline_key(volume, seq), snapshot_id.encode(), db=self.timeline)
+
+
+# LMDB forbids opening one environment twice in a process, yet a service may hold several
+# Repository objects on the same path; they share one Index, counted here.
+_shared: dict[str, tuple[Index, int]] = {}
+_shared_lock = threading.Lock()
+
+
+def acquire(path: str) -> Index:
+    """The process-wide Index for path, opened on first use."""
+    key = os.path.realpath(path)
+    with _shared_lock:
+        index, users = _shared.get(key, (None, 0))
+        if index is None:
+            index = Index(key)
+        _shared[key] = (index, users + 1)
+        return index
+
+
+def release(index: Index) -> None:
+    """Give back an Index from acquire; the last user closes it."""
+    with _shared_lock:
+        for key, (shared, users) in list(_shared.items()):
+            if shared is index:
+                if users > 1:
+                    _shared[key] = (shared, users - 1)
+                else:
+                    del _shared[key]
+                    index.close()
+                return

@@ -72,11 +72,15 @@ def rebuild_index(path: str, progress: ProgressCallback | None = None) -> Rebuil
                         start = rec.offset + HEADER_SIZE
                         try:
                             raw = decompress(
-                                rec.codec, memoryview(data)[start : start + rec.stored_size],
-                                rec.raw_size, name,
+                                rec.codec,
+                                memoryview(data)[start : start + rec.stored_size],
+                                rec.raw_size,
+                                name,
                             )
                             if store.hash(raw) != rec.id:
-                                raise IntegrityError(f"{name}: record {rec.id.hex()} content does not match its id")
+                                raise IntegrityError(
+                                    f"{name}: record {rec.id.hex()} content does not match its id"
+                                )
                         except IntegrityError as exc:
                             error = exc
                     if error is None and rec is not None:

@@ -41,6 +41,7 @@ from blocksnap.errors import (
 )
 from blocksnap.model import SnapshotInfo
 from blocksnap.store import catalog
+from blocksnap.store import index as index_module
 from blocksnap.store.backend import LocalBackend, ObjectStore
 from blocksnap.store.codec import decompress
 from blocksnap.store.index import Index, lmdb_errors
@@ -221,8 +222,13 @@ class Store:
             self._index: Index | None = None
             if not exclusive:
                 _finish_rebuild_swap(path)
-                self._index = Index(os.path.join(path, "index"))
-                self._index.check_identity(self.config.id)
+                self._index = index_module.acquire(os.path.join(path, "index"))
+                try:
+                    self._index.check_identity(self.config.id)
+                except BaseException:
+                    index_module.release(self._index)
+                    self._index = None
+                    raise
         except BaseException:
             self._stack.close()
             raise
@@ -236,7 +242,7 @@ class Store:
 
     def close(self) -> None:
         if self._index is not None:
-            self._index.close()
+            index_module.release(self._index)
             self._index = None
         close = getattr(self.backend, "close", None)
         if close is not None:

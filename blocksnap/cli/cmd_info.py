@@ -1,0 +1,33 @@
+"""blocksnap info: everything recorded about one snapshot."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from blocksnap.cli.output import emit_json, snapshot_document
+from blocksnap.repository import Repository
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "info",
+        help="show one snapshot",
+        description="Show one snapshot (ID, unique prefix, latest or latest~N).",
+    )
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("volume", metavar="VOLUME")
+    p.add_argument("snapshot", metavar="SNAPSHOT")
+    p.add_argument("--json", action="store_true", help="print a JSON document")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with Repository(args.repo) as repo:
+        doc = snapshot_document(repo.resolve(args.volume, args.snapshot))
+    if args.json:
+        emit_json(doc)
+    else:
+        for key, value in doc.items():
+            print(f"{key:14s} {value}")
+    return 0

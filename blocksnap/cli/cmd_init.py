@@ -1,0 +1,50 @@
+"""blocksnap init: create an empty repository."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from blocksnap import blockid
+from blocksnap.cli.output import emit_json
+from blocksnap.store.repository import DEFAULT_COMPRESSION_LEVEL, init_repository
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "init", help="create a repository", description="Create an empty repository."
+    )
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument(
+        "--block-id",
+        choices=sorted(blockid.ALGORITHMS),
+        default=blockid.DEFAULT_ALGORITHM,
+        help="strong block identity hash (default %(default)s)",
+    )
+    p.add_argument(
+        "--compression-level",
+        type=int,
+        default=DEFAULT_COMPRESSION_LEVEL,
+        help="zstd level 1-19 (default %(default)s)",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON document")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = init_repository(
+        args.repo, block_id=args.block_id, compression_level=args.compression_level
+    )
+    if args.json:
+        emit_json(
+            {
+                "repository": args.repo,
+                "id": config.id,
+                "block_id": config.block_id,
+                "compression_level": config.compression_level,
+            }
+        )
+    else:
+        level = config.compression_level
+        print(f"created repository {args.repo} ({config.block_id}, zstd level {level})")
+    return 0

@@ -1,0 +1,42 @@
+"""blocksnap list: the volumes of a repository, or the snapshots of one volume."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from blocksnap.cli.output import emit_json, human_size, snapshot_document
+from blocksnap.errors import NotFoundError
+from blocksnap.repository import Repository
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "list",
+        help="list volumes or snapshots",
+        description="List every volume with its snapshots, or one volume's snapshots.",
+    )
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("volume", metavar="VOLUME", nargs="?")
+    p.add_argument("--json", action="store_true", help="print a JSON document")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    with Repository(args.repo) as repo:
+        volumes = [args.volume] if args.volume else repo.volumes()
+        listing = {v: repo.snapshots(v) for v in volumes}
+    if args.volume and not listing[args.volume]:
+        raise NotFoundError(f"volume {args.volume!r} does not exist")
+    if args.json:
+        emit_json({v: [snapshot_document(s) for s in snaps] for v, snaps in listing.items()})
+        return 0
+    for volume, snaps in listing.items():
+        print(f"{volume}:")
+        for s in snaps:
+            labels = " ".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            print(
+                f"  {s.id[:12]}  {s.time}  {s.kind.value:11s}  {human_size(s.image_size):>10s}  "
+                f"+{human_size(s.stored_size):>10s}  {labels}".rstrip()
+            )
+    return 0

@@ -1,0 +1,82 @@
+"""How the CLI talks to people and machines: JSON documents, tables, progress on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from blocksnap.model import Progress, SnapshotInfo
+
+
+def emit_json(document: Any) -> None:
+    json.dump(document, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def human_size(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def snapshot_document(info: SnapshotInfo) -> dict[str, Any]:
+    return {
+        "id": info.id,
+        "volume": info.volume,
+        "time": info.time,
+        "kind": info.kind.value,
+        "parent": info.parent,
+        "image_size": info.image_size,
+        "block_size": info.block_size,
+        "counts": {
+            "read": info.counts.read,
+            "changed": info.counts.changed,
+            "hashed": info.counts.hashed,
+            "stored": info.counts.stored,
+            "zero": info.counts.zero,
+        },
+        "stored_size": info.stored_size,
+        "metadata_size": info.metadata_size,
+        "duration": round(info.duration, 3),
+        "labels": info.labels,
+    }
+
+
+class ProgressBar:
+    """A one-line bar on stderr (bytes, rate, ETA), shown only when stderr is a terminal."""
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def __call__(self, p: Progress) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if now - self.last < 0.2 and p.done_size != p.total_size:
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-6)
+        rate = p.done_size / elapsed
+        if p.total_size:
+            frac = min(1.0, p.done_size / p.total_size)
+            bar = "#" * int(frac * 30)
+            eta = (p.total_size - p.done_size) / rate if rate > 0 else 0.0
+            line = (
+                f"\r{p.phase:10s} [{bar:30s}] {human_size(p.done_size)} / "
+                f"{human_size(p.total_size)}  {human_size(rate)}/s  ETA {eta:4.0f}s"
+            )
+        else:
+            line = f"\r{p.phase:10s} {human_size(p.done_size)}  {human_size(rate)}/s"
+        sys.stderr.write(line)
+        sys.stderr.flush()
+
+    def finish(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()

@@ -1,0 +1,140 @@
+"""The command line: JSON output, one-line errors, exit codes, no partial state."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import blocksnap
+from tests.conftest import debugfs, run_cli
+
+
+def test_cli_round_trip_with_json(tmp_path: Path, ext4_image: Path) -> None:
+    repo = str(tmp_path / "repo")
+    run_cli("init", repo, check=True)
+    first = json.loads(
+        run_cli(
+            "snapshot", repo, "vol", str(ext4_image), "--json", "--label", "k=v", check=True
+        ).stdout
+    )
+    debugfs(ext4_image, "write /etc/services services")
+    second = json.loads(
+        run_cli("snapshot", repo, "vol", str(ext4_image), "--json", check=True).stdout
+    )
+    assert second["parent"] == first["id"] and second["kind"] == "incremental"
+    assert 0 < second["counts"]["stored"] < first["counts"]["stored"]
+    listing = json.loads(run_cli("list", repo, "--json", check=True).stdout)
+    assert [s["id"] for s in listing["vol"]] == [first["id"], second["id"]]
+    info = json.loads(run_cli("info", repo, "vol", first["id"][:8], "--json", check=True).stdout)
+    assert info["labels"] == {"k": "v"}
+    out = tmp_path / "out.img"
+    restored = json.loads(
+        run_cli("restore", repo, "vol", "latest", str(out), "--json", check=True).stdout
+    )
+    assert out.read_bytes() == ext4_image.read_bytes()
+    assert restored["blocks_written"] > 0
+    # Onto the existing file, only what differs from the older snapshot is written.
+    again = json.loads(
+        run_cli(
+            "restore", repo, "vol", "latest~1", str(out), "--only-changed", "--json", check=True
+        ).stdout
+    )
+    assert 0 < again["blocks_written"] <= second["counts"]["changed"]
+    assert again["blocks_unchanged"] > 0
+    verify = json.loads(run_cli("verify", repo, "--read-data", "--json", check=True).stdout)
+    assert verify["ok"] and verify["snapshots_checked"] == 2
+    stats = json.loads(run_cli("stats", repo, "--json", check=True).stdout)
+    assert stats["snapshots"] == 2 and stats["ratio"] > 1
+    assert "snapshot" in run_cli("--help", check=True).stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["list", "{tmp}/missing"], 3, "does not exist"),
+        (["list", "{tmp}"], 3, "not a blocksnap repository"),
+        (["info", "{repo}", "novol", "latest"], 3, "does not exist"),
+        (["info", "{repo}", "vol", "ffffffff"], 3, "not found"),
+        (["info", "{repo}", "vol", "latest~9"], 3, "only 1"),
+        (["snapshot", "{repo}", "vol", "{tmp}/nope.img"], 7, "does not exist"),
+        (["snapshot", "{repo}", "vol", "{tmp}"], 7, "not a regular file"),
+        (["snapshot", "{repo}", "vol", "{img}", "--label", "novalue"], 2, "KEY=VALUE"),
+        (["snapshot", "{repo}", "", "{img}"], 2, "volume name"),
+        (["restore", "{repo}", "vol", "latest", "{tmp}"], 8, "not a regular file"),
+        (["init", "{repo}"], 2, "not an empty directory"),
+        (["repair", "{repo}"], 2, "--rebuild-index"),
+        (["frobnicate"], 2, "invalid choice"),
+    ],
+)
+def test_cli_bad_input_is_one_line(
+    tmp_path: Path, ext4_image: Path, args: list[str], code: int, words: str
+) -> None:
+    repo = tmp_path / "repo"
+    run_cli("init", str(repo), check=True)
+    run_cli("snapshot", str(repo), "vol", str(ext4_image), check=True)
+    before = sorted(p.name for p in (repo / "packs").rglob("*"))
+    proc = run_cli(*[a.format(tmp=tmp_path, repo=repo, img=ext4_image) for a in args])
+    assert proc.returncode == code, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert words in proc.stderr
+    assert sorted(p.name for p in (repo / "packs").rglob("*")) == before
+
+
+def test_ctrl_c_leaves_repository_unchanged(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    run_cli("init", str(repo), check=True)
+    image = tmp_path / "big.img"
+    image.write_bytes(os.urandom(384 << 20))
+    interrupted = completed = 0
+    for delay in (0.6, 0.3, 0.15):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "blocksnap", "snapshot", str(repo), "vol", str(image)],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(delay)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=120)
+        if proc.returncode == 130:
+            interrupted += 1
+            assert err.count("\n") == 1 and "interrupted" in err
+        else:
+            assert proc.returncode == 0, err
+            completed += 1
+    assert interrupted > 0
+    with blocksnap.Repository(repo) as r:
+        assert len(r.snapshots("vol")) == completed
+        assert r.verify().ok
+
+
+def test_disk_full_is_one_line_and_commits_nothing(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+        != 0
+    ):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        repo = mnt / "repo"
+        run_cli("init", str(repo), check=True)
+        image = tmp_path / "rand.img"
+        image.write_bytes(os.urandom(16 << 20))
+        proc = run_cli("snapshot", str(repo), "vol", str(image))
+        assert proc.returncode == blocksnap.StoreError.exit_code
+        assert proc.stderr.count("\n") == 1 and "disk full" in proc.stderr
+        with blocksnap.Repository(repo) as r:
+            assert r.snapshots("vol") == []
+            assert r.verify().ok
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

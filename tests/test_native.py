@@ -1,0 +1,123 @@
+"""The native scanner against its pure-Python reference, and the backend policy."""
+
+from __future__ import annotations
+
+import mmap
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blocksnap import native
+from blocksnap.errors import NativeError
+from blocksnap.native import _cffi, _reference
+
+BLOCK_SIZES = st.sampled_from([1, 2, 64, 512, 4096, 65536])
+
+
+def both(buf: object, block_size: int, seed: int, parent: bytes | None) -> tuple[bytes, bytes]:
+    n = -(-len(memoryview(buf)) // block_size)  # type: ignore[arg-type]
+    results = []
+    for scan in (_cffi.scan, _reference.scan):
+        flags, digests = bytearray(n), bytearray(16 * n)
+        scan(buf, block_size, seed, parent, flags, digests)  # type: ignore[arg-type]
+        results.append((bytes(flags), bytes(digests)))
+    assert results[0] == results[1]
+    return results[0]
+
+
+@st.composite
+def buffers(draw: st.DrawFn) -> tuple[bytes, int]:
+    block_size = draw(BLOCK_SIZES)
+    blocks = draw(st.integers(0, 6))
+    parts = []
+    for _ in range(blocks):
+        kind = draw(st.sampled_from(["zero", "random", "last-byte", "first-byte"]))
+        if kind == "zero":
+            parts.append(bytes(block_size))
+        elif kind == "random":
+            parts.append(
+                draw(st.binary(min_size=block_size, max_size=block_size))
+                if block_size <= 512
+                else bytes([draw(st.integers(1, 255))]) * block_size
+            )
+        elif kind == "last-byte":
+            parts.append(bytes(block_size - 1) + b"\x01")
+        else:
+            parts.append(b"\x01" + bytes(block_size - 1))
+    tail = draw(st.binary(max_size=block_size - 1)) if block_size > 1 else b""
+    return b"".join(parts) + tail, block_size
+
+
+@settings(max_examples=300, deadline=None)
+@given(buffers(), st.integers(0, 2**64 - 1), st.integers(0, 7))
+def test_scan_native_matches_reference(case: tuple[bytes, int], seed: int, misalign: int) -> None:
+    data, block_size = case
+    padded = bytearray(misalign) + bytearray(data)
+    view = memoryview(padded)[misalign:]  # a misaligned view into a bytearray
+    flags, digests = both(view, block_size, seed, None)
+    # As its own parent, nothing changed; a zero block never hashes.
+    flags2, _ = both(bytes(data), block_size, seed, digests)
+    assert all(not f & native.FLAG_CHANGED for f in flags2)
+    for i, f in enumerate(flags):
+        block = data[i * block_size : (i + 1) * block_size]
+        assert bool(f & native.FLAG_ZERO) == (block.count(0) == len(block))
+        if f & native.FLAG_ZERO:
+            assert digests[16 * i : 16 * i + 16] == bytes(16)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(min_size=1, max_size=4096), st.integers(0, 4095), st.integers(0, 2**64 - 1))
+def test_scan_single_byte_change_is_flagged(data: bytes, pos: int, seed: int) -> None:
+    pos %= len(data)
+    _, parent = both(data, 512, seed, None)
+    changed = bytearray(data)
+    changed[pos] ^= 0xFF
+    flags, _ = both(bytes(changed), 512, seed, parent)
+    assert [i for i, f in enumerate(flags) if f & native.FLAG_CHANGED] == [pos // 512]
+
+
+def test_scan_accepts_mmap(tmp_path: object) -> None:
+    m = mmap.mmap(-1, 3 * 4096 + 100)
+    m[5000:5001] = b"x"
+    flags, _ = both(m, 4096, 7, None)
+    assert flags == bytes([1, 2, 1, 1])
+
+
+def test_scan_parent_longer_and_shorter_than_buffer() -> None:
+    data = b"a" * 8192
+    _, digests = both(data, 4096, 1, None)
+    flags, _ = both(data + b"b" * 4096, 4096, 1, digests)  # grew: new block vs no parent
+    assert flags == bytes([0, 0, 2])
+    flags, _ = both(data[:4096], 4096, 1, digests)  # shrank
+    assert flags == bytes([0])
+
+
+@pytest.mark.parametrize("scan", [_cffi.scan, _reference.scan])
+@pytest.mark.parametrize("block_size", [0, 3, 4097])
+def test_scan_rejects_bad_block_size(scan: native.ScanFunction, block_size: int) -> None:
+    with pytest.raises(NativeError):
+        scan(b"abc", block_size, 0, None, bytearray(8), bytearray(128))
+
+
+@pytest.mark.parametrize("scan", [_cffi.scan, _reference.scan])
+def test_scan_rejects_short_output(scan: native.ScanFunction) -> None:
+    with pytest.raises(NativeError):
+        scan(b"x" * 8192, 4096, 0, None, bytearray(1), bytearray(16))
+
+
+def test_backend_policy_explicit() -> None:
+    assert native.load("native") == ("native", _cffi.scan)
+    assert native.load("python") == ("python", _reference.scan)
+    with pytest.raises(NativeError):
+        native.load("fast")
+
+
+def test_backend_native_required_but_missing_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "blocksnap.native._cffi", None)
+    monkeypatch.delattr(native, "_cffi")
+    with pytest.raises(NativeError, match="not built"):
+        native.load("native")
+    assert native.load("auto")[0] == "python"

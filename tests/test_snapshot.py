@@ -1,0 +1,242 @@
+"""Full and forever-incremental snapshots of real ext4 images: exact counts, exact restores."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+import blocksnap
+from blocksnap.errors import UsageError
+from tests.conftest import changed_blocks, debugfs
+
+BS = 64 << 10
+
+
+def restored_bytes(repo: blocksnap.Repository, volume: str, snap: str, tmp: Path) -> bytes:
+    target = tmp / f"restore-{snap}.img"
+    if target.exists():
+        target.unlink()
+    repo.restore(volume, snap, target)
+    return target.read_bytes()
+
+
+def test_chain_of_five_restores_byte_identical_with_exact_counts(
+    repo: blocksnap.Repository, ext4_image: Path, tmp_path: Path
+) -> None:
+    versions: list[bytes] = []
+    infos: list[blocksnap.SnapshotInfo] = []
+    stored_contents: set[bytes] = set()
+    edits = [
+        [],
+        ["write /etc/services services-copy"],
+        ["rm docs/note3.txt", "write /usr/share/common-licenses/Apache-2.0 docs/apache"],
+        ["mkdir newdir", "write /etc/passwd newdir/passwd", "rm data/blob1.bin"],
+        ["write /usr/share/common-licenses/GPL-2 data/gpl2"],
+    ]
+    for step, commands in enumerate(edits):
+        if commands:
+            debugfs(ext4_image, *commands)
+        data = ext4_image.read_bytes()
+        info = repo.snapshot("vol", ext4_image)
+        blocks = [data[i : i + BS] for i in range(0, len(data), BS)]
+        if step == 0:
+            expected_changed = [i for i, b in enumerate(blocks) if b.count(0) != len(b)]
+            assert info.kind is blocksnap.SnapshotKind.FULL
+        else:
+            expected_changed = changed_blocks(versions[-1], data, BS)
+            assert info.kind is blocksnap.SnapshotKind.INCREMENTAL
+            assert info.parent == infos[-1].id
+        nonzero_changed = [i for i in expected_changed if blocks[i].count(0) != len(blocks[i])]
+        new_contents = {
+            hashlib.sha256(blocks[i]).digest() for i in nonzero_changed
+        } - stored_contents
+        assert info.counts.read == len(blocks)
+        assert info.counts.changed == len(expected_changed)
+        assert info.counts.hashed == len(nonzero_changed)
+        assert info.counts.stored == len(new_contents)
+        assert info.counts.zero == sum(1 for b in blocks if b.count(0) == len(b))
+        stored_contents |= {hashlib.sha256(b).digest() for b in blocks if b.count(0) != len(b)}
+        versions.append(data)
+        infos.append(info)
+    assert [s.id for s in repo.snapshots("vol")] == [i.id for i in infos]
+    for info, data in zip(infos, versions, strict=True):
+        assert restored_bytes(repo, "vol", info.id, tmp_path) == data
+    assert repo.verify(read_data=True).ok
+
+
+def test_incremental_metadata_stays_small(repo: blocksnap.Repository, ext4_image: Path) -> None:
+    full = repo.snapshot("vol", ext4_image)
+    debugfs(ext4_image, "write /etc/hostname hostname")
+    inc = repo.snapshot("vol", ext4_image)
+    assert 0 < inc.counts.stored <= 8
+    assert inc.metadata_size < full.metadata_size
+
+
+def test_copy_of_volume_under_other_name_stores_nothing(
+    repo: blocksnap.Repository, ext4_image: Path
+) -> None:
+    repo.snapshot("a", ext4_image)
+    copy = repo.snapshot("b", ext4_image)
+    assert copy.kind is blocksnap.SnapshotKind.FULL
+    assert copy.counts.stored == 0
+    assert copy.counts.hashed > 0
+    assert copy.stored_size == 0
+
+
+def test_full_flag_rehashes_everything_but_stores_nothing_new(
+    repo: blocksnap.Repository, ext4_image: Path
+) -> None:
+    first = repo.snapshot("vol", ext4_image)
+    again = repo.snapshot("vol", ext4_image, full=True)
+    assert again.kind is blocksnap.SnapshotKind.FULL and again.parent is None
+    assert again.counts.hashed == first.counts.hashed
+    assert again.counts.stored == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 65537, 3 * BS + 12345])
+def test_odd_image_sizes_round_trip(repo: blocksnap.Repository, tmp_path: Path, size: int) -> None:
+    image = tmp_path / "odd.img"
+    data = bytearray(os.urandom(size))
+    if size > 2 * BS:
+        data[BS : 2 * BS] = bytes(BS)  # a zero region in the middle
+    image.write_bytes(data)
+    info = repo.snapshot("odd", image)
+    assert info.image_size == size
+    assert restored_bytes(repo, "odd", "latest", tmp_path) == bytes(data)
+
+
+def test_grow_and_shrink_between_snapshots(repo: blocksnap.Repository, tmp_path: Path) -> None:
+    image = tmp_path / "v.img"
+    base = os.urandom(5 * BS + 100)
+    sizes = []
+    for data in (
+        base,
+        base + os.urandom(3 * BS),
+        base[: 2 * BS + 7],
+        base[: 2 * BS + 7] + bytes(BS),
+    ):
+        image.write_bytes(data)
+        info = repo.snapshot("v", image)
+        sizes.append((info.id, data))
+    grown = repo.resolve("v", "latest~2")
+    assert grown.counts.changed == 4  # the short last block became full, plus 3 new blocks
+    assert grown.counts.stored == 4
+    shrunk = repo.resolve("v", "latest~1")
+    assert shrunk.counts.changed == 1 and shrunk.counts.stored == 1  # the new short block
+    for snap_id, data in sizes:
+        assert restored_bytes(repo, "v", snap_id, tmp_path) == data
+
+
+def test_zero_regions_are_never_stored(repo: blocksnap.Repository, tmp_path: Path) -> None:
+    image = tmp_path / "sparse.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+        f.seek(10 << 20)
+        f.write(b"data" * 1000)
+    info = repo.snapshot("s", image)
+    assert info.counts.zero == 1023 and info.counts.stored == 1
+    out = tmp_path / "out.img"
+    repo.restore("s", "latest", out)
+    assert out.stat().st_blocks * 512 < 1 << 20  # zero blocks are holes
+    assert out.read_bytes() == image.read_bytes()
+
+
+def test_stream_source_without_size(repo: blocksnap.Repository, tmp_path: Path) -> None:
+    data = os.urandom(3 * BS + 5)
+
+    class Stream(io.RawIOBase):
+        def __init__(self) -> None:
+            self.pos = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+            n = min(len(b), len(data) - self.pos, 1000)  # short reads, like a pipe
+            memoryview(b)[:n] = data[self.pos : self.pos + n]
+            self.pos += n
+            return n
+
+    info = repo.snapshot("stream", Stream())
+    assert info.image_size == len(data)
+    assert restored_bytes(repo, "stream", "latest", tmp_path) == data
+
+
+def test_source_that_grows_while_read_is_refused(
+    repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    image = tmp_path / "g.img"
+    image.write_bytes(os.urandom(20 << 20))
+
+    def grow(progress: blocksnap.Progress) -> None:
+        if progress.phase == "read" and progress.done_size == 8 << 20:
+            with open(image, "ab") as f:
+                f.write(b"more")
+
+    with pytest.raises(blocksnap.SourceError, match="grew"):
+        repo.snapshot("g", image, progress=grow)
+    assert repo.snapshots("g") == []
+
+
+def test_source_that_shrinks_while_read_is_refused(
+    repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    image = tmp_path / "s.img"
+    image.write_bytes(os.urandom(20 << 20))
+
+    def shrink(progress: blocksnap.Progress) -> None:
+        if progress.phase == "read" and progress.done_size == 8 << 20:
+            os.truncate(image, 10 << 20)
+
+    with pytest.raises(blocksnap.SourceError, match="shrank"):
+        repo.snapshot("s", image, progress=shrink)
+    assert repo.snapshots("s") == []
+
+
+def test_block_size_is_fixed_per_volume(repo: blocksnap.Repository, ext4_image: Path) -> None:
+    repo.snapshot("vol", ext4_image, block_size=4096)
+    with pytest.raises(UsageError, match="block size"):
+        repo.snapshot("vol", ext4_image, block_size=8192)
+    assert repo.snapshot("vol", ext4_image).block_size == 4096
+    with pytest.raises(UsageError):
+        repo.snapshot("other", ext4_image, block_size=3000)
+
+
+def test_snapshot_names(repo: blocksnap.Repository, tmp_path: Path) -> None:
+    image = tmp_path / "n.img"
+    ids = []
+    for i in range(3):
+        image.write_bytes(bytes([i + 1]) * 10000)
+        ids.append(repo.snapshot("n", image).id)
+    assert repo.resolve("n", "latest").id == ids[2]
+    assert repo.resolve("n", "latest~2").id == ids[0]
+    assert repo.resolve("n", ids[1][:10]).id == ids[1]
+    with pytest.raises(blocksnap.NotFoundError):
+        repo.resolve("n", "latest~3")
+    with pytest.raises(blocksnap.NotFoundError):
+        repo.resolve("nope", "latest")
+
+
+def test_open_image_random_reads_fetch_only_needed_blocks(
+    repo: blocksnap.Repository, ext4_image: Path
+) -> None:
+    repo.snapshot("vol", ext4_image)
+    data = ext4_image.read_bytes()
+    rng = __import__("random").Random(5)
+    with repo.open_image("vol", "latest") as f:
+        for _ in range(200):
+            pos = rng.randrange(len(data))
+            n = rng.randrange(1, 20000)
+            f.seek(pos)
+            assert f.read(n) == data[pos : pos + n]
+        assert 0 < f.stats.blocks_fetched <= 400
+        f.seek(0)
+        assert f.read() == data
+    with blocksnap.open_image(repo.path, "vol") as g:
+        g.seek(1024)
+        assert g.read(4096) == data[1024 : 1024 + 4096]
+        assert g.stats.blocks_fetched == 1
