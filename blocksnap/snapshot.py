@@ -204,7 +204,7 @@ class _MapWriter:
     def _put_node(self, node: bytes) -> bytes:
         node_id = self.store.hash(node)
         if not self.writer.has(node_id):
-            codec, payload = compress(node, 3)
+            codec, payload = compress(node, self.store.config.compression_level)
             self.metadata_size += self.writer.add(KIND_NODE, node_id, len(node), codec, payload)
         return node_id
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
 from blocksnap.model import Progress, SnapshotInfo
@@ -32,13 +33,7 @@ def snapshot_document(info: SnapshotInfo) -> dict[str, Any]:
         "parent": info.parent,
         "image_size": info.image_size,
         "block_size": info.block_size,
-        "counts": {
-            "read": info.counts.read,
-            "changed": info.counts.changed,
-            "hashed": info.counts.hashed,
-            "stored": info.counts.stored,
-            "zero": info.counts.zero,
-        },
+        "counts": asdict(info.counts),
         "stored_size": info.stored_size,
         "metadata_size": info.metadata_size,
         "duration": round(info.duration, 3),

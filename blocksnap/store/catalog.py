@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from typing import Any
 
 import blake3
@@ -56,13 +57,7 @@ def encode(info: SnapshotInfo, algorithms: dict[str, str]) -> bytes:
         "image_size": info.image_size,
         "block_size": info.block_size,
         "map": {"root": info.map_root.hex(), "height": info.map_height},
-        "counts": {
-            "read": info.counts.read,
-            "changed": info.counts.changed,
-            "hashed": info.counts.hashed,
-            "stored": info.counts.stored,
-            "zero": info.counts.zero,
-        },
+        "counts": asdict(info.counts),
         "stored_size": info.stored_size,
         "metadata_size": info.metadata_size,
         "duration": info.duration,

@@ -198,7 +198,8 @@ def _finish_rebuild_swap(path: str) -> None:
     index = os.path.join(path, "index")
     rebuilt = os.path.join(path, "index.rebuild")
     if not os.path.exists(index) and os.path.exists(os.path.join(rebuilt, "COMPLETE")):
-        os.rename(rebuilt, index)
+        with contextlib.suppress(FileNotFoundError):  # another process finished it first
+            os.rename(rebuilt, index)
 
 
 class Store:
