@@ -27,11 +27,8 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.rebuild_index:
         raise UsageError("repair needs --rebuild-index (the only repair so far)")
-    bar = ProgressBar()
-    try:
+    with ProgressBar() as bar:
         report = repair_index(args.repo, progress=bar)
-    finally:
-        bar.finish()
     if args.json:
         emit_json(asdict(report))
     else:

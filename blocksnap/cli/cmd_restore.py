@@ -30,18 +30,14 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    bar = ProgressBar()
-    with Repository(args.repo) as repo:
-        try:
-            result = repo.restore(
-                args.volume,
-                args.snapshot,
-                args.target,
-                only_changed=args.only_changed,
-                progress=bar,
-            )
-        finally:
-            bar.finish()
+    with Repository(args.repo) as repo, ProgressBar() as bar:
+        result = repo.restore(
+            args.volume,
+            args.snapshot,
+            args.target,
+            only_changed=args.only_changed,
+            progress=bar,
+        )
     if args.json:
         emit_json(
             {

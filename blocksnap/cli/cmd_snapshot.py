@@ -34,19 +34,15 @@ def run(args: argparse.Namespace) -> int:
         if not sep or not key:
             raise UsageError(f"label {item!r} is not KEY=VALUE")
         labels[key] = value
-    bar = ProgressBar()
-    with Repository(args.repo) as repo:
-        try:
-            info = repo.snapshot(
-                args.volume,
-                args.source,
-                full=args.full,
-                block_size=args.block_size,
-                labels=labels,
-                progress=bar,
-            )
-        finally:
-            bar.finish()
+    with Repository(args.repo) as repo, ProgressBar() as bar:
+        info = repo.snapshot(
+            args.volume,
+            args.source,
+            full=args.full,
+            block_size=args.block_size,
+            labels=labels,
+            progress=bar,
+        )
     if args.json:
         emit_json(snapshot_document(info))
     else:

@@ -27,12 +27,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    bar = ProgressBar()
-    with Repository(args.repo) as repo:
-        try:
-            report = repo.verify(read_data=args.read_data, progress=bar)
-        finally:
-            bar.finish()
+    with Repository(args.repo) as repo, ProgressBar() as bar:
+        report = repo.verify(read_data=args.read_data, progress=bar)
     if args.json:
         emit_json(
             {

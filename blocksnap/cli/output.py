@@ -71,7 +71,11 @@ class ProgressBar:
         sys.stderr.write(line)
         sys.stderr.flush()
 
-    def finish(self) -> None:
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Clear the bar's line, however the command ended."""
         if self.enabled:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
