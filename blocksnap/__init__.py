@@ -5,7 +5,9 @@ The public API.  Importing it does no I/O.
 
 from __future__ import annotations
 
-from blocksnap.check import Problem, VerifyReport
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from blocksnap.errors import (
     BlocksnapError,
     IntegrityError,
@@ -19,12 +21,45 @@ from blocksnap.errors import (
     StoreError,
     UsageError,
 )
-from blocksnap.model import Progress, SnapshotCounts, SnapshotInfo, SnapshotKind
-from blocksnap.native import BACKEND
-from blocksnap.reader import ImageReader, ReadStats
-from blocksnap.repository import Repository, RepositoryStats, open_image, repair_index
-from blocksnap.restore import RestoreResult
-from blocksnap.store.rebuild import RebuildReport
+
+if TYPE_CHECKING:
+    from blocksnap.check import Problem, VerifyReport
+    from blocksnap.model import Progress, SnapshotCounts, SnapshotInfo, SnapshotKind
+    from blocksnap.native import BACKEND
+    from blocksnap.reader import ImageReader, ReadStats
+    from blocksnap.repository import Repository, RepositoryStats, open_image, repair_index
+    from blocksnap.restore import RestoreResult
+    from blocksnap.store.rebuild import RebuildReport
+
+# The rest of the API is imported on first use (PEP 562), so that `python -m blocksnap`
+# starts fast and a Ctrl-C during start-up meets the CLI's handler, not a traceback.
+_LAZY = {
+    "Problem": "blocksnap.check",
+    "VerifyReport": "blocksnap.check",
+    "Progress": "blocksnap.model",
+    "SnapshotCounts": "blocksnap.model",
+    "SnapshotInfo": "blocksnap.model",
+    "SnapshotKind": "blocksnap.model",
+    "BACKEND": "blocksnap.native",
+    "ImageReader": "blocksnap.reader",
+    "ReadStats": "blocksnap.reader",
+    "Repository": "blocksnap.repository",
+    "RepositoryStats": "blocksnap.repository",
+    "open_image": "blocksnap.repository",
+    "repair_index": "blocksnap.repository",
+    "RestoreResult": "blocksnap.restore",
+    "RebuildReport": "blocksnap.store.rebuild",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'blocksnap' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 
@@ -56,3 +91,7 @@ __all__ = [
     "open_image",
     "repair_index",
 ]
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

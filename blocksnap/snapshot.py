@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import stat
 import time
@@ -38,10 +39,13 @@ from blocksnap.model import (
     SnapshotKind,
 )
 from blocksnap.store.codec import compress
-from blocksnap.store.packs import KIND_BLOCK, KIND_NODE
+from blocksnap.store.packs import KIND_BLOCK, KIND_NODE, encode_record
 from blocksnap.store.repository import Store, StoreWriter
 
 BUFFER_SIZE = 8 << 20
+READ_PART = 1 << 20  # read and scan in parts that stay in a core's L2 cache
+# Flags worth a look in Python: zero, changed, or both; most blocks of an incremental have 0.
+_INTERESTING = re.compile(b"[\x01-\x03]")
 # What a snapshot reads: a path (image file or block device) or a readable binary stream.
 SourceArg = str | os.PathLike[str] | BinaryIO | io.RawIOBase | io.BufferedIOBase
 MAX_VOLUME_NAME_SIZE = 200
@@ -64,13 +68,15 @@ def check_block_size(block_size: int) -> None:
 
 @dataclass(slots=True)
 class _Scanned:
-    """A worker's result for one buffer."""
+    """A worker's result for one buffer: the map entries, the new records and the counts."""
 
     count: int
-    flags: bytearray
     digests: bytearray
-    ids: dict[int, bytes]  # block index within the buffer -> strong id, for changed blocks
-    new: dict[int, tuple[int, bytes, int]]  # index -> (codec, payload, raw size), if new
+    ids: bytearray
+    new: list[tuple[bytes, bytes]]  # (id, encoded record) for blocks the index lacked
+    zero: int
+    changed: int
+    hashed: int
 
 
 class _Source:
@@ -95,12 +101,14 @@ class _Source:
                 raise SourceError(f"source {path} is not a regular file or block device")
             self.size = os.lseek(fd, 0, os.SEEK_END)
             os.lseek(fd, 0, os.SEEK_SET)
+            self.fd: int | None = fd
             self.file: BinaryIO | io.RawIOBase | io.BufferedIOBase = os.fdopen(
                 fd, "rb", buffering=0
             )
             self.name = path
             self._owned = True
         else:
+            self.fd = None
             self.file = source
             self.name = getattr(source, "name", "<stream>")
             try:
@@ -124,17 +132,16 @@ class _Source:
         view[: len(data)] = data
         return len(data)
 
-    def read(self, size: int) -> bytearray:
-        """The next buffer, full unless the volume ends; empty at the end."""
-        want = size if self.size is None else min(size, self.size - self.done)
-        buf = bytearray(want)
-        view = memoryview(buf)
+    def read_into(self, buf: bytearray) -> int:
+        """Fill buf with the next bytes; fewer only at the end of the volume, 0 after it."""
+        want = len(buf) if self.size is None else min(len(buf), self.size - self.done)
         got = 0
-        while got < want:
-            n = self._read_into(view[got:])
-            if n == 0:
-                break
-            got += n
+        with memoryview(buf) as view:
+            while got < want:
+                n = self._read_into(view[got:want])
+                if n == 0:
+                    break
+                got += n
         self.done += got
         if self.size is not None and got < want:
             raise SourceError(
@@ -144,13 +151,21 @@ class _Source:
         if (
             self.size is not None
             and self.done == self.size
+            and got > 0
             and self._read_into(memoryview(bytearray(1)))
         ):
             raise SourceError(f"{self.name} grew while being read (past {self.size} bytes)")
-        del view
-        if got < want:
-            del buf[got:]
-        return buf
+        return got
+
+    def check_end(self) -> None:
+        """For a path source read by the workers: refuse it if it grew meanwhile."""
+        assert self.fd is not None and self.size is not None
+        try:
+            grew = os.pread(self.fd, 1, self.size)
+        except OSError as exc:
+            raise SourceError(f"error reading {self.name}: {exc.strerror or exc}") from exc
+        if grew:
+            raise SourceError(f"{self.name} grew while being read (past {self.size} bytes)")
 
     def close(self) -> None:
         if self._owned:
@@ -167,27 +182,62 @@ class _Scanner:
         self.seed = store.config.filter_seed
         self.hash = store.hash
 
-    def __call__(self, buf: bytearray, parent_digests: bytes | None) -> _Scanned:
+    def __call__(
+        self,
+        buf: memoryview,
+        parent_digests: bytes | None,
+        parent_ids: bytes,
+        read_at: tuple[int, int, str] | None = None,
+    ) -> _Scanned:
+        """Scan buf against the parent's entries; with read_at=(fd, offset, name), first
+        fill buf from that file (natively, each part scanned while still in cache)."""
         bs = self.block_size
         count = -(-len(buf) // bs)
         flags = bytearray(count)
         digests = bytearray(count * FILTER_DIGEST_SIZE)
-        native.scan(buf, bs, self.seed, parent_digests, flags, digests)
-        view = memoryview(buf)
-        ids: dict[int, bytes] = {}
-        for i in range(count):
-            if flags[i] == native.FLAG_CHANGED:  # changed and not zero
-                ids[i] = self.hash(view[i * bs : (i + 1) * bs])
-        new: dict[int, tuple[int, bytes, int]] = {}
-        if ids:
-            order = list(ids)
-            missing = self.store.index.missing([ids[i] for i in order])
-            for i, absent in zip(order, missing, strict=True):
+        if read_at is None:
+            native.scan(buf, bs, self.seed, parent_digests, flags, digests)
+        else:
+            fd, offset, name = read_at
+            part = max(bs, READ_PART // bs * bs)
+            try:
+                got = native.read_scan(
+                    fd, offset, buf, part, bs, self.seed, parent_digests, flags, digests
+                )
+            except OSError as exc:
+                raise SourceError(f"error reading {name}: {exc.strerror or exc}") from exc
+            if got < len(buf):
+                raise SourceError(
+                    f"{name} shrank while being read (ended at {offset + got}, "
+                    f"{offset + len(buf)} bytes expected at least)"
+                )
+        ids = bytearray(parent_ids)
+        zero = changed = 0
+        hashed: list[tuple[int, bytes]] = []
+        zero_id = bytes(BLOCK_ID_SIZE)
+        for match in _INTERESTING.finditer(flags):
+            i = match.start()
+            f = flags[i]
+            if f & native.FLAG_CHANGED:
+                changed += 1
+            if f & native.FLAG_ZERO:
+                zero += 1
+                ids[i * BLOCK_ID_SIZE : (i + 1) * BLOCK_ID_SIZE] = zero_id
+            elif f & native.FLAG_CHANGED:
+                block_id = self.hash(buf[i * bs : (i + 1) * bs])
+                ids[i * BLOCK_ID_SIZE : (i + 1) * BLOCK_ID_SIZE] = block_id
+                hashed.append((i, block_id))
+        new: list[tuple[bytes, bytes]] = []
+        if hashed:
+            missing = self.store.index.missing([block_id for _, block_id in hashed])
+            for (i, block_id), absent in zip(hashed, missing, strict=True):
                 if absent:
-                    block = view[i * bs : (i + 1) * bs]
+                    block = buf[i * bs : (i + 1) * bs]
                     codec, payload = compress(block, self.level)
-                    new[i] = (codec, payload, len(block))
-        return _Scanned(count, flags, digests, ids, new)
+                    new.append(
+                        (block_id, encode_record(KIND_BLOCK, codec, len(block), block_id, payload))
+                    )
+        return _Scanned(count, digests, ids, new, zero, changed, len(hashed))
 
 
 class _MapWriter:
@@ -205,7 +255,8 @@ class _MapWriter:
         node_id = self.store.hash(node)
         if not self.writer.has(node_id):
             codec, payload = compress(node, self.store.config.compression_level)
-            self.metadata_size += self.writer.add(KIND_NODE, node_id, len(node), codec, payload)
+            record = encode_record(KIND_NODE, codec, len(node), node_id, payload)
+            self.metadata_size += self.writer.add(record, node_id, checked=True)
         return node_id
 
     def extend(self, digests: bytes | bytearray, ids: bytes | bytearray) -> None:
@@ -253,7 +304,8 @@ def take_snapshot(
         parent = store.snapshot(ids[-1]) if ids and not full else None
         src = _Source(source)
         try:
-            return _run(store, volume, src, bs, parent, labels, progress, workers)
+            with store.writer() as writer:
+                return _run(store, writer, volume, src, bs, parent, labels, progress, workers)
         except KeyboardInterrupt:
             raise Interrupted("snapshot interrupted; nothing was committed") from None
         finally:
@@ -262,6 +314,7 @@ def take_snapshot(
 
 def _run(
     store: Store,
+    writer: StoreWriter,
     volume: str,
     src: _Source,
     bs: int,
@@ -277,56 +330,67 @@ def _run(
         if parent is not None
         else None
     )
-    writer = store.writer()
     map_writer = _MapWriter(writer, store)
     scanner = _Scanner(store, bs, store.config.compression_level)
     buffer_size = max(bs, BUFFER_SIZE // bs * bs)
     workers = workers or os.cpu_count() or 2
+    # Buffers in flight: enough that one buffer full of changed blocks being compressed
+    # does not stall the other workers, few enough that memory stays small and fixed.
+    window = 4 * workers
     counts = {"read": 0, "changed": 0, "hashed": 0, "stored": 0, "zero": 0}
     block_index = 0
     report: Callable[[Progress], None] = progress or (lambda _p: None)
 
-    def consume(item: tuple[Future[_Scanned], bytes]) -> None:
-        future, parent_ids = item
+    def consume(item: tuple[Future[_Scanned], bytearray]) -> None:
+        future, buf = item
         res = future.result()
-        ids = bytearray(parent_ids)
-        for i in range(res.count):
-            f = res.flags[i]
-            if f & native.FLAG_ZERO:
-                counts["zero"] += 1
-                ids[i * BLOCK_ID_SIZE : (i + 1) * BLOCK_ID_SIZE] = bytes(BLOCK_ID_SIZE)
-            if f & native.FLAG_CHANGED:
-                counts["changed"] += 1
-        for i, block_id in res.ids.items():
-            counts["hashed"] += 1
-            ids[i * BLOCK_ID_SIZE : (i + 1) * BLOCK_ID_SIZE] = block_id
-            stored = res.new.get(i)
-            if stored is not None and writer.add(
-                KIND_BLOCK, block_id, stored[2], stored[0], stored[1]
-            ):
-                counts["stored"] += 1
+        free.append(buf)
         counts["read"] += res.count
-        map_writer.extend(res.digests, ids)
+        counts["zero"] += res.zero
+        counts["changed"] += res.changed
+        counts["hashed"] += res.hashed
+        for block_id, record in res.new:
+            if writer.add(record, block_id, checked=True):
+                counts["stored"] += 1
+        map_writer.extend(res.digests, res.ids)
 
-    in_flight: deque[tuple[Future[_Scanned], bytes]] = deque()
+    # A path source is read by the workers themselves (pread), so copying from the page
+    # cache runs on every core; a stream is read here, in order.  Buffers are recycled:
+    # at most window + 1 are in flight and one more is being filled.
+    free: list[bytearray] = []
+    in_flight: deque[tuple[Future[_Scanned], bytearray]] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blocksnap-scan") as pool:
         try:
             while True:
-                buf = src.read(buffer_size)
-                if not buf:
+                buf = free.pop() if free else bytearray(buffer_size)
+                offset = src.done
+                if src.fd is not None and src.size is not None:
+                    got = min(buffer_size, src.size - offset)
+                    src.done += got
+                else:
+                    got = src.read_into(buf)
+                if not got:
                     break
-                n = -(-len(buf) // bs)
+                n = -(-got // bs)
                 if parent_map is not None:
                     parent_digests, parent_ids = parent_map.entries(block_index, n)
                 else:
                     parent_digests, parent_ids = None, bytes(n * BLOCK_ID_SIZE)
-                in_flight.append((pool.submit(scanner, buf, parent_digests), parent_ids))
+                view = memoryview(buf)[:got]
+                if src.fd is not None:
+                    read_at = (src.fd, offset, src.name)
+                    task = pool.submit(scanner, view, parent_digests, parent_ids, read_at)
+                else:
+                    task = pool.submit(scanner, view, parent_digests, parent_ids)
+                in_flight.append((task, buf))
                 block_index += n
-                if len(in_flight) > workers:
+                if len(in_flight) > window:
                     consume(in_flight.popleft())
                 report(Progress("read", src.done, src.size or 0))
             while in_flight:
                 consume(in_flight.popleft())
+            if src.fd is not None:
+                src.check_end()
         except BaseException:
             for future, _ in in_flight:
                 future.cancel()

@@ -4,8 +4,9 @@
  * The block between BEGIN CDEF and END CDEF is read verbatim by csrc/build_native.py and
  * handed to cffi, so it must stay plain declarations and integer #defines.
  *
- * Rules for every function here: no allocation, no I/O, no global state, no Python
- * objects; one call covers a whole multi-MiB buffer; the return value is a BS_* status.
+ * Rules for every function here: no allocation, no global state, no Python objects; one
+ * call covers a whole multi-MiB buffer; the return value is a BS_* status.  The only I/O
+ * is bs_read_scan's pread on a descriptor the caller owns.
  */
 #ifndef BS_NATIVE_H
 #define BS_NATIVE_H
@@ -14,10 +15,12 @@
 #include <stdint.h>
 
 /* BEGIN CDEF */
-#define BS_ABI_VERSION 1
+#define BS_ABI_VERSION 2
 
 #define BS_OK 0
 #define BS_EINVAL 1
+#define BS_EIO 2     /* pread failed; *errno_out says why */
+#define BS_ESHORT 3  /* the file ended before len bytes; *got_out says where */
 
 #define BS_DIGEST_SIZE 16
 
@@ -40,6 +43,20 @@ int bs_abi_version(void);
 int bs_scan(const uint8_t *buf, size_t buf_size, size_t block_size, uint64_t seed,
             const uint8_t *parent_digests, size_t parent_count,
             uint8_t *flags_out, uint8_t *digests_out, size_t out_count);
+
+/*
+ * Read len bytes of fd from offset into buf with pread, part_size bytes at a time, and
+ * bs_scan each part right after reading it, while it is still in the core's cache:
+ * the result is that of bs_scan(buf, len, ...) over the whole range.  part_size must be
+ * a non-zero multiple of block_size.  *got_out is the number of bytes read; on BS_EIO
+ * *errno_out holds errno; on BS_ESHORT the file ended early and nothing past *got_out
+ * was scanned.  EINTR is retried.
+ */
+int bs_read_scan(int fd, uint64_t offset, uint8_t *buf, size_t len, size_t part_size,
+                 size_t block_size, uint64_t seed,
+                 const uint8_t *parent_digests, size_t parent_count,
+                 uint8_t *flags_out, uint8_t *digests_out, size_t out_count,
+                 size_t *got_out, int *errno_out);
 /* END CDEF */
 
 #endif /* BS_NATIVE_H */

@@ -27,7 +27,7 @@ ffibuilder.set_source(
     '#include "bs_native.h"',
     # Paths relative to the project root, where setuptools runs the build; absolute
     # paths would leak the build machine's directories into the wheel's metadata.
-    sources=["csrc/bs_scan.c", "csrc/bs_scan_avx2.c", "csrc/bs_scan_avx512.c"],
+    sources=["csrc/bs_read.c", "csrc/bs_scan.c", "csrc/bs_scan_avx2.c", "csrc/bs_scan_avx512.c"],
     include_dirs=["csrc"],
     # -O3 lets gcc unroll XXH3's inlined accumulate loop; warnings are errors-in-waiting.
     extra_compile_args=["-O3", "-std=c99", "-Wall", "-Wextra"],

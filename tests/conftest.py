@@ -35,8 +35,36 @@ def make_tree(root: Path, seed: int, size_mb: int) -> None:
             shutil.copyfile(os.path.realpath(src), bins / name)
     data = root / "data"
     data.mkdir(exist_ok=True)
-    for i in range(max(1, size_mb // 4)):
-        (data / f"blob{i}.bin").write_bytes(rng.randbytes(rng.randint(256 << 10, 3 << 20)))
+    pool = _binary_pool()
+    total, i = 0, 0
+    while total < size_mb << 20:
+        size = min(rng.randint(256 << 10, 3 << 20), (size_mb << 20) - total)
+        if i % 3 == 0:  # text
+            blob = " ".join(rng.choices(words, k=size // 6)).encode()[:size]
+        elif i % 3 == 1:  # machine code and tables from the system's shared libraries
+            start = rng.randrange(max(1, len(pool) - size))
+            blob = pool[start : start + size]
+        else:  # incompressible
+            blob = rng.randbytes(size)
+        (data / f"blob{i}.bin").write_bytes(blob)
+        total += len(blob)
+        i += 1
+
+
+_POOL: list[bytes] = []
+
+
+def _binary_pool() -> bytes:
+    """About 32 MiB of real shared-library bytes, read once per process."""
+    if not _POOL:
+        parts, total = [], 0
+        for lib in sorted(Path("/usr/lib/x86_64-linux-gnu").glob("lib*.so*")):
+            if lib.is_file() and not lib.is_symlink() and total < 32 << 20:
+                data = lib.read_bytes()
+                parts.append(data)
+                total += len(data)
+        _POOL.append(b"".join(parts) or bytes(range(256)) * 4096)
+    return _POOL[0]
 
 
 def mkfs_ext4(image: Path, tree: Path, size_mb: int) -> Path:

@@ -107,8 +107,8 @@ def test_scan_rejects_short_output(scan: native.ScanFunction) -> None:
 
 
 def test_backend_policy_explicit() -> None:
-    assert native.load("native") == ("native", _cffi.scan)
-    assert native.load("python") == ("python", _reference.scan)
+    assert native.load("native") == ("native", _cffi.scan, _cffi.read_scan)
+    assert native.load("python") == ("python", _reference.scan, _reference.read_scan)
     with pytest.raises(NativeError):
         native.load("fast")
 
@@ -121,3 +121,63 @@ def test_backend_native_required_but_missing_fails_loudly(monkeypatch: pytest.Mo
     with pytest.raises(NativeError, match="not built"):
         native.load("native")
     assert native.load("auto")[0] == "python"
+
+
+@settings(max_examples=60, deadline=None)
+@given(buffers(), st.integers(0, 2**64 - 1), st.integers(0, 3), st.integers(1, 4))
+def test_read_scan_native_matches_reference(
+    tmp_path_factory: pytest.TempPathFactory,
+    case: tuple[bytes, int],
+    seed: int,
+    offset_blocks: int,
+    part_blocks: int,
+) -> None:
+    """pread plus scan, part by part, gives what one scan of the same bytes gives."""
+    data, block_size = case
+    path = tmp_path_factory.mktemp("rs") / "vol"
+    lead = bytes([7]) * (offset_blocks * block_size)
+    path.write_bytes(lead + data)
+    n = -(-len(data) // block_size)
+    expected = both(data, block_size, seed, None)
+    with open(path, "rb") as f:
+        for read_scan in (_cffi.read_scan, _reference.read_scan):
+            buf, flags, digests = bytearray(len(data)), bytearray(n), bytearray(16 * n)
+            got = read_scan(
+                f.fileno(),
+                len(lead),
+                buf,
+                part_blocks * block_size,
+                block_size,
+                seed,
+                None,
+                flags,
+                digests,
+            )
+            assert got == len(data)
+            assert bytes(buf) == data
+            assert (bytes(flags), bytes(digests)) == expected
+
+
+@pytest.mark.parametrize("read_scan", [_cffi.read_scan, _reference.read_scan])
+def test_read_scan_reports_short_file_and_errors(
+    read_scan: native.ReadScanFunction, tmp_path: object
+) -> None:
+    import os
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "short"
+    path.write_bytes(b"x" * 10000)
+    with open(path, "rb") as f:
+        buf, flags, digests = bytearray(16384), bytearray(4), bytearray(64)
+        # The file ends inside the second 8 KiB part: 10000 bytes read, and only the
+        # first part (two whole blocks) scanned.
+        assert read_scan(f.fileno(), 0, buf, 8192, 4096, 0, None, flags, digests) == 10000
+        assert bytes(flags[:2]) == bytes([2, 2]) and bytes(flags[2:]) == bytes(2)
+        with pytest.raises(NativeError):  # a part that is not whole blocks
+            read_scan(f.fileno(), 0, buf, 1000, 4096, 0, None, flags, digests)
+    fd = os.open(path, os.O_WRONLY)  # not readable: pread fails with EBADF
+    try:
+        with pytest.raises(OSError):
+            read_scan(fd, 0, bytearray(4096), 4096, 4096, 0, None, bytearray(1), bytearray(16))
+    finally:
+        os.close(fd)

@@ -9,7 +9,7 @@ BLOCKSNAP_BACKEND selects it:
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from blocksnap.errors import NativeError
 from blocksnap.native import _reference
@@ -29,16 +29,38 @@ class ScanFunction(Protocol):
         block_size: int,
         seed: int,
         parent_digests: Buffer | None,
-        flags_out: bytearray,
-        digests_out: bytearray,
+        flags_out: bytearray | memoryview,
+        digests_out: bytearray | memoryview,
     ) -> None: ...
 
 
-def load(policy: str | None = None) -> tuple[str, ScanFunction]:
-    """Return (backend name, scan function) for a policy; None reads BLOCKSNAP_BACKEND."""
+class ReadScanFunction(Protocol):
+    def __call__(
+        self,
+        fd: int,
+        offset: int,
+        buf: Buffer,
+        part_size: int,
+        block_size: int,
+        seed: int,
+        parent_digests: Buffer | None,
+        flags_out: bytearray | memoryview,
+        digests_out: bytearray | memoryview,
+    ) -> int: ...
+
+
+class Backend(NamedTuple):
+    name: str
+    scan: ScanFunction
+    read_scan: ReadScanFunction
+
+
+def load(policy: str | None = None) -> Backend:
+    """Return the backend for a policy; None reads BLOCKSNAP_BACKEND."""
     policy = (policy or os.environ.get("BLOCKSNAP_BACKEND") or "auto").lower()
+    python = Backend("python", _reference.scan, _reference.read_scan)
     if policy == "python":
-        return "python", _reference.scan
+        return python
     if policy not in ("auto", "native"):
         raise NativeError(f"BLOCKSNAP_BACKEND={policy!r}: expected auto, native or python")
     try:
@@ -46,10 +68,19 @@ def load(policy: str | None = None) -> tuple[str, ScanFunction]:
     except ImportError as exc:
         if policy == "native":
             raise NativeError(f"native backend requested but not built: {exc}") from exc
-        return "python", _reference.scan
-    return "native", _cffi.scan
+        return python
+    return Backend("native", _cffi.scan, _cffi.read_scan)
 
 
-BACKEND, scan = load()
+BACKEND, scan, read_scan = load()
 
-__all__ = ["BACKEND", "DIGEST_SIZE", "FLAG_CHANGED", "FLAG_ZERO", "load", "scan"]
+__all__ = [
+    "BACKEND",
+    "DIGEST_SIZE",
+    "FLAG_CHANGED",
+    "FLAG_ZERO",
+    "Backend",
+    "load",
+    "read_scan",
+    "scan",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from blocksnap._native import ffi, lib
@@ -33,8 +34,8 @@ def scan(
     block_size: int,
     seed: int,
     parent_digests: Any,
-    flags_out: bytearray,
-    digests_out: bytearray,
+    flags_out: bytearray | memoryview,
+    digests_out: bytearray | memoryview,
 ) -> None:
     """Fill flags_out and digests_out for every block of buf; see bs_scan in bs_native.h."""
     src = ffi.from_buffer(buf)
@@ -54,3 +55,47 @@ def scan(
             out_count,
         )
     )
+
+
+def read_scan(
+    fd: int,
+    offset: int,
+    buf: Any,
+    part_size: int,
+    block_size: int,
+    seed: int,
+    parent_digests: Any,
+    flags_out: bytearray | memoryview,
+    digests_out: bytearray | memoryview,
+) -> int:
+    """pread len(buf) bytes at offset into buf, scanning as bs_scan does; return bytes read.
+
+    Fewer than len(buf) means the file ended there; a read error raises OSError.
+    """
+    dst = ffi.from_buffer(buf, require_writable=True)
+    parent = ffi.from_buffer(parent_digests) if parent_digests is not None else ffi.NULL
+    parent_count = len(parent_digests) // DIGEST_SIZE if parent_digests is not None else 0
+    out_count = min(len(flags_out), len(digests_out) // DIGEST_SIZE)
+    got = ffi.new("size_t *")
+    err = ffi.new("int *")
+    status = lib.bs_read_scan(
+        fd,
+        offset,
+        dst,
+        len(dst),
+        part_size,
+        block_size,
+        seed,
+        parent,
+        parent_count,
+        ffi.from_buffer(flags_out, require_writable=True),
+        ffi.from_buffer(digests_out, require_writable=True),
+        out_count,
+        got,
+        err,
+    )
+    if status == lib.BS_EIO:
+        raise OSError(err[0], os.strerror(err[0]))
+    if status != lib.BS_ESHORT:
+        _check(status)
+    return int(got[0])

@@ -6,6 +6,7 @@ C code to.  It is also the fallback backend where the extension is not built.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import xxhash
@@ -26,8 +27,8 @@ def scan(
     block_size: int,
     seed: int,
     parent_digests: Buffer | None,
-    flags_out: bytearray,
-    digests_out: bytearray,
+    flags_out: bytearray | memoryview,
+    digests_out: bytearray | memoryview,
 ) -> None:
     """Fill flags_out and digests_out for every block of buf; see bs_scan in bs_native.h."""
     if block_size <= 0 or block_size & (block_size - 1):
@@ -53,3 +54,33 @@ def scan(
             flags |= FLAG_CHANGED
         flags_out[i] = flags
         digests_out[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] = digest
+
+
+def read_scan(
+    fd: int,
+    offset: int,
+    buf: Buffer,
+    part_size: int,
+    block_size: int,
+    seed: int,
+    parent_digests: Buffer | None,
+    flags_out: bytearray | memoryview,
+    digests_out: bytearray | memoryview,
+) -> int:
+    """pread len(buf) bytes at offset into buf, scanning as scan does; return bytes read."""
+    if part_size <= 0 or block_size <= 0 or part_size % block_size:
+        raise NativeError("native scan rejected its arguments (block size, buffer or output sizes)")
+    view = memoryview(buf).cast("B")
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n == 0:
+            break
+        got += n
+    if got == len(view):
+        scan(view, block_size, seed, parent_digests, flags_out, digests_out)
+        return got
+    # Scanned are only the whole parts before the end, as the native code does.
+    whole = got // part_size * part_size
+    scan(view[:whole], block_size, seed, parent_digests, flags_out, digests_out)
+    return got

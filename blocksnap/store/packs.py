@@ -58,11 +58,14 @@ class Record:
     id: bytes
 
 
-def encode_record(kind: int, codec: int, raw_size: int, block_id: bytes, payload: bytes) -> bytes:
-    """Return the header bytes for a record (the payload follows them)."""
-    head = _HEAD.pack(RECORD_MAGIC, kind, codec, 0, len(payload), raw_size, block_id)
-    check = xxhash.xxh3_64_intdigest(head + payload)
-    return head + _CHECK.pack(check)
+def encode_record(
+    kind: int, codec: int, raw_size: int, object_id: bytes, payload: bytes | memoryview
+) -> bytes:
+    """Return a whole record: its header (with the check) followed by the payload."""
+    head = _HEAD.pack(RECORD_MAGIC, kind, codec, 0, len(payload), raw_size, object_id)
+    hasher = xxhash.xxh3_64(head)
+    hasher.update(payload)
+    return b"".join((head, _CHECK.pack(hasher.intdigest()), payload))
 
 
 def parse_header(header: bytes, where: str) -> Record:
@@ -95,13 +98,14 @@ class PackBuilder:
         self.buffer = bytearray(PACK_MAGIC)
         self.records: list[Record] = []
 
-    def add(self, kind: int, codec: int, raw_size: int, block_id: bytes, payload: bytes) -> Record:
+    def add(self, record: bytes) -> Record:
+        """Append a record made by encode_record and return where it sits."""
         offset = len(self.buffer)
-        self.buffer += encode_record(kind, codec, raw_size, block_id, payload)
-        self.buffer += payload
-        record = Record(offset, kind, codec, len(payload), raw_size, block_id)
-        self.records.append(record)
-        return record
+        _magic, kind, codec, _flags, stored_size, raw_size, object_id = _HEAD.unpack_from(record)
+        self.buffer += record
+        rec = Record(offset, kind, codec, stored_size, raw_size, object_id)
+        self.records.append(rec)
+        return rec
 
     @property
     def size(self) -> int:

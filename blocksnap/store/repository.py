@@ -26,6 +26,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import blake3
@@ -57,7 +58,7 @@ from blocksnap.store.packs import (
 CONFIG_NAME = "config"
 REPOSITORY_FORMAT = "blocksnap-repository"
 REPOSITORY_VERSION = 1
-DEFAULT_COMPRESSION_LEVEL = 3
+DEFAULT_COMPRESSION_LEVEL = 1
 DEFAULT_PACK_TARGET_SIZE = 16 << 20
 _SNAPSHOT_NAME = re.compile(r"latest(?:~(\d+))?")
 
@@ -352,37 +353,78 @@ class Store:
 
 
 class StoreWriter:
-    """Packs new records and indexes each pack once it is durable."""
+    """Packs new records; each full pack is stored and indexed on a background thread.
+
+    At most one sealed pack is in flight while the next one fills, so writing and fsync
+    overlap with reading and compressing.  flush() returns once everything added is durable
+    and indexed; a failure in the background is raised by the next add() or flush().
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.builder = PackBuilder()
-        self.pending: set[bytes] = set()
-        self.written_size = 0  # bytes of sealed packs, this session
+        self.pending: set[bytes] = set()  # ids in the open pack
+        self.sealing: set[bytes] = set()  # ids in the pack being stored
+        self.written_size = 0  # bytes of stored packs, this session
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksnap-pack")
+        self._in_flight: Future[int] | None = None
 
     def has(self, object_id: bytes) -> bool:
-        """Whether the object is already stored or queued in this writer's open pack."""
-        return object_id in self.pending or self.store.index.location(object_id) is not None
+        """Whether the object is stored already or queued in this writer."""
+        return (
+            object_id in self.pending
+            or object_id in self.sealing
+            or self.store.index.location(object_id) is not None
+        )
 
-    def add(self, kind: int, object_id: bytes, raw_size: int, codec: int, payload: bytes) -> int:
-        """Queue a record unless the object exists; return the bytes it added."""
-        if self.has(object_id):
+    def add(self, record: bytes, object_id: bytes, *, checked: bool = False) -> int:
+        """Queue a record (from encode_record) unless the object exists; return bytes added.
+
+        checked=True means the caller asked the index moments ago and the object was absent;
+        only this writer's own queue is consulted then.  Should another writer store the
+        same object meanwhile, the index keeps the first copy and this one is garbage.
+        """
+        if object_id in self.pending or object_id in self.sealing:
             return 0
-        before = self.builder.size
-        self.builder.add(kind, codec, raw_size, object_id, payload)
+        if not checked and self.store.index.location(object_id) is not None:
+            return 0
+        self.builder.add(record)
         self.pending.add(object_id)
-        added = self.builder.size - before
         if self.builder.size >= self.store.config.pack_target_size:
-            self.flush()
-        return added
+            self._seal()
+        return len(record)
+
+    def _store(self, builder: PackBuilder) -> int:
+        pack_id = secrets.token_bytes(16)
+        self.store.backend.put(pack_name(pack_id), builder.buffer)
+        with lmdb_errors("indexing pack"):
+            self.store.index.add_pack(pack_id, builder.size, builder.records)
+        return builder.size
+
+    def _wait(self) -> None:
+        if self._in_flight is not None:
+            future, self._in_flight = self._in_flight, None
+            self.written_size += future.result()
+            self.sealing.clear()
+
+    def _seal(self) -> None:
+        self._wait()
+        if self.builder.records:
+            builder, self.builder = self.builder, PackBuilder()
+            self.sealing, self.pending = self.pending, set()
+            self._in_flight = self._pool.submit(self._store, builder)
 
     def flush(self) -> None:
-        if not self.builder.records:
-            return
-        pack_id = secrets.token_bytes(16)
-        self.store.backend.put(pack_name(pack_id), self.builder.buffer)
-        with lmdb_errors("indexing pack"):
-            self.store.index.add_pack(pack_id, self.builder.size, self.builder.records)
-        self.written_size += self.builder.size
-        self.builder = PackBuilder()
-        self.pending.clear()
+        """Store and index everything added so far; return when it is durable."""
+        self._seal()
+        self._wait()
+
+    def close(self) -> None:
+        """Wait for the background thread; what it did not finish stays unreferenced."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,69 @@
+"""Peak memory (RSS) of snapshot, restore and verify: it must not grow with image size.
+
+Each operation runs as `python -m blocksnap` in a child process, which reports its own
+peak RSS (VmHWM) on exit.  The sizes come from BLOCKSNAP_BENCH_MEMORY_MB; the limit is 250 MiB.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.conftest import MEMORY_MB, ImageFactory
+
+LIMIT_MIB = 250
+
+
+# Runs the CLI, then prints the process's high-water RSS (VmHWM, reset by exec, so the
+# parent's size does not leak in as it does with wait4's ru_maxrss) as the last stderr line.
+_WRAPPER = """
+import atexit, runpy, sys
+def report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            sys.stderr.write("\\nVmHWM " + line.split()[1] + "\\n")
+atexit.register(report)
+runpy.run_module("blocksnap", run_name="__main__", alter_sys=True)
+"""
+
+
+def peak_rss_mib(*args: str) -> float:
+    """Run blocksnap with args and return its peak resident set size in MiB."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _WRAPPER, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1].split()
+    assert last[0] == "VmHWM", proc.stderr
+    return int(last[1]) / 1024
+
+
+@pytest.mark.parametrize("size_mb", MEMORY_MB)
+def test_peak_memory(benchmark: Any, images: ImageFactory, tmp_path: Path, size_mb: int) -> None:
+    image, changed = images(size_mb)
+    repo = str(tmp_path / "repo")
+    peaks: dict[str, float] = {}
+
+    def run() -> None:
+        subprocess.run(
+            [sys.executable, "-m", "blocksnap", "init", repo], check=True, capture_output=True
+        )
+        peaks["full snapshot"] = peak_rss_mib("snapshot", repo, "vol", str(image))
+        peaks["incremental"] = peak_rss_mib("snapshot", repo, "vol", str(changed))
+        peaks["restore"] = peak_rss_mib("restore", repo, "vol", "latest", str(tmp_path / "r"))
+        peaks["verify --read-data"] = peak_rss_mib("verify", repo, "--read-data")
+
+    benchmark.pedantic(run, rounds=1)
+    benchmark.extra_info["image_mb"] = size_mb
+    benchmark.extra_info["peak_rss_mib"] = {k: round(v, 1) for k, v in peaks.items()}
+    for operation, peak in peaks.items():
+        assert peak < LIMIT_MIB, f"{operation} of a {size_mb} MiB image peaked at {peak:.0f} MiB"

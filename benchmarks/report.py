@@ -1,0 +1,68 @@
+"""Turn a pytest-benchmark JSON file into the README's tables, every figure a ratio.
+
+    python -m pytest benchmarks --benchmark-json=bench.json
+    python -m benchmarks.report bench.json
+
+Throughput is bytes over the median round; each ratio divides it by its baseline's from
+the same run, so a slow or noisy machine moves both sides together.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+# (operation, its baseline, what the baseline is, target ratio)
+PAIRS = [
+    ("test_native_scan[65536]", "test_baseline_xxh3_128", "xxhash XXH3-128, same buffer", 0.8),
+    ("test_native_scan[4096]", "test_baseline_xxh3_128", "xxhash XXH3-128, same buffer", 0.8),
+    ("test_full_snapshot", "test_baseline_zstd_T2", "`zstd -1 -T2` of the image", 0.7),
+    ("test_incremental_snapshot", "test_baseline_cat", "`cat IMAGE > /dev/null`", 0.5),
+    ("test_full_restore", "test_baseline_cp", "`cp` of the image", 0.5),
+]
+
+
+def throughput(bench: dict[str, Any]) -> float:
+    return float(bench["extra_info"]["bytes"]) / float(bench["stats"]["median"])
+
+
+def main(path: str) -> None:
+    with open(path) as f:
+        benches = {b["name"]: b for b in json.load(f)["benchmarks"]}
+    print("| operation | baseline | ratio | target |\n|---|---|---|---|")
+    for name, base, label, target in PAIRS:
+        if name in benches and base in benches:
+            ratio = throughput(benches[name]) / throughput(benches[base])
+            print(f"| {name.removeprefix('test_')} | {label} | {ratio:.2f}x | {target}x |")
+    sizes = [b for b in benches.values() if b["name"].startswith("test_block_size")]
+    if sizes:
+        cat = benches.get("test_baseline_cat")
+        print(
+            "\n| block size | full: stored | full: map metadata | incremental: stored "
+            "| incremental: map metadata | full MiB/s | incremental / cat |\n"
+            "|---|---|---|---|---|---|---|"
+        )
+        for b in sorted(sizes, key=lambda b: b["extra_info"]["block_size"]):
+            x = b["extra_info"]
+            vs_cat = f"{throughput(b) / throughput(cat):.2f}x" if cat else "-"
+            print(
+                f"| {x['block_size'] >> 10} KiB | {x['full_stored'] / 2**20:.1f} MiB "
+                f"| {x['full_metadata'] / 1024:.0f} KiB "
+                f"| {x['incremental_stored'] / 2**20:.2f} MiB "
+                f"| {x['incremental_metadata'] / 1024:.0f} KiB "
+                f"| {x['bytes'] / x['full_seconds'] / 2**20:.0f} | {vs_cat} |"
+            )
+    memory = [b for b in benches.values() if b["name"].startswith("test_peak_memory")]
+    if memory:
+        ops = list(memory[0]["extra_info"]["peak_rss_mib"])
+        print("\n| image | " + " | ".join(ops) + " |")
+        print("|---" * (len(ops) + 1) + "|")
+        for b in sorted(memory, key=lambda b: b["extra_info"]["image_mb"]):
+            peaks = b["extra_info"]["peak_rss_mib"]
+            cells = " | ".join(f"{peaks[op]:.0f} MiB" for op in ops)
+            print(f"| {b['extra_info']['image_mb']} MiB | {cells} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
