@@ -24,7 +24,13 @@ from blocksnap.errors import (
 
 if TYPE_CHECKING:
     from blocksnap.check import Problem, VerifyReport
-    from blocksnap.model import Progress, SnapshotCounts, SnapshotInfo, SnapshotKind
+    from blocksnap.model import (
+        Progress,
+        SnapshotCounts,
+        SnapshotDiff,
+        SnapshotInfo,
+        SnapshotKind,
+    )
     from blocksnap.native import BACKEND
     from blocksnap.reader import ImageReader, ReadStats
     from blocksnap.repository import Repository, RepositoryStats, open_image, repair_index
@@ -38,6 +44,7 @@ _LAZY = {
     "VerifyReport": "blocksnap.check",
     "Progress": "blocksnap.model",
     "SnapshotCounts": "blocksnap.model",
+    "SnapshotDiff": "blocksnap.model",
     "SnapshotInfo": "blocksnap.model",
     "SnapshotKind": "blocksnap.model",
     "BACKEND": "blocksnap.native",
@@ -82,6 +89,7 @@ __all__ = [
     "RestoreError",
     "RestoreResult",
     "SnapshotCounts",
+    "SnapshotDiff",
     "SnapshotInfo",
     "SnapshotKind",
     "SourceError",

@@ -202,3 +202,46 @@ class BlockMap:
         digests += bytes(missing * FILTER_DIGEST_SIZE)
         ids += bytes(missing * BLOCK_ID_SIZE)
         return bytes(digests), bytes(ids)
+
+    def leaf_ids(self) -> list[bytes]:
+        """The ids of every leaf, in order, read from the interior nodes alone."""
+        level_ids = [self.root]
+        for level in range(self.height - 1, 0, -1):
+            below: list[bytes] = []
+            for index, node_id in enumerate(level_ids):
+                body = self._node(node_id, level, index)
+                below.extend(
+                    body[i : i + BLOCK_ID_SIZE] for i in range(0, len(body), BLOCK_ID_SIZE)
+                )
+            level_ids = below
+        return level_ids
+
+
+def diff(a: BlockMap, b: BlockMap) -> list[tuple[int, int]]:
+    """The block ranges (first, count) whose content differs between two maps.
+
+    Leaves with the same id are equal without being read, so the cost follows the change;
+    blocks present in only one map (the image grew or shrank) count as different.
+    """
+    ids_a, ids_b = a.leaf_ids(), b.leaf_ids()
+    ranges: list[tuple[int, int]] = []
+
+    def add(first: int, count: int) -> None:
+        if ranges and ranges[-1][0] + ranges[-1][1] == first:
+            ranges[-1] = (ranges[-1][0], ranges[-1][1] + count)
+        elif count:
+            ranges.append((first, count))
+
+    common = min(a.block_count, b.block_count)
+    for leaf in range(-(-common // LEAF_SPAN)):
+        if ids_a[leaf] == ids_b[leaf]:  # same content-addressed leaf: same entries
+            continue
+        _, entries_a = a.leaf(leaf)
+        _, entries_b = b.leaf(leaf)
+        first = leaf * LEAF_SPAN
+        for i in range(min(LEAF_SPAN, common - first)):
+            cell = slice(i * BLOCK_ID_SIZE, (i + 1) * BLOCK_ID_SIZE)
+            if entries_a[cell] != entries_b[cell]:
+                add(first + i, 1)
+    add(common, max(a.block_count, b.block_count) - common)
+    return ranges

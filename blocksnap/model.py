@@ -15,8 +15,15 @@ BLOCK_ID_SIZE = 32  # the strong, store-wide block identity
 
 
 class SnapshotKind(enum.Enum):
-    FULL = "full"
-    INCREMENTAL = "incremental"
+    FULL = "full"  # every block read and compared with nothing
+    INCREMENTAL = "incremental"  # compared with the volume's latest snapshot
+    DIFFERENTIAL = "differential"  # compared with the latest full or synthetic full
+    SYNTHETIC = "synthetic-full"  # made from the repository alone; a base for differentials
+
+    @property
+    def is_base(self) -> bool:
+        """Whether differentials may be taken against a snapshot of this kind."""
+        return self in (SnapshotKind.FULL, SnapshotKind.SYNTHETIC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,10 +55,40 @@ class SnapshotInfo:
     labels: dict[str, str] = field(default_factory=dict)
     map_root: bytes = b""
     map_height: int = 0
+    base: str | None = None  # differential: the full or synthetic full it is relative to
+    # differential: the block ranges (first block, count) that differ from the base
+    changed_ranges: tuple[tuple[int, int], ...] = ()
 
     @property
     def block_count(self) -> int:
         return -(-self.image_size // self.block_size)
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotDiff:
+    """The blocks that differ between two snapshots of a volume."""
+
+    a: str
+    b: str
+    block_size: int
+    image_size: int  # the larger of the two images: where the ranges end
+    ranges: tuple[tuple[int, int], ...]  # (first block, count), sorted, disjoint
+
+    @property
+    def changed_blocks(self) -> int:
+        return sum(count for _, count in self.ranges)
+
+    def byte_ranges(self, image_size: int | None = None) -> list[tuple[int, int]]:
+        """The ranges as (offset, length) in bytes, cut at image_size when given."""
+        out = []
+        for first, count in self.ranges:
+            offset = first * self.block_size
+            end = (first + count) * self.block_size
+            if image_size is not None:
+                end = min(end, image_size)
+            if end > offset:
+                out.append((offset, end - offset))
+        return out
 
 
 @dataclass(frozen=True, slots=True)

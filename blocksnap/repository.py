@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
-from blocksnap import blockid
+from blocksnap import blockid, blockmap
+from blocksnap.blockmap import BlockMap
 from blocksnap.check import VerifyReport, verify
-from blocksnap.model import ProgressCallback, SnapshotInfo
+from blocksnap.model import ProgressCallback, SnapshotDiff, SnapshotInfo
 from blocksnap.reader import DEFAULT_CACHE_SIZE, ImageReader
 from blocksnap.restore import RestoreResult, restore_image
 from blocksnap.snapshot import SourceArg, take_snapshot
@@ -18,6 +20,7 @@ from blocksnap.store.repository import (
     Store,
     init_repository,
 )
+from blocksnap.synthesize import synthesize
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,19 +83,53 @@ class Repository:
         source: SourceArg,
         *,
         full: bool = False,
+        differential: bool = False,
         block_size: int | None = None,
         labels: dict[str, str] | None = None,
         progress: ProgressCallback | None = None,
+        taken_at: datetime.datetime | None = None,
     ) -> SnapshotInfo:
-        """Snapshot a file, block device or readable binary file object into volume."""
+        """Snapshot a file, block device or readable binary file object into volume.
+
+        Incremental against the latest snapshot by default; differential against the
+        latest full or synthetic full; full against nothing.
+        """
         return take_snapshot(
             self._store,
             volume,
             source,
             full=full,
+            differential=differential,
             block_size=block_size,
             labels=labels,
             progress=progress,
+            taken_at=taken_at,
+        )
+
+    def synthesize(
+        self,
+        volume: str,
+        snapshot: str = "latest",
+        *,
+        labels: dict[str, str] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> SnapshotInfo:
+        """Make a synthetic full of a snapshot from the repository alone (no source read)."""
+        return synthesize(self._store, volume, snapshot, labels=labels, progress=progress)
+
+    def diff(self, volume: str, a: str, b: str) -> SnapshotDiff:
+        """The block ranges that differ between two snapshots, from their maps alone."""
+        info_a, info_b = self.resolve(volume, a), self.resolve(volume, b)
+        maps = [
+            BlockMap(self._store.read_node, i.map_root, i.map_height, i.block_count)
+            for i in (info_a, info_b)
+        ]
+        return SnapshotDiff(
+            a=info_a.id,
+            b=info_b.id,
+            block_size=info_b.block_size,
+            image_size=max(info_a.image_size, info_b.image_size),
+            ranges=tuple(blockmap.diff(maps[0], maps[1])),
         )
 
     def volumes(self) -> list[str]:

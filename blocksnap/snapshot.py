@@ -11,6 +11,7 @@ a few buffers are in flight, so memory does not grow with the image.
 
 from __future__ import annotations
 
+import datetime
 import io
 import os
 import re
@@ -75,7 +76,7 @@ class _Scanned:
     ids: bytearray
     new: list[tuple[bytes, bytes]]  # (id, encoded record) for blocks the index lacked
     zero: int
-    changed: int
+    changed: list[int]  # indices, within the buffer, of blocks that differ from the parent
     hashed: int
 
 
@@ -212,14 +213,15 @@ class _Scanner:
                     f"{offset + len(buf)} bytes expected at least)"
                 )
         ids = bytearray(parent_ids)
-        zero = changed = 0
+        zero = 0
+        changed: list[int] = []
         hashed: list[tuple[int, bytes]] = []
         zero_id = bytes(BLOCK_ID_SIZE)
         for match in _INTERESTING.finditer(flags):
             i = match.start()
             f = flags[i]
             if f & native.FLAG_CHANGED:
-                changed += 1
+                changed.append(i)
             if f & native.FLAG_ZERO:
                 zero += 1
                 ids[i * BLOCK_ID_SIZE : (i + 1) * BLOCK_ID_SIZE] = zero_id
@@ -283,13 +285,25 @@ def take_snapshot(
     source: SourceArg,
     *,
     full: bool = False,
+    differential: bool = False,
     block_size: int | None = None,
     labels: Mapping[str, str] | None = None,
     progress: ProgressCallback | None = None,
     workers: int | None = None,
+    taken_at: datetime.datetime | None = None,
 ) -> SnapshotInfo:
-    """Snapshot source into volume: incremental against the latest one unless full."""
+    """Snapshot source into volume.
+
+    The default is incremental against the volume's latest snapshot; differential compares
+    with its latest full or synthetic full instead (and is a full when it has none); full
+    compares with nothing.  taken_at overrides the recorded time (when importing older
+    images); it must carry a time zone.
+    """
     check_volume_name(volume)
+    if full and differential:
+        raise UsageError("a snapshot cannot be both full and differential")
+    if taken_at is not None and taken_at.tzinfo is None:
+        raise UsageError("the snapshot time must include a time zone (or Z for UTC)")
     labels = dict(labels or {})
     for key, value in labels.items():
         if not key or "=" in key or not isinstance(value, str):
@@ -300,16 +314,36 @@ def take_snapshot(
             raise UsageError(f"volume {volume!r} has block size {fixed}, not {block_size}")
         bs = fixed or block_size or DEFAULT_BLOCK_SIZE
         check_block_size(bs)
-        ids = store.index.snapshot_ids(volume)
-        parent = store.snapshot(ids[-1]) if ids and not full else None
+        parent, kind = _parent(store, volume, full, differential)
         src = _Source(source)
         try:
             with store.writer() as writer:
-                return _run(store, writer, volume, src, bs, parent, labels, progress, workers)
+                return _run(
+                    store, writer, volume, src, bs, parent, kind, labels, progress, workers,
+                    taken_at,
+                )
         except KeyboardInterrupt:
             raise Interrupted("snapshot interrupted; nothing was committed") from None
         finally:
             src.close()
+
+
+def _parent(
+    store: Store, volume: str, full: bool, differential: bool
+) -> tuple[SnapshotInfo | None, SnapshotKind]:
+    """The snapshot to compare with, and the kind the new snapshot will be."""
+    if full:
+        return None, SnapshotKind.FULL
+    ids = store.index.snapshot_ids(volume)
+    if not differential:
+        if ids:
+            return store.snapshot(ids[-1]), SnapshotKind.INCREMENTAL
+        return None, SnapshotKind.FULL
+    for snapshot_id in reversed(ids):
+        info = store.snapshot(snapshot_id)
+        if info.kind.is_base:
+            return info, SnapshotKind.DIFFERENTIAL
+    return None, SnapshotKind.FULL
 
 
 def _run(
@@ -319,11 +353,13 @@ def _run(
     src: _Source,
     bs: int,
     parent: SnapshotInfo | None,
+    kind: SnapshotKind,
     labels: dict[str, str],
     progress: ProgressCallback | None,
     workers: int | None,
+    taken_at: datetime.datetime | None,
 ) -> SnapshotInfo:
-    started = time.time()
+    started = taken_at.timestamp() if taken_at is not None else time.time()
     clock = time.perf_counter()
     parent_map = (
         BlockMap(store.read_node, parent.map_root, parent.map_height, parent.block_count)
@@ -339,15 +375,23 @@ def _run(
     window = 4 * workers
     counts = {"read": 0, "changed": 0, "hashed": 0, "stored": 0, "zero": 0}
     block_index = 0
+    ranges: list[tuple[int, int]] = []  # a differential's changed block runs
     report: Callable[[Progress], None] = progress or (lambda _p: None)
 
     def consume(item: tuple[Future[_Scanned], bytearray]) -> None:
         future, buf = item
         res = future.result()
         free.append(buf)
+        first = counts["read"]  # buffers are consumed in order
         counts["read"] += res.count
         counts["zero"] += res.zero
-        counts["changed"] += res.changed
+        counts["changed"] += len(res.changed)
+        if kind is SnapshotKind.DIFFERENTIAL:
+            for i in res.changed:
+                if ranges and ranges[-1][0] + ranges[-1][1] == first + i:
+                    ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
+                else:
+                    ranges.append((first + i, 1))
         counts["hashed"] += res.hashed
         for block_id, record in res.new:
             if writer.add(record, block_id, checked=True):
@@ -403,7 +447,7 @@ def _run(
         id=secrets.token_hex(16),
         volume=volume,
         time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        kind=SnapshotKind.INCREMENTAL if parent is not None else SnapshotKind.FULL,
+        kind=kind,
         parent=parent.id if parent is not None else None,
         image_size=image_size,
         block_size=bs,
@@ -414,6 +458,8 @@ def _run(
         labels=labels,
         map_root=root,
         map_height=height,
+        base=parent.id if kind is SnapshotKind.DIFFERENTIAL and parent is not None else None,
+        changed_ranges=tuple(ranges),
     )
     store.commit_snapshot(info, writer)
     report(Progress("committed", image_size, image_size))

@@ -10,6 +10,7 @@ import sys
 from typing import NoReturn
 
 from blocksnap.cli import (
+    cmd_diff,
     cmd_info,
     cmd_init,
     cmd_list,
@@ -17,6 +18,7 @@ from blocksnap.cli import (
     cmd_restore,
     cmd_snapshot,
     cmd_stats,
+    cmd_synthesize,
     cmd_verify,
 )
 from blocksnap.errors import BlocksnapError
@@ -24,8 +26,10 @@ from blocksnap.errors import BlocksnapError
 COMMANDS = (
     cmd_init,
     cmd_snapshot,
+    cmd_synthesize,
     cmd_list,
     cmd_info,
+    cmd_diff,
     cmd_restore,
     cmd_verify,
     cmd_stats,

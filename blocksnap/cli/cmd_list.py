@@ -35,8 +35,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{volume}:")
         for s in snaps:
             labels = " ".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            against = s.base or s.parent
+            relation = f"{'base' if s.base else 'from'} {against[:12]}" if against else ""
             print(
-                f"  {s.id[:12]}  {s.time}  {s.kind.value:11s}  {human_size(s.image_size):>10s}  "
-                f"+{human_size(s.stored_size):>10s}  {labels}".rstrip()
+                f"  {s.id[:12]}  {s.time}  {s.kind.value:14s}  {relation:17s}  "
+                f"{human_size(s.image_size):>10s}  +{human_size(s.stored_size):>10s}  "
+                f"{labels}".rstrip()
             )
     return 0

@@ -1,12 +1,18 @@
-"""blocksnap snapshot: take a full or incremental snapshot of an image or block device."""
+"""blocksnap snapshot: take a full, incremental or differential snapshot of a volume."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from blocksnap.cli.output import ProgressBar, emit_json, human_size, snapshot_document
-from blocksnap.errors import UsageError
+from blocksnap.cli.output import (
+    ProgressBar,
+    emit_json,
+    human_size,
+    parse_labels,
+    parse_time,
+    snapshot_document,
+)
 from blocksnap.repository import Repository
 
 
@@ -15,12 +21,24 @@ def add_parser(sub: Any) -> None:
         "snapshot",
         help="snapshot a volume image",
         description="Snapshot SOURCE (image file or block device) into VOLUME. "
-        "Incremental against the volume's latest snapshot unless --full.",
+        "Incremental against the volume's latest snapshot unless --full or --differential.",
     )
     p.add_argument("repo", metavar="REPO")
     p.add_argument("volume", metavar="VOLUME")
     p.add_argument("source", metavar="SOURCE")
-    p.add_argument("--full", action="store_true", help="read and store every block, no parent")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--full", action="store_true", help="compare with nothing: a new base")
+    kind.add_argument(
+        "--differential",
+        action="store_true",
+        help="compare with the latest full or synthetic full instead of the latest snapshot",
+    )
+    p.add_argument(
+        "--time",
+        type=parse_time,
+        metavar="ISO8601",
+        help="record this time instead of now (importing older images), e.g. 2026-01-31T06:00Z",
+    )
     p.add_argument("--block-size", type=int, help="bytes per block for a new volume (4 KiB-4 MiB)")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print a JSON document")
@@ -28,17 +46,14 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    labels = {}
-    for item in args.label:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"label {item!r} is not KEY=VALUE")
-        labels[key] = value
+    labels = parse_labels(args.label)
     with Repository(args.repo) as repo, ProgressBar() as bar:
         info = repo.snapshot(
             args.volume,
             args.source,
             full=args.full,
+            differential=args.differential,
+            taken_at=args.time,
             block_size=args.block_size,
             labels=labels,
             progress=bar,

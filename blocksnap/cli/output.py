@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import sys
 import time
 from dataclasses import asdict
 from typing import Any
 
+from blocksnap.errors import UsageError
 from blocksnap.model import Progress, SnapshotInfo
 
 
@@ -38,7 +41,20 @@ def snapshot_document(info: SnapshotInfo) -> dict[str, Any]:
         "metadata_size": info.metadata_size,
         "duration": round(info.duration, 3),
         "labels": info.labels,
+        "base": info.base,
+        "changed_ranges": [list(r) for r in info.changed_ranges],
     }
+
+
+def parse_time(text: str) -> datetime.datetime:
+    """An ISO 8601 time with a zone (Z or +HH:MM); for argparse's type=."""
+    try:
+        value = datetime.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone (add Z for UTC)")
+    return value
 
 
 class ProgressBar:
@@ -79,3 +95,14 @@ class ProgressBar:
         if self.enabled:
             sys.stderr.write("\r\033[K")
             sys.stderr.flush()
+
+
+def parse_labels(items: list[str]) -> dict[str, str]:
+    """KEY=VALUE arguments as a dict."""
+    labels = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"label {item!r} is not KEY=VALUE")
+        labels[key] = value
+    return labels

@@ -29,6 +29,21 @@ def _check(status: int) -> None:
         raise NativeError(_STATUS_ERRORS.get(status, f"native status {status}"))
 
 
+def _scan_args(
+    parent_digests: Any, flags_out: bytearray | memoryview, digests_out: bytearray | memoryview
+) -> tuple[Any, int, Any, Any, int]:
+    """The parent and output arguments that bs_scan and bs_read_scan share."""
+    parent = ffi.from_buffer(parent_digests) if parent_digests is not None else ffi.NULL
+    parent_count = len(parent_digests) // DIGEST_SIZE if parent_digests is not None else 0
+    return (
+        parent,
+        parent_count,
+        ffi.from_buffer(flags_out, require_writable=True),
+        ffi.from_buffer(digests_out, require_writable=True),
+        min(len(flags_out), len(digests_out) // DIGEST_SIZE),
+    )
+
+
 def scan(
     buf: Any,
     block_size: int,
@@ -39,20 +54,9 @@ def scan(
 ) -> None:
     """Fill flags_out and digests_out for every block of buf; see bs_scan in bs_native.h."""
     src = ffi.from_buffer(buf)
-    parent = ffi.from_buffer(parent_digests) if parent_digests is not None else ffi.NULL
-    parent_count = len(parent_digests) // DIGEST_SIZE if parent_digests is not None else 0
-    out_count = min(len(flags_out), len(digests_out) // DIGEST_SIZE)
     _check(
         lib.bs_scan(
-            src,
-            len(src),
-            block_size,
-            seed,
-            parent,
-            parent_count,
-            ffi.from_buffer(flags_out, require_writable=True),
-            ffi.from_buffer(digests_out, require_writable=True),
-            out_count,
+            src, len(src), block_size, seed, *_scan_args(parent_digests, flags_out, digests_out)
         )
     )
 
@@ -73,9 +77,6 @@ def read_scan(
     Fewer than len(buf) means the file ended there; a read error raises OSError.
     """
     dst = ffi.from_buffer(buf, require_writable=True)
-    parent = ffi.from_buffer(parent_digests) if parent_digests is not None else ffi.NULL
-    parent_count = len(parent_digests) // DIGEST_SIZE if parent_digests is not None else 0
-    out_count = min(len(flags_out), len(digests_out) // DIGEST_SIZE)
     got = ffi.new("size_t *")
     err = ffi.new("int *")
     status = lib.bs_read_scan(
@@ -86,11 +87,7 @@ def read_scan(
         part_size,
         block_size,
         seed,
-        parent,
-        parent_count,
-        ffi.from_buffer(flags_out, require_writable=True),
-        ffi.from_buffer(digests_out, require_writable=True),
-        out_count,
+        *_scan_args(parent_digests, flags_out, digests_out),
         got,
         err,
     )

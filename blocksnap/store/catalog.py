@@ -6,8 +6,13 @@ A snapshot record is UTF-8 JSON with these keys (format 1):
     id             32 lowercase hex digits, random
     volume         the volume name
     time           ISO 8601 UTC, when the snapshot started reading
-    kind           "full" or "incremental"
-    parent         the id of the snapshot it was compared with, or null
+    kind           "full", "incremental", "differential" or "synthetic-full"
+    parent         the id of the snapshot it was compared with (for a synthetic full, the
+                   one it was made from), or null
+    base           differential: the id of the full or synthetic full it is relative to,
+                   else null (optional; absent means null)
+    changed        differential: [[first block, count], ...], the ranges that differ from
+                   the base, sorted and disjoint (optional; absent means [])
     image_size     bytes; any value, the last block may be short
     block_size     bytes, a power of two from 4 KiB to 4 MiB, fixed per volume
     map            {"root": hex id of the block map's root node, "height": levels}
@@ -62,6 +67,8 @@ def encode(info: SnapshotInfo, algorithms: dict[str, str]) -> bytes:
         "metadata_size": info.metadata_size,
         "duration": info.duration,
         "labels": info.labels,
+        "base": info.base,
+        "changed": [list(r) for r in info.changed_ranges],
         **algorithms,
     }
     return json.dumps(record, sort_keys=True).encode()
@@ -94,6 +101,8 @@ def decode(data: bytes, what: str) -> SnapshotInfo:
             labels={str(k): str(v) for k, v in r["labels"].items()},
             map_root=bytes.fromhex(r["map"]["root"]),
             map_height=int(r["map"]["height"]),
+            base=None if r.get("base") is None else str(r["base"]),
+            changed_ranges=tuple((int(a), int(n)) for a, n in r.get("changed", [])),
         )
     except IntegrityError:
         raise

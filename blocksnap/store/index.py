@@ -154,6 +154,18 @@ class Index:
         with lmdb_errors("reading index"), self.env.begin(buffers=True) as txn:
             return [txn.get(i, db=self.objects) is None for i in object_ids]
 
+    def present(self, object_ids: list[bytes]) -> list[bool]:
+        """For each id, whether the index has an intact entry for it (checksum verified)."""
+        out = []
+        with lmdb_errors("reading index"), self.env.begin(buffers=True) as txn:
+            for i in object_ids:
+                value = txn.get(i, db=self.objects)
+                try:
+                    out.append(value is not None and bool(decode_location(i, bytes(value))))
+                except IntegrityError:
+                    out.append(False)
+        return out
+
     def iter_objects(self) -> Iterator[tuple[bytes, Location | IntegrityError]]:
         with lmdb_errors("reading index"), self.env.begin() as txn:
             for key, value in txn.cursor(db=self.objects):
