@@ -59,6 +59,15 @@ def check_volume_name(name: str) -> None:
         raise UsageError("volume name must not contain control characters")
 
 
+def check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    """Labels as a dict, refusing empty keys, keys with "=" and values that are not text."""
+    out = dict(labels or {})
+    for key, value in out.items():
+        if not key or "=" in key or not isinstance(value, str):
+            raise UsageError(f"invalid label {key!r}")
+    return out
+
+
 def check_block_size(block_size: int) -> None:
     if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size & (block_size - 1):
         raise UsageError(
@@ -304,10 +313,7 @@ def take_snapshot(
         raise UsageError("a snapshot cannot be both full and differential")
     if taken_at is not None and taken_at.tzinfo is None:
         raise UsageError("the snapshot time must include a time zone (or Z for UTC)")
-    labels = dict(labels or {})
-    for key, value in labels.items():
-        if not key or "=" in key or not isinstance(value, str):
-            raise UsageError(f"invalid label {key!r}")
+    labels = check_labels(labels)
     with store.lock_volume(volume):
         fixed = store.volume_block_size(volume)
         if fixed is not None and block_size is not None and block_size != fixed:

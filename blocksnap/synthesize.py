@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 
 from blocksnap.blockmap import LEAF_SPAN, ZERO_ID, BlockMap
-from blocksnap.errors import IntegrityError, UsageError
+from blocksnap.errors import IntegrityError
 from blocksnap.model import (
     BLOCK_ID_SIZE,
     Progress,
@@ -24,6 +24,7 @@ from blocksnap.model import (
     SnapshotInfo,
     SnapshotKind,
 )
+from blocksnap.snapshot import check_labels
 from blocksnap.store.repository import Store
 
 
@@ -36,9 +37,7 @@ def synthesize(
     progress: ProgressCallback | None = None,
 ) -> SnapshotInfo:
     """Make a synthetic full of one of the volume's snapshots and commit it."""
-    for key in labels or {}:
-        if not key or "=" in key:
-            raise UsageError(f"invalid label {key!r}")
+    checked_labels = check_labels(labels)
     report = progress or (lambda _p: None)
     with store.lock_volume(volume):
         source = store.resolve(volume, snapshot)
@@ -78,7 +77,7 @@ def synthesize(
             stored_size=0,
             metadata_size=0,
             duration=time.perf_counter() - clock,
-            labels=dict(labels or {}),
+            labels=checked_labels,
             map_root=source.map_root,
             map_height=source.map_height,
         )

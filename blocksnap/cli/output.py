@@ -7,11 +7,11 @@ import datetime
 import json
 import sys
 import time
-from dataclasses import asdict
 from typing import Any
 
 from blocksnap.errors import UsageError
 from blocksnap.model import Progress, SnapshotInfo
+from blocksnap.store import catalog
 
 
 def emit_json(document: Any) -> None:
@@ -28,22 +28,8 @@ def human_size(size: float) -> str:
 
 
 def snapshot_document(info: SnapshotInfo) -> dict[str, Any]:
-    return {
-        "id": info.id,
-        "volume": info.volume,
-        "time": info.time,
-        "kind": info.kind.value,
-        "parent": info.parent,
-        "image_size": info.image_size,
-        "block_size": info.block_size,
-        "counts": asdict(info.counts),
-        "stored_size": info.stored_size,
-        "metadata_size": info.metadata_size,
-        "duration": round(info.duration, 3),
-        "labels": info.labels,
-        "base": info.base,
-        "changed_ranges": [list(r) for r in info.changed_ranges],
-    }
+    """The snapshot's record as the CLI prints it (duration rounded to milliseconds)."""
+    return {**catalog.fields(info), "duration": round(info.duration, 3)}
 
 
 def parse_time(text: str) -> datetime.datetime:

@@ -11,8 +11,8 @@ A snapshot record is UTF-8 JSON with these keys (format 1):
                    one it was made from), or null
     base           differential: the id of the full or synthetic full it is relative to,
                    else null (optional; absent means null)
-    changed        differential: [[first block, count], ...], the ranges that differ from
-                   the base, sorted and disjoint (optional; absent means [])
+    changed_ranges differential: [[first block, count], ...], the ranges that differ
+                   from the base, sorted and disjoint (optional; absent means [])
     image_size     bytes; any value, the last block may be short
     block_size     bytes, a power of two from 4 KiB to 4 MiB, fixed per volume
     map            {"root": hex id of the block map's root node, "height": levels}
@@ -51,9 +51,9 @@ def object_name(snapshot_id: str) -> str:
     return f"snapshots/{snapshot_id}"
 
 
-def encode(info: SnapshotInfo, algorithms: dict[str, str]) -> bytes:
-    record: dict[str, Any] = {
-        "format": RECORD_FORMAT,
+def fields(info: SnapshotInfo) -> dict[str, Any]:
+    """The record's fields that describe the snapshot itself (all but format, algorithms)."""
+    return {
         "id": info.id,
         "volume": info.volume,
         "time": info.time,
@@ -68,9 +68,12 @@ def encode(info: SnapshotInfo, algorithms: dict[str, str]) -> bytes:
         "duration": info.duration,
         "labels": info.labels,
         "base": info.base,
-        "changed": [list(r) for r in info.changed_ranges],
-        **algorithms,
+        "changed_ranges": [list(r) for r in info.changed_ranges],
     }
+
+
+def encode(info: SnapshotInfo, algorithms: dict[str, str]) -> bytes:
+    record = {"format": RECORD_FORMAT, **fields(info), **algorithms}
     return json.dumps(record, sort_keys=True).encode()
 
 
@@ -102,7 +105,7 @@ def decode(data: bytes, what: str) -> SnapshotInfo:
             map_root=bytes.fromhex(r["map"]["root"]),
             map_height=int(r["map"]["height"]),
             base=None if r.get("base") is None else str(r["base"]),
-            changed_ranges=tuple((int(a), int(n)) for a, n in r.get("changed", [])),
+            changed_ranges=tuple((int(a), int(n)) for a, n in r.get("changed_ranges", [])),
         )
     except IntegrityError:
         raise

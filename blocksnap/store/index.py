@@ -161,9 +161,11 @@ class Index:
             for i in object_ids:
                 value = txn.get(i, db=self.objects)
                 try:
-                    out.append(value is not None and bool(decode_location(i, bytes(value))))
+                    if value is not None:
+                        decode_location(i, bytes(value))
                 except IntegrityError:
-                    out.append(False)
+                    value = None
+                out.append(value is not None)
         return out
 
     def iter_objects(self) -> Iterator[tuple[bytes, Location | IntegrityError]]:
