@@ -16,6 +16,7 @@ from blocksnap.errors import (
     MissingObjectError,
     NativeError,
     NotFoundError,
+    ProtectedError,
     RestoreError,
     SourceError,
     StoreError,
@@ -24,6 +25,7 @@ from blocksnap.errors import (
 
 if TYPE_CHECKING:
     from blocksnap.check import Problem, VerifyReport
+    from blocksnap.gc import GcReport
     from blocksnap.model import (
         Progress,
         SnapshotCounts,
@@ -33,8 +35,15 @@ if TYPE_CHECKING:
     )
     from blocksnap.native import BACKEND
     from blocksnap.reader import ImageReader, ReadStats
-    from blocksnap.repository import Repository, RepositoryStats, open_image, repair_index
+    from blocksnap.repository import (
+        PruneReport,
+        Repository,
+        RepositoryStats,
+        open_image,
+        repair_index,
+    )
     from blocksnap.restore import RestoreResult
+    from blocksnap.retention import Decision, Policy
     from blocksnap.store.rebuild import RebuildReport
 
 # The rest of the API is imported on first use (PEP 562), so that `python -m blocksnap`
@@ -42,6 +51,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "Problem": "blocksnap.check",
     "VerifyReport": "blocksnap.check",
+    "GcReport": "blocksnap.gc",
     "Progress": "blocksnap.model",
     "SnapshotCounts": "blocksnap.model",
     "SnapshotDiff": "blocksnap.model",
@@ -50,11 +60,14 @@ _LAZY = {
     "BACKEND": "blocksnap.native",
     "ImageReader": "blocksnap.reader",
     "ReadStats": "blocksnap.reader",
+    "PruneReport": "blocksnap.repository",
     "Repository": "blocksnap.repository",
     "RepositoryStats": "blocksnap.repository",
     "open_image": "blocksnap.repository",
     "repair_index": "blocksnap.repository",
     "RestoreResult": "blocksnap.restore",
+    "Decision": "blocksnap.retention",
+    "Policy": "blocksnap.retention",
     "RebuildReport": "blocksnap.store.rebuild",
 }
 
@@ -73,6 +86,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKEND",
     "BlocksnapError",
+    "Decision",
+    "GcReport",
     "ImageReader",
     "IntegrityError",
     "Interrupted",
@@ -80,8 +95,11 @@ __all__ = [
     "MissingObjectError",
     "NativeError",
     "NotFoundError",
+    "Policy",
     "Problem",
     "Progress",
+    "ProtectedError",
+    "PruneReport",
     "ReadStats",
     "RebuildReport",
     "Repository",

@@ -66,6 +66,26 @@ def encode_interior(level: int, children: list[bytes]) -> bytes:
     return _HEAD.pack(NODE_MAGIC, NODE_VERSION, level, 0, len(children)) + b"".join(children)
 
 
+def node_children(raw: bytes) -> list[bytes]:
+    """The ids a node's entries name, one per entry (zero blocks left out): what the node
+    holds references to."""
+    if len(raw) < _HEAD.size:
+        raise IntegrityError("block map node is truncated")
+    magic, version, level, _reserved, count = _HEAD.unpack_from(raw)
+    if magic != NODE_MAGIC or version != NODE_VERSION:
+        raise IntegrityError("not a block map node")
+    if level == 0:
+        start = _HEAD.size + count * FILTER_DIGEST_SIZE
+        size = FILTER_DIGEST_SIZE + BLOCK_ID_SIZE
+    else:
+        start = _HEAD.size
+        size = BLOCK_ID_SIZE
+    if len(raw) != _HEAD.size + count * size:
+        raise IntegrityError(f"block map node holds {len(raw)} bytes for {count} entries")
+    ids = [raw[i : i + BLOCK_ID_SIZE] for i in range(start, len(raw), BLOCK_ID_SIZE)]
+    return [i for i in ids if i != ZERO_ID] if level == 0 else ids
+
+
 class MapBuilder:
     """Builds a map from leaves given in order; put_node stores a node and returns its id."""
 

@@ -15,6 +15,10 @@ class UsageError(BlocksnapError):
     exit_code = 2
 
 
+class ProtectedError(UsageError):
+    """The snapshot is protected, so it cannot be removed (unprotect it first)."""
+
+
 class NotFoundError(BlocksnapError):
     """A repository, volume or snapshot that was named does not exist."""
 

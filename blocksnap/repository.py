@@ -1,7 +1,8 @@
-"""The public Python API: a Repository with snapshot, list, restore, verify and stats."""
+"""The public Python API: a Repository with snapshot, list, restore, prune, gc, verify, stats."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -9,9 +10,12 @@ from dataclasses import dataclass
 from blocksnap import blockid, blockmap
 from blocksnap.blockmap import BlockMap
 from blocksnap.check import VerifyReport, verify
+from blocksnap.errors import NotFoundError, ProtectedError, UsageError
+from blocksnap.gc import DEFAULT_COMPACT_BELOW, GcReport, collect_garbage
 from blocksnap.model import ProgressCallback, SnapshotDiff, SnapshotInfo
 from blocksnap.reader import DEFAULT_CACHE_SIZE, ImageReader
 from blocksnap.restore import RestoreResult, restore_image
+from blocksnap.retention import Decision, Policy, decide
 from blocksnap.snapshot import SourceArg, take_snapshot
 from blocksnap.store.rebuild import RebuildReport, rebuild_index
 from blocksnap.store.repository import (
@@ -36,6 +40,17 @@ class RepositoryStats:
     def ratio(self) -> float:
         """Logical bytes per stored byte: what dedup, zero elision and compression gave."""
         return self.logical_size / self.stored_size if self.stored_size else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PruneReport:
+    """What prune decided for every snapshot it looked at, and what it removed."""
+
+    decisions: dict[str, list[Decision]]  # volume -> decisions, newest first
+    policies: dict[str, Policy]  # volume -> the policy applied
+    removed: list[str]  # snapshot ids
+    skipped: list[str]  # volumes with no policy given or saved
+    dry_run: bool
 
 
 class Repository:
@@ -171,6 +186,85 @@ class Repository:
         self, *, read_data: bool = False, progress: ProgressCallback | None = None
     ) -> VerifyReport:
         return verify(self._store, read_data=read_data, progress=progress)
+
+    # --- retention ---------------------------------------------------------------------
+
+    def _require_volume(self, volume: str) -> None:
+        if self._store.index.volume(volume) is None:
+            raise NotFoundError(f"volume {volume!r} does not exist")
+
+    def policy(self, volume: str) -> Policy | None:
+        """The volume's saved retention policy, if any."""
+        saved = self._store.policy(volume)
+        return None if saved is None else Policy.from_dict(saved)
+
+    def set_policy(self, volume: str, policy: Policy | None) -> None:
+        """Save the policy prune applies to the volume when given none (None clears it)."""
+        self._require_volume(volume)
+        if policy is not None and policy.empty:
+            raise UsageError("refusing to save an empty policy: it would remove every snapshot")
+        self._store.save_policy(volume, None if policy is None else policy.to_dict())
+
+    def protect(self, volume: str, snapshot: str, protected: bool = True) -> SnapshotInfo:
+        """Protect a snapshot from every prune (or, with protected=False, lift that)."""
+        info = self.resolve(volume, snapshot)
+        self._store.set_protected(info.id, protected)
+        return info
+
+    def protected(self) -> set[str]:
+        """The ids of every protected snapshot."""
+        return self._store.protected()
+
+    def prune(
+        self, volume: str | None = None, policy: Policy | None = None, *, dry_run: bool = False
+    ) -> PruneReport:
+        """Remove the snapshots a policy does not keep, per volume.
+
+        With no policy, each volume's saved policy applies and volumes without one are
+        skipped.  Blocks are freed by gc, not here.
+        """
+        if volume is not None:
+            self._require_volume(volume)
+        volumes = [volume] if volume is not None else self.volumes()
+        if policy is not None and policy.empty:
+            raise UsageError("the retention policy is empty: give at least one --keep rule")
+        chosen: dict[str, Policy] = {}
+        skipped = []
+        for name in volumes:
+            found = policy or self.policy(name)
+            if found is None:
+                skipped.append(name)
+            else:
+                chosen[name] = found
+        if not chosen and volumes:
+            raise UsageError("no retention policy given and none saved for these volumes")
+        decisions: dict[str, list[Decision]] = {}
+        removed: list[str] = []
+        protected = self._store.protected()
+        with contextlib.ExitStack() as stack:
+            registration = None if dry_run else stack.enter_context(self._store.register())
+            for name, rules in chosen.items():
+                found_decisions = decide(self._store.snapshots(name), rules, protected)
+                if registration is not None:
+                    for i, d in enumerate(found_decisions):
+                        if d.keep:
+                            continue
+                        try:
+                            if self._store.remove_snapshot(d.snapshot, registration):
+                                removed.append(d.snapshot.id)
+                        except ProtectedError:  # protected after the decision was made
+                            found_decisions[i] = Decision(d.snapshot, ("protected",))
+                decisions[name] = found_decisions
+        return PruneReport(decisions, chosen, removed, skipped, dry_run)
+
+    def gc(
+        self,
+        *,
+        compact_below: float = DEFAULT_COMPACT_BELOW,
+        progress: ProgressCallback | None = None,
+    ) -> GcReport:
+        """Free the space of objects no snapshot refers to; safe while others work."""
+        return collect_garbage(self._store, compact_below=compact_below, progress=progress)
 
     def stats(self) -> RepositoryStats:
         volumes = self._store.volumes()

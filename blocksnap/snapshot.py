@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from blocksnap import native
-from blocksnap.blockmap import LEAF_SPAN, BlockMap, MapBuilder
+from blocksnap.blockmap import LEAF_SPAN, BlockMap, MapBuilder, node_children
 from blocksnap.errors import Interrupted, SourceError, UsageError
 from blocksnap.model import (
     BLOCK_ID_SIZE,
@@ -185,8 +185,9 @@ class _Source:
 class _Scanner:
     """The per-buffer work that runs on worker threads."""
 
-    def __init__(self, store: Store, block_size: int, level: int) -> None:
+    def __init__(self, store: Store, writer: StoreWriter, block_size: int, level: int) -> None:
         self.store = store
+        self.writer = writer
         self.block_size = block_size
         self.level = level
         self.seed = store.config.filter_seed
@@ -240,7 +241,7 @@ class _Scanner:
                 hashed.append((i, block_id))
         new: list[tuple[bytes, bytes]] = []
         if hashed:
-            missing = self.store.index.missing([block_id for _, block_id in hashed])
+            missing = self.writer.missing([block_id for _, block_id in hashed])
             for (i, block_id), absent in zip(hashed, missing, strict=True):
                 if absent:
                     block = buf[i * bs : (i + 1) * bs]
@@ -267,7 +268,9 @@ class _MapWriter:
         if not self.writer.has(node_id):
             codec, payload = compress(node, self.store.config.compression_level)
             record = encode_record(KIND_NODE, codec, len(node), node_id, payload)
-            self.metadata_size += self.writer.add(record, node_id, checked=True)
+            self.metadata_size += self.writer.add(
+                record, node_id, checked=True, children=node_children(node)
+            )
         return node_id
 
     def extend(self, digests: bytes | bytearray, ids: bytes | bytearray) -> None:
@@ -320,12 +323,23 @@ def take_snapshot(
             raise UsageError(f"volume {volume!r} has block size {fixed}, not {block_size}")
         bs = fixed or block_size or DEFAULT_BLOCK_SIZE
         check_block_size(bs)
-        parent, kind = _parent(store, volume, full, differential)
         src = _Source(source)
         try:
             with store.writer() as writer:
+                # The parent is chosen after registering: from then on gc keeps its map and
+                # blocks even if it is pruned meanwhile, so unchanged entries stay valid.
+                parent, kind = _parent(store, volume, full, differential)
                 return _run(
-                    store, writer, volume, src, bs, parent, kind, labels, progress, workers,
+                    store,
+                    writer,
+                    volume,
+                    src,
+                    bs,
+                    parent,
+                    kind,
+                    labels,
+                    progress,
+                    workers,
                     taken_at,
                 )
         except KeyboardInterrupt:
@@ -373,7 +387,7 @@ def _run(
         else None
     )
     map_writer = _MapWriter(writer, store)
-    scanner = _Scanner(store, bs, store.config.compression_level)
+    scanner = _Scanner(store, writer, bs, store.config.compression_level)
     buffer_size = max(bs, BUFFER_SIZE // bs * bs)
     workers = workers or os.cpu_count() or 2
     # Buffers in flight: enough that one buffer full of changed blocks being compressed

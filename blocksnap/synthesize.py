@@ -3,9 +3,9 @@
 A snapshot's block map is complete by itself, so a synthetic full shares its source
 snapshot's map outright: no source is read and no block is copied.  What it adds is a
 check (every block the map names is present in the index with an intact entry) and a
-record of kind synthetic-full, which differentials then use as their base.  Once garbage
-collection counts references, the synthetic full holds the map's blocks by itself, so it
-stays restorable after every older snapshot is pruned.
+record of kind synthetic-full, which differentials then use as their base.  Its commit
+counts one more reference to the shared map's root, so the synthetic full holds the map's
+blocks by itself and stays restorable after every older snapshot is pruned.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def synthesize(
     """Make a synthetic full of one of the volume's snapshots and commit it."""
     checked_labels = check_labels(labels)
     report = progress or (lambda _p: None)
-    with store.lock_volume(volume):
+    with store.lock_volume(volume), store.writer() as writer:
+        # Registered first: the source's map and blocks then outlive a concurrent prune.
         source = store.resolve(volume, snapshot)
         clock = time.perf_counter()
         block_map = BlockMap(
@@ -81,6 +82,5 @@ def synthesize(
             map_root=source.map_root,
             map_height=source.map_height,
         )
-        with store.writer() as writer:
-            store.commit_snapshot(info, writer)
+        store.commit_snapshot(info, writer)
         return info

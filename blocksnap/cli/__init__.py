@@ -11,9 +11,13 @@ from typing import NoReturn
 
 from blocksnap.cli import (
     cmd_diff,
+    cmd_gc,
     cmd_info,
     cmd_init,
     cmd_list,
+    cmd_policy,
+    cmd_protect,
+    cmd_prune,
     cmd_repair,
     cmd_restore,
     cmd_snapshot,
@@ -31,6 +35,10 @@ COMMANDS = (
     cmd_info,
     cmd_diff,
     cmd_restore,
+    cmd_prune,
+    cmd_protect,
+    cmd_policy,
+    cmd_gc,
     cmd_verify,
     cmd_stats,
     cmd_repair,
@@ -42,6 +50,9 @@ EPILOG = """examples:
   blocksnap list /srv/backup web01
   blocksnap info /srv/backup web01 latest
   blocksnap restore /srv/backup web01 latest~3 /tmp/web01.img
+  blocksnap policy /srv/backup web01 --keep-within 14d --keep-monthly 6
+  blocksnap prune /srv/backup --dry-run
+  blocksnap gc /srv/backup
   blocksnap verify /srv/backup --read-data
   blocksnap stats /srv/backup
   blocksnap repair /srv/backup --rebuild-index

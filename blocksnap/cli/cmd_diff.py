@@ -40,9 +40,7 @@ def run(args: argparse.Namespace) -> int:
                 "changed_bytes": changed_bytes,
                 "ranges": [
                     {"first_block": first, "blocks": count, "offset": off, "length": length}
-                    for (first, count), (off, length) in zip(
-                        diff.ranges, byte_ranges, strict=True
-                    )
+                    for (first, count), (off, length) in zip(diff.ranges, byte_ranges, strict=True)
                 ],
             }
         )

@@ -26,15 +26,23 @@ def run(args: argparse.Namespace) -> int:
     with Repository(args.repo) as repo:
         volumes = [args.volume] if args.volume else repo.volumes()
         listing = {v: repo.snapshots(v) for v in volumes}
+        protected = repo.protected()
     if args.volume and not listing[args.volume]:
         raise NotFoundError(f"volume {args.volume!r} does not exist")
     if args.json:
-        emit_json({v: [snapshot_document(s) for s in snaps] for v, snaps in listing.items()})
+        emit_json(
+            {
+                v: [{**snapshot_document(s), "protected": s.id in protected} for s in snaps]
+                for v, snaps in listing.items()
+            }
+        )
         return 0
     for volume, snaps in listing.items():
         print(f"{volume}:")
         for s in snaps:
             labels = " ".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            if s.id in protected:
+                labels = f"[protected] {labels}"
             against = s.base or s.parent
             relation = f"{'base' if s.base else 'from'} {against[:12]}" if against else ""
             print(

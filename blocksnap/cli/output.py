@@ -11,6 +11,7 @@ from typing import Any
 
 from blocksnap.errors import UsageError
 from blocksnap.model import Progress, SnapshotInfo
+from blocksnap.retention import Policy
 from blocksnap.store import catalog
 
 
@@ -25,6 +26,40 @@ def human_size(size: float) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     raise AssertionError("unreachable")
+
+
+def add_policy_options(p: argparse.ArgumentParser) -> None:
+    """The --keep-* options of a retention policy (see retention.py)."""
+    for period in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        p.add_argument(
+            f"--keep-{period}",
+            type=int,
+            default=0,
+            metavar="N",
+            help="keep the N newest snapshots"
+            if period == "last"
+            else f"keep the newest snapshot of each of the N newest {period} periods",
+        )
+    p.add_argument(
+        "--keep-within",
+        metavar="DURATION",
+        help="keep every snapshot younger than DURATION (e.g. 14d, 36h, 2w, 6m, 1y) "
+        "counted back from the volume's newest snapshot",
+    )
+
+
+def policy_from_args(args: argparse.Namespace) -> Policy | None:
+    """The policy the --keep-* options give, or None when none was given."""
+    policy = Policy(
+        keep_last=args.keep_last,
+        keep_hourly=args.keep_hourly,
+        keep_daily=args.keep_daily,
+        keep_weekly=args.keep_weekly,
+        keep_monthly=args.keep_monthly,
+        keep_yearly=args.keep_yearly,
+        keep_within=args.keep_within,
+    )
+    return None if policy.empty else policy
 
 
 def snapshot_document(info: SnapshotInfo) -> dict[str, Any]:

@@ -38,7 +38,7 @@ class ObjectStore(Protocol):
         ...
 
     def delete(self, name: str) -> None:
-        """Remove an object; a missing one is not an error."""
+        """Remove an object and any unfinished write of it; a missing one is not an error."""
         ...
 
 
@@ -145,12 +145,21 @@ class LocalBackend:
 
     def delete(self, name: str) -> None:
         self._forget(name)
+        path = self._path(name)
+        directory, base = os.path.split(path)
         try:
-            os.unlink(self._path(name))
+            partial = [f for f in os.listdir(directory) if f.startswith(base + TMP_MARKER)]
         except FileNotFoundError:
-            pass
+            partial = []
         except OSError as exc:
-            raise _os_error("deleting", name, exc) from exc
+            raise _os_error("listing", name, exc) from exc
+        for victim in [base, *partial]:
+            try:
+                os.unlink(os.path.join(directory, victim))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise _os_error("deleting", name, exc) from exc
 
     def leftovers(self) -> builtins.list[str]:
         """Temporary files of puts that never finished (a writer was killed mid-write)."""

@@ -1,20 +1,51 @@
-"""The LMDB index: where each object lives, and the catalog of volumes and snapshots.
+"""The LMDB index: where each object lives, who refers to it, and the snapshot catalog.
 
 The environment is the directory REPO/index (data.mdb, lock.mdb).  Named databases:
 
-    meta       b"format" -> b"1"; b"repository" -> the repository id (ASCII hex)
+    meta       b"format" -> b"2"; b"repository" -> the repository id (ASCII hex);
+               b"epoch" -> u64 big-endian, the logical clock of the writer registry
     objects    object id (32 bytes) -> location, 38 bytes little-endian:
                  pack id (16 bytes), offset u64 (of the record header), stored_size u32,
                  raw_size u32, kind u8, codec u8, crc32 u32 (of key and the 34 bytes before)
-    packs      pack id (16 bytes) -> JSON {"size", "records", "time"}
+    refs       object id -> count u32 + since u64, little-endian: how many indexed map
+               nodes, committed snapshots and checkpoints refer to the object (a node
+               counts every entry that names the object); since is the epoch at which
+               the count last became 0 (meaningful only when it is 0)
+    unref      since (u64 big-endian) + object id -> b"": every object whose count is 0,
+               oldest first; garbage collection walks only this
+    packs      pack id (16 bytes) -> JSON {"size", "records", "time", "live"}; live is the
+               bytes of records (header included) that index entries point at
+    sparse     pack id -> b"": packs that lost live bytes since gc last looked at them
+    writers    writer id (16 bytes) -> JSON {"epoch", "pid", "started"}: the registry of
+               processes that may be about to refer to objects (see below)
+    intents    writer id + object name (UTF-8) -> b"": objects a writer is about to put
+               or delete; the transaction that indexes (or unindexes) the object clears
+               the entry, so what a killed writer left is known exactly
     volumes    volume name (UTF-8) -> JSON {"block_size", "created", "next_seq"}
     snapshots  snapshot id (32 ASCII hex digits) -> snapshot record (see store/catalog.py)
     timeline   volume name (UTF-8) + b"\\x00" + sequence u64 big-endian -> snapshot id
+    settings   b"policy\\x00" + volume -> JSON retention policy (see retention.py);
+               b"protected\\x00" + snapshot id -> b"" for a protected snapshot
 
-Everything here can be rebuilt from the packs and the snapshot objects (store/rebuild.py).
-Every value that the engine trusts carries its own check, so a damaged entry is reported
-as damage rather than followed.  Write transactions are short: one per sealed pack and
-one per committed snapshot.
+Reference counts are exact: a new map node increments its children in the transaction
+that indexes its pack, a snapshot commit increments its root, and removing a snapshot
+decrements it.  Garbage collection deletes an object whose count is 0 and decrements its
+children in the same transaction.
+
+The writer registry keeps that safe while snapshots run.  A writer registers (the epoch
+is incremented and becomes the writer's start epoch) before it looks anything up; from
+then on it may refer to any object it finds whose count is positive or became 0 at or
+after its start epoch, and it treats an object that became 0 before its start as absent
+(storing it again, which overwrites the old location).  Garbage collection therefore
+deletes only objects that became 0 before the start of every live writer.  A writer
+holds an flock on locks/writer-<id>.lock for its lifetime, so one that was killed is
+found; gc then deletes the objects named by its intents that never became part of the
+index, and removes it from the registry.
+
+Everything here can be rebuilt from the packs, the snapshot objects and the settings
+objects (store/rebuild.py).  Every value that the engine trusts carries its own check,
+so a damaged entry is reported as damage rather than followed.  Write transactions are
+short: one per sealed pack, per committed or removed snapshot, and per batch of gc.
 """
 
 from __future__ import annotations
@@ -26,20 +57,29 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import lmdb
 
-from blocksnap.errors import BlocksnapError, IntegrityError, StoreError
-from blocksnap.store.packs import Record
+from blocksnap.errors import (
+    BlocksnapError,
+    IntegrityError,
+    NotFoundError,
+    ProtectedError,
+    StoreError,
+)
+from blocksnap.store.packs import HEADER_SIZE, PACK_MAGIC, Record
 
-INDEX_FORMAT = b"1"
+INDEX_FORMAT = b"2"
 MAP_SIZE = 1 << 40  # address space only: the file grows with use
 _LOC = struct.Struct("<16sQIIBB")
 _CRC = struct.Struct("<I")
 _SEQ = struct.Struct(">Q")
+_REF = struct.Struct("<IQ")
+POLICY_PREFIX = b"policy\x00"
+PROTECTED_PREFIX = b"protected\x00"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +139,10 @@ def _json(value: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
+def _refs_value(count: int, since: int) -> bytes:
+    return _REF.pack(count, since)
+
+
 class Index:
     """An open LMDB index environment with its named databases."""
 
@@ -107,7 +151,7 @@ class Index:
             self.env = lmdb.open(
                 path,
                 map_size=MAP_SIZE,
-                max_dbs=8,
+                max_dbs=16,
                 subdir=True,
                 create=create,
                 readonly=readonly,
@@ -118,12 +162,22 @@ class Index:
             if not readonly:
                 # Slots of readers that were killed (kill -9) would otherwise pin old pages.
                 self.env.reader_check()
-            self.meta = self.env.open_db(b"meta", create=not readonly)
-            self.objects = self.env.open_db(b"objects", create=not readonly)
-            self.packs = self.env.open_db(b"packs", create=not readonly)
-            self.volumes = self.env.open_db(b"volumes", create=not readonly)
-            self.snapshots = self.env.open_db(b"snapshots", create=not readonly)
-            self.timeline = self.env.open_db(b"timeline", create=not readonly)
+
+            def db(name: bytes) -> Any:
+                return self.env.open_db(name, create=not readonly)
+
+            self.meta = db(b"meta")
+            self.objects = db(b"objects")
+            self.refs = db(b"refs")
+            self.unref = db(b"unref")
+            self.packs = db(b"packs")
+            self.sparse = db(b"sparse")
+            self.writers_db = db(b"writers")
+            self.intents = db(b"intents")
+            self.volumes = db(b"volumes")
+            self.snapshots = db(b"snapshots")
+            self.timeline = db(b"timeline")
+            self.settings = db(b"settings")
 
     def close(self) -> None:
         self.env.close()
@@ -132,13 +186,16 @@ class Index:
         with lmdb_errors("initialising index"), self.env.begin(write=True) as txn:
             txn.put(b"format", INDEX_FORMAT, db=self.meta)
             txn.put(b"repository", repository_id.encode(), db=self.meta)
+            txn.put(b"epoch", _SEQ.pack(0), db=self.meta)
 
     def check_identity(self, repository_id: str) -> None:
         with lmdb_errors("reading index"), self.env.begin() as txn:
             fmt = txn.get(b"format", db=self.meta)
             rid = txn.get(b"repository", db=self.meta)
         if fmt != INDEX_FORMAT:
-            raise IntegrityError(f"index format {fmt!r} is not {INDEX_FORMAT!r}; run repair")
+            raise IntegrityError(
+                f"index format {fmt!r} is not {INDEX_FORMAT!r}; run repair --rebuild-index"
+            )
         if rid != repository_id.encode():
             raise IntegrityError("index belongs to another repository; run repair")
 
@@ -149,10 +206,35 @@ class Index:
             value = txn.get(object_id, db=self.objects)
             return decode_location(object_id, bytes(value)) if value is not None else None
 
-    def missing(self, object_ids: list[bytes]) -> list[bool]:
-        """For each id, whether the index lacks it (one read transaction for the batch)."""
+    def locations(self, object_ids: list[bytes]) -> list[Location | None]:
+        """Each id's location (None when absent or damaged), in one read transaction."""
+        out: list[Location | None] = []
         with lmdb_errors("reading index"), self.env.begin(buffers=True) as txn:
-            return [txn.get(i, db=self.objects) is None for i in object_ids]
+            for i in object_ids:
+                value = txn.get(i, db=self.objects)
+                try:
+                    out.append(None if value is None else decode_location(i, bytes(value)))
+                except IntegrityError:
+                    out.append(None)
+        return out
+
+    def usable(self, object_ids: list[bytes], epoch: int) -> list[bool]:
+        """For each id, whether a writer registered at epoch may refer to it.
+
+        That is: it is indexed, and its count is positive or became 0 at or after epoch.
+        An object unreferenced since before the writer started may be collected at any
+        moment, so the writer must store it again.
+        """
+        out = []
+        with lmdb_errors("reading index"), self.env.begin(buffers=True) as txn:
+            for i in object_ids:
+                value = txn.get(i, db=self.refs)
+                if value is None:
+                    out.append(False)
+                else:
+                    count, since = _REF.unpack(value)
+                    out.append(count > 0 or since >= epoch)
+        return out
 
     def present(self, object_ids: list[bytes]) -> list[bool]:
         """For each id, whether the index has an intact entry for it (checksum verified)."""
@@ -175,6 +257,43 @@ class Index:
                     yield key, decode_location(key, value)
                 except IntegrityError as exc:
                     yield key, exc
+
+    def iter_refs(self) -> Iterator[tuple[bytes, int, int]]:
+        """(id, count, since) of every object, in id order."""
+        with lmdb_errors("reading index"), self.env.begin() as txn:
+            for key, value in txn.cursor(db=self.refs):
+                count, since = _REF.unpack(value)
+                yield key, count, since
+
+    def counting_view(
+        self,
+    ) -> tuple[dict[bytes, Location], dict[bytes, int], dict[bytes, int], list[bytes]]:
+        """From one read transaction, what a full recount needs: every object's location
+        and count, every pack's live bytes, and every snapshot record."""
+        locations: dict[bytes, Location] = {}
+        counts: dict[bytes, int] = {}
+        live: dict[bytes, int] = {}
+        with lmdb_errors("reading index"), self.env.begin() as txn:
+            for key, value in txn.cursor(db=self.objects):
+                try:
+                    locations[bytes(key)] = decode_location(bytes(key), bytes(value))
+                except IntegrityError:
+                    continue  # reported as damage elsewhere
+            for key, value in txn.cursor(db=self.refs):
+                counts[bytes(key)] = int(_REF.unpack(value)[0])
+            for key, value in txn.cursor(db=self.packs):
+                live[bytes(key)] = int(_json(bytes(value), "pack").get("live", 0))
+            records = [bytes(v) for _, v in txn.cursor(db=self.snapshots)]
+        return locations, counts, live, records
+
+    def refcount(self, object_id: bytes) -> int | None:
+        with lmdb_errors("reading index"), self.env.begin() as txn:
+            value = txn.get(object_id, db=self.refs)
+        return None if value is None else int(_REF.unpack(value)[0])
+
+    def unreferenced_count(self) -> int:
+        with lmdb_errors("reading index"), self.env.begin() as txn:
+            return int(txn.stat(self.unref)["entries"])
 
     def object_count(self) -> int:
         with lmdb_errors("reading index"), self.env.begin() as txn:
@@ -217,25 +336,203 @@ class Index:
                 bytes(k): _json(v, f"pack {bytes(k).hex()}") for k, v in txn.cursor(db=self.packs)
             }
 
+    def sparse_packs(self) -> dict[bytes, dict[str, Any]]:
+        """The packs that lost live bytes since gc last looked, with their pack entries."""
+        out = {}
+        with lmdb_errors("reading index"), self.env.begin() as txn:
+            for key, _ in txn.cursor(db=self.sparse):
+                value = txn.get(key, db=self.packs)
+                if value is not None:
+                    out[bytes(key)] = _json(value, f"pack {bytes(key).hex()}")
+        return out
+
+    def setting(self, key: bytes) -> bytes | None:
+        with lmdb_errors("reading index"), self.env.begin() as txn:
+            value = txn.get(key, db=self.settings)
+        return None if value is None else bytes(value)
+
+    def settings_with(self, prefix: bytes) -> dict[bytes, bytes]:
+        """Every setting whose key starts with prefix, the prefix removed from the keys."""
+        out = {}
+        with lmdb_errors("reading index"), self.env.begin() as txn:
+            cur = txn.cursor(db=self.settings)
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    out[bytes(key[len(prefix) :])] = bytes(value)
+        return out
+
+    # --- the writer registry -----------------------------------------------------------
+
+    def register_writer(self, writer_id: bytes, pid: int) -> int:
+        """Add a writer to the registry and return its start epoch (a new, larger one)."""
+        with lmdb_errors("registering writer"), self.env.begin(write=True) as txn:
+            epoch = self._epoch(txn) + 1
+            txn.put(b"epoch", _SEQ.pack(epoch), db=self.meta)
+            entry = {"epoch": epoch, "pid": pid, "started": time.time()}
+            txn.put(writer_id, json.dumps(entry).encode(), db=self.writers_db)
+        return epoch
+
+    def unregister_writer(self, writer_id: bytes) -> None:
+        """Remove a writer and any intents it left, in one transaction."""
+        with lmdb_errors("unregistering writer"), self.env.begin(write=True) as txn:
+            txn.delete(writer_id, db=self.writers_db)
+            cur = txn.cursor(db=self.intents)
+            while cur.set_range(writer_id) and bytes(cur.key()).startswith(writer_id):
+                cur.delete()
+
+    def add_intent(self, key: bytes) -> None:
+        with lmdb_errors("registering writer"), self.env.begin(write=True) as txn:
+            txn.put(key, b"", db=self.intents)
+
+    def drop_intent(self, key: bytes) -> None:
+        with lmdb_errors("registering writer"), self.env.begin(write=True) as txn:
+            txn.delete(key, db=self.intents)
+
+    def intents_of(self, writer_id: bytes) -> list[str]:
+        """The object names a writer meant to put or delete and did not finish with."""
+        out = []
+        with lmdb_errors("reading index"), self.env.begin() as txn:
+            cur = txn.cursor(db=self.intents)
+            if cur.set_range(writer_id):
+                for key, _ in cur:
+                    if not bytes(key).startswith(writer_id):
+                        break
+                    out.append(bytes(key[len(writer_id) :]).decode())
+        return out
+
+    def has_pack(self, pack_id: bytes) -> bool:
+        with lmdb_errors("reading index"), self.env.begin() as txn:
+            return txn.get(pack_id, db=self.packs) is not None
+
+    def writers(self) -> dict[bytes, dict[str, Any]]:
+        with lmdb_errors("reading index"), self.env.begin() as txn:
+            return {
+                bytes(k): _json(v, f"writer {bytes(k).hex()}")
+                for k, v in txn.cursor(db=self.writers_db)
+            }
+
+    def epoch(self) -> int:
+        with lmdb_errors("reading index"), self.env.begin() as txn:
+            return self._epoch(txn)
+
     # --- writes ------------------------------------------------------------------------
 
-    def add_pack(self, pack_id: bytes, size: int, records: list[Record]) -> None:
-        """Register a sealed, durable pack and every record in it, in one transaction."""
-        info = json.dumps({"size": size, "records": len(records), "time": time.time()})
+    def _epoch(self, txn: lmdb.Transaction) -> int:
+        value = txn.get(b"epoch", db=self.meta)
+        return 0 if value is None else int(_SEQ.unpack(value)[0])
+
+    def _ref(self, txn: lmdb.Transaction, object_id: bytes) -> tuple[int, int]:
+        value = txn.get(object_id, db=self.refs)
+        if value is None:
+            raise IntegrityError(
+                f"object {object_id.hex()} is referred to but not in the index; run verify"
+            )
+        count, since = _REF.unpack(value)
+        return int(count), int(since)
+
+    def _set_unreferenced(self, txn: lmdb.Transaction, object_id: bytes, epoch: int) -> None:
+        txn.put(object_id, _refs_value(0, epoch), db=self.refs)
+        txn.put(_SEQ.pack(epoch) + object_id, b"", db=self.unref)
+
+    def _incref(self, txn: lmdb.Transaction, object_id: bytes) -> None:
+        count, since = self._ref(txn, object_id)
+        if count == 0:
+            txn.delete(_SEQ.pack(since) + object_id, db=self.unref)
+        txn.put(object_id, _refs_value(count + 1, 0), db=self.refs)
+
+    def _decref(self, txn: lmdb.Transaction, object_id: bytes, epoch: int) -> None:
+        count, _since = self._ref(txn, object_id)
+        if count == 0:
+            raise IntegrityError(
+                f"reference count of object {object_id.hex()} would fall below zero; "
+                "run verify, then repair --rebuild-index"
+            )
+        if count == 1:
+            self._set_unreferenced(txn, object_id, epoch)
+        else:
+            txn.put(object_id, _refs_value(count - 1, 0), db=self.refs)
+
+    def _adjust_live(self, txn: lmdb.Transaction, deltas: dict[bytes, int]) -> None:
+        for pack_id, delta in deltas.items():
+            value = txn.get(pack_id, db=self.packs)
+            if value is None or not delta:
+                continue
+            info = _json(bytes(value), f"pack {pack_id.hex()}")
+            info["live"] = int(info.get("live", 0)) + delta
+            txn.put(pack_id, json.dumps(info).encode(), db=self.packs)
+            if delta < 0:
+                txn.put(pack_id, b"", db=self.sparse)
+
+    def add_pack(
+        self,
+        pack_id: bytes,
+        size: int,
+        records: list[Record],
+        children: dict[bytes, list[bytes]] | None = None,
+        intent: bytes | None = None,
+    ) -> list[bytes]:
+        """Register a sealed, durable pack and its records in one transaction.
+
+        children maps a node's id to the ids its entries name; a newly indexed node
+        increments each of them.  An object indexed already keeps its entry when its count
+        is positive (this copy is dead weight for compaction).  When its count is 0, this
+        copy replaces it and counts as new at the current epoch: the writer that stored it
+        again found it unreferenced since before its start.  intent (a key from
+        add_intent) is cleared in the same transaction.  Returns the ids newly indexed.
+        """
+        children = children or {}
+        added: list[bytes] = []
+        deltas: dict[bytes, int] = {}
+        live = 0
         with lmdb_errors("indexing pack"), self.env.begin(write=True) as txn:
-            txn.put(pack_id, info.encode(), db=self.packs)
+            epoch = self._epoch(txn)
             for rec in records:
                 loc = Location(
                     pack_id, rec.offset, rec.stored_size, rec.raw_size, rec.kind, rec.codec
                 )
-                # overwrite=False: a concurrent writer that stored the same content first
-                # keeps its entry; this copy becomes unreferenced garbage.
-                txn.put(rec.id, encode_location(rec.id, loc), db=self.objects, overwrite=False)
+                old = txn.get(rec.id, db=self.objects)
+                if old is None:
+                    self._set_unreferenced(txn, rec.id, epoch)
+                    for child in children.get(rec.id, ()):
+                        self._incref(txn, child)
+                    added.append(rec.id)
+                else:
+                    try:
+                        old_loc: Location | None = decode_location(rec.id, bytes(old))
+                    except IntegrityError:
+                        old_loc = None  # a damaged entry: this intact copy repairs it
+                    if old_loc is not None:
+                        count, since = self._ref(txn, rec.id)
+                        if count or old_loc.pack == pack_id:
+                            continue
+                        txn.delete(_SEQ.pack(since) + rec.id, db=self.unref)
+                        self._set_unreferenced(txn, rec.id, epoch)
+                        deltas[old_loc.pack] = deltas.get(old_loc.pack, 0) - (
+                            HEADER_SIZE + old_loc.stored_size
+                        )
+                txn.put(rec.id, encode_location(rec.id, loc), db=self.objects)
+                live += HEADER_SIZE + rec.stored_size
+            info = {"size": size, "records": len(records), "time": time.time(), "live": live}
+            txn.put(pack_id, json.dumps(info).encode(), db=self.packs)
+            if live < size - len(PACK_MAGIC):
+                txn.put(pack_id, b"", db=self.sparse)
+            self._adjust_live(txn, deltas)
+            if intent is not None:
+                txn.delete(intent, db=self.intents)
+        return added
 
     def commit_snapshot(
-        self, volume: str, block_size: int, snapshot_id: str, record: bytes
+        self,
+        volume: str,
+        block_size: int,
+        snapshot_id: str,
+        record: bytes,
+        root: bytes,
+        intent: bytes | None = None,
     ) -> None:
-        """Make a snapshot visible: catalog entry, timeline entry and volume, atomically."""
+        """Make a snapshot visible: catalog, timeline, volume and its root's count, at once."""
         with lmdb_errors("committing snapshot"), self.env.begin(write=True) as txn:
             raw = txn.get(volume.encode(), db=self.volumes)
             if raw is None:
@@ -250,9 +547,197 @@ class Index:
                     raise IntegrityError(f"volume {volume}: block size changed under a writer")
             seq = int(vol["next_seq"])
             vol["next_seq"] = seq + 1
+            self._incref(txn, root)
             txn.put(volume.encode(), json.dumps(vol).encode(), db=self.volumes)
             txn.put(snapshot_id.encode(), record, db=self.snapshots)
             txn.put(timeline_key(volume, seq), snapshot_id.encode(), db=self.timeline)
+            if intent is not None:
+                txn.delete(intent, db=self.intents)
+
+    def remove_snapshot(
+        self, snapshot_id: str, volume: str, root: bytes, intent: bytes | None = None
+    ) -> bool:
+        """Remove a committed snapshot and release its root; False if it is already gone.
+
+        A protected snapshot is refused (ProtectedError) inside the same transaction, so
+        protecting and pruning cannot race.  intent (for deleting the record object
+        afterwards) is recorded in the same transaction.
+        """
+        with lmdb_errors("removing snapshot"), self.env.begin(write=True) as txn:
+            if txn.get(snapshot_id.encode(), db=self.snapshots) is None:
+                return False
+            if txn.get(PROTECTED_PREFIX + snapshot_id.encode(), db=self.settings) is not None:
+                raise ProtectedError(f"snapshot {snapshot_id} is protected")
+            prefix = volume.encode() + b"\x00"
+            cur = txn.cursor(db=self.timeline)
+            found = None
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    if bytes(value) == snapshot_id.encode():
+                        found = bytes(key)
+                        break
+            if found is None:
+                raise IntegrityError(f"snapshot {snapshot_id} is not in volume {volume}'s timeline")
+            txn.delete(found, db=self.timeline)
+            txn.delete(snapshot_id.encode(), db=self.snapshots)
+            self._decref(txn, root, self._epoch(txn))
+            if intent is not None:
+                txn.put(intent, b"", db=self.intents)
+        return True
+
+    def put_setting(self, key: bytes, value: bytes, *, only_if: bytes | None = None) -> None:
+        """Set a setting; with only_if, only while that key exists in the snapshots db."""
+        with lmdb_errors("writing settings"), self.env.begin(write=True) as txn:
+            if only_if is not None and txn.get(only_if, db=self.snapshots) is None:
+                raise NotFoundError(f"snapshot {only_if.decode()} does not exist")
+            txn.put(key, value, db=self.settings)
+
+    def delete_setting(self, key: bytes) -> None:
+        with lmdb_errors("writing settings"), self.env.begin(write=True) as txn:
+            txn.delete(key, db=self.settings)
+
+    # --- garbage collection ------------------------------------------------------------
+
+    def condemned(
+        self, limit: int, after: bytes = b"", batch: int = 256
+    ) -> list[tuple[bytes, Location | None]]:
+        """Up to batch unref keys after `after` whose epoch is below limit, with locations."""
+        out: list[tuple[bytes, Location | None]] = []
+        with lmdb_errors("reading index"), self.env.begin() as txn:
+            cur = txn.cursor(db=self.unref)
+            if not cur.set_range(after):
+                return out
+            for key, _ in cur:
+                key = bytes(key)
+                if key == after:
+                    continue
+                if _SEQ.unpack_from(key)[0] >= limit or len(out) >= batch:
+                    break
+                value = txn.get(key[_SEQ.size :], db=self.objects)
+                try:
+                    loc = decode_location(key[_SEQ.size :], value) if value is not None else None
+                except IntegrityError:
+                    loc = None
+                out.append((key, loc))
+        return out
+
+    def collect(self, items: list[tuple[bytes, list[bytes]]], limit: int) -> tuple[int, int]:
+        """Delete condemned objects, each given by its unref key and the ids it names.
+
+        An object is deleted only if it is still unreferenced since the same epoch (a
+        writer may have revived it meanwhile); its children are decremented in the same
+        transaction.  Returns (objects deleted, record bytes freed from packs).
+        """
+        deleted = freed = 0
+        deltas: dict[bytes, int] = {}
+        with lmdb_errors("collecting garbage"), self.env.begin(write=True) as txn:
+            epoch = self._epoch(txn)
+            for key, children in items:
+                since = int(_SEQ.unpack_from(key)[0])
+                object_id = key[_SEQ.size :]
+                value = txn.get(object_id, db=self.refs)
+                if since >= limit or value != _refs_value(0, since):
+                    continue
+                raw = txn.get(object_id, db=self.objects)
+                if raw is not None:
+                    try:
+                        loc = decode_location(object_id, bytes(raw))
+                    except IntegrityError:
+                        pass  # a damaged entry: nothing in a pack to account for
+                    else:
+                        size = HEADER_SIZE + loc.stored_size
+                        deltas[loc.pack] = deltas.get(loc.pack, 0) - size
+                        freed += size
+                    txn.delete(object_id, db=self.objects)
+                txn.delete(object_id, db=self.refs)
+                txn.delete(key, db=self.unref)
+                for child in children:
+                    self._decref(txn, child, epoch)
+                deleted += 1
+            self._adjust_live(txn, deltas)
+        return deleted, freed
+
+    def move_records(
+        self,
+        new_pack: tuple[bytes, int, list[Record]] | None,
+        moves: dict[bytes, tuple[bytes, int]],
+        retire: dict[bytes, list[tuple[bytes, int]]],
+        intent: tuple[bytes | None, Callable[[bytes], bytes]] | None = None,
+    ) -> list[bytes]:
+        """Finish a compaction step in one transaction; return the packs retired.
+
+        new_pack is (id, size, records) of a pack holding copies; moves maps each copied id
+        to the (pack, offset) it was copied from, and the entry moves to the copy only if
+        it still points there.  retire maps each old pack to all of its (id, offset)
+        records: it leaves the index only once no entry points into it.  intent is
+        (the new pack's intent key, a function giving the intent key for deleting a pack);
+        the first is cleared and one of the second recorded per retired pack.
+        """
+        retired: list[bytes] = []
+        deltas: dict[bytes, int] = {}
+        with lmdb_errors("compacting packs"), self.env.begin(write=True) as txn:
+            if new_pack is not None:
+                pack_id, size, records = new_pack
+                live = 0
+                for rec in records:
+                    raw = txn.get(rec.id, db=self.objects)
+                    if raw is None:
+                        continue
+                    old = decode_location(rec.id, bytes(raw))
+                    if (old.pack, old.offset) != moves.get(rec.id):
+                        continue
+                    loc = Location(
+                        pack_id, rec.offset, rec.stored_size, rec.raw_size, rec.kind, rec.codec
+                    )
+                    txn.put(rec.id, encode_location(rec.id, loc), db=self.objects)
+                    deltas[old.pack] = deltas.get(old.pack, 0) - (HEADER_SIZE + old.stored_size)
+                    live += HEADER_SIZE + rec.stored_size
+                info = {"size": size, "records": len(records), "time": time.time(), "live": live}
+                txn.put(pack_id, json.dumps(info).encode(), db=self.packs)
+            self._adjust_live(txn, deltas)
+            for old_pack, contents in retire.items():
+                still = False
+                for object_id, offset in contents:
+                    raw = txn.get(object_id, db=self.objects)
+                    if raw is None:
+                        continue
+                    try:
+                        loc = decode_location(object_id, bytes(raw))
+                    except IntegrityError:
+                        continue
+                    if loc.pack == old_pack and loc.offset == offset:
+                        still = True
+                        break
+                txn.delete(old_pack, db=self.sparse)
+                if not still:
+                    txn.delete(old_pack, db=self.packs)
+                    retired.append(old_pack)
+                    if intent is not None:
+                        txn.put(intent[1](old_pack), b"", db=self.intents)
+            if intent is not None and intent[0] is not None:
+                txn.delete(intent[0], db=self.intents)
+        return retired
+
+    def unmark_sparse(self, pack_ids: list[bytes]) -> None:
+        with lmdb_errors("writing index"), self.env.begin(write=True) as txn:
+            for pack_id in pack_ids:
+                txn.delete(pack_id, db=self.sparse)
+
+    # --- rebuild -----------------------------------------------------------------------
+
+    def set_counts(self, counts: dict[bytes, int]) -> None:
+        """Set every object's count from a full recount (rebuild); the rest become 0."""
+        with lmdb_errors("writing index"), self.env.begin(write=True) as txn:
+            txn.drop(self.unref, delete=False)
+            for key, _ in txn.cursor(db=self.objects):
+                key = bytes(key)
+                count = counts.get(key, 0)
+                if count:
+                    txn.put(key, _refs_value(count, 0), db=self.refs)
+                else:
+                    self._set_unreferenced(txn, key, 0)
 
 
 # LMDB forbids opening one environment twice in a process, yet a service may hold several

@@ -4,16 +4,24 @@ Layout of a repository directory REPO/:
 
     config        JSON format header, written once by init (see RepositoryConfig)
     lock          flock: shared by every operation, exclusive for repair --rebuild-index
-    locks/        one flock file per volume being snapshotted (named by a hash of the name)
+    locks/        flock files: volume-<hash>.lock per volume being snapshotted,
+                  writer-<id>.lock per registered writer (see store/index.py), gc.lock
     index/        the LMDB index (store/index.py)
     packs/XX/ID   pack objects (store/packs.py), ID = 32 hex digits, XX = its first two
     snapshots/ID  snapshot record objects (store/catalog.py)
+    settings/     what the index keeps besides objects and snapshots, so that a rebuild
+                  keeps it too: policy-<hash of the volume name> holds JSON
+                  {"volume": name, "policy": {...}} (see retention.py), and an empty
+                  object protected-<snapshot id> marks a protected snapshot
 
 Crash safety comes from ordering: a pack is durable (fsync of file and directory) before
 the index transaction that refers to it commits, and a snapshot's record object is durable
 before the transaction that makes the snapshot visible commits.  Anything a killed writer
 leaves (temporary files, packs or records that no committed snapshot refers to) is
-ignored by readers and reported by verify.
+ignored by readers, reported by verify and reclaimed by gc.  Removing a snapshot commits
+its index transaction first and deletes its record object after, so a crash between the
+two leaves an uncommitted record, which gc deletes; a rebuild never brings back a
+snapshot whose blocks may be gone.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import blake3
 
@@ -45,7 +54,7 @@ from blocksnap.store import catalog
 from blocksnap.store import index as index_module
 from blocksnap.store.backend import LocalBackend, ObjectStore
 from blocksnap.store.codec import decompress
-from blocksnap.store.index import Index, lmdb_errors
+from blocksnap.store.index import POLICY_PREFIX, PROTECTED_PREFIX, Index, Location, lmdb_errors
 from blocksnap.store.packs import (
     HEADER_SIZE,
     KIND_BLOCK,
@@ -259,14 +268,39 @@ class Store:
 
     # --- reading -----------------------------------------------------------------------
 
-    def read_object(self, object_id: bytes, kind: int = KIND_BLOCK) -> bytes:
-        """Return an object's raw bytes, checked against its record checksum and its id."""
-        what = f"object {object_id.hex()}"
+    def _fetch(self, object_id: bytes, what: str) -> tuple[Location, bytes]:
+        """An object's location and record bytes.  When gc has just moved the object to
+        a compacted pack and deleted the old one, the lookup is repeated once."""
         loc = self.index.location(object_id)
         if loc is None:
             raise MissingObjectError(f"{what} is not in the index")
-        name = pack_name(loc.pack)
-        data = self.backend.get(name, loc.offset, HEADER_SIZE + loc.stored_size)
+        try:
+            data = self.backend.get(pack_name(loc.pack), loc.offset, HEADER_SIZE + loc.stored_size)
+        except MissingObjectError:
+            moved = self.index.location(object_id)
+            if moved is None:
+                raise MissingObjectError(
+                    f"{what} was removed while being read (its snapshot was pruned)"
+                ) from None
+            if moved == loc:
+                raise MissingObjectError(f"{what}: pack {loc.pack.hex()} is missing") from None
+            loc = moved
+            data = self.backend.get(pack_name(loc.pack), loc.offset, HEADER_SIZE + loc.stored_size)
+        return loc, data
+
+    def read_object(self, object_id: bytes, kind: int = KIND_BLOCK) -> bytes:
+        """Return an object's raw bytes, checked against its record checksum and its id."""
+        what = f"object {object_id.hex()}"
+        loc, data = self._fetch(object_id, what)
+        return self._decode(object_id, kind, loc, data, what)
+
+    def read_at(self, object_id: bytes, loc: Location) -> bytes:
+        """Read an object from a location given by the caller (no index lookup), checked."""
+        what = f"object {object_id.hex()}"
+        data = self.backend.get(pack_name(loc.pack), loc.offset, HEADER_SIZE + loc.stored_size)
+        return self._decode(object_id, loc.kind, loc, data, what)
+
+    def _decode(self, object_id: bytes, kind: int, loc: Location, data: bytes, what: str) -> bytes:
         where = f"{what} in pack {loc.pack.hex()} at offset {loc.offset}"
         if len(data) != HEADER_SIZE + loc.stored_size:
             raise IntegrityError(f"{where}: pack is truncated")
@@ -341,6 +375,13 @@ class Store:
             f"a snapshot of volume {volume!r} is already running",
         )
 
+    def lock_gc(self) -> contextlib.AbstractContextManager[None]:
+        return _flock(
+            os.path.join(self.path, "locks", "gc.lock"),
+            fcntl.LOCK_EX,
+            "garbage collection is already running",
+        )
+
     def writer(self) -> StoreWriter:
         return StoreWriter(self)
 
@@ -348,57 +389,232 @@ class Store:
         """Make every written object durable, then the snapshot visible, in that order."""
         writer.flush()
         body = catalog.encode(info, self.config.algorithms())
-        self.backend.put(catalog.object_name(info.id), catalog.frame(body))
-        self.index.commit_snapshot(info.volume, info.block_size, info.id, body)
+        name = catalog.object_name(info.id)
+        intent = writer.registration.intent(name)
+        self.index.add_intent(intent)
+        self.backend.put(name, catalog.frame(body))
+        self.index.commit_snapshot(
+            info.volume, info.block_size, info.id, body, info.map_root, intent
+        )
+
+    def remove_snapshot(self, info: SnapshotInfo, registration: Registration) -> bool:
+        """Remove a committed snapshot (refused if protected); False if it was gone already.
+
+        Its blocks stay until gc finds them unreferenced.
+        """
+        name = catalog.object_name(info.id)
+        intent = registration.intent(name)
+        removed = self.index.remove_snapshot(info.id, info.volume, info.map_root, intent)
+        self.backend.delete(name)
+        self.index.drop_intent(intent)
+        return removed
+
+    def register(self) -> Registration:
+        return Registration(self)
+
+    # --- settings: kept in the index and mirrored as objects for rebuild ----------------
+
+    def _setting_object(self, key: bytes) -> str:
+        if key.startswith(POLICY_PREFIX):
+            volume = key[len(POLICY_PREFIX) :]
+            return f"settings/policy-{blake3.blake3(volume).hexdigest()[:32]}"
+        return f"settings/protected-{key[len(PROTECTED_PREFIX) :].decode()}"
+
+    def save_policy(self, volume: str, policy: dict[str, object] | None) -> None:
+        """Save (or with None, clear) the volume's retention policy."""
+        key = POLICY_PREFIX + volume.encode()
+        if policy is None:
+            self.index.delete_setting(key)
+            self.backend.delete(self._setting_object(key))
+            return
+        doc = json.dumps({"volume": volume, "policy": policy}, sort_keys=True).encode()
+        self.backend.put(self._setting_object(key), doc)
+        self.index.put_setting(key, json.dumps(policy, sort_keys=True).encode())
+
+    def policy(self, volume: str) -> dict[str, object] | None:
+        raw = self.index.setting(POLICY_PREFIX + volume.encode())
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+        except ValueError as exc:
+            raise IntegrityError(f"saved policy of volume {volume!r} is damaged") from exc
+        if not isinstance(value, dict):
+            raise IntegrityError(f"saved policy of volume {volume!r} is damaged")
+        return value
+
+    def set_protected(self, snapshot_id: str, protected: bool) -> None:
+        """Protect a snapshot from pruning, or lift that.  The object is written first and
+        removed last, so a crash leaves the snapshot protected rather than not."""
+        key = PROTECTED_PREFIX + snapshot_id.encode()
+        if protected:
+            self.backend.put(self._setting_object(key), b"")
+            self.index.put_setting(key, b"", only_if=snapshot_id.encode())
+        else:
+            self.index.delete_setting(key)
+            self.backend.delete(self._setting_object(key))
+
+    def protected(self) -> set[str]:
+        return {k.decode() for k in self.index.settings_with(PROTECTED_PREFIX)}
+
+    # --- the writer registry -------------------------------------------------------------
+
+    def writer_lock_path(self, writer_id: bytes) -> str:
+        return os.path.join(self.path, "locks", f"writer-{writer_id.hex()}.lock")
+
+    def writer_status(self) -> tuple[dict[bytes, dict[str, Any]], list[bytes]]:
+        """(live writers with their entries, ids of registered writers that died).
+
+        A writer holds its lock file's flock while it runs, so a lock that can be taken,
+        or a lock file that is gone, means the writer ended without unregistering.
+        """
+        live, dead = {}, []
+        for writer_id, entry in self.index.writers().items():
+            path = self.writer_lock_path(writer_id)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                dead.append(writer_id)
+                continue
+            except OSError as exc:
+                raise StoreError(f"cannot open lock {path}: {exc.strerror or exc}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                live[writer_id] = entry
+            else:
+                dead.append(writer_id)
+            finally:
+                os.close(fd)  # also releases the lock just taken, if it was
+        return live, dead
+
+    def forget_writer(self, writer_id: bytes) -> None:
+        """Remove a dead writer from the registry (its intents dealt with) and its lock."""
+        self.index.unregister_writer(writer_id)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.writer_lock_path(writer_id))
 
 
-class StoreWriter:
-    """Packs new records; each full pack is stored and indexed on a background thread.
+class Registration:
+    """A place in the writer registry, held by an flock for as long as the process runs.
 
-    At most one sealed pack is in flight while the next one fills, so writing and fsync
-    overlap with reading and compressing.  flush() returns once everything added is durable
-    and indexed; a failure in the background is raised by the next add() or flush().
+    Snapshots, synthesize, prune and gc register, so that gc knows which objects they may
+    still refer to (by the epoch) and, once one of them dies, what it left (by its intents).
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.id = secrets.token_bytes(16)
+        self._lock_path = store.writer_lock_path(self.id)
+        try:
+            self._lock_fd = os.open(
+                self._lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+            )
+        except OSError as exc:
+            raise StoreError(f"cannot create {self._lock_path}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.epoch = store.index.register_writer(self.id, os.getpid())
+        except BaseException:
+            self._release_lock()
+            raise
+        self._closed = False
+
+    def intent(self, name: str) -> bytes:
+        """The intent key for putting or deleting the object name."""
+        return self.id + name.encode()
+
+    def _release_lock(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._lock_path)
+        os.close(self._lock_fd)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self.store.index.unregister_writer(self.id)
+            finally:
+                self._release_lock()
+
+    def __enter__(self) -> Registration:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StoreWriter:
+    """A registered writer: packs new records, storing and indexing each full pack on a
+    background thread.
+
+    Registration (see store/index.py) gives the writer a start epoch; until it closes, gc
+    keeps every object the writer may refer to, and the writer asks usable() rather than
+    "is it indexed" before referring to an object.  At most one sealed pack is in flight
+    while the next one fills, so writing and fsync overlap with reading and compressing.
+    flush() returns once everything added is durable and indexed; a failure in the
+    background is raised by the next add() or flush().
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.registration = Registration(store)
+        self.epoch = self.registration.epoch
         self.builder = PackBuilder()
         self.pending: set[bytes] = set()  # ids in the open pack
         self.sealing: set[bytes] = set()  # ids in the pack being stored
+        self._children: dict[bytes, list[bytes]] = {}  # of the nodes in the open pack
         self.written_size = 0  # bytes of stored packs, this session
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksnap-pack")
         self._in_flight: Future[int] | None = None
 
+    def missing(self, object_ids: list[bytes]) -> list[bool]:
+        """For each id, whether this writer must store the object (see Index.usable)."""
+        return [not ok for ok in self.store.index.usable(object_ids, self.epoch)]
+
     def has(self, object_id: bytes) -> bool:
-        """Whether the object is stored already or queued in this writer."""
+        """Whether the object may be referred to: usable in the index, or queued here."""
         return (
             object_id in self.pending
             or object_id in self.sealing
-            or self.store.index.location(object_id) is not None
+            or self.store.index.usable([object_id], self.epoch)[0]
         )
 
-    def add(self, record: bytes, object_id: bytes, *, checked: bool = False) -> int:
+    def add(
+        self,
+        record: bytes,
+        object_id: bytes,
+        *,
+        checked: bool = False,
+        children: list[bytes] | None = None,
+    ) -> int:
         """Queue a record (from encode_record) unless the object exists; return bytes added.
 
-        checked=True means the caller asked the index moments ago and the object was absent;
-        only this writer's own queue is consulted then.  Should another writer store the
-        same object meanwhile, the index keeps the first copy and this one is garbage.
+        children: for a map node, the ids its entries name (counted when it is indexed).
+        checked=True means the caller asked missing() moments ago and the object was
+        absent; only this writer's own queue is consulted then.  Should another writer
+        store the same object meanwhile, the index keeps one copy and the other is garbage.
         """
         if object_id in self.pending or object_id in self.sealing:
             return 0
-        if not checked and self.store.index.location(object_id) is not None:
+        if not checked and not self.missing([object_id])[0]:
             return 0
         self.builder.add(record)
         self.pending.add(object_id)
+        if children:
+            self._children[object_id] = children
         if self.builder.size >= self.store.config.pack_target_size:
             self._seal()
         return len(record)
 
-    def _store(self, builder: PackBuilder) -> int:
+    def _store(self, builder: PackBuilder, children: dict[bytes, list[bytes]]) -> int:
         pack_id = secrets.token_bytes(16)
-        self.store.backend.put(pack_name(pack_id), builder.buffer)
+        name = pack_name(pack_id)
+        intent = self.registration.intent(name)
+        self.store.index.add_intent(intent)
+        self.store.backend.put(name, builder.buffer)
         with lmdb_errors("indexing pack"):
-            self.store.index.add_pack(pack_id, builder.size, builder.records)
+            self.store.index.add_pack(pack_id, builder.size, builder.records, children, intent)
         return builder.size
 
     def _wait(self) -> None:
@@ -411,8 +627,9 @@ class StoreWriter:
         self._wait()
         if self.builder.records:
             builder, self.builder = self.builder, PackBuilder()
+            children, self._children = self._children, {}
             self.sealing, self.pending = self.pending, set()
-            self._in_flight = self._pool.submit(self._store, builder)
+            self._in_flight = self._pool.submit(self._store, builder, children)
 
     def flush(self) -> None:
         """Store and index everything added so far; return when it is durable."""
@@ -420,8 +637,12 @@ class StoreWriter:
         self._wait()
 
     def close(self) -> None:
-        """Wait for the background thread; what it did not finish stays unreferenced."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Wait for the background thread and leave the registry; what was not committed
+        stays unreferenced, for gc."""
+        try:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self.registration.close()
 
     def __enter__(self) -> StoreWriter:
         return self

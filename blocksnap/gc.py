@@ -1,0 +1,205 @@
+"""Garbage collection: delete what nothing refers to, compact sparse packs, report bytes freed.
+
+Three steps, each safe to interrupt at any instant (kill -9 included):
+
+1. Writers that died (their registry lock can be taken) are cleaned up exactly: every
+   object named by one of their intents that never became part of the index (a pack not
+   indexed, a snapshot record not committed, one a prune or compaction meant to delete)
+   is deleted, then the writer leaves the registry.
+2. Objects whose reference count is 0 since before the start of every live writer (see
+   store/index.py) are deleted from the index, in batches; a deleted map node decrements
+   its children in the same transaction, so whole trees go in one run when no writer is
+   running, and level by level as writers come and go otherwise.  The walk covers only
+   the unreferenced objects, so its cost follows what was pruned, not the repository.
+3. Packs that lost live bytes are looked at: an empty one is deleted, and one whose live
+   fraction is below the threshold has its live records copied into new packs first.
+   Index entries move in the transaction that retires the old pack; a reader that looked
+   up the old place retries once (Store.read_object).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from blocksnap.blockmap import node_children
+from blocksnap.errors import BlocksnapError, UsageError
+from blocksnap.model import Progress, ProgressCallback
+from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, PACK_MAGIC, PackBuilder, iter_records
+from blocksnap.store.repository import Registration, Store, pack_name
+
+DEFAULT_COMPACT_BELOW = 0.8  # compact a pack once more than a fifth of it is garbage
+_BATCH = 512
+
+
+@dataclass(slots=True)
+class GcReport:
+    objects_deleted: int = 0
+    packs_deleted: int = 0  # emptied or compacted away
+    packs_compacted: int = 0  # of those, the ones whose live records were copied
+    packs_written: int = 0
+    bytes_copied: int = 0  # record bytes copied into new packs
+    bytes_freed: int = 0  # storage given back: packs and leftovers deleted, less new packs
+    leftovers_deleted: int = 0  # objects of writers that died
+    dead_writers: int = 0
+    live_writers: int = 0
+    unreferenced_left: int = 0  # kept because a running writer may still refer to them
+    problems: list[str] = field(default_factory=list)
+
+
+def collect_garbage(
+    store: Store,
+    *,
+    compact_below: float = DEFAULT_COMPACT_BELOW,
+    progress: ProgressCallback | None = None,
+) -> GcReport:
+    """Run one garbage collection over the whole repository (one gc at a time)."""
+    if not 0.0 <= compact_below <= 1.0:
+        raise UsageError(f"compaction threshold {compact_below} is not between 0 and 1")
+    report = GcReport()
+    say: Callable[[Progress], None] = progress or (lambda _p: None)
+    with store.lock_gc(), store.register() as me:
+        live, dead = store.writer_status()
+        live.pop(me.id, None)
+        report.live_writers = len(live)
+        report.dead_writers = len(dead)
+        for writer_id in dead:
+            _clean_dead_writer(store, writer_id, report)
+        # Every live writer registered before this read has a smaller epoch than the
+        # current one; any that registers later gets a larger one, so it treats whatever
+        # is collected below as absent.
+        limit = min((int(w["epoch"]) for w in live.values()), default=store.index.epoch() + 1)
+        _collect(store, limit, report, say)
+        _compact(store, me, compact_below, report, say)
+        report.unreferenced_left = store.index.unreferenced_count()
+    return report
+
+
+def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None:
+    for name in store.index.intents_of(writer_id):
+        base = name.rsplit("/", 1)[-1]
+        if name.startswith("packs/"):
+            keep = store.index.has_pack(bytes.fromhex(base))
+        elif name.startswith("snapshots/"):
+            keep = store.index.snapshot_record(base) is not None
+        else:
+            keep = False
+        if not keep:
+            size = sum(s for n, s in store.backend.list(name) if n == name)
+            store.backend.delete(name)
+            report.leftovers_deleted += 1
+            report.bytes_freed += size
+    store.forget_writer(writer_id)
+
+
+def _collect(store: Store, limit: int, report: GcReport, say: Callable[[Progress], None]) -> None:
+    after = b""
+    while True:
+        batch = store.index.condemned(limit, after, _BATCH)
+        if not batch:
+            return
+        after = batch[-1][0]
+        items: list[tuple[bytes, list[bytes]]] = []
+        for key, loc in batch:
+            children: list[bytes] = []
+            if loc is not None and loc.kind == KIND_NODE:
+                object_id = key[8:]
+                try:
+                    children = node_children(store.read_node(object_id))
+                except BlocksnapError as exc:
+                    # Its children's counts cannot be released: keep it, and say so.
+                    report.problems.append(f"map node {object_id.hex()} kept: {exc}")
+                    continue
+            items.append((key, children))
+        deleted, _freed = store.index.collect(items, limit)
+        report.objects_deleted += deleted
+        say(Progress("collect", report.objects_deleted, 0))
+
+
+def _compact(
+    store: Store,
+    me: Registration,
+    compact_below: float,
+    report: GcReport,
+    say: Callable[[Progress], None],
+) -> None:
+    sparse = store.index.sparse_packs()
+    todo: list[tuple[bytes, int]] = []
+    fine: list[bytes] = []
+    for pack_id, info in sparse.items():
+        payload = int(info["size"]) - len(PACK_MAGIC)
+        live = int(info.get("live", 0))
+        if live <= 0 or payload <= 0 or live / payload < compact_below:
+            todo.append((pack_id, int(info["size"])))
+        else:
+            fine.append(pack_id)  # looked at again once it loses more
+    store.index.unmark_sparse(fine)
+
+    builder = PackBuilder()
+    moves: dict[bytes, tuple[bytes, int]] = {}
+    retire: dict[bytes, list[tuple[bytes, int]]] = {}
+    sizes: dict[bytes, int] = {}
+
+    def finish() -> None:
+        nonlocal builder, moves, retire
+        new_pack = None
+        new_intent = None
+        if builder.records:
+            pack_id = secrets.token_bytes(16)
+            name = pack_name(pack_id)
+            new_intent = me.intent(name)
+            store.index.add_intent(new_intent)
+            store.backend.put(name, builder.buffer)
+            new_pack = (pack_id, builder.size, builder.records)
+            report.packs_written += 1
+            report.bytes_copied += builder.size - len(PACK_MAGIC)
+            report.bytes_freed -= builder.size
+        retired = store.index.move_records(
+            new_pack, moves, retire, (new_intent, lambda p: me.intent(pack_name(p)))
+        )
+        for pack_id in retired:
+            store.backend.delete(pack_name(pack_id))
+            store.index.drop_intent(me.intent(pack_name(pack_id)))
+            report.packs_deleted += 1
+            report.bytes_freed += sizes[pack_id]
+            if any(p == pack_id for p, _ in moves.values()):
+                report.packs_compacted += 1
+        builder, moves, retire = PackBuilder(), {}, {}
+
+    for done, (pack_id, size) in enumerate(todo, 1):
+        sizes[pack_id] = size
+        name = pack_name(pack_id)
+        try:
+            data = store.backend.get(name)
+        except BlocksnapError as exc:
+            report.problems.append(f"pack {pack_id.hex()} not compacted: {exc}")
+            continue
+        records = []
+        intact = True
+        for rec, error in iter_records(data, pack_id.hex()):
+            if rec is None:
+                intact = False  # the walk stopped: what follows is unknown, keep the pack
+                report.problems.append(f"pack {pack_id.hex()} not compacted: {error}")
+                break
+            records.append((rec, error))
+        locations = store.index.locations([rec.id for rec, _ in records])
+        contents = []
+        for (rec, error), loc in zip(records, locations, strict=True):
+            contents.append((rec.id, rec.offset))
+            if loc is None or (loc.pack, loc.offset) != (pack_id, rec.offset):
+                continue  # garbage
+            if error is not None:
+                intact = False
+                report.problems.append(f"pack {pack_id.hex()} not compacted: {error}")
+                continue
+            end = rec.offset + HEADER_SIZE + rec.stored_size
+            builder.add(bytes(data[rec.offset : end]))
+            moves[rec.id] = (pack_id, rec.offset)
+        if intact:
+            retire[pack_id] = contents
+        if builder.size >= store.config.pack_target_size:
+            finish()
+        say(Progress("compact", done, len(todo)))
+    if moves or retire:
+        finish()
