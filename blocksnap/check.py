@@ -45,7 +45,7 @@ class VerifyReport:
     objects_indexed: int = 0
     packs_checked: int = 0
     bytes_read: int = 0
-    unreferenced_objects: int = 0  # garbage: stored but no snapshot uses it
+    unreferenced_objects: int = 0  # garbage: count 0, for gc (or kept for running writers)
     counts_checked: int = 0  # reference counts recounted
     leftovers: list[str] = field(default_factory=list)  # of interrupted writers; harmless
     problems: list[Problem] = field(default_factory=list)
@@ -110,6 +110,7 @@ def _recount(store: Store, report: VerifyReport, limit: int = 20) -> list[str]:
         if counts.get(object_id, 0) != expected[object_id]
     ]
     report.counts_checked = len(counts)
+    report.unreferenced_objects = sum(1 for count in counts.values() if count == 0)
     drift += [
         f"live bytes drift: pack {pack_id.hex()} has {value}, recount gives "
         f"{expected_live[pack_id]}"
@@ -179,7 +180,6 @@ def verify(
                         )
 
     # 4. Snapshots: record, map, and every block they name.
-    referenced: set[bytes] = set()
     snapshot_objects = {name.split("/", 1)[1] for name, _ in store.backend.list("snapshots/")}
     committed = set()
     for volume in store.volumes():
@@ -195,7 +195,6 @@ def verify(
                 block_map = BlockMap(
                     store.read_node, info.map_root, info.map_height, info.block_count
                 )
-                referenced.add(info.map_root)
                 for leaf_index in range(block_map.leaf_count()):
                     _digests, ids = block_map.leaf(leaf_index)
                     for k in range(0, len(ids), BLOCK_ID_SIZE):
@@ -203,14 +202,12 @@ def verify(
                         if block_id == ZERO_ID:
                             continue
                         report.blocks_referenced += 1
-                        referenced.add(block_id)
                         if block_id in bad_objects:
                             damage[f"block {block_id.hex()}: {bad_objects[block_id]}"].add(label)
                         elif block_id not in locations:
                             damage[f"block {block_id.hex()} is not in the index"].add(label)
             except BlocksnapError as exc:
                 damage[str(exc)].add(label)
-    report.unreferenced_objects = sum(1 for key in locations if key not in referenced)
 
     # 5. The backstop: recount references and live bytes, compare with the index.
     for msg in _recount(store, report):

@@ -93,28 +93,33 @@ def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None
     store.forget_writer(writer_id)
 
 
-def _collect(store: Store, limit: int, report: GcReport, say: Callable[[Progress], None]) -> None:
-    after = b""
-    while True:
-        batch = store.index.condemned(limit, after, _BATCH)
-        if not batch:
-            return
-        after = batch[-1][0]
-        items: list[tuple[bytes, list[bytes]]] = []
-        for key, loc in batch:
-            children: list[bytes] = []
-            if loc is not None and loc.kind == KIND_NODE:
-                object_id = key[8:]
-                try:
-                    children = node_children(store.read_node(object_id))
-                except BlocksnapError as exc:
-                    # Its children's counts cannot be released: keep it, and say so.
-                    report.problems.append(f"map node {object_id.hex()} kept: {exc}")
-                    continue
-            items.append((key, children))
-        deleted, _freed = store.index.collect(items, limit)
-        report.objects_deleted += deleted
-        say(Progress("collect", report.objects_deleted, 0))
+def _collect(
+    store: Store, limit: int, report: GcReport, say: Callable[[Progress], None]
+) -> None:
+    # Children released in a pass are keyed by the current epoch, which may sort before
+    # the cursor among keys of the same epoch, so passes repeat until one frees nothing.
+    progress = True
+    while progress:
+        progress = False
+        after = b""
+        while batch := store.index.condemned(limit, after, _BATCH):
+            after = batch[-1][0]
+            items: list[tuple[bytes, list[bytes]]] = []
+            for key, loc in batch:
+                children: list[bytes] = []
+                if loc is not None and loc.kind == KIND_NODE:
+                    object_id = key[8:]
+                    try:
+                        children = node_children(store.read_node(object_id))
+                    except BlocksnapError as exc:
+                        # Its children's counts cannot be released: keep it, and say so.
+                        report.problems.append(f"map node {object_id.hex()} kept: {exc}")
+                        continue
+                items.append((key, children))
+            deleted, _freed = store.index.collect(items, limit)
+            report.objects_deleted += deleted
+            progress = progress or deleted > 0
+            say(Progress("collect", report.objects_deleted, 0))
 
 
 def _compact(
