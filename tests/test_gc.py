@@ -15,6 +15,7 @@ import pytest
 import blocksnap
 from blocksnap.blockmap import BlockMap
 from blocksnap.retention import Policy
+from blocksnap.store.backend import LocalBackend
 from blocksnap.store.codec import compress
 from blocksnap.store.packs import KIND_BLOCK, encode_record
 from tests.conftest import debugfs, run_cli
@@ -113,6 +114,7 @@ def test_a_reader_retries_once_when_the_pack_moved_under_it(
             calls.append(object_id)
             return stale[object_id] if len(calls) == 1 else real(object_id)
 
+        assert isinstance(store.backend, LocalBackend)
         store.backend.close()  # no cached descriptor keeps the deleted pack readable
         monkeypatch.setattr(store.index, "location", lookup)
         assert store.read_block(first_id)
@@ -205,7 +207,8 @@ def test_verify_reports_count_drift_and_rebuild_recounts(tmp_path: Path, ext4_im
         root = versions[-1][0].map_root
         index = repo.store.index
         with index.env.begin(write=True) as txn:  # simulate a lost increment
-            value = bytes(txn.get(root, db=index.refs))
+            value = txn.get(root, db=index.refs)
+            assert value is not None
             txn.put(root, (int.from_bytes(value[:4], "little") + 1).to_bytes(4, "little")
                     + value[4:], db=index.refs)  # fmt: skip
         report = repo.verify()
