@@ -38,9 +38,9 @@ class ImageFactory:
         return self.made[size_mb]
 
 
-def make_pair(root: Path, size_mb: int) -> ImagePair:
+def make_pair(root: Path, size_mb: int, seed: int = 2) -> ImagePair:
     """A size_mb ext4 image about 60% full of mixed files, and a copy with 2% rewritten."""
-    make_tree(root / "tree", seed=2, size_mb=size_mb * 6 // 10)
+    make_tree(root / "tree", seed=seed, size_mb=size_mb * 6 // 10)
     image = mkfs_ext4(root / "image.img", root / "tree", size_mb)
     changed = root / "changed.img"
     shutil.copyfile(image, changed)

@@ -35,6 +35,20 @@ def main(path: str) -> None:
         if name in benches and base in benches:
             ratio = throughput(benches[name]) / throughput(benches[base])
             print(f"| {name.removeprefix('test_')} | {label} | {ratio:.2f}x | {target}x |")
+    synth, full = benches.get("test_synthesize"), benches.get("test_full_snapshot")
+    gc1 = benches.get("test_gc_after_pruning_one_snapshot[1]")
+    gc10 = benches.get("test_gc_after_pruning_one_snapshot[10]")
+    if synth or gc1:
+        print("\n| operation | compared with | time ratio | target |\n|---|---|---|---|")
+    if synth and full:
+        ratio = synth["stats"]["median"] / full["stats"]["median"]
+        print(f"| synthesize | full snapshot of the same image | {ratio:.4f}x | <= 0.01x |")
+    if gc1 and gc10:
+        ratio = gc10["stats"]["median"] / gc1["stats"]["median"]
+        print(
+            f"| gc after pruning one snapshot, 10 volumes | the same, 1 volume | {ratio:.2f}x "
+            "| <= 1.5x |"
+        )
     sizes = [b for b in benches.values() if b["name"].startswith("test_block_size")]
     if sizes:
         cat = benches.get("test_baseline_cat")

@@ -354,13 +354,12 @@ def _parent(
     """The snapshot to compare with, and the kind the new snapshot will be."""
     if full:
         return None, SnapshotKind.FULL
-    ids = store.index.snapshot_ids(volume)
+    snapshots = store.snapshots(volume)  # one consistent view, whatever prune does meanwhile
     if not differential:
-        if ids:
-            return store.snapshot(ids[-1]), SnapshotKind.INCREMENTAL
+        if snapshots:
+            return snapshots[-1], SnapshotKind.INCREMENTAL
         return None, SnapshotKind.FULL
-    for snapshot_id in reversed(ids):
-        info = store.snapshot(snapshot_id)
+    for info in reversed(snapshots):
         if info.kind.is_base:
             return info, SnapshotKind.DIFFERENTIAL
     return None, SnapshotKind.FULL

@@ -321,6 +321,26 @@ class Index:
                     ids.append(bytes(value).decode())
         return ids
 
+    def snapshot_records(self, volume: str) -> list[tuple[str, bytes]]:
+        """(id, record) of the volume's snapshots, oldest first, from one transaction, so
+        a snapshot removed concurrently is either listed whole or not at all."""
+        prefix = volume.encode() + b"\x00"
+        out = []
+        with lmdb_errors("reading index"), self.env.begin() as txn:
+            cur = txn.cursor(db=self.timeline)
+            if cur.set_range(prefix):
+                for key, value in cur:
+                    if not key.startswith(prefix):
+                        break
+                    record = txn.get(bytes(value), db=self.snapshots)
+                    if record is None:
+                        raise IntegrityError(
+                            f"volume {volume}: timeline names snapshot {bytes(value).decode()}, "
+                            "which has no record; run repair --rebuild-index"
+                        )
+                    out.append((bytes(value).decode(), bytes(record)))
+        return out
+
     def snapshot_record(self, snapshot_id: str) -> bytes | None:
         with lmdb_errors("reading index"), self.env.begin() as txn:
             value = txn.get(snapshot_id.encode(), db=self.snapshots)

@@ -334,7 +334,10 @@ class Store:
 
     def snapshots(self, volume: str) -> list[SnapshotInfo]:
         """The volume's committed snapshots, oldest first."""
-        return [self.snapshot(i) for i in self.index.snapshot_ids(volume)]
+        return [
+            catalog.decode(record, f"snapshot {snapshot_id}")
+            for snapshot_id, record in self.index.snapshot_records(volume)
+        ]
 
     def volumes(self) -> list[str]:
         return self.index.volume_names()
