@@ -66,6 +66,7 @@ def collect_garbage(
         report.dead_writers = len(dead)
         for writer_id in dead:
             _clean_dead_writer(store, writer_id, report)
+        store.sweep_orphan_locks()
         # Every live writer registered before this read has a smaller epoch than the
         # current one; any that registers later gets a larger one, so it treats whatever
         # is collected below as absent.
@@ -93,9 +94,7 @@ def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None
     store.forget_writer(writer_id)
 
 
-def _collect(
-    store: Store, limit: int, report: GcReport, say: Callable[[Progress], None]
-) -> None:
+def _collect(store: Store, limit: int, report: GcReport, say: Callable[[Progress], None]) -> None:
     # Children released in a pass are keyed by the current epoch, which may sort before
     # the cursor among keys of the same epoch, so passes repeat until one frees nothing.
     progress = True

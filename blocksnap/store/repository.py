@@ -491,6 +491,32 @@ class Store:
                 os.close(fd)  # also releases the lock just taken, if it was
         return live, dead
 
+    def sweep_orphan_locks(self) -> int:
+        """Delete writer lock files with no registry entry (a writer killed while it
+        registered or unregistered) whose lock can be taken; return how many."""
+        registered = set(self.index.writers())
+        swept = 0
+        for name in os.listdir(os.path.join(self.path, "locks")):
+            match = re.fullmatch(r"writer-([0-9a-f]{32})\.lock", name)
+            if match is None or bytes.fromhex(match.group(1)) in registered:
+                continue
+            path = os.path.join(self.path, "locks", name)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # Held here, so no writer can register under this id meanwhile.
+                if bytes.fromhex(match.group(1)) not in self.index.writers():
+                    os.unlink(path)
+                    swept += 1
+            except (BlockingIOError, FileNotFoundError):
+                pass
+            finally:
+                os.close(fd)
+        return swept
+
     def forget_writer(self, writer_id: bytes) -> None:
         """Remove a dead writer from the registry (its intents dealt with) and its lock."""
         self.index.unregister_writer(writer_id)
@@ -507,21 +533,34 @@ class Registration:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self.id = secrets.token_bytes(16)
-        self._lock_path = store.writer_lock_path(self.id)
-        try:
-            self._lock_fd = os.open(
-                self._lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
-            )
-        except OSError as exc:
-            raise StoreError(f"cannot create {self._lock_path}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self.epoch = store.index.register_writer(self.id, os.getpid())
-        except BaseException:
-            self._release_lock()
-            raise
-        self._closed = False
+        for _attempt in range(8):
+            self.id = secrets.token_bytes(16)
+            self._lock_path = store.writer_lock_path(self.id)
+            try:
+                self._lock_fd = os.open(
+                    self._lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+                )
+            except OSError as exc:
+                raise StoreError(f"cannot create {self._lock_path}: {exc.strerror or exc}") from exc
+            # gc may take the lock of a file with no registry entry and unlink it (an
+            # orphan of a killed writer); if that happened to this new file before it was
+            # locked here, the path no longer names it, and registration starts again.
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                mine = os.stat(self._lock_path).st_ino == os.fstat(self._lock_fd).st_ino
+            except (BlockingIOError, FileNotFoundError):
+                mine = False
+            if not mine:
+                os.close(self._lock_fd)
+                continue
+            try:
+                self.epoch = store.index.register_writer(self.id, os.getpid())
+            except BaseException:
+                self._release_lock()
+                raise
+            self._closed = False
+            return
+        raise LockedError("could not register as a writer: lock files keep disappearing")
 
     def intent(self, name: str) -> bytes:
         """The intent key for putting or deleting the object name."""
