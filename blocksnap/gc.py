@@ -60,6 +60,9 @@ def collect_garbage(
     report = GcReport()
     say: Callable[[Progress], None] = progress or (lambda _p: None)
     with store.lock_gc(), store.register() as me:
+        # The epoch is read before the registry: a writer missing from the registry read
+        # registered after it, so its epoch exceeds this one and the limit below.
+        epoch = store.index.epoch()
         live, dead = store.writer_status()
         live.pop(me.id, None)
         report.live_writers = len(live)
@@ -67,10 +70,10 @@ def collect_garbage(
         for writer_id in dead:
             _clean_dead_writer(store, writer_id, report)
         store.sweep_orphan_locks()
-        # Every live writer registered before this read has a smaller epoch than the
-        # current one; any that registers later gets a larger one, so it treats whatever
-        # is collected below as absent.
-        limit = min((int(w["epoch"]) for w in live.values()), default=store.index.epoch() + 1)
+        # Every live writer registered before the registry read is in live; any that
+        # registers later gets an epoch above `epoch`, so it treats whatever is collected
+        # below as absent.
+        limit = min((int(w["epoch"]) for w in live.values()), default=epoch + 1)
         _collect(store, limit, report, say)
         _compact(store, me, compact_below, report, say)
         report.unreferenced_left = store.index.unreferenced_count()
