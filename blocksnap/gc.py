@@ -118,7 +118,7 @@ def _collect(store: Store, limit: int, report: GcReport, say: Callable[[Progress
                         report.problems.append(f"map node {object_id.hex()} kept: {exc}")
                         continue
                 items.append((key, children))
-            deleted, _freed = store.index.collect(items, limit)
+            deleted = store.index.collect(items, limit)
             report.objects_deleted += deleted
             progress = progress or deleted > 0
             say(Progress("collect", report.objects_deleted, 0))

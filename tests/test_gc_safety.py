@@ -72,7 +72,7 @@ def work_time(args: list[str]) -> float:
     return time.perf_counter() - began
 
 
-def check_after_crash(repo_path: Path, digests: dict[str, str], tmp: Path) -> int:
+def check_after_crash(repo_path: Path, digests: dict[str, str], tmp: Path) -> None:
     """No committed snapshot lost a block, verify passes, and the next gc reclaims all."""
     with blocksnap.Repository(repo_path) as repo:
         remaining = repo.snapshots("vol")
@@ -91,26 +91,37 @@ def check_after_crash(repo_path: Path, digests: dict[str, str], tmp: Path) -> in
         assert on_disk == {f"packs/{p.hex()[:2]}/{p.hex()}" for p in repo.store.index.pack_infos()}
         assert not list((repo_path / "locks").glob("writer-*"))
         assert not list(repo_path.rglob("*.tmp-*"))
-        return len(remaining)
+
+
+def kill_sweep(
+    source: Path, args: list[str], digests: dict[str, str], tmp: Path
+) -> set[tuple[int, int, int]]:
+    """Run the command on copies of source, killed at KILL_MOMENTS points spread over its
+    uninterrupted duration; check each copy; return the distinct states the kills left
+    (snapshots, indexed objects, packs)."""
+    probe = tmp / "probe"
+    shutil.copytree(source, probe)
+    duration = work_time([a.format(repo=probe) for a in args])
+    states = set()
+    for i in range(KILL_MOMENTS):
+        trial = tmp / f"t{i}"
+        shutil.copytree(source, trial)
+        run_killed([a.format(repo=trial) for a in args], duration * i / (KILL_MOMENTS - 2))
+        with blocksnap.Repository(trial) as repo:
+            index = repo.store.index
+            states.add((len(repo.snapshots("vol")), index.object_count(), len(index.pack_infos())))
+        check_after_crash(trial, digests, tmp)
+        shutil.rmtree(trial)
+    return states
 
 
 def test_kill_during_prune_at_many_moments(
     history: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
     source, digests = history
-    probe = tmp_path / "probe"
-    shutil.copytree(source, probe)
-    args = ["prune", "{repo}", "vol", "--keep-last", "2"]
-    duration = work_time([a.format(repo=probe) for a in args])
-    outcomes = set()
-    for i in range(KILL_MOMENTS):
-        trial = tmp_path / f"t{i}"
-        shutil.copytree(source, trial)
-        run_killed([a.format(repo=trial) for a in args], duration * i / (KILL_MOMENTS - 2))
-        outcomes.add(check_after_crash(trial, digests, tmp_path))
-        shutil.rmtree(trial)
+    states = kill_sweep(source, ["prune", "{repo}", "vol", "--keep-last", "2"], digests, tmp_path)
     # The kills landed at different stages: before, during and after the removals.
-    assert len(outcomes) >= 3, outcomes
+    assert len({snapshots for snapshots, _, _ in states}) >= 3, states
 
 
 def test_kill_during_gc_at_many_moments(
@@ -121,19 +132,7 @@ def test_kill_during_gc_at_many_moments(
     shutil.copytree(source, pruned)
     with blocksnap.Repository(pruned) as repo:
         repo.prune(policy=Policy(keep_last=2))
-    probe = tmp_path / "probe"
-    shutil.copytree(pruned, probe)
-    args = ["gc", "{repo}", "--compact-below", "1"]
-    duration = work_time([a.format(repo=probe) for a in args])
-    states = set()
-    for i in range(KILL_MOMENTS):
-        trial = tmp_path / f"t{i}"
-        shutil.copytree(pruned, trial)
-        run_killed([a.format(repo=trial) for a in args], duration * i / (KILL_MOMENTS - 2))
-        with blocksnap.Repository(trial) as repo:
-            states.add((repo.store.index.object_count(), len(repo.store.index.pack_infos())))
-        check_after_crash(trial, digests, tmp_path)
-        shutil.rmtree(trial)
+    states = kill_sweep(pruned, ["gc", "{repo}", "--compact-below", "1"], digests, tmp_path)
     assert len(states) >= 3, states
 
 

@@ -139,6 +139,16 @@ def _json(value: bytes, what: str) -> dict[str, Any]:
     return obj
 
 
+def _prefixed(txn: lmdb.Transaction, db: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) of every entry of db whose key starts with prefix, in key order."""
+    cur = txn.cursor(db=db)
+    if cur.set_range(prefix):
+        for key, value in cur:
+            if not bytes(key).startswith(prefix):
+                return
+            yield bytes(key), bytes(value)
+
+
 def _refs_value(count: int, since: int) -> bytes:
     return _REF.pack(count, since)
 
@@ -258,13 +268,6 @@ class Index:
                 except IntegrityError as exc:
                     yield key, exc
 
-    def iter_refs(self) -> Iterator[tuple[bytes, int, int]]:
-        """(id, count, since) of every object, in id order."""
-        with lmdb_errors("reading index"), self.env.begin() as txn:
-            for key, value in txn.cursor(db=self.refs):
-                count, since = _REF.unpack(value)
-                yield key, count, since
-
     def counting_view(
         self,
     ) -> tuple[dict[bytes, Location], dict[bytes, int], dict[bytes, int], list[bytes]]:
@@ -286,11 +289,6 @@ class Index:
             records = [bytes(v) for _, v in txn.cursor(db=self.snapshots)]
         return locations, counts, live, records
 
-    def refcount(self, object_id: bytes) -> int | None:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
-            value = txn.get(object_id, db=self.refs)
-        return None if value is None else int(_REF.unpack(value)[0])
-
     def unreferenced_count(self) -> int:
         with lmdb_errors("reading index"), self.env.begin() as txn:
             return int(txn.stat(self.unref)["entries"])
@@ -311,15 +309,8 @@ class Index:
     def snapshot_ids(self, volume: str) -> list[str]:
         """The volume's snapshot ids, oldest first."""
         prefix = volume.encode() + b"\x00"
-        ids = []
         with lmdb_errors("reading index"), self.env.begin() as txn:
-            cur = txn.cursor(db=self.timeline)
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    ids.append(bytes(value).decode())
-        return ids
+            return [value.decode() for _, value in _prefixed(txn, self.timeline, prefix)]
 
     def snapshot_records(self, volume: str) -> list[tuple[str, bytes]]:
         """(id, record) of the volume's snapshots, oldest first, from one transaction, so
@@ -327,28 +318,20 @@ class Index:
         prefix = volume.encode() + b"\x00"
         out = []
         with lmdb_errors("reading index"), self.env.begin() as txn:
-            cur = txn.cursor(db=self.timeline)
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    record = txn.get(bytes(value), db=self.snapshots)
-                    if record is None:
-                        raise IntegrityError(
-                            f"volume {volume}: timeline names snapshot {bytes(value).decode()}, "
-                            "which has no record; run repair --rebuild-index"
-                        )
-                    out.append((bytes(value).decode(), bytes(record)))
+            for _, value in _prefixed(txn, self.timeline, prefix):
+                record = txn.get(value, db=self.snapshots)
+                if record is None:
+                    raise IntegrityError(
+                        f"volume {volume}: timeline names snapshot {value.decode()}, "
+                        "which has no record; run repair --rebuild-index"
+                    )
+                out.append((value.decode(), bytes(record)))
         return out
 
     def snapshot_record(self, snapshot_id: str) -> bytes | None:
         with lmdb_errors("reading index"), self.env.begin() as txn:
             value = txn.get(snapshot_id.encode(), db=self.snapshots)
         return bytes(value) if value is not None else None
-
-    def all_snapshot_ids(self) -> list[str]:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
-            return [bytes(k).decode() for k, _ in txn.cursor(db=self.snapshots)]
 
     def pack_infos(self) -> dict[bytes, dict[str, Any]]:
         with lmdb_errors("reading index"), self.env.begin() as txn:
@@ -373,15 +356,8 @@ class Index:
 
     def settings_with(self, prefix: bytes) -> dict[bytes, bytes]:
         """Every setting whose key starts with prefix, the prefix removed from the keys."""
-        out = {}
         with lmdb_errors("reading index"), self.env.begin() as txn:
-            cur = txn.cursor(db=self.settings)
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    out[bytes(key[len(prefix) :])] = bytes(value)
-        return out
+            return {k[len(prefix) :]: v for k, v in _prefixed(txn, self.settings, prefix)}
 
     # --- the writer registry -----------------------------------------------------------
 
@@ -398,9 +374,8 @@ class Index:
         """Remove a writer and any intents it left, in one transaction."""
         with lmdb_errors("unregistering writer"), self.env.begin(write=True) as txn:
             txn.delete(writer_id, db=self.writers_db)
-            cur = txn.cursor(db=self.intents)
-            while cur.set_range(writer_id) and bytes(cur.key()).startswith(writer_id):
-                cur.delete()
+            for key in [k for k, _ in _prefixed(txn, self.intents, writer_id)]:
+                txn.delete(key, db=self.intents)
 
     def add_intent(self, key: bytes) -> None:
         with lmdb_errors("registering writer"), self.env.begin(write=True) as txn:
@@ -412,15 +387,10 @@ class Index:
 
     def intents_of(self, writer_id: bytes) -> list[str]:
         """The object names a writer meant to put or delete and did not finish with."""
-        out = []
         with lmdb_errors("reading index"), self.env.begin() as txn:
-            cur = txn.cursor(db=self.intents)
-            if cur.set_range(writer_id):
-                for key, _ in cur:
-                    if not bytes(key).startswith(writer_id):
-                        break
-                    out.append(bytes(key[len(writer_id) :]).decode())
-        return out
+            return [
+                k[len(writer_id) :].decode() for k, _ in _prefixed(txn, self.intents, writer_id)
+            ]
 
     def has_pack(self, pack_id: bytes) -> bool:
         with lmdb_errors("reading index"), self.env.begin() as txn:
@@ -588,16 +558,8 @@ class Index:
                 return False
             if txn.get(PROTECTED_PREFIX + snapshot_id.encode(), db=self.settings) is not None:
                 raise ProtectedError(f"snapshot {snapshot_id} is protected")
-            prefix = volume.encode() + b"\x00"
-            cur = txn.cursor(db=self.timeline)
-            found = None
-            if cur.set_range(prefix):
-                for key, value in cur:
-                    if not key.startswith(prefix):
-                        break
-                    if bytes(value) == snapshot_id.encode():
-                        found = bytes(key)
-                        break
+            timeline = _prefixed(txn, self.timeline, volume.encode() + b"\x00")
+            found = next((k for k, v in timeline if v == snapshot_id.encode()), None)
             if found is None:
                 raise IntegrityError(f"snapshot {snapshot_id} is not in volume {volume}'s timeline")
             txn.delete(found, db=self.timeline)
@@ -643,14 +605,14 @@ class Index:
                 out.append((key, loc))
         return out
 
-    def collect(self, items: list[tuple[bytes, list[bytes]]], limit: int) -> tuple[int, int]:
+    def collect(self, items: list[tuple[bytes, list[bytes]]], limit: int) -> int:
         """Delete condemned objects, each given by its unref key and the ids it names.
 
         An object is deleted only if it is still unreferenced since the same epoch (a
         writer may have revived it meanwhile); its children are decremented in the same
-        transaction.  Returns (objects deleted, record bytes freed from packs).
+        transaction.  Returns how many objects were deleted.
         """
-        deleted = freed = 0
+        deleted = 0
         deltas: dict[bytes, int] = {}
         with lmdb_errors("collecting garbage"), self.env.begin(write=True) as txn:
             epoch = self._epoch(txn)
@@ -669,7 +631,6 @@ class Index:
                     else:
                         size = HEADER_SIZE + loc.stored_size
                         deltas[loc.pack] = deltas.get(loc.pack, 0) - size
-                        freed += size
                     txn.delete(object_id, db=self.objects)
                 txn.delete(object_id, db=self.refs)
                 txn.delete(key, db=self.unref)
@@ -677,7 +638,7 @@ class Index:
                     self._decref(txn, child, epoch)
                 deleted += 1
             self._adjust_live(txn, deltas)
-        return deleted, freed
+        return deleted
 
     def move_records(
         self,
