@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from blocksnap.check import Problem, VerifyReport
     from blocksnap.gc import GcReport
     from blocksnap.model import (
+        Checkpoint,
         Progress,
         SnapshotCounts,
         SnapshotDiff,
@@ -52,6 +53,7 @@ _LAZY = {
     "Problem": "blocksnap.check",
     "VerifyReport": "blocksnap.check",
     "GcReport": "blocksnap.gc",
+    "Checkpoint": "blocksnap.model",
     "Progress": "blocksnap.model",
     "SnapshotCounts": "blocksnap.model",
     "SnapshotDiff": "blocksnap.model",
@@ -86,6 +88,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKEND",
     "BlocksnapError",
+    "Checkpoint",
     "Decision",
     "GcReport",
     "ImageReader",

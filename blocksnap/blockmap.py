@@ -96,6 +96,23 @@ class MapBuilder:
     def add_leaf(self, digests: bytes | bytearray, ids: bytes | bytearray) -> None:
         self._push(0, self._put(encode_leaf(digests, ids)))
 
+    def add_leaf_id(self, node_id: bytes) -> None:
+        """Add a leaf that is stored already (taken whole from another map)."""
+        self._push(0, node_id)
+
+    def close_copy(
+        self, block_count: int, digests: bytes | bytearray, ids: bytes | bytearray
+    ) -> tuple[bytes, int]:
+        """(root, height) of the map so far plus a last partial leaf, leaving this builder
+        as it was: a checkpoint's map, while the real one goes on growing."""
+        saved = [list(level) for level in self._levels]
+        try:
+            if digests:
+                self.add_leaf(digests, ids)
+            return self.finish(block_count)
+        finally:
+            self._levels = saved
+
     def _push(self, level: int, node_id: bytes) -> None:
         if len(self._levels) <= level:
             self._levels.append([])
@@ -177,8 +194,12 @@ class BlockMap:
     def leaf_count(self) -> int:
         return nodes_at_level(self.block_count, 0)
 
-    def leaf(self, leaf_index: int) -> tuple[bytes, bytes]:
-        """(digests, ids) of one leaf: LEAF_SPAN entries or fewer for the last leaf."""
+    def leaf_size(self, leaf_index: int) -> int:
+        """Entries in one leaf: LEAF_SPAN, or fewer for the last."""
+        return min(LEAF_SPAN, self.block_count - leaf_index * LEAF_SPAN)
+
+    def leaf_id(self, leaf_index: int) -> bytes:
+        """The node id of one leaf, read from the interior nodes above it."""
         if not 0 <= leaf_index < self.leaf_count():
             raise IndexError(leaf_index)
         node_id = self.root
@@ -190,7 +211,11 @@ class BlockMap:
             child = (leaf_index // span) % FANOUT
             node_id = body[child * BLOCK_ID_SIZE : (child + 1) * BLOCK_ID_SIZE]
             level -= 1
-        body = self._node(node_id, 0, leaf_index)
+        return node_id
+
+    def leaf(self, leaf_index: int) -> tuple[bytes, bytes]:
+        """(digests, ids) of one leaf: LEAF_SPAN entries or fewer for the last leaf."""
+        body = self._node(self.leaf_id(leaf_index), 0, leaf_index)
         count = len(body) // (FILTER_DIGEST_SIZE + BLOCK_ID_SIZE)
         split = count * FILTER_DIGEST_SIZE
         return body[:split], body[split:]

@@ -34,7 +34,8 @@ class SnapshotCounts:
     changed: int = 0  # blocks whose content differs from the parent's at the same index
     hashed: int = 0  # changed non-zero blocks that were strong-hashed
     stored: int = 0  # blocks whose content was new to the repository and was written
-    zero: int = 0  # all-zero blocks (never hashed, never stored)
+    zero: int = 0  # all-zero blocks, holes included (never hashed, never stored)
+    resumed: int = 0  # blocks taken from an interrupted run's checkpoint, not read again
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,41 @@ class SnapshotInfo:
     @property
     def block_count(self) -> int:
         return -(-self.image_size // self.block_size)
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """What an interrupted snapshot run committed: a complete map of its first blocks.
+
+    Counts, sizes and changed ranges cover those blocks only.  A resumed run must see the
+    same source, block size, image size, mode and hints, and compares with the same
+    parent, whose map the checkpoint keeps alive even if that snapshot is pruned.
+    """
+
+    volume: str
+    mode: str  # what was asked: "full", "incremental" or "differential"
+    kind: SnapshotKind  # what the run is making
+    parent: str | None
+    parent_map: tuple[bytes, int, int] | None  # the parent map's root, height, image size
+    block_size: int
+    image_size: int
+    source: dict[str, int]  # identity of the source (device, inode, mtime...) to compare
+    hints: str | None  # fingerprint of the changed-extent runs, None without hints
+    block_count: int  # blocks the map covers: 0 .. block_count
+    map_root: bytes
+    map_height: int
+    counts: SnapshotCounts
+    stored_size: int
+    metadata_size: int
+    duration: float
+    time: str
+    labels: dict[str, str]
+    changed_ranges: tuple[tuple[int, int], ...]
+
+    @property
+    def pinned(self) -> list[bytes]:
+        """The map roots the checkpoint holds references to."""
+        return [self.map_root] + ([self.parent_map[0]] if self.parent_map else [])
 
 
 @dataclass(frozen=True, slots=True)

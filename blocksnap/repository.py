@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from blocksnap import blockid, blockmap
@@ -12,11 +13,11 @@ from blocksnap.blockmap import BlockMap
 from blocksnap.check import VerifyReport, verify
 from blocksnap.errors import NotFoundError, ProtectedError, UsageError
 from blocksnap.gc import DEFAULT_COMPACT_BELOW, GcReport, collect_garbage
-from blocksnap.model import ProgressCallback, SnapshotDiff, SnapshotInfo
+from blocksnap.model import Checkpoint, ProgressCallback, SnapshotDiff, SnapshotInfo
 from blocksnap.reader import DEFAULT_CACHE_SIZE, ImageReader
 from blocksnap.restore import RestoreResult, restore_image
 from blocksnap.retention import Decision, Policy, decide
-from blocksnap.snapshot import SourceArg, take_snapshot
+from blocksnap.snapshot import CHECKPOINT_SIZE, SourceArg, take_snapshot
 from blocksnap.store.rebuild import RebuildReport, rebuild_index
 from blocksnap.store.repository import (
     DEFAULT_COMPRESSION_LEVEL,
@@ -103,11 +104,17 @@ class Repository:
         labels: dict[str, str] | None = None,
         progress: ProgressCallback | None = None,
         taken_at: datetime.datetime | None = None,
+        changed_extents: Iterable[tuple[int, int]] | None = None,
+        resume: bool = False,
+        checkpoint_size: int = CHECKPOINT_SIZE,
     ) -> SnapshotInfo:
         """Snapshot a file, block device or readable binary file object into volume.
 
         Incremental against the latest snapshot by default; differential against the
-        latest full or synthetic full; full against nothing.
+        latest full or synthetic full; full against nothing.  changed_extents are the
+        (offset, length) byte ranges that may differ from the snapshot compared with:
+        only those are read.  A run commits a checkpoint every checkpoint_size bytes;
+        resume=True continues an interrupted run from its checkpoint.
         """
         return take_snapshot(
             self._store,
@@ -119,7 +126,14 @@ class Repository:
             labels=labels,
             progress=progress,
             taken_at=taken_at,
+            changed_extents=changed_extents,
+            resume=resume,
+            checkpoint_size=checkpoint_size,
         )
+
+    def checkpoint(self, volume: str) -> Checkpoint | None:
+        """The checkpoint of the volume's interrupted snapshot run, if one is waiting."""
+        return self._store.checkpoint(volume)
 
     def synthesize(
         self,

@@ -19,20 +19,22 @@ import secrets
 import stat
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import BinaryIO
 
 from blocksnap import native
-from blocksnap.blockmap import LEAF_SPAN, BlockMap, MapBuilder, node_children
+from blocksnap.blockmap import LEAF_SPAN, ZERO_ID, BlockMap, MapBuilder, node_children
 from blocksnap.errors import Interrupted, SourceError, UsageError
+from blocksnap.extents import DataRuns, hint_runs, runs_fingerprint
 from blocksnap.model import (
     BLOCK_ID_SIZE,
     DEFAULT_BLOCK_SIZE,
     FILTER_DIGEST_SIZE,
     MAX_BLOCK_SIZE,
     MIN_BLOCK_SIZE,
+    Checkpoint,
     Progress,
     ProgressCallback,
     SnapshotCounts,
@@ -44,6 +46,7 @@ from blocksnap.store.packs import KIND_BLOCK, KIND_NODE, encode_record
 from blocksnap.store.repository import Store, StoreWriter
 
 BUFFER_SIZE = 8 << 20
+CHECKPOINT_SIZE = 2 << 30  # bytes of the volume between checkpoints, by default
 READ_PART = 1 << 20  # read and scan in parts that stay in a core's L2 cache
 # Flags worth a look in Python: zero, changed, or both; most blocks of an incremental have 0.
 _INTERESTING = re.compile(b"[\x01-\x03]")
@@ -95,6 +98,8 @@ class _Source:
     def __init__(self, source: SourceArg) -> None:
         self._owned = False
         self.size: int | None = None
+        self.regular = False
+        self._base = 0  # a stream's position when handed over: its offset 0
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             try:
@@ -105,10 +110,11 @@ class _Source:
                 raise SourceError(f"permission denied reading {path}") from None
             except OSError as exc:
                 raise SourceError(f"cannot open {path}: {exc.strerror or exc}") from exc
-            mode = os.fstat(fd).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            st = os.fstat(fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
                 os.close(fd)
                 raise SourceError(f"source {path} is not a regular file or block device")
+            self.regular = stat.S_ISREG(st.st_mode)
             self.size = os.lseek(fd, 0, os.SEEK_END)
             os.lseek(fd, 0, os.SEEK_SET)
             self.fd: int | None = fd
@@ -117,17 +123,27 @@ class _Source:
             )
             self.name = path
             self._owned = True
+            if self.regular:
+                self.identity = {
+                    "dev": st.st_dev,
+                    "ino": st.st_ino,
+                    "mtime_ns": st.st_mtime_ns,
+                    "size": self.size,
+                }
+            else:
+                self.identity = {"rdev": st.st_rdev, "size": self.size}
         else:
             self.fd = None
             self.file = source
             self.name = getattr(source, "name", "<stream>")
             try:
                 if source.seekable():
-                    here = source.tell()
-                    self.size = source.seek(0, os.SEEK_END) - here
-                    source.seek(here)
+                    self._base = source.tell()
+                    self.size = source.seek(0, os.SEEK_END) - self._base
+                    source.seek(self._base)
             except OSError:
                 self.size = None
+            self.identity = {} if self.size is None else {"size": self.size}
         self.done = 0
 
     def _read_into(self, view: memoryview) -> int:
@@ -142,16 +158,22 @@ class _Source:
         view[: len(data)] = data
         return len(data)
 
-    def read_into(self, buf: bytearray) -> int:
-        """Fill buf with the next bytes; fewer only at the end of the volume, 0 after it."""
-        want = len(buf) if self.size is None else min(len(buf), self.size - self.done)
+    def read_into(self, view: memoryview, offset: int) -> int:
+        """Fill view from offset of a stream (seeking if needed); fewer bytes only at the
+        end of the volume, 0 after it."""
+        if offset != self.done:
+            try:
+                self.file.seek(self._base + offset)
+            except OSError as exc:
+                raise SourceError(f"cannot seek in {self.name}: {exc.strerror or exc}") from exc
+            self.done = offset
+        want = len(view) if self.size is None else min(len(view), self.size - self.done)
         got = 0
-        with memoryview(buf) as view:
-            while got < want:
-                n = self._read_into(view[got:want])
-                if n == 0:
-                    break
-                got += n
+        while got < want:
+            n = self._read_into(view[got:want])
+            if n == 0:
+                break
+            got += n
         self.done += got
         if self.size is not None and got < want:
             raise SourceError(
@@ -168,14 +190,19 @@ class _Source:
         return got
 
     def check_end(self) -> None:
-        """For a path source read by the workers: refuse it if it grew meanwhile."""
+        """For a path source read by the workers: refuse it if its size changed meanwhile."""
         assert self.fd is not None and self.size is not None
         try:
+            end = os.lseek(self.fd, 0, os.SEEK_END)
             grew = os.pread(self.fd, 1, self.size)
         except OSError as exc:
             raise SourceError(f"error reading {self.name}: {exc.strerror or exc}") from exc
-        if grew:
+        if grew or end > self.size:
             raise SourceError(f"{self.name} grew while being read (past {self.size} bytes)")
+        if end < self.size:
+            raise SourceError(
+                f"{self.name} shrank while being read ({self.size} bytes expected, now {end})"
+            )
 
     def close(self) -> None:
         if self._owned:
@@ -262,8 +289,12 @@ class _MapWriter:
         self.builder = MapBuilder(self._put_node)
         self.digests = bytearray()
         self.ids = bytearray()
+        self.block_count = 0  # entries taken so far
+        self._last: tuple[bytes, bytes] = (b"", b"")  # (node, id): runs of equal leaves
 
     def _put_node(self, node: bytes) -> bytes:
+        if node == self._last[0]:
+            return self._last[1]
         node_id = self.store.hash(node)
         if not self.writer.has(node_id):
             codec, payload = compress(node, self.store.config.compression_level)
@@ -271,9 +302,11 @@ class _MapWriter:
             self.metadata_size += self.writer.add(
                 record, node_id, checked=True, children=node_children(node)
             )
+        self._last = (node, node_id)
         return node_id
 
     def extend(self, digests: bytes | bytearray, ids: bytes | bytearray) -> None:
+        self.block_count += len(digests) // FILTER_DIGEST_SIZE
         self.digests += digests
         self.ids += ids
         leaf_digests = LEAF_SPAN * FILTER_DIGEST_SIZE
@@ -284,11 +317,33 @@ class _MapWriter:
             del self.digests[:leaf_digests]
             del self.ids[: LEAF_SPAN * BLOCK_ID_SIZE]
 
-    def finish(self, block_count: int) -> tuple[bytes, int]:
+    def copy(self, source: BlockMap, end: int, total: int) -> None:
+        """Take the entries up to block end from source, whose blocks are known to be the
+        same; whole leaves by id, unread.  total: the new map's block count."""
+        while self.block_count < end:
+            leaf = self.block_count // LEAF_SPAN
+            leaf_end = min((leaf + 1) * LEAF_SPAN, total)
+            if (
+                not self.digests
+                and end >= leaf_end
+                and leaf < source.leaf_count()
+                and source.leaf_size(leaf) == leaf_end - leaf * LEAF_SPAN
+            ):
+                self.builder.add_leaf_id(source.leaf_id(leaf))
+                self.block_count = leaf_end
+            else:
+                stop = min(end, leaf_end)
+                self.extend(*source.entries(self.block_count, stop - self.block_count))
+
+    def close_copy(self) -> tuple[bytes, int]:
+        """(root, height) of a map of the entries so far; the map goes on growing."""
+        return self.builder.close_copy(self.block_count, self.digests, self.ids)
+
+    def finish(self) -> tuple[bytes, int]:
         if self.digests:
             self.builder.add_leaf(self.digests, self.ids)
             self.digests, self.ids = bytearray(), bytearray()
-        return self.builder.finish(block_count)
+        return self.builder.finish(self.block_count)
 
 
 def take_snapshot(
@@ -303,6 +358,9 @@ def take_snapshot(
     progress: ProgressCallback | None = None,
     workers: int | None = None,
     taken_at: datetime.datetime | None = None,
+    changed_extents: Iterable[tuple[int, int]] | None = None,
+    resume: bool = False,
+    checkpoint_size: int = CHECKPOINT_SIZE,
 ) -> SnapshotInfo:
     """Snapshot source into volume.
 
@@ -310,13 +368,27 @@ def take_snapshot(
     with its latest full or synthetic full instead (and is a full when it has none); full
     compares with nothing.  taken_at overrides the recorded time (when importing older
     images); it must carry a time zone.
+
+    changed_extents: (offset, length) byte ranges outside which the source is known to
+    equal the snapshot it is compared with; only blocks they touch are read (all of them
+    when there is nothing to compare with).  Holes of a sparse file are never read.
+
+    Every checkpoint_size bytes of the volume, what is done so far is committed as the
+    volume's checkpoint; resume=True continues from it (same source, size, block size,
+    kind and extents), neither reading nor storing again what it covers.  Without a
+    checkpoint, resume=True starts from the beginning.
     """
     check_volume_name(volume)
     if full and differential:
         raise UsageError("a snapshot cannot be both full and differential")
+    if full and changed_extents is not None:
+        raise UsageError("a full snapshot reads everything; changed extents need a parent")
     if taken_at is not None and taken_at.tzinfo is None:
         raise UsageError("the snapshot time must include a time zone (or Z for UTC)")
+    if checkpoint_size <= 0:
+        raise UsageError("the checkpoint interval must be positive")
     labels = check_labels(labels)
+    mode = "full" if full else "differential" if differential else "incremental"
     with store.lock_volume(volume):
         fixed = store.volume_block_size(volume)
         if fixed is not None and block_size is not None and block_size != fixed:
@@ -324,25 +396,33 @@ def take_snapshot(
         bs = fixed or block_size or DEFAULT_BLOCK_SIZE
         check_block_size(bs)
         src = _Source(source)
+        run: _Run | None = None
         try:
+            hints = None
+            if (changed_extents is not None or resume) and src.size is None:
+                what = "changed extents" if changed_extents is not None else "--resume"
+                raise UsageError(f"{what} need a source of known size, not a pipe")
+            if changed_extents is not None:
+                assert src.size is not None
+                hints = hint_runs(changed_extents, src.size, bs)
             with store.writer() as writer:
                 # The parent is chosen after registering: from then on gc keeps its map and
                 # blocks even if it is pruned meanwhile, so unchanged entries stay valid.
-                parent, kind = _parent(store, volume, full, differential)
-                return _run(
-                    store,
-                    writer,
-                    volume,
-                    src,
-                    bs,
-                    parent,
-                    kind,
-                    labels,
-                    progress,
-                    workers,
-                    taken_at,
-                )
+                run = _Run(store, writer, volume, src, bs, mode, hints, checkpoint_size)
+                if resume and (ck := store.checkpoint(volume)) is not None:
+                    run.resume_from(ck)
+                else:
+                    parent, kind = _parent(store, volume, full, differential)
+                    run.start(parent, kind, taken_at)
+                run.labels = {**run.labels, **labels}
+                return run.execute(progress, workers)
         except KeyboardInterrupt:
+            done = 0 if run is None else run.checkpointed
+            if done:
+                raise Interrupted(
+                    f"snapshot interrupted; the first {done * bs} bytes are checkpointed: "
+                    "run it again with --resume to go on from there"
+                ) from None
             raise Interrupted("snapshot interrupted; nothing was committed") from None
         finally:
             src.close()
@@ -365,121 +445,354 @@ def _parent(
     return None, SnapshotKind.FULL
 
 
-def _run(
-    store: Store,
-    writer: StoreWriter,
-    volume: str,
-    src: _Source,
-    bs: int,
-    parent: SnapshotInfo | None,
-    kind: SnapshotKind,
-    labels: dict[str, str],
-    progress: ProgressCallback | None,
-    workers: int | None,
-    taken_at: datetime.datetime | None,
-) -> SnapshotInfo:
-    started = taken_at.timestamp() if taken_at is not None else time.time()
-    clock = time.perf_counter()
-    parent_map = (
-        BlockMap(store.read_node, parent.map_root, parent.map_height, parent.block_count)
-        if parent is not None
-        else None
-    )
-    map_writer = _MapWriter(writer, store)
-    scanner = _Scanner(store, writer, bs, store.config.compression_level)
-    buffer_size = max(bs, BUFFER_SIZE // bs * bs)
-    workers = workers or os.cpu_count() or 2
-    # Buffers in flight: enough that one buffer full of changed blocks being compressed
-    # does not stall the other workers, few enough that memory stays small and fixed.
-    window = 4 * workers
-    counts = {"read": 0, "changed": 0, "hashed": 0, "stored": 0, "zero": 0}
-    block_index = 0
-    ranges: list[tuple[int, int]] = []  # a differential's changed block runs
-    report: Callable[[Progress], None] = progress or (lambda _p: None)
+@dataclass(slots=True)
+class _Item:
+    """One step of the run, consumed in block order: a buffer being scanned, or a run of
+    blocks taken from the parent, the checkpoint or a hole."""
 
-    def consume(item: tuple[Future[_Scanned], bytearray]) -> None:
-        future, buf = item
-        res = future.result()
-        free.append(buf)
-        first = counts["read"]  # buffers are consumed in order
-        counts["read"] += res.count
-        counts["zero"] += res.zero
-        counts["changed"] += len(res.changed)
-        if kind is SnapshotKind.DIFFERENTIAL:
+    kind: int
+    first: int
+    end: int
+    future: Future[_Scanned] | None = None
+    buf: bytearray | None = None
+
+
+_READ, _ZERO, _PARENT, _RESUMED = range(4)
+
+
+class _Run:
+    """One snapshot run: what it compares with, where it starts, and the pipeline."""
+
+    def __init__(
+        self,
+        store: Store,
+        writer: StoreWriter,
+        volume: str,
+        src: _Source,
+        bs: int,
+        mode: str,
+        hints: list[tuple[int, int]] | None,
+        checkpoint_size: int,
+    ) -> None:
+        self.store = store
+        self.writer = writer
+        self.volume = volume
+        self.src = src
+        self.bs = bs
+        self.mode = mode
+        self.hints = hints
+        self.checkpoint_size = checkpoint_size
+        self.block_count = None if src.size is None else -(-src.size // bs)
+        self.parent_id: str | None = None
+        self.parent_map: BlockMap | None = None
+        self.parent_size = 0
+        self.kind = SnapshotKind.FULL
+        self.time = ""
+        self.labels: dict[str, str] = {}
+        self.counts = {f.name: 0 for f in fields(SnapshotCounts)}
+        self.ranges: list[tuple[int, int]] = []  # a differential's changed block runs
+        self.resumed: Checkpoint | None = None
+        self.resume_map: BlockMap | None = None
+        self.checkpointed = 0  # blocks covered by this run's last checkpoint
+        self.map_writer = _MapWriter(writer, store)
+        self._clock = time.perf_counter()
+
+    def _open_parent(self, root: bytes, height: int, image_size: int) -> None:
+        count = -(-image_size // self.bs)
+        self.parent_map = BlockMap(self.store.read_node, root, height, count)
+        self.parent_size = image_size
+
+    def start(
+        self,
+        parent: SnapshotInfo | None,
+        kind: SnapshotKind,
+        taken_at: datetime.datetime | None,
+    ) -> None:
+        started = taken_at.timestamp() if taken_at is not None else time.time()
+        self.time = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started))
+        self.kind = kind
+        if parent is not None:
+            self.parent_id = parent.id
+            self._open_parent(parent.map_root, parent.map_height, parent.image_size)
+
+    def resume_from(self, ck: Checkpoint) -> None:
+        """Continue an interrupted run; UsageError when this one is not the same run."""
+
+        def refuse(why: str) -> UsageError:
+            return UsageError(
+                f"cannot resume the interrupted snapshot of {self.volume}: {why}; "
+                "run without --resume to start over"
+            )
+
+        if ck.mode != self.mode:
+            raise refuse(f"it was {ck.mode}, this one is {self.mode}")
+        if ck.block_size != self.bs or ck.image_size != self.src.size:
+            raise refuse(f"it read {ck.image_size} bytes, the source has {self.src.size}")
+        if ck.source != self.src.identity:
+            raise refuse(f"{self.src.name} is not the source it read (or has changed since)")
+        if ck.hints != runs_fingerprint(self.hints):
+            raise refuse("the changed extents are not the ones it was given")
+        self.resumed = ck
+        self.kind = ck.kind
+        self.time = ck.time
+        self.labels = dict(ck.labels)
+        self.parent_id = ck.parent
+        if ck.parent_map is not None:
+            self._open_parent(*ck.parent_map)
+        self.resume_map = BlockMap(self.store.read_node, ck.map_root, ck.map_height, ck.block_count)
+        self.counts.update(asdict(ck.counts))
+        self.counts["resumed"] = ck.block_count
+        self.ranges = [(first, count) for first, count in ck.changed_ranges]
+
+    # --- what to read --------------------------------------------------------------------
+
+    def _hinted(self, block_count: int) -> list[tuple[int, int]] | None:
+        """The runs to look at, None for all: the hints, plus whatever the parent's map
+        cannot supply because the image changed size."""
+        if self.hints is None or self.parent_map is None:
+            return None
+        assert self.src.size is not None
+        if self.src.size == self.parent_size:
+            reuse_end = block_count
+        else:
+            reuse_end = min(self.parent_size, self.src.size) // self.bs
+        runs = list(self.hints)
+        if reuse_end < block_count:
+            if runs and runs[-1][1] >= reuse_end:
+                runs[-1] = (min(runs[-1][0], reuse_end), block_count)
+            else:
+                runs.append((reuse_end, block_count))
+        return runs
+
+    def plan(self) -> Iterator[tuple[int, int, int | None]]:
+        """(kind, first block, end block) steps covering the volume in order; the end is
+        None for a stream of unknown size (read to its end)."""
+        if self.block_count is None:
+            yield (_READ, 0, None)
+            return
+        total = self.block_count
+        start = 0
+        if self.resumed is not None:
+            start = self.resumed.block_count
+            if start:
+                yield (_RESUMED, 0, start)
+        data = None
+        if self.src.fd is not None and self.src.regular and self.src.size:
+            data = DataRuns(self.src.fd, self.src.size, self.bs)
+
+        def by_data(first: int, end: int) -> Iterator[tuple[int, int, int | None]]:
+            if data is None:
+                yield (_READ, first, end)
+                return
+            for a, b, has_data in data.split(first, end):
+                yield (_READ if has_data else _ZERO, a, b)
+
+        hinted = self._hinted(total)
+        if hinted is None:
+            yield from by_data(start, total)
+            return
+        pos = start
+        for first, end in hinted:
+            if end <= pos:
+                continue
+            first = max(first, pos)
+            if first > pos:
+                yield (_PARENT, pos, first)
+            yield from by_data(first, end)
+            pos = end
+        if pos < total:
+            yield (_PARENT, pos, total)
+
+    # --- the pipeline --------------------------------------------------------------------
+
+    def _changed(self, block: int) -> None:
+        self.counts["changed"] += 1
+        if self.kind is SnapshotKind.DIFFERENTIAL:
+            r = self.ranges
+            if r and r[-1][0] + r[-1][1] == block:
+                r[-1] = (r[-1][0], r[-1][1] + 1)
+            else:
+                r.append((block, 1))
+
+    def _zeros(self, first: int, end: int) -> None:
+        """A hole: zero entries, changed where the parent had data."""
+        pos = first
+        while pos < end:
+            stop = min(end, (pos // LEAF_SPAN + 1) * LEAF_SPAN)
+            n = stop - pos
+            if self.parent_map is not None:
+                _, ids = self.parent_map.entries(pos, n)
+                if ids.count(0) != len(ids):
+                    for i in range(n):
+                        if ids[i * BLOCK_ID_SIZE : (i + 1) * BLOCK_ID_SIZE] != ZERO_ID:
+                            self._changed(pos + i)
+            self.counts["zero"] += n
+            self.map_writer.extend(bytes(n * FILTER_DIGEST_SIZE), bytes(n * BLOCK_ID_SIZE))
+            pos = stop
+
+    def _consume(self, item: _Item, free: list[bytearray], report: ProgressCallback) -> None:
+        """Put one step's entries in the map, in block order; checkpoint when it is time."""
+        total = self.block_count or 0
+        if item.kind == _READ:
+            assert item.future is not None and item.buf is not None
+            res = item.future.result()
+            free.append(item.buf)
+            self.counts["read"] += res.count
+            self.counts["zero"] += res.zero
             for i in res.changed:
-                if ranges and ranges[-1][0] + ranges[-1][1] == first + i:
-                    ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
-                else:
-                    ranges.append((first + i, 1))
-        counts["hashed"] += res.hashed
-        for block_id, record in res.new:
-            if writer.add(record, block_id, checked=True):
-                counts["stored"] += 1
-        map_writer.extend(res.digests, res.ids)
+                self._changed(item.first + i)
+            self.counts["hashed"] += res.hashed
+            for block_id, record in res.new:
+                if self.writer.add(record, block_id, checked=True):
+                    self.counts["stored"] += 1
+            self.map_writer.extend(res.digests, res.ids)
+        elif item.kind == _ZERO:
+            self._zeros(item.first, item.end)
+        elif item.kind == _PARENT:
+            assert self.parent_map is not None
+            self.map_writer.copy(self.parent_map, item.end, total)
+        else:
+            assert self.resume_map is not None
+            self.map_writer.copy(self.resume_map, item.end, total)
+        done = self.map_writer.block_count
+        if (done - self.checkpointed) * self.bs >= self.checkpoint_size and done < total:
+            self._checkpoint(done)
+        size = self.src.size
+        report(
+            Progress(
+                "read", done * self.bs if size is None else min(done * self.bs, size), size or 0
+            )
+        )
 
-    # A path source is read by the workers themselves (pread), so copying from the page
-    # cache runs on every core; a stream is read here, in order.  Buffers are recycled:
-    # at most window + 1 are in flight and one more is being filled.
-    free: list[bytearray] = []
-    in_flight: deque[tuple[Future[_Scanned], bytearray]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blocksnap-scan") as pool:
-        try:
-            while True:
-                buf = free.pop() if free else bytearray(buffer_size)
-                offset = src.done
-                if src.fd is not None and src.size is not None:
-                    got = min(buffer_size, src.size - offset)
-                    src.done += got
-                else:
-                    got = src.read_into(buf)
-                if not got:
-                    break
-                n = -(-got // bs)
-                if parent_map is not None:
-                    parent_digests, parent_ids = parent_map.entries(block_index, n)
-                else:
-                    parent_digests, parent_ids = None, bytes(n * BLOCK_ID_SIZE)
-                view = memoryview(buf)[:got]
+    def _checkpoint(self, done: int) -> None:
+        """Commit the map of blocks 0..done as the volume's checkpoint."""
+        root, height = self.map_writer.close_copy()
+        self.writer.flush()
+        assert self.src.size is not None
+        parent_map = None
+        if self.parent_map is not None:
+            parent_map = (self.parent_map.root, self.parent_map.height, self.parent_size)
+        self.store.save_checkpoint(
+            Checkpoint(
+                volume=self.volume,
+                mode=self.mode,
+                kind=self.kind,
+                parent=self.parent_id,
+                parent_map=parent_map,
+                block_size=self.bs,
+                image_size=self.src.size,
+                source=self.src.identity,
+                hints=runs_fingerprint(self.hints),
+                block_count=done,
+                map_root=root,
+                map_height=height,
+                counts=SnapshotCounts(**self.counts),
+                stored_size=self._stored_size(),
+                metadata_size=self._metadata_size(),
+                duration=self._duration(),
+                time=self.time,
+                labels=self.labels,
+                changed_ranges=tuple(self.ranges),
+            )
+        )
+        self.checkpointed = done
+
+    def _stored_size(self) -> int:
+        return self.writer.written_size + (self.resumed.stored_size if self.resumed else 0)
+
+    def _metadata_size(self) -> int:
+        prior = self.resumed.metadata_size if self.resumed else 0
+        return self.map_writer.metadata_size + prior
+
+    def _duration(self) -> float:
+        prior = self.resumed.duration if self.resumed else 0.0
+        return time.perf_counter() - self._clock + prior
+
+    def execute(self, progress: ProgressCallback | None, workers: int | None) -> SnapshotInfo:
+        self._clock = time.perf_counter()
+        src, bs = self.src, self.bs
+        scanner = _Scanner(self.store, self.writer, bs, self.store.config.compression_level)
+        buffer_blocks = max(1, BUFFER_SIZE // bs)
+        workers = workers or os.cpu_count() or 2
+        # Steps in flight: enough that one buffer full of changed blocks being compressed
+        # does not stall the other workers, few enough that memory stays small and fixed.
+        window = 4 * workers
+        report: ProgressCallback = progress or (lambda _p: None)
+        size = src.size
+
+        # A path source is read by the workers themselves (pread), so copying from the page
+        # cache runs on every core; a stream is read here, in order.  Buffers are recycled:
+        # at most window + 1 are in flight and one more is being filled.
+        free: list[bytearray] = []
+        in_flight: deque[_Item] = deque()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blocksnap-scan") as pool:
+            try:
+                for kind, first, end in self.plan():
+                    if kind != _READ:
+                        assert end is not None
+                        in_flight.append(_Item(kind, first, end))
+                    pos = first
+                    while kind == _READ and (end is None or pos < end):
+                        n = buffer_blocks if end is None else min(buffer_blocks, end - pos)
+                        offset = pos * bs
+                        length = n * bs if size is None else min(n * bs, size - offset)
+                        buf = free.pop() if free else bytearray(buffer_blocks * bs)
+                        view = memoryview(buf)[:length]
+                        read_at = None
+                        if src.fd is not None:
+                            read_at = (src.fd, offset, src.name)
+                        else:
+                            got = src.read_into(view, offset)
+                            if not got:
+                                free.append(buf)
+                                break
+                            if got < length:  # the end of a stream of unknown size
+                                end = pos + -(-got // bs)
+                            view = view[:got]
+                            n = -(-got // bs)
+                        if self.parent_map is not None:
+                            parent_digests, parent_ids = self.parent_map.entries(pos, n)
+                        else:
+                            parent_digests, parent_ids = None, bytes(n * BLOCK_ID_SIZE)
+                        task = pool.submit(scanner, view, parent_digests, parent_ids, read_at)
+                        in_flight.append(_Item(_READ, pos, pos + n, task, buf))
+                        pos += n
+                        while len(in_flight) > window:
+                            self._consume(in_flight.popleft(), free, report)
+                    while len(in_flight) > window:
+                        self._consume(in_flight.popleft(), free, report)
+                while in_flight:
+                    self._consume(in_flight.popleft(), free, report)
                 if src.fd is not None:
-                    read_at = (src.fd, offset, src.name)
-                    task = pool.submit(scanner, view, parent_digests, parent_ids, read_at)
-                else:
-                    task = pool.submit(scanner, view, parent_digests, parent_ids)
-                in_flight.append((task, buf))
-                block_index += n
-                if len(in_flight) > window:
-                    consume(in_flight.popleft())
-                report(Progress("read", src.done, src.size or 0))
-            while in_flight:
-                consume(in_flight.popleft())
-            if src.fd is not None:
-                src.check_end()
-        except BaseException:
-            for future, _ in in_flight:
-                future.cancel()
-            raise
-    image_size = src.done
-    root, height = map_writer.finish(block_index)
-    writer.flush()
-    report(Progress("packs-written", image_size, image_size))
-    info = SnapshotInfo(
-        id=secrets.token_hex(16),
-        volume=volume,
-        time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        kind=kind,
-        parent=parent.id if parent is not None else None,
-        image_size=image_size,
-        block_size=bs,
-        counts=SnapshotCounts(**counts),
-        stored_size=writer.written_size,
-        metadata_size=map_writer.metadata_size,
-        duration=time.perf_counter() - clock,
-        labels=labels,
-        map_root=root,
-        map_height=height,
-        base=parent.id if kind is SnapshotKind.DIFFERENTIAL and parent is not None else None,
-        changed_ranges=tuple(ranges),
-    )
-    store.commit_snapshot(info, writer)
-    report(Progress("committed", image_size, image_size))
-    return info
+                    src.check_end()
+            except BaseException:
+                for item in in_flight:
+                    if item.future is not None:
+                        item.future.cancel()
+                raise
+        image_size = src.size if src.size is not None else src.done
+        root, height = self.map_writer.finish()
+        self.writer.flush()
+        report(Progress("packs-written", image_size, image_size))
+        parent_id = self.parent_id
+        info = SnapshotInfo(
+            id=secrets.token_hex(16),
+            volume=self.volume,
+            time=self.time,
+            kind=self.kind,
+            parent=parent_id,
+            image_size=image_size,
+            block_size=bs,
+            counts=SnapshotCounts(**self.counts),
+            stored_size=self._stored_size(),
+            metadata_size=self._metadata_size(),
+            duration=self._duration(),
+            labels=self.labels,
+            map_root=root,
+            map_height=height,
+            base=parent_id if self.kind is SnapshotKind.DIFFERENTIAL else None,
+            changed_ranges=tuple(self.ranges),
+        )
+        self.store.commit_snapshot(info, self.writer, drop_checkpoint=True)
+        report(Progress("committed", image_size, image_size))
+        return info

@@ -155,17 +155,25 @@ def test_a_running_writer_keeps_what_it_may_refer_to(tmp_path: Path, ext4_image:
             assert store.index.location(block_id) is not None
             assert store.index.location(old_root) is not None
             assert writer.missing([block_id, old_root]) == [False, False]
-            # A writer that starts now must not rely on either: both were unreferenced
-            # before it started, so they may go as soon as the first writer ends.
-            with store.writer() as later:
-                assert later.missing([block_id, old_root]) == [True, True]
-                live_root = repo.snapshots("vol")[-1].map_root
-                assert later.missing([live_root]) == [False]
+        with store.writer() as later:
+            # Both were unreferenced before this writer started, so gc may take them at
+            # any moment; asking for them revives them (their epoch moves to now), after
+            # which gc keeps them for this writer too.
+            assert later.missing([block_id, old_root]) == [False, False]
+            live_root = repo.snapshots("vol")[-1].map_root
+            assert later.missing([live_root]) == [False]
+            assert repo.gc().unreferenced_left > 0
+            assert store.index.location(block_id) is not None
+            assert store.index.location(old_root) is not None
+        # Once no writer may refer to them, gc takes them ...
         report = repo.gc()
         assert store.index.location(block_id) is None
         assert store.index.location(old_root) is None
         assert report.live_writers == 0
         assert_clean(repo)
+        # ... and a writer that asks after that must store them again.
+        with store.writer() as last:
+            assert last.missing([block_id, old_root]) == [True, True]
 
 
 def test_gc_cleans_up_after_a_killed_snapshot(tmp_path: Path, ext4_image: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from blocksnap.cli.output import (
@@ -10,10 +11,14 @@ from blocksnap.cli.output import (
     emit_json,
     human_size,
     parse_labels,
+    parse_size,
     parse_time,
     snapshot_document,
 )
+from blocksnap.errors import UsageError
+from blocksnap.extents import read_extents
 from blocksnap.repository import Repository
+from blocksnap.snapshot import CHECKPOINT_SIZE
 
 
 def add_parser(sub: Any) -> None:
@@ -40,13 +45,44 @@ def add_parser(sub: Any) -> None:
         help="record this time instead of now (importing older images), e.g. 2026-01-31T06:00Z",
     )
     p.add_argument("--block-size", type=int, help="bytes per block for a new volume (4 KiB-4 MiB)")
+    p.add_argument(
+        "--changed-extents",
+        metavar="FILE",
+        help="read only these byte ranges, taking the rest from the snapshot compared with: "
+        "one 'OFFSET LENGTH' pair per line, # comments; - reads standard input",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from the checkpoint of an interrupted run of the same snapshot",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=parse_size,
+        default=CHECKPOINT_SIZE,
+        metavar="SIZE",
+        help="commit a checkpoint every SIZE of the volume (default 2G)",
+    )
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print a JSON document")
     p.set_defaults(run=run)
 
 
+def _changed_extents(name: str | None) -> list[tuple[int, int]] | None:
+    if name is None:
+        return None
+    if name == "-":
+        return read_extents(sys.stdin, "changed extents (stdin)")
+    try:
+        with open(name, encoding="utf-8") as f:
+            return read_extents(f, f"changed extents {name}")
+    except OSError as exc:
+        raise UsageError(f"cannot read changed extents {name}: {exc.strerror or exc}") from exc
+
+
 def run(args: argparse.Namespace) -> int:
     labels = parse_labels(args.label)
+    extents = _changed_extents(args.changed_extents)
     with Repository(args.repo) as repo, ProgressBar() as bar:
         info = repo.snapshot(
             args.volume,
@@ -57,15 +93,19 @@ def run(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             labels=labels,
             progress=bar,
+            changed_extents=extents,
+            resume=args.resume,
+            checkpoint_size=args.checkpoint_every,
         )
     if args.json:
         emit_json(snapshot_document(info))
     else:
         c = info.counts
+        resumed = f", resumed after {c.resumed} blocks" if c.resumed else ""
         print(
             f"snapshot {info.id[:12]} ({info.kind.value}) of {args.volume}: "
-            f"{human_size(info.image_size)} read in {info.duration:.1f}s, "
-            f"{c.changed} blocks changed, "
+            f"{human_size(info.image_size)}, {c.read} blocks read in {info.duration:.1f}s"
+            f"{resumed}, {c.changed} changed, "
             f"{c.stored} stored ({human_size(info.stored_size)}), {c.zero} zero"
         )
     return 0

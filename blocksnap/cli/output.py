@@ -118,6 +118,19 @@ class ProgressBar:
             sys.stderr.flush()
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """A byte count for argparse: "4096", "512M", "2G", "1T" (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS else ""
+    number = t[: len(t) - len(unit)]
+    if not number.isdigit() or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 4096, 512M, 2G)")
+    return int(number) * _SIZE_UNITS[unit]
+
+
 def parse_labels(items: list[str]) -> dict[str, str]:
     """KEY=VALUE arguments as a dict."""
     labels = {}

@@ -16,7 +16,8 @@ A snapshot record is UTF-8 JSON with these keys (format 1):
     image_size     bytes; any value, the last block may be short
     block_size     bytes, a power of two from 4 KiB to 4 MiB, fixed per volume
     map            {"root": hex id of the block map's root node, "height": levels}
-    counts         {"read", "changed", "hashed", "stored", "zero"}: blocks
+    counts         {"read", "changed", "hashed", "stored", "zero", "resumed"}: blocks
+                   ("resumed" optional; absent means 0)
     stored_size    bytes this snapshot added to the store, metadata included
     metadata_size  bytes of that which are new block-map nodes
     duration       seconds
@@ -28,6 +29,18 @@ snapshot exists once that transaction commits) and, written durably just before 
 commit, as the object snapshots/<id>, framed as b"BSSNAP\\x00\\x01" + BLAKE3-256(body) +
 body.  The object lets the index be rebuilt; one whose commit never happened is a
 leftover of an interrupted run, reported by verify.
+
+A checkpoint record (format 1), kept only in the index's checkpoints database, is UTF-8
+JSON with the keys format, volume, kind, parent, block_size, image_size, counts,
+stored_size, metadata_size, duration, time, labels, changed_ranges and map as above
+(describing the blocks it covers), and:
+
+    mode           what the run was asked for: "full", "incremental" or "differential"
+    parent_map     {"root", "height", "image_size"} of the parent's map, or null
+    source         {string: integer}: identity of the source (st_dev, st_ino, ...)
+    hints          fingerprint of the changed-extent runs (extents.py), or null
+    block_count    the map covers blocks 0 .. block_count
+    pinned         [hex root, ...]: the map and the parent's map, each holding a reference
 """
 
 from __future__ import annotations
@@ -40,7 +53,7 @@ from typing import Any
 import blake3
 
 from blocksnap.errors import IntegrityError
-from blocksnap.model import SnapshotCounts, SnapshotInfo, SnapshotKind
+from blocksnap.model import Checkpoint, SnapshotCounts, SnapshotInfo, SnapshotKind
 
 RECORD_FORMAT = 1
 OBJECT_MAGIC = b"BSSNAP\x00\x01"
@@ -91,13 +104,7 @@ def decode(data: bytes, what: str) -> SnapshotInfo:
             parent=r["parent"],
             image_size=int(r["image_size"]),
             block_size=int(r["block_size"]),
-            counts=SnapshotCounts(
-                read=int(counts["read"]),
-                changed=int(counts["changed"]),
-                hashed=int(counts["hashed"]),
-                stored=int(counts["stored"]),
-                zero=int(counts["zero"]),
-            ),
+            counts=_counts(counts),
             stored_size=int(r["stored_size"]),
             metadata_size=int(r["metadata_size"]),
             duration=float(r["duration"]),
@@ -114,6 +121,84 @@ def decode(data: bytes, what: str) -> SnapshotInfo:
     if not SNAPSHOT_ID.fullmatch(info.id) or info.image_size < 0 or info.block_size <= 0:
         raise IntegrityError(f"{what}: damaged snapshot record (invalid fields)")
     return info
+
+
+def _counts(counts: dict[str, Any]) -> SnapshotCounts:
+    return SnapshotCounts(
+        read=int(counts["read"]),
+        changed=int(counts["changed"]),
+        hashed=int(counts["hashed"]),
+        stored=int(counts["stored"]),
+        zero=int(counts["zero"]),
+        resumed=int(counts.get("resumed", 0)),
+    )
+
+
+def encode_checkpoint(c: Checkpoint) -> bytes:
+    record = {
+        "format": RECORD_FORMAT,
+        "volume": c.volume,
+        "mode": c.mode,
+        "kind": c.kind.value,
+        "parent": c.parent,
+        "parent_map": None
+        if c.parent_map is None
+        else {
+            "root": c.parent_map[0].hex(),
+            "height": c.parent_map[1],
+            "image_size": c.parent_map[2],
+        },
+        "block_size": c.block_size,
+        "image_size": c.image_size,
+        "source": c.source,
+        "hints": c.hints,
+        "block_count": c.block_count,
+        "map": {"root": c.map_root.hex(), "height": c.map_height},
+        "counts": asdict(c.counts),
+        "stored_size": c.stored_size,
+        "metadata_size": c.metadata_size,
+        "duration": c.duration,
+        "time": c.time,
+        "labels": c.labels,
+        "changed_ranges": [list(r) for r in c.changed_ranges],
+        "pinned": [root.hex() for root in c.pinned],
+    }
+    return json.dumps(record, sort_keys=True).encode()
+
+
+def decode_checkpoint(data: bytes, what: str) -> Checkpoint:
+    try:
+        r = json.loads(data)
+        if r["format"] != RECORD_FORMAT:
+            raise IntegrityError(f"{what}: unsupported checkpoint format {r['format']}")
+        pm = r["parent_map"]
+        return Checkpoint(
+            volume=str(r["volume"]),
+            mode=str(r["mode"]),
+            kind=SnapshotKind(r["kind"]),
+            parent=None if r["parent"] is None else str(r["parent"]),
+            parent_map=None
+            if pm is None
+            else (bytes.fromhex(pm["root"]), int(pm["height"]), int(pm["image_size"])),
+            block_size=int(r["block_size"]),
+            image_size=int(r["image_size"]),
+            source={str(k): int(v) for k, v in r["source"].items()},
+            hints=None if r["hints"] is None else str(r["hints"]),
+            block_count=int(r["block_count"]),
+            map_root=bytes.fromhex(r["map"]["root"]),
+            map_height=int(r["map"]["height"]),
+            counts=_counts(r["counts"]),
+            stored_size=int(r["stored_size"]),
+            metadata_size=int(r["metadata_size"]),
+            duration=float(r["duration"]),
+            time=str(r["time"]),
+            labels={str(k): str(v) for k, v in r["labels"].items()},
+            changed_ranges=tuple((int(a), int(n)) for a, n in r["changed_ranges"]),
+        )
+    except IntegrityError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IntegrityError(f"{what}: damaged checkpoint record ({exc!r})") from exc
 
 
 def frame(body: bytes) -> bytes:

@@ -26,6 +26,10 @@ The environment is the directory REPO/index (data.mdb, lock.mdb).  Named databas
     timeline   volume name (UTF-8) + b"\\x00" + sequence u64 big-endian -> snapshot id
     settings   b"policy\\x00" + volume -> JSON retention policy (see retention.py);
                b"protected\\x00" + snapshot id -> b"" for a protected snapshot
+    checkpoints volume name (UTF-8) -> checkpoint record of the volume's interrupted
+               snapshot run (see store/catalog.py); each root in its "pinned" list holds
+               one reference, so gc keeps what a resumed run will take from it.  The next
+               snapshot committed to the volume drops it.  A rebuilt index has none.
 
 Reference counts are exact: a new map node increments its children in the transaction
 that indexes its pack, a snapshot commit increments its root, and removing a snapshot
@@ -149,6 +153,14 @@ def _prefixed(txn: lmdb.Transaction, db: Any, prefix: bytes) -> Iterator[tuple[b
             yield bytes(key), bytes(value)
 
 
+def _pinned(record: bytes, volume: bytes) -> list[bytes]:
+    """The roots a checkpoint record holds references to."""
+    try:
+        return [bytes.fromhex(h) for h in _json(record, f"checkpoint of {volume!r}")["pinned"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"index entry for the checkpoint of {volume!r} is damaged") from exc
+
+
 def _refs_value(count: int, since: int) -> bytes:
     return _REF.pack(count, since)
 
@@ -188,6 +200,7 @@ class Index:
             self.snapshots = db(b"snapshots")
             self.timeline = db(b"timeline")
             self.settings = db(b"settings")
+            self.checkpoints = db(b"checkpoints")
 
     def close(self) -> None:
         self.env.close()
@@ -228,22 +241,43 @@ class Index:
                     out.append(None)
         return out
 
-    def usable(self, object_ids: list[bytes], epoch: int) -> list[bool]:
+    def claim(self, object_ids: list[bytes], epoch: int) -> list[bool]:
         """For each id, whether a writer registered at epoch may refer to it.
 
-        That is: it is indexed, and its count is positive or became 0 at or after epoch.
-        An object unreferenced since before the writer started may be collected at any
-        moment, so the writer must store it again.
+        It may when the object is indexed and its count is positive or became 0 at or
+        after epoch.  An object unreferenced since before the writer started could be
+        collected at any moment, so it is revived instead: its since moves to the current
+        epoch in a write transaction, which LMDB orders against gc's collect (collect
+        re-checks since).  Either the revival commits first and gc keeps the object, or
+        gc does and the object is gone, so False tells the writer to store it again.
+        Reviving is what lets a resumed snapshot, or any writer, use what a killed
+        writer stored but never committed, instead of storing it twice.
         """
-        out = []
+        out: list[bool] = []
+        stale: list[int] = []
         with lmdb_errors("reading index"), self.env.begin(buffers=True) as txn:
-            for i in object_ids:
-                value = txn.get(i, db=self.refs)
+            for i, object_id in enumerate(object_ids):
+                value = txn.get(object_id, db=self.refs)
                 if value is None:
                     out.append(False)
-                else:
-                    count, since = _REF.unpack(value)
-                    out.append(count > 0 or since >= epoch)
+                    continue
+                count, since = _REF.unpack(value)
+                out.append(count > 0 or since >= epoch)
+                if not out[-1]:
+                    stale.append(i)
+        if stale:
+            with lmdb_errors("writing index"), self.env.begin(write=True) as txn:
+                now = self._epoch(txn)
+                for i in stale:
+                    object_id = object_ids[i]
+                    ref = txn.get(object_id, db=self.refs)
+                    if ref is None or txn.get(object_id, db=self.objects) is None:
+                        continue
+                    count, since = _REF.unpack(ref)
+                    if count == 0 and since < now:
+                        txn.delete(_SEQ.pack(since) + object_id, db=self.unref)
+                        self._set_unreferenced(txn, object_id, now)
+                    out[i] = True
         return out
 
     def present(self, object_ids: list[bytes]) -> list[bool]:
@@ -270,9 +304,10 @@ class Index:
 
     def counting_view(
         self,
-    ) -> tuple[dict[bytes, Location], dict[bytes, int], dict[bytes, int], list[bytes]]:
+    ) -> tuple[dict[bytes, Location], dict[bytes, int], dict[bytes, int], list[bytes], list[bytes]]:
         """From one read transaction, what a full recount needs: every object's location
-        and count, every pack's live bytes, and every snapshot record."""
+        and count, every pack's live bytes, every snapshot record, and the roots that
+        checkpoints pin."""
         locations: dict[bytes, Location] = {}
         counts: dict[bytes, int] = {}
         live: dict[bytes, int] = {}
@@ -287,7 +322,12 @@ class Index:
             for key, value in txn.cursor(db=self.packs):
                 live[bytes(key)] = int(_json(bytes(value), "pack").get("live", 0))
             records = [bytes(v) for _, v in txn.cursor(db=self.snapshots)]
-        return locations, counts, live, records
+            pinned = [
+                root
+                for key, value in txn.cursor(db=self.checkpoints)
+                for root in _pinned(bytes(value), bytes(key))
+            ]
+        return locations, counts, live, records, pinned
 
     def unreferenced_count(self) -> int:
         with lmdb_errors("reading index"), self.env.begin() as txn:
@@ -521,8 +561,13 @@ class Index:
         record: bytes,
         root: bytes,
         intent: bytes | None = None,
+        *,
+        drop_checkpoint: bool = False,
     ) -> None:
-        """Make a snapshot visible: catalog, timeline, volume and its root's count, at once."""
+        """Make a snapshot visible: catalog, timeline, volume and its root's count, at once.
+
+        drop_checkpoint: the snapshot supersedes the volume's interrupted run, whose
+        checkpoint (and the references it pins) goes in the same transaction."""
         with lmdb_errors("committing snapshot"), self.env.begin(write=True) as txn:
             raw = txn.get(volume.encode(), db=self.volumes)
             if raw is None:
@@ -541,8 +586,36 @@ class Index:
             txn.put(volume.encode(), json.dumps(vol).encode(), db=self.volumes)
             txn.put(snapshot_id.encode(), record, db=self.snapshots)
             txn.put(timeline_key(volume, seq), snapshot_id.encode(), db=self.timeline)
+            if drop_checkpoint:
+                self._drop_checkpoint(txn, volume)
             if intent is not None:
                 txn.delete(intent, db=self.intents)
+
+    def _drop_checkpoint(self, txn: lmdb.Transaction, volume: str) -> None:
+        old = txn.get(volume.encode(), db=self.checkpoints)
+        if old is not None:
+            epoch = self._epoch(txn)
+            for root in _pinned(bytes(old), volume.encode()):
+                self._decref(txn, root, epoch)
+            txn.delete(volume.encode(), db=self.checkpoints)
+
+    def put_checkpoint(self, volume: str, record: bytes, pinned: list[bytes]) -> None:
+        """Replace the volume's checkpoint; record's "pinned" must list pinned, in hex.
+
+        The new roots are counted before the old ones are released, so what both share
+        never touches 0."""
+        if _pinned(record, volume.encode()) != pinned:
+            raise ValueError("checkpoint record does not list the roots it pins")
+        with lmdb_errors("saving checkpoint"), self.env.begin(write=True) as txn:
+            for root in pinned:
+                self._incref(txn, root)
+            self._drop_checkpoint(txn, volume)
+            txn.put(volume.encode(), record, db=self.checkpoints)
+
+    def checkpoint(self, volume: str) -> bytes | None:
+        with lmdb_errors("reading index"), self.env.begin() as txn:
+            value = txn.get(volume.encode(), db=self.checkpoints)
+        return None if value is None else bytes(value)
 
     def remove_snapshot(
         self, snapshot_id: str, volume: str, root: bytes, intent: bytes | None = None

@@ -49,7 +49,7 @@ from blocksnap.errors import (
     StoreError,
     UsageError,
 )
-from blocksnap.model import SnapshotInfo
+from blocksnap.model import Checkpoint, SnapshotInfo
 from blocksnap.store import catalog
 from blocksnap.store import index as index_module
 from blocksnap.store.backend import LocalBackend, ObjectStore
@@ -388,8 +388,12 @@ class Store:
     def writer(self) -> StoreWriter:
         return StoreWriter(self)
 
-    def commit_snapshot(self, info: SnapshotInfo, writer: StoreWriter) -> None:
-        """Make every written object durable, then the snapshot visible, in that order."""
+    def commit_snapshot(
+        self, info: SnapshotInfo, writer: StoreWriter, *, drop_checkpoint: bool = False
+    ) -> None:
+        """Make every written object durable, then the snapshot visible, in that order.
+
+        drop_checkpoint: this snapshot supersedes the volume's interrupted run."""
         writer.flush()
         body = catalog.encode(info, self.config.algorithms())
         name = catalog.object_name(info.id)
@@ -397,8 +401,25 @@ class Store:
         self.index.add_intent(intent)
         self.backend.put(name, catalog.frame(body))
         self.index.commit_snapshot(
-            info.volume, info.block_size, info.id, body, info.map_root, intent
+            info.volume,
+            info.block_size,
+            info.id,
+            body,
+            info.map_root,
+            intent,
+            drop_checkpoint=drop_checkpoint,
         )
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Record the checkpoint; the caller flushed its writer, so its map is durable."""
+        self.index.put_checkpoint(
+            checkpoint.volume, catalog.encode_checkpoint(checkpoint), checkpoint.pinned
+        )
+
+    def checkpoint(self, volume: str) -> Checkpoint | None:
+        """The checkpoint of the volume's interrupted snapshot run, if there is one."""
+        raw = self.index.checkpoint(volume)
+        return None if raw is None else catalog.decode_checkpoint(raw, f"checkpoint of {volume}")
 
     def remove_snapshot(self, info: SnapshotInfo, registration: Registration) -> bool:
         """Remove a committed snapshot (refused if protected); False if it was gone already.
@@ -591,7 +612,7 @@ class StoreWriter:
     background thread.
 
     Registration (see store/index.py) gives the writer a start epoch; until it closes, gc
-    keeps every object the writer may refer to, and the writer asks usable() rather than
+    keeps every object the writer may refer to, and the writer asks claim() rather than
     "is it indexed" before referring to an object.  At most one sealed pack is in flight
     while the next one fills, so writing and fsync overlap with reading and compressing.
     flush() returns once everything added is durable and indexed; a failure in the
@@ -611,15 +632,15 @@ class StoreWriter:
         self._in_flight: Future[int] | None = None
 
     def missing(self, object_ids: list[bytes]) -> list[bool]:
-        """For each id, whether this writer must store the object (see Index.usable)."""
-        return [not ok for ok in self.store.index.usable(object_ids, self.epoch)]
+        """For each id, whether this writer must store the object (see Index.claim)."""
+        return [not ok for ok in self.store.index.claim(object_ids, self.epoch)]
 
     def has(self, object_id: bytes) -> bool:
         """Whether the object may be referred to: usable in the index, or queued here."""
         return (
             object_id in self.pending
             or object_id in self.sealing
-            or self.store.index.usable([object_id], self.epoch)[0]
+            or self.store.index.claim([object_id], self.epoch)[0]
         )
 
     def add(
