@@ -71,8 +71,8 @@ def collect_garbage(
             _clean_dead_writer(store, writer_id, report)
         store.sweep_orphan_locks()
         # Every live writer registered before the registry read is in live; any that
-        # registers later gets an epoch above `epoch`, so it treats whatever is collected
-        # below as absent.
+        # registers later gets an epoch above `epoch`, so it revives (Index.claim) before
+        # using anything collectable below, and collect re-checks that in its transaction.
         limit = min((int(w["epoch"]) for w in live.values()), default=epoch + 1)
         _collect(store, limit, report, say)
         _compact(store, me, compact_below, report, say)

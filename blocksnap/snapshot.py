@@ -542,6 +542,7 @@ class _Run:
         self.resume_map = BlockMap(self.store.read_node, ck.map_root, ck.map_height, ck.block_count)
         self.counts.update(asdict(ck.counts))
         self.counts["resumed"] = ck.block_count
+        self.checkpointed = ck.block_count  # still committed, should this run stop too
         self.ranges = [(first, count) for first, count in ck.changed_ranges]
 
     # --- what to read --------------------------------------------------------------------
@@ -712,7 +713,10 @@ class _Run:
         self._clock = time.perf_counter()
         src, bs = self.src, self.bs
         scanner = _Scanner(self.store, self.writer, bs, self.store.config.compression_level)
-        buffer_blocks = max(1, BUFFER_SIZE // bs)
+        # Hinted runs read little and compress most of it: smaller steps spread that work
+        # over every worker instead of leaving one extent's 8 MiB to a single thread.
+        step_size = BUFFER_SIZE if self.hints is None else READ_PART
+        buffer_blocks = max(1, step_size // bs)
         workers = workers or os.cpu_count() or 2
         # Steps in flight: enough that one buffer full of changed blocks being compressed
         # does not stall the other workers, few enough that memory stays small and fixed.
@@ -736,7 +740,10 @@ class _Run:
                         n = buffer_blocks if end is None else min(buffer_blocks, end - pos)
                         offset = pos * bs
                         length = n * bs if size is None else min(n * bs, size - offset)
-                        buf = free.pop() if free else bytearray(buffer_blocks * bs)
+                        # A short step (a changed extent) gets a buffer its size, not 8 MiB.
+                        buf = free.pop() if free else None
+                        if buf is None or len(buf) < length:
+                            buf = bytearray(max(length, bs))
                         view = memoryview(buf)[:length]
                         read_at = None
                         if src.fd is not None:

@@ -14,10 +14,9 @@ import secrets
 import time
 from collections.abc import Mapping
 
-from blocksnap.blockmap import LEAF_SPAN, ZERO_ID, BlockMap
+from blocksnap.blockmap import LEAF_SPAN, BlockMap
 from blocksnap.errors import IntegrityError
 from blocksnap.model import (
-    BLOCK_ID_SIZE,
     Progress,
     ProgressCallback,
     SnapshotCounts,
@@ -50,20 +49,13 @@ def synthesize(
         leaves = block_map.leaf_count()
         for leaf in range(leaves):
             _, ids = block_map.leaf(leaf)
-            wanted = []
-            for i in range(0, len(ids), BLOCK_ID_SIZE):
-                block_id = ids[i : i + BLOCK_ID_SIZE]
-                if block_id == ZERO_ID:
-                    zero += 1
-                else:
-                    wanted.append(block_id)
-            for block_id, present in zip(wanted, store.index.present(wanted), strict=True):
-                if not present:
-                    raise IntegrityError(
-                        f"snapshot {source.id} refers to block {block_id.hex()}, which is missing "
-                        f"from the index or damaged there; no synthetic full was made "
-                        f"(run verify)"
-                    )
+            missing, zeros = store.index.first_missing(ids)
+            if missing is not None:
+                raise IntegrityError(
+                    f"snapshot {source.id} refers to block {missing.hex()}, which is missing "
+                    "from the index or damaged there; no synthetic full was made (run verify)"
+                )
+            zero += zeros
             done = min((leaf + 1) * LEAF_SPAN * source.block_size, source.image_size)
             report(Progress("checking", done, source.image_size))
         info = SnapshotInfo(

@@ -313,6 +313,10 @@ def test_resume_reads_and_stores_nothing_twice(busy_image: Path, tmp_path: Path)
         assert repo.store.index.unreferenced_count() > 0
         # The checkpoint's references are counted: verify finds no drift, even mid-way.
         assert repo.verify().ok
+        # A resumed run stopped before its own first checkpoint leaves the old one.
+        with pytest.raises(blocksnap.Interrupted, match="first 16777216 bytes are checkpointed"):
+            repo.snapshot("vol", busy_image, resume=True, progress=interrupt_after(0))
+        assert repo.checkpoint("vol") == ck
         before = bytes_read_by_process()
         info = repo.snapshot("vol", busy_image, resume=True, checkpoint_size=12 << 20)
         read = bytes_read_by_process() - before

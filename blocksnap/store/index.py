@@ -39,9 +39,10 @@ children in the same transaction.
 The writer registry keeps that safe while snapshots run.  A writer registers (the epoch
 is incremented and becomes the writer's start epoch) before it looks anything up; from
 then on it may refer to any object it finds whose count is positive or became 0 at or
-after its start epoch, and it treats an object that became 0 before its start as absent
-(storing it again, which overwrites the old location).  Garbage collection therefore
-deletes only objects that became 0 before the start of every live writer.  A writer
+after its start epoch.  An object that became 0 before its start it revives first (see
+claim): its since moves to the current epoch, or, if gc took it meanwhile, the writer
+stores it again.  Garbage collection therefore deletes only objects that became 0 before
+the start of every live writer, re-checking since in its own transaction.  A writer
 holds an flock on locks/writer-<id>.lock for its lifetime, so one that was killed is
 found; gc then deletes the objects named by its intents that never became part of the
 index, and removes it from the registry.
@@ -280,19 +281,33 @@ class Index:
                     out[i] = True
         return out
 
-    def present(self, object_ids: list[bytes]) -> list[bool]:
-        """For each id, whether the index has an intact entry for it (checksum verified)."""
-        out = []
+    def first_missing(self, ids: bytes) -> tuple[bytes | None, int]:
+        """Check a run of 32-byte ids (all-zero ids, zero blocks, are skipped and counted):
+        (the first id without an intact index entry or None, the number of zero ids).
+
+        decode_location's checks, without building a Location: synthesize runs this over
+        every block of a volume."""
+        size = _LOC.size
+        crc = _CRC.unpack_from
+        crc32 = zlib.crc32
+        zero_id = bytes(32)
+        zeros = 0
         with lmdb_errors("reading index"), self.env.begin(buffers=True) as txn:
-            for i in object_ids:
-                value = txn.get(i, db=self.objects)
-                try:
-                    if value is not None:
-                        decode_location(i, bytes(value))
-                except IntegrityError:
-                    value = None
-                out.append(value is not None)
-        return out
+            get = txn.get
+            db = self.objects
+            for k in range(0, len(ids), 32):
+                object_id = ids[k : k + 32]
+                if object_id == zero_id:
+                    zeros += 1
+                    continue
+                value = get(object_id, None, db)
+                if (
+                    value is None
+                    or len(value) != size + _CRC.size
+                    or crc(value, size)[0] != crc32(value[:size], crc32(object_id))
+                ):
+                    return bytes(object_id), zeros
+        return None, zeros
 
     def iter_objects(self) -> Iterator[tuple[bytes, Location | IntegrityError]]:
         with lmdb_errors("reading index"), self.env.begin() as txn:
