@@ -90,11 +90,17 @@ def encode(info: SnapshotInfo, algorithms: dict[str, str]) -> bytes:
     return json.dumps(record, sort_keys=True).encode()
 
 
+def _load(data: bytes, what: str, noun: str) -> dict[str, Any]:
+    """The JSON object of a record of this format (KeyError/ValueError when malformed)."""
+    r = json.loads(data)
+    if r["format"] != RECORD_FORMAT:
+        raise IntegrityError(f"{what}: unsupported {noun} format {r['format']}")
+    return dict(r)
+
+
 def decode(data: bytes, what: str) -> SnapshotInfo:
     try:
-        r = json.loads(data)
-        if r["format"] != RECORD_FORMAT:
-            raise IntegrityError(f"{what}: unsupported snapshot record format {r['format']}")
+        r = _load(data, what, "snapshot record")
         counts = r["counts"]
         info = SnapshotInfo(
             id=str(r["id"]),
@@ -168,9 +174,7 @@ def encode_checkpoint(c: Checkpoint) -> bytes:
 
 def decode_checkpoint(data: bytes, what: str) -> Checkpoint:
     try:
-        r = json.loads(data)
-        if r["format"] != RECORD_FORMAT:
-            raise IntegrityError(f"{what}: unsupported checkpoint format {r['format']}")
+        r = _load(data, what, "checkpoint")
         pm = r["parent_map"]
         return Checkpoint(
             volume=str(r["volume"]),
