@@ -557,12 +557,10 @@ class _Run:
             reuse_end = block_count
         else:
             reuse_end = min(self.parent_size, self.src.size) // self.bs
-        runs = list(self.hints)
+        # Hints below reuse_end, clipped, then one run for everything past it: disjoint.
+        runs = [(first, min(end, reuse_end)) for first, end in self.hints if first < reuse_end]
         if reuse_end < block_count:
-            if runs and runs[-1][1] >= reuse_end:
-                runs[-1] = (min(runs[-1][0], reuse_end), block_count)
-            else:
-                runs.append((reuse_end, block_count))
+            runs.append((reuse_end, block_count))
         return runs
 
     def plan(self) -> Iterator[tuple[int, int, int | None]]:
