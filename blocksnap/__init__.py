@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from blocksnap.errors import (
     BlocksnapError,
+    FilesystemError,
     IntegrityError,
     Interrupted,
     LockedError,
@@ -25,7 +26,10 @@ from blocksnap.errors import (
 
 if TYPE_CHECKING:
     from blocksnap.check import Problem, VerifyReport
+    from blocksnap.extract import Conflict, ExtractReport
+    from blocksnap.fs import Entry, FileKind, FileStat, FileSystem, Partition
     from blocksnap.gc import GcReport
+    from blocksnap.history import Version, VersionState
     from blocksnap.model import (
         Checkpoint,
         Progress,
@@ -52,7 +56,16 @@ if TYPE_CHECKING:
 _LAZY = {
     "Problem": "blocksnap.check",
     "VerifyReport": "blocksnap.check",
+    "Conflict": "blocksnap.extract",
+    "ExtractReport": "blocksnap.extract",
+    "Entry": "blocksnap.fs",
+    "FileKind": "blocksnap.fs",
+    "FileStat": "blocksnap.fs",
+    "FileSystem": "blocksnap.fs",
+    "Partition": "blocksnap.fs",
     "GcReport": "blocksnap.gc",
+    "Version": "blocksnap.history",
+    "VersionState": "blocksnap.history",
     "Checkpoint": "blocksnap.model",
     "Progress": "blocksnap.model",
     "SnapshotCounts": "blocksnap.model",
@@ -89,7 +102,14 @@ __all__ = [
     "BACKEND",
     "BlocksnapError",
     "Checkpoint",
+    "Conflict",
     "Decision",
+    "Entry",
+    "ExtractReport",
+    "FileKind",
+    "FileStat",
+    "FileSystem",
+    "FilesystemError",
     "GcReport",
     "ImageReader",
     "IntegrityError",
@@ -98,6 +118,7 @@ __all__ = [
     "MissingObjectError",
     "NativeError",
     "NotFoundError",
+    "Partition",
     "Policy",
     "Problem",
     "Progress",
@@ -117,6 +138,8 @@ __all__ = [
     "StoreError",
     "UsageError",
     "VerifyReport",
+    "Version",
+    "VersionState",
     "open_image",
     "repair_index",
 ]

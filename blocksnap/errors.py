@@ -55,6 +55,12 @@ class RestoreError(BlocksnapError):
     exit_code = 8
 
 
+class FilesystemError(BlocksnapError):
+    """The filesystem inside a snapshot's image is unknown, damaged, or has no such path."""
+
+    exit_code = 10
+
+
 class NativeError(BlocksnapError):
     """The native backend is missing when it was required, or refused its arguments."""
 

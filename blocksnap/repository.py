@@ -12,7 +12,9 @@ from blocksnap import blockid, blockmap
 from blocksnap.blockmap import BlockMap
 from blocksnap.check import VerifyReport, verify
 from blocksnap.errors import NotFoundError, ProtectedError, UsageError
+from blocksnap.fs import FileSystem, Partition, list_partitions, open_filesystem
 from blocksnap.gc import DEFAULT_COMPACT_BELOW, GcReport, collect_garbage
+from blocksnap.history import Version, versions
 from blocksnap.model import Checkpoint, ProgressCallback, SnapshotDiff, SnapshotInfo
 from blocksnap.reader import DEFAULT_CACHE_SIZE, ImageReader
 from blocksnap.restore import RestoreResult, restore_image
@@ -177,6 +179,42 @@ class Repository:
     ) -> ImageReader:
         """A lazy, seekable, read-only file object over the snapshot's image."""
         return ImageReader(self._store, self.resolve(volume, snapshot), cache_size)
+
+    # --- files inside snapshots --------------------------------------------------------
+
+    def open_filesystem(
+        self,
+        volume: str,
+        snapshot: str | SnapshotInfo = "latest",
+        *,
+        partition: int | None = None,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+    ) -> FileSystem:
+        """The filesystem inside a snapshot, read lazily: only the blocks that the files
+        and metadata asked for live in are fetched (see FileSystem.stats)."""
+        info = snapshot if isinstance(snapshot, SnapshotInfo) else self.resolve(volume, snapshot)
+        reader = ImageReader(self._store, info, cache_size)
+        try:
+            return open_filesystem(reader, partition)
+        except BaseException:
+            reader.close()
+            raise
+
+    def partitions(
+        self, volume: str, snapshot: str = "latest"
+    ) -> list[tuple[Partition, str | None]]:
+        """The snapshot image's partitions, each with the filesystem found on it (or None)."""
+        with self.open_image(volume, snapshot) as reader:
+            return list_partitions(reader)
+
+    def versions(self, volume: str, path: str, *, partition: int | None = None) -> list[Version]:
+        """Which of the volume's snapshots hold `path`, and where its content changed."""
+        self._require_volume(volume)
+        return versions(
+            self.snapshots(volume),
+            path,
+            lambda info: self.open_filesystem(volume, info, partition=partition),
+        )
 
     def restore(
         self,

@@ -10,11 +10,15 @@ import sys
 from typing import NoReturn
 
 from blocksnap.cli import (
+    cmd_cat,
     cmd_diff,
+    cmd_extract,
+    cmd_find,
     cmd_gc,
     cmd_info,
     cmd_init,
     cmd_list,
+    cmd_ls,
     cmd_policy,
     cmd_protect,
     cmd_prune,
@@ -24,6 +28,7 @@ from blocksnap.cli import (
     cmd_stats,
     cmd_synthesize,
     cmd_verify,
+    cmd_versions,
 )
 from blocksnap.errors import BlocksnapError
 
@@ -35,6 +40,11 @@ COMMANDS = (
     cmd_info,
     cmd_diff,
     cmd_restore,
+    cmd_ls,
+    cmd_cat,
+    cmd_find,
+    cmd_versions,
+    cmd_extract,
     cmd_prune,
     cmd_protect,
     cmd_policy,
@@ -50,6 +60,12 @@ EPILOG = """examples:
   blocksnap list /srv/backup web01
   blocksnap info /srv/backup web01 latest
   blocksnap restore /srv/backup web01 latest~3 /tmp/web01.img
+  blocksnap ls /srv/backup web01 latest /etc -l
+  blocksnap cat /srv/backup web01 latest /etc/hostname
+  blocksnap find /srv/backup web01 latest '*.conf' --under /etc
+  blocksnap versions /srv/backup web01 /var/www/index.php
+  blocksnap extract /srv/backup web01 latest~2 /var/www --to /tmp/www-restored
+  blocksnap extract /srv/backup web01 latest /home/ann/notes.txt --in-place /mnt/web01 --rename
   blocksnap policy /srv/backup web01 --keep-within 14d --keep-monthly 6
   blocksnap prune /srv/backup --dry-run
   blocksnap gc /srv/backup

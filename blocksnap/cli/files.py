@@ -1,0 +1,88 @@
+"""What the file commands (ls, cat, extract, find, versions) share: arguments and output."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import stat as stat_mod
+from typing import Any
+
+from blocksnap.fs import FileKind, FileStat
+
+_KIND_CHARS = {
+    FileKind.FILE: "-",
+    FileKind.DIRECTORY: "d",
+    FileKind.SYMLINK: "l",
+    FileKind.CHAR_DEVICE: "c",
+    FileKind.BLOCK_DEVICE: "b",
+    FileKind.FIFO: "p",
+    FileKind.SOCKET: "s",
+    FileKind.OTHER: "?",
+}
+
+
+def add_volume_arguments(p: argparse.ArgumentParser, snapshot: bool = True) -> None:
+    p.add_argument("repo", metavar="REPO")
+    p.add_argument("volume", metavar="VOLUME")
+    if snapshot:
+        p.add_argument("snapshot", metavar="SNAPSHOT", help='id, prefix, "latest" or "latest~N"')
+
+
+def add_partition_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--partition",
+        type=int,
+        metavar="N",
+        help="the partition to read (from 1), when the disk holds more than one filesystem",
+    )
+
+
+def shown(text: str) -> str:
+    """A name as a terminal can show it: control characters and undecodable bytes escaped."""
+    if text.isprintable():
+        return text
+    return repr(text)[1:-1]
+
+
+def mode_string(st: FileStat) -> str:
+    kind = _KIND_CHARS[st.kind]
+    if st.mode is None:
+        return kind + "?" * 9
+    return kind + stat_mod.filemode(st.mode)[1:]
+
+
+def time_string(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    when = datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC)
+    return when.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def long_line(st: FileStat) -> str:
+    owner = "-" if st.uid is None else str(st.uid)
+    group = "-" if st.gid is None else str(st.gid)
+    links = "-" if st.nlink is None else str(st.nlink)
+    name = shown(st.name)
+    if st.kind is FileKind.SYMLINK and st.target is not None:
+        name += f" -> {shown(st.target)}"
+    return (
+        f"{mode_string(st)} {links:>3s} {owner:>5s} {group:>5s} {st.size:>12d} "
+        f"{time_string(st.mtime_ns)} {name}"
+    )
+
+
+def stat_document(st: FileStat) -> dict[str, Any]:
+    return {
+        "path": st.path,
+        "name": st.name,
+        "type": st.kind.value,
+        "size": st.size,
+        "mode": None if st.mode is None else f"{st.mode:04o}",
+        "uid": st.uid,
+        "gid": st.gid,
+        "mtime_ns": st.mtime_ns,
+        "atime_ns": st.atime_ns,
+        "nlink": st.nlink,
+        "file_id": st.file_id,
+        "target": st.target,
+    }

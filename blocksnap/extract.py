@@ -1,0 +1,466 @@
+"""Writing files from a snapshot's filesystem to the host, never outside the target.
+
+The image is untrusted: its owner chose every name, link target and mode in it.  So:
+
+- Every host path is reached from an open directory descriptor, one component at a time,
+  with O_NOFOLLOW: a symlink on the host, old or just restored, is never followed, and a
+  directory on the way that turns out to be a symlink is refused.
+- Names that cannot be one host path component ("", ".", "..", "/" or NUL inside, over
+  255 bytes) are refused.  So are device nodes, FIFOs and sockets.
+- A symlink is restored only if it points inside the target: a relative target may climb
+  ("..") only at its start, and no higher than the link's own depth.  An absolute target
+  is refused with --to; with --in-place it is rewritten relative to ROOT, which is the
+  filesystem's root there.
+- Hard links are made only to files this extraction wrote.
+- A file is written to a temporary name and renamed into place when complete, so a failure
+  leaves no half-written file under the real name; --overwrite replaces atomically.
+
+Regular files keep their holes (all-zero 4 KiB pieces are not written), mode, owner (when
+run as root), timestamps and extended attributes.  What could not be restored is listed in
+the report, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import os
+import secrets
+import stat as stat_mod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from blocksnap.errors import RestoreError, UsageError
+from blocksnap.fs.filesystem import MAX_DEPTH, Entry, split_path, valid_name
+from blocksnap.fs.node import FileKind, FileStat
+
+if TYPE_CHECKING:
+    from blocksnap.fs.filesystem import FileSystem
+
+CHUNK_SIZE = 1 << 20
+HOLE_SIZE = 4096
+_NAME_MAX = 255
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_ZERO = bytes(HOLE_SIZE)
+
+
+class Conflict(enum.Enum):
+    """What to do when the target name exists already."""
+
+    SKIP = "skip"  # leave what is there
+    OVERWRITE = "overwrite"  # replace it (a directory is merged into, never replaced)
+    RENAME = "rename"  # keep both: the restored copy gets NAME.restored[.N]
+
+
+@dataclass(slots=True)
+class ExtractReport:
+    target: str
+    files: int = 0
+    directories: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    bytes_written: int = 0
+    blocks_fetched: int = 0  # image blocks read from the store for this extraction
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (image path, why)
+    renamed: list[tuple[str, str]] = field(default_factory=list)  # (image path, host name)
+    warnings: list[tuple[str, str]] = field(default_factory=list)  # metadata not restored
+
+
+def _umask() -> int:
+    """The process umask, read without setting it (os.umask would race other threads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def _host_name_problem(name: str) -> str | None:
+    if not valid_name(name):
+        return f"invalid name {name!r}"
+    try:
+        encoded = os.fsencode(name)
+    except UnicodeError:
+        return f"name {name!r} cannot be encoded on this host"
+    if len(encoded) > _NAME_MAX:
+        return f"name longer than {_NAME_MAX} bytes"
+    return None
+
+
+def contained_target(target: str, depth: int, *, in_place: bool) -> str | None:
+    """The symlink target to write for a link `depth` directories below the extraction
+    root, or None if it would point outside.  See the module docstring for the rule."""
+    if not target or "\0" in target:
+        return None
+    if target.startswith("/"):
+        if not in_place:
+            return None
+        parts = split_path(target)
+        if ".." in parts:
+            return None
+        return "/".join([".."] * depth + parts) or "."
+    climbs, seen_name = 0, False
+    for part in target.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if seen_name:
+                return None
+            climbs += 1
+        else:
+            seen_name = True
+    return target if climbs <= depth else None
+
+
+def _runs(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of the runs of `data` that are not all-zero HOLE_SIZE pieces."""
+    if data.count(0) == len(data):
+        return []
+    runs: list[tuple[int, int]] = []
+    view = memoryview(data)
+    start = -1
+    for at in range(0, len(data), HOLE_SIZE):
+        piece = view[at : at + HOLE_SIZE]
+        zero = piece == _ZERO[: len(piece)]
+        if not zero and start < 0:
+            start = at
+        elif zero and start >= 0:
+            runs.append((start, at))
+            start = -1
+    if start >= 0:
+        runs.append((start, len(data)))
+    return runs
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+class _Extraction:
+    def __init__(self, fs: FileSystem, root_fd: int, in_place: bool, conflict: Conflict) -> None:
+        self.fs = fs
+        self.root_fd = root_fd
+        self.in_place = in_place
+        self.conflict = conflict
+        self.as_root = os.geteuid() == 0
+        self.umask = _umask()
+        self.links: dict[int, str] = {}  # file_id -> host path (from root) written
+        self.visited: set[int | None] = set()
+        self.report = ExtractReport(target="")
+
+    # --- conflicts and names ---------------------------------------------------------
+
+    def _existing(self, dir_fd: int, name: str) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def _free_name(self, dir_fd: int, name: str) -> str | None:
+        for n in range(1, 1000):
+            candidate = f"{name}.restored" + (f".{n}" if n > 1 else "")
+            if len(os.fsencode(candidate)) > _NAME_MAX:
+                return None
+            if self._existing(dir_fd, candidate) is None:
+                return candidate
+        return None
+
+    def _place(self, entry: Entry, dir_fd: int, name: str, *, directory: bool) -> str | None:
+        """The host name to write `entry` under, after the conflict rule; None to skip."""
+        found = self._existing(dir_fd, name)
+        if found is None:
+            return name
+        if directory and stat_mod.S_ISDIR(found.st_mode):
+            return name  # merged into
+        if self.conflict is Conflict.SKIP:
+            self.report.skipped.append((entry.path, "exists"))
+            return None
+        if self.conflict is Conflict.RENAME:
+            new = self._free_name(dir_fd, name)
+            if new is None:
+                self.report.skipped.append((entry.path, "exists, and no free name to rename to"))
+                return None
+            self.report.renamed.append((entry.path, new))
+            return new
+        if stat_mod.S_ISDIR(found.st_mode):
+            self.report.skipped.append((entry.path, "exists as a directory, not replaced"))
+            return None
+        if directory:
+            os.unlink(name, dir_fd=dir_fd)
+        return name
+
+    def _temp_name(self, name: str) -> str:
+        stem = os.fsencode(name)[:200].decode("utf-8", "ignore")
+        return f".{stem}.blocksnap-{secrets.token_hex(4)}"
+
+    # --- metadata --------------------------------------------------------------------
+
+    def _default_mode(self, kind: FileKind) -> int:
+        return (0o777 if kind is FileKind.DIRECTORY else 0o666) & ~self.umask
+
+    def _metadata(self, fd: int, entry: Entry) -> None:
+        st = entry.stat
+        if self.as_root and st.uid is not None and st.gid is not None:
+            try:
+                os.fchown(fd, st.uid, st.gid)
+            except OSError as exc:
+                self.report.warnings.append((entry.path, f"owner not set: {exc.strerror}"))
+        os.fchmod(fd, st.mode if st.mode is not None else self._default_mode(st.kind))
+        for key, value in entry.xattrs().items():
+            try:
+                os.setxattr(fd, key, value)
+            except OSError as exc:
+                self.report.warnings.append((entry.path, f"xattr {key} not set: {exc.strerror}"))
+        self._times(entry.stat, fd)
+
+    def _times(self, st: FileStat, fd: int, name: str | None = None, dir_fd: int = -1) -> None:
+        if st.mtime_ns is None:
+            return
+        times = (st.atime_ns if st.atime_ns is not None else st.mtime_ns, st.mtime_ns)
+        if name is None:
+            os.utime(fd, ns=times)
+        else:
+            os.utime(name, ns=times, dir_fd=dir_fd, follow_symlinks=False)
+
+    # --- one entry -------------------------------------------------------------------
+
+    def restore(self, entry: Entry, dir_fd: int, name: str, rel: str, depth: int) -> None:
+        problem = _host_name_problem(name)
+        if problem is not None:
+            self.report.skipped.append((entry.path, problem))
+            return
+        kind = entry.stat.kind
+        if kind is FileKind.DIRECTORY:
+            self._directory(entry, dir_fd, name, rel, depth)
+        elif kind is FileKind.FILE:
+            self._file(entry, dir_fd, name, rel)
+        elif kind is FileKind.SYMLINK:
+            self._symlink(entry, dir_fd, name, depth)
+        else:
+            self.report.skipped.append((entry.path, f"{kind.value} not restored"))
+
+    def _directory(self, entry: Entry, dir_fd: int, name: str, rel: str, depth: int) -> None:
+        if entry.stat.file_id in self.visited:
+            self.report.skipped.append((entry.path, "directory met twice (a loop in the image)"))
+            return
+        if depth > MAX_DEPTH:
+            self.report.skipped.append((entry.path, f"deeper than {MAX_DEPTH} levels"))
+            return
+        self.visited.add(entry.stat.file_id)
+        placed = self._place(entry, dir_fd, name, directory=True)
+        if placed is None:
+            return
+        created = False
+        try:
+            os.mkdir(placed, 0o700, dir_fd=dir_fd)
+            created = True
+        except FileExistsError:
+            pass
+        try:
+            fd = os.open(placed, _DIR_FLAGS, dir_fd=dir_fd)
+        except OSError as exc:
+            self.report.skipped.append(
+                (entry.path, f"{placed} is not a directory here: {exc.strerror}")
+            )
+            return
+        try:
+            for child in entry.children():
+                self.restore(child, fd, child.name, f"{rel}/{child.name}", depth + 1)
+            if created or self.conflict is Conflict.OVERWRITE:
+                self._metadata(fd, entry)
+        finally:
+            os.close(fd)
+        if created:
+            self.report.directories += 1
+
+    def _file(self, entry: Entry, dir_fd: int, name: str, rel: str) -> None:
+        placed = self._place(entry, dir_fd, name, directory=False)
+        if placed is None:
+            return
+        st = entry.stat
+        rel = rel.rsplit("/", 1)[0] + "/" + placed if "/" in rel else placed
+        tracked = st.file_id is not None and (st.nlink is None or st.nlink > 1)
+        temp = self._temp_name(placed)
+        try:
+            linked_to = self.links.get(st.file_id) if tracked and st.file_id is not None else None
+            if linked_to is not None and self._link(linked_to, dir_fd, temp):
+                self.report.hardlinks += 1
+            else:
+                self._write(entry, dir_fd, temp)
+                self.report.files += 1
+                if tracked and st.file_id is not None:
+                    self.links[st.file_id] = rel
+            os.rename(temp, placed, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=dir_fd)
+            raise
+
+    def _link(self, source: str, dir_fd: int, temp: str) -> bool:
+        try:
+            os.link(source, temp, src_dir_fd=self.root_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOENT):
+                return False
+            raise
+        return True
+
+    def _write(self, entry: Entry, dir_fd: int, temp: str) -> None:
+        size = entry.stat.size
+        fd = os.open(temp, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
+        try:
+            offset = 0
+            while offset < size:
+                data = entry.read(offset, min(CHUNK_SIZE, size - offset))
+                view = memoryview(data)
+                for start, end in _runs(data):
+                    _pwrite_all(fd, view[start:end], offset + start)
+                    self.report.bytes_written += end - start
+                offset += len(data)
+            os.ftruncate(fd, size)
+            self._metadata(fd, entry)
+        finally:
+            os.close(fd)
+
+    def _symlink(self, entry: Entry, dir_fd: int, name: str, depth: int) -> None:
+        st = entry.stat
+        target = contained_target(st.target or "", depth, in_place=self.in_place)
+        if target is None:
+            self.report.skipped.append(
+                (entry.path, f"symlink to {st.target!r} points outside the target")
+            )
+            return
+        if target != st.target:
+            self.report.warnings.append(
+                (entry.path, f"absolute target {st.target!r} written as {target!r}")
+            )
+        placed = self._place(entry, dir_fd, name, directory=False)
+        if placed is None:
+            return
+        temp = self._temp_name(placed)
+        os.symlink(target, temp, dir_fd=dir_fd)
+        try:
+            if self.as_root and st.uid is not None and st.gid is not None:
+                os.chown(temp, st.uid, st.gid, dir_fd=dir_fd, follow_symlinks=False)
+            self._times(st, -1, temp, dir_fd)
+            os.rename(temp, placed, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            os.unlink(temp, dir_fd=dir_fd)
+            raise
+        self.report.symlinks += 1
+
+    # --- the parents of an in-place path ---------------------------------------------
+
+    def enter_parents(self, entry: Entry) -> tuple[int, str] | None:
+        """Open (creating if missing) the host directories above `entry` under ROOT; the
+        descriptor of the last one and the path from ROOT.  None, reported, if one of them
+        is not a real directory on the host."""
+        parts = split_path(entry.path)[:-1]
+        fd = os.dup(self.root_fd)
+        rel = ""
+        image_path = ""
+        try:
+            for part in parts:
+                image_path += "/" + part
+                rel = f"{rel}/{part}" if rel else part
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, self._default_mode(FileKind.DIRECTORY), dir_fd=fd)
+                try:
+                    next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    self.report.skipped.append(
+                        (
+                            entry.path,
+                            f"{image_path} on the host is not a directory "
+                            f"({exc.strerror}); not followed",
+                        )
+                    )
+                    os.close(fd)
+                    return None
+                os.close(fd)
+                fd = next_fd
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, rel
+
+
+def extract(
+    fs: FileSystem,
+    paths: list[str],
+    target: str,
+    *,
+    in_place: bool = False,
+    conflict: Conflict | str = Conflict.SKIP,
+) -> ExtractReport:
+    """Restore `paths` (files, links or whole trees) from `fs`.
+
+    With in_place=False, each path lands in the directory `target` (created if missing)
+    under its own name; with in_place=True, `target` is where the filesystem's root is on
+    the host, and each path goes back where it was below it.
+    """
+    try:
+        rule = Conflict(conflict)
+    except ValueError:
+        raise UsageError(
+            f"unknown conflict rule {conflict!r}: use skip, overwrite or rename"
+        ) from None
+    if not paths:
+        raise UsageError("name at least one path to extract")
+    entries = [fs.lookup(path) for path in paths]  # every path resolves before any write
+    if in_place and not os.path.isdir(target):
+        raise RestoreError(f"{target}: ROOT for an in-place restore must be a directory")
+    try:
+        if not in_place:
+            os.makedirs(target, exist_ok=True)
+        root_fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RestoreError(
+            f"{target}: cannot use as the extraction target: {exc.strerror}"
+        ) from exc
+    fetched_before = fs.stats.blocks_fetched
+    job = _Extraction(fs, root_fd, in_place, rule)
+    job.report.target = target
+    try:
+        for entry in entries:
+            _extract_one(job, entry)
+    except OSError as exc:
+        raise RestoreError(
+            f"{target}: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+        ) from exc
+    finally:
+        os.close(root_fd)
+    job.report.blocks_fetched = fs.stats.blocks_fetched - fetched_before
+    return job.report
+
+
+def _extract_one(job: _Extraction, entry: Entry) -> None:
+    if entry.path == "/":
+        # The root is merged into the target: its entries land directly in it.
+        root_fd = os.dup(job.root_fd)
+        try:
+            job.visited.add(entry.stat.file_id)
+            for child in entry.children():
+                job.restore(child, root_fd, child.name, child.name, 0)
+        finally:
+            os.close(root_fd)
+        return
+    if not job.in_place:
+        job.restore(entry, job.root_fd, entry.name, entry.name, 0)
+        return
+    opened = job.enter_parents(entry)
+    if opened is None:
+        return
+    fd, rel = opened
+    try:
+        depth = rel.count("/") + 1 if rel else 0
+        job.restore(entry, fd, entry.name, f"{rel}/{entry.name}" if rel else entry.name, depth)
+    finally:
+        os.close(fd)

@@ -1,0 +1,323 @@
+"""Paths over an adapter's nodes: lookup, listing, walking and file streams, errors named.
+
+Everything an adapter's library raises becomes a `FilesystemError` naming the path, unless
+a blocksnap error (a damaged block, a missing pack) was its cause: that one is raised as
+itself.  Symlinks met while resolving a path are followed inside the filesystem, never on
+the host, and at most `MAX_SYMLINKS` times.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import io
+import posixpath
+import re
+from collections.abc import Callable, Iterator
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from blocksnap.errors import BlocksnapError, FilesystemError
+from blocksnap.fs.image import Latch
+from blocksnap.fs.node import FileKind, FileStat, Mounted, Node
+from blocksnap.fs.volumes import Partition
+from blocksnap.reader import ImageReader
+
+if TYPE_CHECKING:
+    from blocksnap.extract import Conflict, ExtractReport
+
+MAX_SYMLINKS = 40
+MAX_DEPTH = 256  # directory levels a walk descends; deeper trees are reported, not read
+STREAM_BUFFER_SIZE = 1 << 20
+
+# What the C libraries raise for a damaged or unsupported structure.
+LIBRARY_ERRORS = (
+    OSError,
+    ValueError,
+    TypeError,
+    RuntimeError,
+    MemoryError,
+    OverflowError,
+    IndexError,
+    KeyError,
+    AttributeError,
+    SystemError,
+)
+
+SkipCallback = Callable[[str, str], None]  # (path, reason)
+
+
+def short_reason(exc: BaseException) -> str:
+    """The first clause of a library's message, without its function-name prefixes."""
+    text = str(exc) or type(exc).__name__
+    text = re.sub(r"^\w+: ", "", text.strip())
+    return text.split(". ", 1)[0].rstrip(".")
+
+
+def valid_name(name: str) -> bool:
+    """Whether a directory entry's name can be a path component at all."""
+    return name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
+def split_path(path: str) -> list[str]:
+    if "\0" in path:
+        raise FilesystemError(f"{path!r}: a path cannot hold a NUL character")
+    return [part for part in path.split("/") if part not in ("", ".")]
+
+
+class FileSystem:
+    """The filesystem inside a snapshot's image, read lazily through one adapter.
+
+    It owns the image reader it was opened on, and closes it with itself."""
+
+    def __init__(
+        self, mounted: Mounted, latch: Latch, image: ImageReader, partition: Partition | None
+    ) -> None:
+        self._mounted = mounted
+        self._latch = latch
+        self._image = image
+        self.snapshot = image.info
+        self.kind = mounted.kind
+        self.library = mounted.library
+        self.case_insensitive = mounted.case_insensitive
+        self.partition = partition
+        self.stats = image.stats  # blocks fetched from the store so far
+        self.root = Entry(self, "/", "/", mounted.root)
+        self._closed = False
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with contextlib.suppress(*LIBRARY_ERRORS):
+                self._mounted.close()
+            self._image.close()
+
+    def __enter__(self) -> FileSystem:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def translate(self, path: str) -> Iterator[None]:
+        """Raise what the library raises as a FilesystemError naming `path`."""
+        if self._closed:
+            raise FilesystemError("the filesystem is closed")
+        try:
+            yield
+        except BlocksnapError:
+            raise
+        except LIBRARY_ERRORS as exc:
+            cause = self._latch.take()
+            if cause is not None:
+                raise cause from exc
+            raise FilesystemError(f"{self.kind}: {path}: {short_reason(exc)}") from exc
+
+    # --- paths -----------------------------------------------------------------------------
+
+    def lookup(self, path: str, *, follow_symlinks: bool = False) -> Entry:
+        """The entry at `path`; symlinks along the way are followed, the last one only if
+        asked.  ".." never climbs above the root."""
+        pending = split_path(path)
+        pending.reverse()
+        trail: list[Entry] = [self.root]
+        hops = 0
+        while pending:
+            part = pending.pop()
+            if part == "..":
+                if len(trail) > 1:
+                    trail.pop()
+                continue
+            here = trail[-1]
+            if here.stat.kind is not FileKind.DIRECTORY:
+                raise FilesystemError(f"{here.path}: not a directory")
+            entry = here.child(part)
+            if entry.stat.kind is FileKind.SYMLINK and (pending or follow_symlinks):
+                hops += 1
+                if hops > MAX_SYMLINKS:
+                    raise FilesystemError(f"{path}: too many levels of symbolic links")
+                target = entry.stat.target or ""
+                if target.startswith("/"):
+                    trail = [self.root]
+                pending.extend(reversed(split_path(target)))
+                continue
+            trail.append(entry)
+        return trail[-1]
+
+    def stat(self, path: str, *, follow_symlinks: bool = False) -> FileStat:
+        return self.lookup(path, follow_symlinks=follow_symlinks).stat
+
+    def listdir(self, path: str = "/") -> list[FileStat]:
+        """A directory's entries, sorted by name; a symlink to a directory is followed."""
+        directory = self.lookup(path, follow_symlinks=True)
+        if directory.stat.kind is not FileKind.DIRECTORY:
+            raise FilesystemError(f"{directory.path}: not a directory")
+        return sorted((child.stat for child in directory.children()), key=lambda s: s.path)
+
+    def open(self, path: str) -> io.BufferedReader:
+        """A regular file's content as a binary file object (a symlink is followed)."""
+        return self.lookup(path, follow_symlinks=True).open()
+
+    def readlink(self, path: str) -> str:
+        stat = self.stat(path)
+        if stat.kind is not FileKind.SYMLINK or stat.target is None:
+            raise FilesystemError(f"{path}: not a symbolic link")
+        return stat.target
+
+    def xattrs(self, path: str) -> dict[str, bytes]:
+        return self.lookup(path).xattrs()
+
+    def walk(self, path: str = "/", on_skip: SkipCallback | None = None) -> Iterator[Entry]:
+        """`path` and everything under it, parents before children, without following
+        symlinks.  A directory met twice (a hostile image can link one into itself), one
+        deeper than MAX_DEPTH, or an entry whose name cannot be a path component, is
+        reported to `on_skip` and not entered."""
+        top = self.lookup(path)
+        yield top
+        if top.stat.kind is not FileKind.DIRECTORY:
+            return
+        seen = {top.stat.file_id}
+        stack = [top.children()]
+        while stack:
+            entry = next(stack[-1], None)
+            if entry is None:
+                stack.pop()
+                continue
+            if not valid_name(entry.name):
+                if on_skip:
+                    on_skip(entry.path, f"invalid name {entry.name!r}")
+                continue
+            yield entry
+            if entry.stat.kind is not FileKind.DIRECTORY:
+                continue
+            if entry.stat.file_id in seen:
+                if on_skip:
+                    on_skip(entry.path, "directory already visited (a loop in the image)")
+            elif len(stack) >= MAX_DEPTH:
+                if on_skip:
+                    on_skip(entry.path, f"deeper than {MAX_DEPTH} directory levels")
+            else:
+                seen.add(entry.stat.file_id)
+                stack.append(entry.children())
+
+    def find(self, pattern: str = "*", path: str = "/") -> Iterator[FileStat]:
+        """Entries whose name (or, for a pattern with "/", whose path) matches a glob."""
+        key: Callable[[Entry], str] = (lambda e: e.path) if "/" in pattern else (lambda e: e.name)
+        for entry in self.walk(path):
+            if fnmatch.fnmatchcase(key(entry), pattern):
+                yield entry.stat
+
+    def extract(
+        self,
+        paths: list[str],
+        target: str,
+        *,
+        in_place: bool = False,
+        conflict: Conflict | str = "skip",
+    ) -> ExtractReport:
+        """Restore files and trees under `target` (see blocksnap.extract)."""
+        from blocksnap.extract import extract
+
+        return extract(self, paths, target, in_place=in_place, conflict=conflict)
+
+
+class Entry:
+    """One file, directory or link of a FileSystem, by the path it was reached through."""
+
+    __slots__ = ("__dict__", "_fs", "_node", "name", "path")
+
+    def __init__(self, fs: FileSystem, path: str, name: str, node: Node) -> None:
+        self._fs = fs
+        self._node = node
+        self.path = path
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Entry({self.path!r})"
+
+    @cached_property
+    def stat(self) -> FileStat:
+        with self._fs.translate(self.path):
+            return self._node.stat(self.path)
+
+    def children(self) -> Iterator[Entry]:
+        """The entries of this directory, names as stored (see valid_name)."""
+        with self._fs.translate(self.path):
+            found = self._node.children()
+        while True:
+            with self._fs.translate(self.path):
+                item = next(found, None)
+            if item is None:
+                return
+            name, node = item
+            yield Entry(self._fs, posixpath.join(self.path, name), name, node)
+
+    def child(self, name: str) -> Entry:
+        """The entry called `name` here: the exact name first, then any case where the
+        filesystem ignores case."""
+        folded: Entry | None = None
+        fold = name.casefold() if self._fs.case_insensitive else None
+        for entry in self.children():
+            if entry.name == name:
+                return entry
+            if folded is None and fold is not None and entry.name.casefold() == fold:
+                folded = entry
+        if folded is None:
+            raise FilesystemError(f"{posixpath.join(self.path, name)}: no such file or directory")
+        return folded
+
+    def xattrs(self) -> dict[str, bytes]:
+        with self._fs.translate(self.path):
+            return self._node.xattrs()
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Exactly min(size, file size - offset) bytes of content; anything shorter is an
+        error, never silently short data."""
+        want = max(0, min(size, self.stat.size - offset))
+        if want == 0:
+            return b""
+        with self._fs.translate(self.path):
+            data = self._node.read(offset, want)
+        if len(data) != want:
+            raise FilesystemError(
+                f"{self.path}: read {len(data)} bytes at {offset}, expected {want}"
+            )
+        return data
+
+    def open(self) -> io.BufferedReader:
+        if self.stat.kind is not FileKind.FILE:
+            raise FilesystemError(f"{self.path}: not a regular file ({self.stat.kind.value})")
+        return io.BufferedReader(_EntryStream(self), STREAM_BUFFER_SIZE)
+
+
+class _EntryStream(io.RawIOBase):
+    """A regular file's content as a raw, seekable binary stream."""
+
+    def __init__(self, entry: Entry) -> None:
+        super().__init__()
+        self._entry = entry
+        self._pos = 0
+        self.size = entry.stat.size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}.get(whence)
+        if base is None or base + offset < 0:
+            raise ValueError(f"invalid seek ({offset}, {whence})")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        out = memoryview(buffer).cast("B")
+        data = self._entry.read(self._pos, len(out))
+        out[: len(data)] = data
+        self._pos += len(data)
+        return len(data)

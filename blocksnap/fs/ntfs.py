@@ -1,0 +1,99 @@
+"""The NTFS adapter, over libfsntfs (LGPL; PyPI libfsntfs-python).
+
+NTFS has no POSIX owner or mode; hard links share an MFT entry.  Symlinks are either
+Windows reparse points or the "IntxLNK" system files that ntfs-3g writes by default.
+The metadata files ($MFT, $Bitmap, $Extend ... MFT entries 0-23) are not listed.
+Alternate data streams are not read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import pyfsntfs
+
+from blocksnap.fs.node import FileKind, FileStat, Mounted, Node
+
+NAME = "ntfs"
+LIBRARY = f"libfsntfs {pyfsntfs.get_version()}"
+
+_FIRST_USER_ENTRY = 24  # MFT entries below this are reserved for the filesystem itself
+_FILETIME_UNIX_EPOCH = 116444736000000000  # 100 ns intervals from 1601 to 1970
+_ATTRIBUTE_SYSTEM = 0x4
+_INTX_SYMLINK = b"IntxLNK\x01"
+_INTX_MAX_SIZE = 8 + 2 * 4096
+
+
+def detect(image: BinaryIO) -> bool:
+    return bool(pyfsntfs.check_volume_signature_file_object(image))
+
+
+def mount(image: BinaryIO) -> Mounted:
+    volume = pyfsntfs.volume()
+    volume.open_file_object(image)
+    return Mounted(
+        root=NtfsNode(volume.get_root_directory()),
+        kind="ntfs",
+        library=LIBRARY,
+        case_insensitive=True,
+        close=volume.close,
+    )
+
+
+def _ns(filetime: int) -> int:
+    return (filetime - _FILETIME_UNIX_EPOCH) * 100
+
+
+class NtfsNode:
+    """A libfsntfs file entry."""
+
+    __slots__ = ("_entry",)
+
+    def __init__(self, entry: Any) -> None:
+        self._entry = entry
+
+    def _intx_target(self, size: int) -> str | None:
+        e = self._entry
+        if not int(e.file_attribute_flags) & _ATTRIBUTE_SYSTEM or not 8 < size <= _INTX_MAX_SIZE:
+            return None
+        data = bytes(e.read_buffer_at_offset(size, 0))
+        if not data.startswith(_INTX_SYMLINK):
+            return None
+        return data[8:].decode("utf-16-le", "surrogatepass").rstrip("\0")
+
+    def stat(self, path: str) -> FileStat:
+        e = self._entry
+        size = int(e.size or 0)
+        target: str | None = None
+        if e.has_directory_entries_index():
+            kind = FileKind.DIRECTORY
+        else:
+            reparse = e.symbolic_link_target
+            target = str(reparse).replace("\\", "/") if reparse else self._intx_target(size)
+            kind = FileKind.SYMLINK if target is not None else FileKind.FILE
+        return FileStat(
+            path=path,
+            kind=kind,
+            size=0 if kind is FileKind.DIRECTORY else size,
+            mode=None,
+            uid=None,
+            gid=None,
+            mtime_ns=_ns(int(e.get_modification_time_as_integer())),
+            atime_ns=_ns(int(e.get_access_time_as_integer())),
+            nlink=None,
+            file_id=int(e.file_reference) & ((1 << 48) - 1),
+            target=target,
+        )
+
+    def children(self) -> Iterator[tuple[str, Node]]:
+        for child in self._entry.sub_file_entries:
+            if int(child.file_reference) & ((1 << 48) - 1) < _FIRST_USER_ENTRY:
+                continue
+            yield str(child.name), NtfsNode(child)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(self._entry.read_buffer_at_offset(size, offset))
+
+    def xattrs(self) -> dict[str, bytes]:
+        return {}

@@ -1,0 +1,266 @@
+"""Single-file restore: ls, cat, find, versions and extract on real filesystem images."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import blocksnap
+from blocksnap.fs import FileKind
+from tests.conftest import debugfs, run_cli
+from tests.fsimages import CAPS, Caps, build, make_files, partitioned
+
+KINDS = ["ext4", "xfs", "ntfs", "fat32", "exfat"]
+
+
+@pytest.fixture(scope="session")
+def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
+    base = tmp_path_factory.mktemp("trees")
+    found = {}
+    for links in (True, False):
+        make_files(base / f"links-{links}", links=links)
+        found[links] = base / f"links-{links}"
+    return found
+
+
+@pytest.fixture(scope="session")
+def fs_images(tmp_path_factory: pytest.TempPathFactory, trees: dict[bool, Path]) -> dict[str, Path]:
+    """One image per filesystem kind holding the same files, built once per session."""
+    base = tmp_path_factory.mktemp("fsimages")
+    images = {}
+    for kind in KINDS:
+        tree = trees[CAPS[kind].links]
+        images[kind] = build(kind, tree, base / f"{kind}.img", 300 if kind == "xfs" else 64)
+    return images
+
+
+def snapshot(repo: blocksnap.Repository, volume: str, image: Path) -> blocksnap.SnapshotInfo:
+    return repo.snapshot(volume, image)
+
+
+def compare_tree(source: Path, restored: Path, caps: Caps) -> int:
+    """Assert `restored` holds what `source` holds, byte for byte and attribute by
+    attribute as far as the filesystem records them; the number of entries compared."""
+    count = 0
+    inodes: dict[int, int] = {}
+    for path in sorted(source.rglob("*")):
+        rel = path.relative_to(source)
+        src, out = path.lstat(), (restored / rel).lstat()
+        assert stat.S_IFMT(src.st_mode) == stat.S_IFMT(out.st_mode), rel
+        if stat.S_ISLNK(src.st_mode):
+            assert os.readlink(path) == os.readlink(restored / rel), rel
+        elif stat.S_ISREG(src.st_mode):
+            assert (restored / rel).read_bytes() == path.read_bytes(), rel
+            if src.st_size > 4 << 20:  # the sparse file keeps its holes
+                assert out.st_blocks * 512 < src.st_size // 2, rel
+        if caps.posix:
+            assert stat.S_IMODE(src.st_mode) == stat.S_IMODE(out.st_mode), rel
+            assert (src.st_uid, src.st_gid) == (out.st_uid, out.st_gid), rel
+        if not stat.S_ISDIR(src.st_mode) or caps.posix:
+            step = caps.time_step_ns
+            assert abs(out.st_mtime_ns - src.st_mtime_ns) < step, (rel, src, out)
+        if caps.xattrs and not stat.S_ISLNK(src.st_mode):
+            for name in os.listxattr(path):
+                assert os.getxattr(restored / rel, name) == os.getxattr(path, name), rel
+        if caps.links and stat.S_ISREG(src.st_mode) and src.st_nlink > 1:
+            seen = inodes.setdefault(src.st_ino, out.st_ino)
+            assert seen == out.st_ino, f"{rel} is not hard-linked as in the source"
+        count += 1
+    return count
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_extract_whole_tree_matches_source(
+    kind: str,
+    fs_images: dict[str, Path],
+    trees: dict[bool, Path],
+    repo: blocksnap.Repository,
+    tmp_path: Path,
+) -> None:
+    snapshot(repo, "vol", fs_images[kind])
+    with repo.open_filesystem("vol") as fs:
+        assert fs.kind == kind
+        report = fs.extract(["/"], str(tmp_path / "out"))
+    assert report.skipped == [] and report.warnings == []
+    tree = trees[CAPS[kind].links]
+    assert compare_tree(tree, tmp_path / "out", CAPS[kind]) >= 15
+    if CAPS[kind].links:
+        assert report.hardlinks == 1 and report.symlinks == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_listdir_stat_and_read(
+    kind: str, fs_images: dict[str, Path], trees: dict[bool, Path], repo: blocksnap.Repository
+) -> None:
+    snapshot(repo, "vol", fs_images[kind])
+    tree = trees[CAPS[kind].links]
+    with repo.open_filesystem("vol") as fs:
+        names = [st.name for st in fs.listdir("/home/ann")]
+        assert names == sorted(p.name for p in (tree / "home/ann").iterdir())
+        st = fs.stat("/home/ann/photo.bin")
+        assert st.kind is FileKind.FILE and st.size == 1 << 20
+        with fs.open("/home/ann/photo.bin") as f:
+            f.seek(123_456)
+            assert f.read(1000) == (tree / "home/ann/photo.bin").read_bytes()[123_456:124_456]
+        # Case-insensitive filesystems find a name in any case; the others do not.
+        if kind in ("ntfs", "fat32", "exfat"):
+            assert fs.stat("/ETC/HOSTNAME").size == 6
+        else:
+            with pytest.raises(blocksnap.FilesystemError, match="no such file"):
+                fs.stat("/ETC/HOSTNAME")
+        if CAPS[kind].links:
+            assert fs.readlink("/home/ann/host") == "../../etc/hostname"
+            with fs.open("/home/ann/host") as f:  # followed inside the image
+                assert f.read() == b"web01\n"
+        assert fs.stats.blocks_fetched > 0
+
+
+def test_cli_ls_cat_find(fs_images: dict[str, Path], tmp_path: Path) -> None:
+    repo = str(tmp_path / "repo")
+    run_cli("init", repo, check=True)
+    run_cli("snapshot", repo, "web", str(fs_images["ext4"]), check=True)
+    out = run_cli("ls", repo, "web", "latest", "/home/ann", "-l", check=True).stdout
+    assert "-rw-r--r--   2     0     0         5400" in out and "link -> notes.txt" in out
+    assert "r\u00e9sum\u00e9 2026.txt" in out
+    doc = json.loads(run_cli("ls", repo, "web", "latest", "/etc", "--json", check=True).stdout)
+    assert {e["name"]: e["mode"] for e in doc["entries"]} == {
+        "app.conf": "0640",
+        "hostname": "0644",
+    }
+    assert doc["filesystem"] == "ext4" and doc["blocks_fetched"] > 0
+    cat = subprocess.run(
+        ["python", "-m", "blocksnap", "cat", repo, "web", "latest", "/home/ann/photo.bin"],
+        capture_output=True,
+        check=True,
+    )
+    assert len(cat.stdout) == 1 << 20
+    found = run_cli("find", repo, "web", "latest", "*.txt", check=True).stdout.split("\n")
+    assert "/var/deep/a/b/c/d/e/file.txt" in found and "/home/ann/notes.txt" in found
+    for args, message in [
+        (("ls", repo, "web", "latest", "/nope"), "/nope: no such file or directory"),
+        (("cat", repo, "web", "latest", "/etc"), "/etc: not a regular file (dir)"),
+        (("ls", repo, "web", "latest", "/etc/hostname/x"), "not a directory"),
+        (("ls", repo, "web", "nosuch"), "snapshot"),
+    ]:
+        proc = run_cli(*args)
+        assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_partitioned_disks(
+    fs_images: dict[str, Path], repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    gpt = partitioned(tmp_path / "gpt.img", "gpt", [fs_images["ext4"], fs_images["fat32"]])
+    mbr = partitioned(tmp_path / "mbr.img", "mbr", [fs_images["fat32"], fs_images["ext4"]])
+    snapshot(repo, "gpt", gpt)
+    snapshot(repo, "mbr", mbr)
+    with pytest.raises(blocksnap.FilesystemError, match=r"2 filesystems.*--partition"):
+        repo.open_filesystem("gpt")
+    with repo.open_filesystem("gpt", partition=1) as fs:
+        assert fs.kind == "ext4" and fs.partition is not None and fs.partition.scheme == "gpt"
+        assert fs.open("/etc/hostname").read() == b"web01\n"
+    with repo.open_filesystem("gpt", partition=2) as fs:
+        assert fs.kind == "fat32"
+    with repo.open_filesystem("mbr", partition=5) as fs:  # the logical partition
+        assert fs.kind == "ext4" and fs.partition is not None
+        assert fs.partition.offset == 66 << 20
+        assert fs.open("/home/ann/link").read() == b"remember the milk\n" * 300
+    assert [(p.number, kind) for p, kind in repo.partitions("mbr")] == [
+        (1, "FAT and exFAT"),
+        (5, "ext2/3/4"),
+    ]
+    with pytest.raises(blocksnap.FilesystemError, match="no partition 9"):
+        repo.open_filesystem("mbr", partition=9)
+
+
+def test_unknown_image_names_what_was_tried(repo: blocksnap.Repository, tmp_path: Path) -> None:
+    image = tmp_path / "noise.img"
+    image.write_bytes(os.urandom(4 << 20))
+    snapshot(repo, "noise", image)
+    with pytest.raises(blocksnap.FilesystemError) as err:
+        repo.open_filesystem("noise")
+    assert "no known filesystem" in str(err.value)
+    assert "ext2/3/4, XFS, NTFS, FAT and exFAT" in str(err.value)
+
+
+def test_versions_and_old_content(ext4_image: Path, repo: blocksnap.Repository) -> None:
+    debugfs(ext4_image, "mkdir /srv")
+    repo.snapshot("vol", ext4_image)
+    repo.snapshot("vol", ext4_image)  # unchanged
+    src = ext4_image.parent / "v2.txt"
+    src.write_bytes(b"version two\n")
+    debugfs(ext4_image, f"write {src} /srv/page.txt")
+    repo.snapshot("vol", ext4_image)
+    src.write_bytes(b"version three\n")
+    debugfs(ext4_image, "rm /srv/page.txt", f"write {src} /srv/page.txt")
+    repo.snapshot("vol", ext4_image)
+    repo.snapshot("vol", ext4_image)
+    debugfs(ext4_image, "rm /srv/page.txt")
+    repo.snapshot("vol", ext4_image)
+    states = [v.state.value for v in repo.versions("vol", "/srv/page.txt")]
+    assert states == ["absent", "absent", "added", "changed", "unchanged", "removed"]
+    third = repo.snapshots("vol")[2].id
+    with repo.open_filesystem("vol", third) as fs:
+        assert fs.open("/srv/page.txt").read() == b"version two\n"
+    doc = json.loads(
+        run_cli(
+            "versions", str(repo.store.path), "vol", "/srv/page.txt", "--json", check=True
+        ).stdout
+    )
+    assert [d["state"] for d in doc] == states and doc[3]["stat"]["size"] == 14
+
+
+@pytest.mark.parametrize("rule", ["skip", "overwrite", "rename"])
+def test_conflict_rules_in_place(
+    rule: str, fs_images: dict[str, Path], repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    snapshot(repo, "vol", fs_images["ext4"])
+    root = tmp_path / "live"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/hostname").write_bytes(b"changed by the customer\n")
+    with repo.open_filesystem("vol") as fs:
+        report = fs.extract(["/etc"], str(root), in_place=True, conflict=rule)
+    assert (root / "etc/app.conf").read_bytes().startswith(b"listen 8080")
+    host = (root / "etc/hostname").read_bytes()
+    if rule == "skip":
+        assert host == b"changed by the customer\n" and report.skipped == [
+            ("/etc/hostname", "exists")
+        ]
+    elif rule == "overwrite":
+        assert host == b"web01\n" and report.skipped == []
+    else:
+        assert host == b"changed by the customer\n"
+        assert (root / "etc/hostname.restored").read_bytes() == b"web01\n"
+        assert report.renamed == [("/etc/hostname", "hostname.restored")]
+    leftovers = [p for p in root.rglob("*") if "blocksnap-" in p.name]
+    assert leftovers == []
+
+
+def test_cli_extract_to_dir(fs_images: dict[str, Path], tmp_path: Path) -> None:
+    repo = str(tmp_path / "repo")
+    run_cli("init", repo, check=True)
+    run_cli("snapshot", repo, "web", str(fs_images["xfs"]), check=True)
+    out = tmp_path / "restored"
+    proc = run_cli(
+        "extract", repo, "web", "latest", "/home/ann", "/etc/hostname", "--to", str(out), "--json"
+    )
+    assert proc.returncode == 1  # something was refused
+    doc = json.loads(proc.stdout)
+    assert doc["files"] == 4 and doc["hardlinks"] == 1 and doc["symlinks"] == 1
+    assert doc["skipped"] == [
+        {
+            "path": "/home/ann/host",
+            "reason": "symlink to '../../etc/hostname' points outside the target",
+        }
+    ]
+    assert (out / "ann/photo.bin").stat().st_size == 1 << 20
+    assert (out / "hostname").read_bytes() == b"web01\n"
+    again = run_cli("extract", repo, "web", "latest", "/etc/hostname", "--to", str(out))
+    assert again.returncode == 0 and "skipped /etc/hostname: exists" in again.stderr
+    missing = run_cli("extract", repo, "web", "latest", "/etc/nope", "--to", str(out))
+    assert missing.returncode == 10 and missing.stderr.count("\n") == 1
