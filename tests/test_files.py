@@ -264,3 +264,133 @@ def test_cli_extract_to_dir(fs_images: dict[str, Path], tmp_path: Path) -> None:
     assert again.returncode == 0 and "skipped /etc/hostname: exists" in again.stderr
     missing = run_cli("extract", repo, "web", "latest", "/etc/nope", "--to", str(out))
     assert missing.returncode == 10 and missing.stderr.count("\n") == 1
+
+
+def _entry_offset(image: Path, directory_block: int, name: bytes) -> int:
+    with open(image, "rb") as f:
+        f.seek(directory_block * 4096)
+        block = f.read(4096)
+    at = block.find(name)
+    assert at > 0, name
+    return at
+
+
+@pytest.fixture(scope="session")
+def hostile_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """An ext4 image crafted with debugfs to escape an extraction every way it can: an
+    absolute and a climbing symlink, a symlink and a directory under one name, names with
+    "/" and "..", device nodes, a FIFO and a directory linked into itself."""
+    base = tmp_path_factory.mktemp("hostile")
+    outside = base / "outside"
+    outside.mkdir()
+    tree = base / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d/xx").write_bytes(b"inside\n")
+    (tree / "ab").write_bytes(b"x\n")
+    image = base / "hostile.img"
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-b", "4096", "-d", str(tree), str(image), "16M"],
+        check=True,
+        capture_output=True,
+    )
+    debugfs(
+        image,
+        f"symlink /abs {outside}/abs-victim",
+        "symlink /esc ../../../../../../../../../../../../" + str(outside)[1:] + "/esc-victim",
+        f"symlink /dup {outside}",
+        "mkdir /dup2",
+        "write /etc/hostname /dup2/pwned",
+        "mknod /slash/name c 1 3",
+        "mknod null c 1 3",
+        "mknod disk b 8 0",
+        "mknod pipe p",
+        "ln /d /d/loop",
+        "symlink /d/up ../../outside",
+    )
+    root_block = int(
+        subprocess.run(
+            ["debugfs", "-R", "bmap / 0", str(image)], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
+    )
+    name_ab = _entry_offset(image, root_block, b"ab\x00")
+    name_dup2 = _entry_offset(image, root_block, b"dup2")
+    debugfs(
+        image,
+        f"zap_block -o {name_ab} -l 2 -p 0x2e {root_block}",  # "ab" becomes ".."
+        f"zap_block -o {name_dup2 - 2} -l 1 -p 3 {root_block}",  # "dup2" becomes "dup"
+    )
+    return image, outside
+
+
+def _inside(root: Path) -> None:
+    """Every entry under root is a real path under it, and every symlink resolves under it."""
+    real_root = os.path.realpath(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            resolved = os.path.realpath(path)
+            assert os.path.commonpath([real_root, resolved]) == real_root, (path, resolved)
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["to", "in-place"])
+@pytest.mark.parametrize("rule", ["skip", "overwrite", "rename"])
+def test_hostile_image_never_writes_outside(
+    in_place: bool,
+    rule: str,
+    hostile_image: tuple[Path, Path],
+    repo: blocksnap.Repository,
+    tmp_path: Path,
+) -> None:
+    image, outside = hostile_image
+    repo.snapshot("evil", image)
+    target = tmp_path / "target"
+    target.mkdir()
+    with repo.open_filesystem("evil") as fs:
+        names = {st.name for st in fs.listdir("/")}
+        assert {"/slash/name", "dup"} <= names  # crafted names are listed as they are
+        report = fs.extract(["/"], str(target), in_place=in_place, conflict=rule)
+        again = fs.extract(["/"], str(target), in_place=in_place, conflict=rule)
+    assert sorted(os.listdir(outside)) == []
+    _inside(target)
+    reasons = dict(report.skipped)
+    assert reasons["//slash/name"] == "invalid name '/slash/name'"
+    assert reasons["/null"] == "chardev not restored"
+    assert reasons["/disk"] == "blockdev not restored"
+    assert reasons["/pipe"] == "fifo not restored"
+    assert reasons["/d/loop"] == "directory met twice (a loop in the image)"
+    assert "points outside" in reasons["/esc"] and "points outside" in reasons["/d/up"]
+    if in_place:  # absolute targets are made relative to ROOT, so they stay inside it
+        assert os.readlink(target / "abs") == outside.as_posix()[1:] + "/abs-victim"
+        # The symlink "dup" comes first; then its directory twin follows the rule.
+        twin = {"skip": None, "overwrite": "dup", "rename": "dup.restored"}[rule]
+    else:
+        assert "points outside" in reasons["/abs"]
+        twin = "dup"
+    if twin:
+        assert (target / twin).is_dir() and (target / twin / "pwned").is_file()
+    assert (target / "d/xx").read_bytes() == b"inside\n"
+    assert not [p for p in target.rglob("*") if "blocksnap-" in p.name]
+    if rule == "rename":
+        assert again.renamed and all(".restored" in new for _, new in again.renamed)
+
+
+def test_in_place_refuses_symlinked_host_directory(
+    hostile_image: tuple[Path, Path], repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    image, _ = hostile_image
+    repo.snapshot("evil", image)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "d").symlink_to(elsewhere)  # the host path leads out through a symlink
+    with repo.open_filesystem("evil") as fs:
+        for rule in ("skip", "overwrite", "rename"):
+            report = fs.extract(["/d/xx"], str(root), in_place=True, conflict=rule)
+            assert report.files == 0 and "not followed" in report.skipped[0][1]
+            assert os.listdir(elsewhere) == []
+        # The directory itself follows the rule: kept, replaced or renamed, never entered.
+        for rule in ("skip", "rename", "overwrite"):
+            fs.extract(["/d"], str(root), in_place=True, conflict=rule)
+            assert os.listdir(elsewhere) == []
+    assert (root / "d.restored/xx").is_file() and (root / "d").is_dir()

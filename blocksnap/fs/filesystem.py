@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import io
-import posixpath
 import re
 from collections.abc import Callable, Iterator
 from functools import cached_property
@@ -57,6 +56,11 @@ def short_reason(exc: BaseException) -> str:
 def valid_name(name: str) -> bool:
     """Whether a directory entry's name can be a path component at all."""
     return name not in ("", ".", "..") and "/" not in name and "\0" not in name
+
+
+def _join(directory: str, name: str) -> str:
+    # Not posixpath.join: a name that starts with "/" must not replace the directory.
+    return directory.rstrip("/") + "/" + name
 
 
 def split_path(path: str) -> list[str]:
@@ -238,7 +242,7 @@ class Entry:
     @cached_property
     def stat(self) -> FileStat:
         with self._fs.translate(self.path):
-            return self._node.stat(self.path)
+            return self._node.stat(self.path, self.name)
 
     def children(self) -> Iterator[Entry]:
         """The entries of this directory, names as stored (see valid_name)."""
@@ -250,7 +254,7 @@ class Entry:
             if item is None:
                 return
             name, node = item
-            yield Entry(self._fs, posixpath.join(self.path, name), name, node)
+            yield Entry(self._fs, _join(self.path, name), name, node)
 
     def child(self, name: str) -> Entry:
         """The entry called `name` here: the exact name first, then any case where the
@@ -263,7 +267,7 @@ class Entry:
             if folded is None and fold is not None and entry.name.casefold() == fold:
                 folded = entry
         if folded is None:
-            raise FilesystemError(f"{posixpath.join(self.path, name)}: no such file or directory")
+            raise FilesystemError(f"{_join(self.path, name)}: no such file or directory")
         return folded
 
     def xattrs(self) -> dict[str, bytes]:

@@ -21,12 +21,13 @@ class PosixEntryNode:
     def __init__(self, entry: Any) -> None:
         self._entry = entry
 
-    def stat(self, path: str) -> FileStat:
+    def stat(self, path: str, name: str) -> FileStat:
         e = self._entry
         mode = int(e.file_mode)
         kind = kind_of_mode(mode)
         return FileStat(
             path=path,
+            name=name,
             kind=kind,
             size=int(e.size or 0),
             mode=mode & 0o7777,

@@ -8,7 +8,6 @@ exceptions into `FilesystemError`, so an adapter stays a thin translation of its
 from __future__ import annotations
 
 import enum
-import posixpath
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -46,6 +45,7 @@ class FileStat:
     """One file's metadata as the filesystem records it; None where it records nothing."""
 
     path: str  # absolute, "/"-separated, whatever the filesystem's own separator
+    name: str  # as stored: a hostile image may put "/" in it, so it is not taken from path
     kind: FileKind
     size: int
     mode: int | None  # permission bits (0o7777); FAT and NTFS have none
@@ -57,16 +57,12 @@ class FileStat:
     file_id: int | None  # inode or MFT reference: equal for hard links
     target: str | None = None  # a symlink's target
 
-    @property
-    def name(self) -> str:
-        return posixpath.basename(self.path) or "/"
-
 
 class Node(Protocol):
     """One entry of a filesystem as an adapter sees it."""
 
-    def stat(self, path: str) -> FileStat:
-        """The entry's metadata, reported under `path`."""
+    def stat(self, path: str, name: str) -> FileStat:
+        """The entry's metadata, reported under `path` and `name`."""
         ...
 
     def children(self) -> Iterator[tuple[str, Node]]:

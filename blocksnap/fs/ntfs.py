@@ -62,7 +62,7 @@ class NtfsNode:
             return None
         return data[8:].decode("utf-16-le", "surrogatepass").rstrip("\0")
 
-    def stat(self, path: str) -> FileStat:
+    def stat(self, path: str, name: str) -> FileStat:
         e = self._entry
         size = int(e.size or 0)
         target: str | None = None
@@ -74,6 +74,7 @@ class NtfsNode:
             kind = FileKind.SYMLINK if target is not None else FileKind.FILE
         return FileStat(
             path=path,
+            name=name,
             kind=kind,
             size=0 if kind is FileKind.DIRECTORY else size,
             mode=None,

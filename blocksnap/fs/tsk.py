@@ -92,7 +92,7 @@ class TskNode:
         self._exfat = exfat
         self._is_root = is_root
 
-    def stat(self, path: str) -> FileStat:
+    def stat(self, path: str, name: str) -> FileStat:
         meta = self._file.info.meta
         if meta.type == pytsk3.TSK_FS_META_TYPE_DIR:
             kind = FileKind.DIRECTORY
@@ -102,6 +102,7 @@ class TskNode:
             kind = FileKind.OTHER
         return FileStat(
             path=path,
+            name=name,
             kind=kind,
             size=0 if kind is FileKind.DIRECTORY else int(meta.size),
             mode=None,
