@@ -27,6 +27,40 @@ def throughput(bench: dict[str, Any]) -> float:
     return float(bench["extra_info"]["bytes"]) / float(bench["stats"]["median"])
 
 
+def single_file(benches: dict[str, Any]) -> None:
+    """The single-file restore table: time next to a full restore, blocks, scaling."""
+    files = sorted(
+        (b for n, b in benches.items() if n.startswith("test_extract_one_file_cold[")),
+        key=lambda b: b["extra_info"]["image_size"],
+    )
+    full = benches.get("test_full_restore_cold_of_the_same_snapshot")
+    if not files:
+        return
+    print("\n| single-file restore, cold | time | blocks fetched | vs full restore |")
+    print("|---|---|---|---|")
+    for b in files:
+        info = b["extra_info"]
+        size = info["image_size"] >> 20
+        ratio = (
+            f"{b['stats']['median'] / full['stats']['median']:.4f}x"
+            if full and b is files[0]
+            else "-"
+        )
+        print(
+            f"| {info['bytes'] / 2**20:.2f} MiB file of a {size} MiB image | "
+            f"{b['stats']['median'] * 1000:.0f} ms | {info['blocks_fetched']} "
+            f"({info['blocks_fetched_share']:.3%}) | {ratio} |"
+        )
+    if full:
+        print(
+            f"| full restore of the first image | {full['stats']['median'] * 1000:.0f} ms | "
+            "all | 1x |"
+        )
+    if len(files) > 1:
+        growth = files[-1]["stats"]["median"] / files[0]["stats"]["median"]
+        print(f"\nlargest image over smallest, same kind of file: {growth:.2f}x the time")
+
+
 def main(path: str) -> None:
     with open(path) as f:
         benches = {b["name"]: b for b in json.load(f)["benchmarks"]}
@@ -35,6 +69,7 @@ def main(path: str) -> None:
         if name in benches and base in benches:
             ratio = throughput(benches[name]) / throughput(benches[base])
             print(f"| {name.removeprefix('test_')} | {label} | {ratio:.2f}x | {target}x |")
+    single_file(benches)
     synth, full = benches.get("test_synthesize"), benches.get("test_full_snapshot")
     gc1 = benches.get("test_gc_after_pruning_one_snapshot[1]")
     gc10 = benches.get("test_gc_after_pruning_one_snapshot[10]")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import blocksnap
+from tests.fsimages import CAPS, KINDS, build, make_files
 
 MKFS = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
 DEBUGFS = shutil.which("debugfs") or "/sbin/debugfs"
@@ -138,3 +139,24 @@ def changed_blocks(old: bytes, new: bytes, block_size: int) -> list[int]:
         if a != b:
             out.append(i)
     return out
+
+
+@pytest.fixture(scope="session")
+def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
+    base = tmp_path_factory.mktemp("trees")
+    found = {}
+    for links in (True, False):
+        make_files(base / f"links-{links}", links=links)
+        found[links] = base / f"links-{links}"
+    return found
+
+
+@pytest.fixture(scope="session")
+def fs_images(tmp_path_factory: pytest.TempPathFactory, trees: dict[bool, Path]) -> dict[str, Path]:
+    """One image per filesystem kind holding the same files, built once per session."""
+    base = tmp_path_factory.mktemp("fsimages")
+    images = {}
+    for kind in KINDS:
+        tree = trees[CAPS[kind].links]
+        images[kind] = build(kind, tree, base / f"{kind}.img", 300 if kind == "xfs" else 64)
+    return images

@@ -30,6 +30,8 @@ class Caps:
     time_step_ns: int  # mtime granularity
 
 
+KINDS = ["ext4", "xfs", "ntfs", "fat32", "exfat"]
+
 CAPS = {
     # ext4 keeps nanoseconds, but mkfs.ext4 -d (e2fsprogs 1.47.0) copies whole seconds.
     "ext4": Caps(True, True, True, 1_000_000_000),

@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -13,30 +14,7 @@ import pytest
 import blocksnap
 from blocksnap.fs import FileKind
 from tests.conftest import debugfs, run_cli
-from tests.fsimages import CAPS, Caps, build, make_files, partitioned
-
-KINDS = ["ext4", "xfs", "ntfs", "fat32", "exfat"]
-
-
-@pytest.fixture(scope="session")
-def trees(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, Path]:
-    base = tmp_path_factory.mktemp("trees")
-    found = {}
-    for links in (True, False):
-        make_files(base / f"links-{links}", links=links)
-        found[links] = base / f"links-{links}"
-    return found
-
-
-@pytest.fixture(scope="session")
-def fs_images(tmp_path_factory: pytest.TempPathFactory, trees: dict[bool, Path]) -> dict[str, Path]:
-    """One image per filesystem kind holding the same files, built once per session."""
-    base = tmp_path_factory.mktemp("fsimages")
-    images = {}
-    for kind in KINDS:
-        tree = trees[CAPS[kind].links]
-        images[kind] = build(kind, tree, base / f"{kind}.img", 300 if kind == "xfs" else 64)
-    return images
+from tests.fsimages import CAPS, KINDS, Caps, partitioned
 
 
 def snapshot(repo: blocksnap.Repository, volume: str, image: Path) -> blocksnap.SnapshotInfo:
@@ -394,3 +372,61 @@ def test_in_place_refuses_symlinked_host_directory(
             fs.extract(["/d"], str(root), in_place=True, conflict=rule)
             assert os.listdir(elsewhere) == []
     assert (root / "d.restored/xx").is_file() and (root / "d").is_dir()
+
+
+HOLD_SNAPSHOT = """
+import sys, time, pathlib, blocksnap
+repo, image, started, release = sys.argv[1:5]
+def progress(p):
+    pathlib.Path(started).touch()
+    while not pathlib.Path(release).exists():
+        time.sleep(0.05)
+with blocksnap.Repository(repo) as r:
+    r.snapshot("vol", image, progress=progress)
+"""
+
+
+def test_extract_while_a_snapshot_of_the_volume_runs(
+    fs_images: dict[str, Path], tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    with blocksnap.Repository.init(repo) as r:
+        r.snapshot("vol", fs_images["ext4"])
+    started, release = tmp_path / "started", tmp_path / "release"
+    writer = subprocess.Popen(
+        [
+            "python",
+            "-c",
+            HOLD_SNAPSHOT,
+            str(repo),
+            str(fs_images["ext4"]),
+            str(started),
+            str(release),
+        ],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(600):
+            if started.exists() or writer.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert started.exists(), "the snapshot did not start"
+        # The snapshot holds its volume lock and writer registration, mid-run.
+        proc = run_cli(
+            "extract",
+            str(repo),
+            "vol",
+            "latest",
+            "/home/ann",
+            "--to",
+            str(tmp_path / "out"),
+            "--json",
+        )
+        assert proc.returncode == 1 and json.loads(proc.stdout)["files"] == 3
+        assert writer.poll() is None  # still running: the extraction did not wait for it
+    finally:
+        release.touch()
+        _, err = writer.communicate(timeout=120)
+    assert writer.returncode == 0, err
+    with blocksnap.Repository(repo) as r:
+        assert len(r.snapshots("vol")) == 2

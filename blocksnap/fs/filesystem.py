@@ -259,6 +259,10 @@ class Entry:
     def child(self, name: str) -> Entry:
         """The entry called `name` here: the exact name first, then any case where the
         filesystem ignores case."""
+        with self._fs.translate(self.path):
+            found = self._node.lookup(name)
+        if found is not None:
+            return Entry(self._fs, _join(self.path, name), name, found)
         folded: Entry | None = None
         fold = name.casefold() if self._fs.case_insensitive else None
         for entry in self.children():

@@ -14,12 +14,14 @@ from blocksnap.fs.node import FileKind, FileStat, Node, kind_of_mode
 
 
 class PosixEntryNode:
-    """A libfsext or libfsxfs file entry."""
+    """A libfsext or libfsxfs file entry, with the volume and path it was reached by."""
 
-    __slots__ = ("_entry",)
+    __slots__ = ("_entry", "_path", "_volume")
 
-    def __init__(self, entry: Any) -> None:
+    def __init__(self, entry: Any, volume: Any, path: str | None) -> None:
         self._entry = entry
+        self._volume = volume
+        self._path = path  # None below a name with "/" in it, which no path can spell
 
     def stat(self, path: str, name: str) -> FileStat:
         e = self._entry
@@ -42,7 +44,22 @@ class PosixEntryNode:
 
     def children(self) -> Iterator[tuple[str, Node]]:
         for child in self._entry.sub_file_entries:
-            yield str(child.name), PosixEntryNode(child)
+            name = str(child.name)
+            path = None if self._path is None or "/" in name else f"{self._path}/{name}"
+            yield name, PosixEntryNode(child, self._volume, path)
+
+    def lookup(self, name: str) -> Node | None:
+        # The library's path lookup reads only the directory blocks and the one inode,
+        # where iterating would read the inode of every entry: 8 ms against 34 ms for a
+        # directory of 3,000 files.  Its sub-entry-by-name call fails ("invalid inode").
+        if self._path is None or "/" in name:
+            return None
+        path = f"{self._path}/{name}"
+        try:
+            entry = self._volume.get_file_entry_by_path(path)
+        except OSError:
+            return None
+        return None if entry is None else PosixEntryNode(entry, self._volume, path)
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes(self._entry.read_buffer_at_offset(size, offset))

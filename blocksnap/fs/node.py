@@ -69,6 +69,11 @@ class Node(Protocol):
         """A directory's entries, without "." and ".."; names as stored."""
         ...
 
+    def lookup(self, name: str) -> Node | None:
+        """The directory's entry called `name` if the library can find it without reading
+        every entry; None sends the caller to children()."""
+        ...
+
     def read(self, offset: int, size: int) -> bytes:
         """Up to `size` bytes of a regular file's content from `offset`."""
         ...

@@ -93,6 +93,9 @@ class NtfsNode:
                 continue
             yield str(child.name), NtfsNode(child)
 
+    def lookup(self, name: str) -> Node | None:
+        return None
+
     def read(self, offset: int, size: int) -> bytes:
         return bytes(self._entry.read_buffer_at_offset(size, offset))
 

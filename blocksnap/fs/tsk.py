@@ -128,6 +128,9 @@ class TskNode:
                 continue
             yield name, TskNode(self._fs, child, self._exfat)
 
+    def lookup(self, name: str) -> Node | None:
+        return None
+
     def read(self, offset: int, size: int) -> bytes:
         return bytes(self._file.read_random(offset, size))
 

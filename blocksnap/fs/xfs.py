@@ -25,7 +25,7 @@ def mount(image: BinaryIO) -> Mounted:
     volume = pyfsxfs.volume()
     volume.open_file_object(image)
     return Mounted(
-        root=PosixEntryNode(volume.get_root_directory()),
+        root=PosixEntryNode(volume.get_root_directory(), volume, ""),
         kind="xfs",
         library=LIBRARY,
         case_insensitive=False,
