@@ -17,7 +17,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from blocksnap.errors import BlocksnapError, FilesystemError
-from blocksnap.fs.image import Latch
+from blocksnap.fs.image import Latch, PositionalFile
 from blocksnap.fs.node import FileKind, FileStat, Mounted, Node
 from blocksnap.fs.volumes import Partition
 from blocksnap.reader import ImageReader
@@ -51,6 +51,21 @@ def short_reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     text = re.sub(r"^\w+: ", "", text.strip())
     return text.split(". ", 1)[0].rstrip(".")
+
+
+@contextlib.contextmanager
+def library_errors(latch: Latch, what: str) -> Iterator[None]:
+    """A blocksnap error that a library swallowed is raised as itself; any other error of
+    the library becomes a FilesystemError "what: reason"."""
+    try:
+        yield
+    except BlocksnapError:
+        raise
+    except LIBRARY_ERRORS as exc:
+        cause = latch.take()
+        if cause is not None:
+            raise cause from exc
+        raise FilesystemError(f"{what}: {short_reason(exc)}") from exc
 
 
 def valid_name(name: str) -> bool:
@@ -107,15 +122,8 @@ class FileSystem:
         """Raise what the library raises as a FilesystemError naming `path`."""
         if self._closed:
             raise FilesystemError("the filesystem is closed")
-        try:
+        with library_errors(self._latch, f"{self.kind}: {path}"):
             yield
-        except BlocksnapError:
-            raise
-        except LIBRARY_ERRORS as exc:
-            cause = self._latch.take()
-            if cause is not None:
-                raise cause from exc
-            raise FilesystemError(f"{self.kind}: {path}: {short_reason(exc)}") from exc
 
     # --- paths -----------------------------------------------------------------------------
 
@@ -298,34 +306,12 @@ class Entry:
         return io.BufferedReader(_EntryStream(self), STREAM_BUFFER_SIZE)
 
 
-class _EntryStream(io.RawIOBase):
+class _EntryStream(PositionalFile):
     """A regular file's content as a raw, seekable binary stream."""
 
     def __init__(self, entry: Entry) -> None:
-        super().__init__()
+        super().__init__(entry.stat.size)
         self._entry = entry
-        self._pos = 0
-        self.size = entry.stat.size
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}.get(whence)
-        if base is None or base + offset < 0:
-            raise ValueError(f"invalid seek ({offset}, {whence})")
-        self._pos = base + offset
-        return self._pos
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        out = memoryview(buffer).cast("B")
-        data = self._entry.read(self._pos, len(out))
-        out[: len(data)] = data
-        self._pos += len(data)
-        return len(data)
+    def pread(self, offset: int, size: int) -> bytes:
+        return self._entry.read(offset, size)

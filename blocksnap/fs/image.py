@@ -27,15 +27,12 @@ class Latch:
         return failure
 
 
-class Window(io.RawIOBase):
-    """Bytes [offset, offset + size) of a positional reader, as a seekable binary file."""
+class PositionalFile(io.RawIOBase):
+    """A seekable, read-only binary file over `pread(offset, size)` and a size."""
 
-    def __init__(self, pread: PositionalRead, offset: int, size: int, latch: Latch) -> None:
+    def __init__(self, size: int) -> None:
         super().__init__()
-        self._pread = pread
-        self.offset = offset
         self.size = size
-        self.latch = latch
         self._pos = 0
 
     def readable(self) -> bool:
@@ -57,24 +54,9 @@ class Window(io.RawIOBase):
         self._pos = base + offset
         return self._pos
 
-    def sub(self, offset: int, size: int) -> Window:
-        """The window [offset, offset + size) of this one, sharing its latch."""
-        return Window(self._pread, self.offset + offset, size, self.latch)
-
     def pread(self, offset: int, size: int) -> bytes:
-        """Up to `size` bytes at `offset`, short only at the end of the window."""
-        size = max(0, min(size, self.size - offset))
-        if size == 0 or offset < 0:
-            return b""
-        try:
-            data = self._pread(self.offset + offset, size)
-        except BlocksnapError as exc:
-            if self.latch.failure is None:
-                self.latch.failure = exc
-            raise
-        if len(data) != size:
-            raise OSError(f"short read at {self.offset + offset}: {len(data)} of {size} bytes")
-        return data
+        """Up to `size` bytes at `offset`, short only at the end."""
+        raise NotImplementedError
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         out = memoryview(buffer).cast("B")
@@ -88,4 +70,32 @@ class Window(io.RawIOBase):
             size = max(0, self.size - self._pos)
         data = self.pread(self._pos, size)
         self._pos += len(data)
+        return data
+
+
+class Window(PositionalFile):
+    """Bytes [offset, offset + size) of a positional reader, as a seekable binary file."""
+
+    def __init__(self, pread: PositionalRead, offset: int, size: int, latch: Latch) -> None:
+        super().__init__(size)
+        self._pread = pread
+        self.offset = offset
+        self.latch = latch
+
+    def sub(self, offset: int, size: int) -> Window:
+        """The window [offset, offset + size) of this one, sharing its latch."""
+        return Window(self._pread, self.offset + offset, size, self.latch)
+
+    def pread(self, offset: int, size: int) -> bytes:
+        size = max(0, min(size, self.size - offset))
+        if size == 0 or offset < 0:
+            return b""
+        try:
+            data = self._pread(self.offset + offset, size)
+        except BlocksnapError as exc:
+            if self.latch.failure is None:
+                self.latch.failure = exc
+            raise
+        if len(data) != size:
+            raise OSError(f"short read at {self.offset + offset}: {len(data)} of {size} bytes")
         return data

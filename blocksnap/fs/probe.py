@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from blocksnap.errors import BlocksnapError, FilesystemError
-from blocksnap.fs.filesystem import LIBRARY_ERRORS, FileSystem, short_reason
+from blocksnap.errors import FilesystemError
+from blocksnap.fs.filesystem import FileSystem, library_errors
 from blocksnap.fs.image import Latch, Window
 from blocksnap.fs.volumes import Partition, find_partitions
 from blocksnap.reader import ImageReader
@@ -36,14 +36,11 @@ def _recognise(window: Window, adapters: list[ModuleType]) -> ModuleType | None:
     for adapter in adapters:
         window.seek(0)
         try:
-            if adapter.detect(window):
-                return adapter
-        except BlocksnapError:
-            raise
-        except LIBRARY_ERRORS:
-            cause = window.latch.take()
-            if cause is not None:
-                raise cause from None
+            with library_errors(window.latch, adapter.NAME):
+                if adapter.detect(window):
+                    return adapter
+        except FilesystemError:
+            continue  # the library did not recognise the bytes
     return None
 
 
@@ -52,17 +49,10 @@ def _mount(
 ) -> FileSystem:
     where = f"partition {partition.number}" if partition else "the image"
     window.seek(0)
-    try:
+    with library_errors(
+        window.latch, f"{where} looks like {ADAPTERS[adapter.NAME]} but cannot be read"
+    ):
         mounted = adapter.mount(window)
-    except BlocksnapError:
-        raise
-    except LIBRARY_ERRORS as exc:
-        cause = window.latch.take()
-        if cause is not None:
-            raise cause from exc
-        raise FilesystemError(
-            f"{where} looks like {ADAPTERS[adapter.NAME]} but cannot be read: {short_reason(exc)}"
-        ) from exc
     return FileSystem(mounted, window.latch, reader, partition)
 
 
@@ -87,15 +77,8 @@ def list_partitions(reader: ImageReader) -> list[tuple[Partition, str | None]]:
 
 
 def _partitions(whole: Window) -> list[Partition]:
-    try:
+    with library_errors(whole.latch, "the partition table cannot be read"):
         return find_partitions(whole)
-    except BlocksnapError:
-        raise
-    except LIBRARY_ERRORS as exc:
-        cause = whole.latch.take()
-        if cause is not None:
-            raise cause from exc
-        raise FilesystemError(f"the partition table cannot be read: {short_reason(exc)}") from exc
 
 
 def open_filesystem(reader: ImageReader, partition: int | None = None) -> FileSystem:
