@@ -7,14 +7,13 @@ import datetime
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from blocksnap import blockid, blockmap
 from blocksnap.blockmap import BlockMap
 from blocksnap.check import VerifyReport, verify
 from blocksnap.errors import NotFoundError, ProtectedError, UsageError
-from blocksnap.fs import FileSystem, Partition, list_partitions, open_filesystem
 from blocksnap.gc import DEFAULT_COMPACT_BELOW, GcReport, collect_garbage
-from blocksnap.history import Version, versions
 from blocksnap.model import Checkpoint, ProgressCallback, SnapshotDiff, SnapshotInfo
 from blocksnap.reader import DEFAULT_CACHE_SIZE, ImageReader
 from blocksnap.restore import RestoreResult, restore_image
@@ -28,6 +27,10 @@ from blocksnap.store.repository import (
     init_repository,
 )
 from blocksnap.synthesize import synthesize
+
+if TYPE_CHECKING:
+    from blocksnap.fs import FileSystem, Partition
+    from blocksnap.history import Version
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +195,8 @@ class Repository:
     ) -> FileSystem:
         """The filesystem inside a snapshot, read lazily: only the blocks that the files
         and metadata asked for live in are fetched (see FileSystem.stats)."""
+        from blocksnap.fs.probe import open_filesystem  # loads the filesystem libraries
+
         info = snapshot if isinstance(snapshot, SnapshotInfo) else self.resolve(volume, snapshot)
         reader = ImageReader(self._store, info, cache_size)
         try:
@@ -204,11 +209,15 @@ class Repository:
         self, volume: str, snapshot: str = "latest"
     ) -> list[tuple[Partition, str | None]]:
         """The snapshot image's partitions, each with the filesystem found on it (or None)."""
+        from blocksnap.fs.probe import list_partitions
+
         with self.open_image(volume, snapshot) as reader:
             return list_partitions(reader)
 
     def versions(self, volume: str, path: str, *, partition: int | None = None) -> list[Version]:
         """Which of the volume's snapshots hold `path`, and where its content changed."""
+        from blocksnap.history import versions
+
         self._require_volume(volume)
         return versions(
             self.snapshots(volume),

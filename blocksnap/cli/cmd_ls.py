@@ -13,7 +13,7 @@ from blocksnap.cli.files import (
     stat_document,
 )
 from blocksnap.cli.output import emit_json
-from blocksnap.fs import FileKind
+from blocksnap.fs.node import FileKind
 from blocksnap.repository import Repository
 
 

@@ -7,7 +7,7 @@ import datetime
 import stat as stat_mod
 from typing import Any
 
-from blocksnap.fs import FileKind, FileStat
+from blocksnap.fs.node import FileKind, FileStat
 
 _KIND_CHARS = {
     FileKind.FILE: "-",
