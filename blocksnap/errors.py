@@ -61,6 +61,11 @@ class FilesystemError(BlocksnapError):
     exit_code = 10
 
 
+class PathNotFoundError(FilesystemError):
+    """The path names nothing in the snapshot's filesystem (a part of it is missing, or is
+    not a directory)."""
+
+
 class NativeError(BlocksnapError):
     """The native backend is missing when it was required, or refused its arguments."""
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from blocksnap.errors import FilesystemError
+from blocksnap.errors import FilesystemError, PathNotFoundError
 from blocksnap.fs.filesystem import Entry, FileSystem
 from blocksnap.fs.node import FileKind, FileStat
 from blocksnap.model import SnapshotInfo
@@ -80,9 +80,7 @@ def versions(
                 try:
                     entry = fs.lookup(path)
                     stat, value = entry.stat, digest(entry)
-                except FilesystemError as exc:
-                    if "no such file" not in str(exc):
-                        raise
+                except PathNotFoundError:
                     stat, value = None, None
         except FilesystemError as exc:
             found.append(Version(info, VersionState.UNREADABLE, None, None, str(exc)))

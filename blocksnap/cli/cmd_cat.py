@@ -6,8 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from blocksnap.cli.files import add_partition_option, add_volume_arguments
-from blocksnap.repository import Repository
+from blocksnap.cli.files import add_partition_option, add_volume_arguments, opened
 
 _CHUNK_SIZE = 1 << 20
 
@@ -26,11 +25,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with (
-        Repository(args.repo) as repo,
-        repo.open_filesystem(args.volume, args.snapshot, partition=args.partition) as fs,
-        fs.open(args.path) as f,
-    ):
+    with opened(args) as fs, fs.open(args.path) as f:
         out = sys.stdout.buffer
         while chunk := f.read(_CHUNK_SIZE):
             out.write(chunk)

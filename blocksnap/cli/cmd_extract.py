@@ -6,9 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from blocksnap.cli.files import add_partition_option, add_volume_arguments, shown
+from blocksnap.cli.files import add_partition_option, add_volume_arguments, opened, shown
 from blocksnap.cli.output import emit_json, human_size
-from blocksnap.repository import Repository
 
 
 def add_parser(sub: Any) -> None:
@@ -43,10 +42,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     in_place = args.in_place is not None
     target = args.in_place if in_place else args.to
-    with (
-        Repository(args.repo) as repo,
-        repo.open_filesystem(args.volume, args.snapshot, partition=args.partition) as fs,
-    ):
+    with opened(args) as fs:
         report = fs.extract(args.paths, target, in_place=in_place, conflict=args.conflict)
     refused = [(path, why) for path, why in report.skipped if why != "exists"]
     if args.json:

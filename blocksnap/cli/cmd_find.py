@@ -9,11 +9,11 @@ from blocksnap.cli.files import (
     add_partition_option,
     add_volume_arguments,
     long_line,
+    opened,
     shown,
     stat_document,
 )
 from blocksnap.cli.output import emit_json
-from blocksnap.repository import Repository
 
 
 def add_parser(sub: Any) -> None:
@@ -34,10 +34,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with (
-        Repository(args.repo) as repo,
-        repo.open_filesystem(args.volume, args.snapshot, partition=args.partition) as fs,
-    ):
+    with opened(args) as fs:
         if args.json:
             found = [stat_document(st) for st in fs.find(args.pattern, args.under)]
             emit_json({"matches": found, "blocks_fetched": fs.stats.blocks_fetched})

@@ -9,12 +9,12 @@ from blocksnap.cli.files import (
     add_partition_option,
     add_volume_arguments,
     long_line,
+    opened,
     shown,
     stat_document,
 )
 from blocksnap.cli.output import emit_json
 from blocksnap.fs.node import FileKind
-from blocksnap.repository import Repository
 
 
 def add_parser(sub: Any) -> None:
@@ -34,10 +34,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with (
-        Repository(args.repo) as repo,
-        repo.open_filesystem(args.volume, args.snapshot, partition=args.partition) as fs,
-    ):
+    with opened(args) as fs:
         target = fs.stat(args.path, follow_symlinks=True)
         entries = fs.listdir(args.path) if target.kind is FileKind.DIRECTORY else [target]
         if args.json:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import stat as stat_mod
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from blocksnap.fs.node import FileKind, FileStat
+from blocksnap.repository import Repository
+
+if TYPE_CHECKING:
+    from blocksnap.fs import FileSystem
 
 _KIND_CHARS = {
     FileKind.FILE: "-",
@@ -35,6 +41,16 @@ def add_partition_option(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="the partition to read (from 1), when the disk holds more than one filesystem",
     )
+
+
+@contextlib.contextmanager
+def opened(args: argparse.Namespace) -> Iterator[FileSystem]:
+    """The filesystem of args.repo, args.volume, args.snapshot and args.partition."""
+    with (
+        Repository(args.repo) as repo,
+        repo.open_filesystem(args.volume, args.snapshot, partition=args.partition) as fs,
+    ):
+        yield fs
 
 
 def shown(text: str) -> str:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from blocksnap.errors import BlocksnapError, FilesystemError
+from blocksnap.errors import BlocksnapError, FilesystemError, PathNotFoundError
 from blocksnap.fs.image import Latch, PositionalFile
 from blocksnap.fs.node import FileKind, FileStat, Mounted, Node
 from blocksnap.fs.volumes import Partition
@@ -142,7 +142,7 @@ class FileSystem:
                 continue
             here = trail[-1]
             if here.stat.kind is not FileKind.DIRECTORY:
-                raise FilesystemError(f"{here.path}: not a directory")
+                raise PathNotFoundError(f"{here.path}: not a directory")
             entry = here.child(part)
             if entry.stat.kind is FileKind.SYMLINK and (pending or follow_symlinks):
                 hops += 1
@@ -279,7 +279,7 @@ class Entry:
             if folded is None and fold is not None and entry.name.casefold() == fold:
                 folded = entry
         if folded is None:
-            raise FilesystemError(f"{_join(self.path, name)}: no such file or directory")
+            raise PathNotFoundError(f"{_join(self.path, name)}: no such file or directory")
         return folded
 
     def xattrs(self) -> dict[str, bytes]:
