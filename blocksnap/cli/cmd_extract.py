@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     target = args.in_place if in_place else args.to
     with opened(args) as fs:
         report = fs.extract(args.paths, target, in_place=in_place, conflict=args.conflict)
+        fetched = fs.stats.blocks_fetched  # the whole request: finding the filesystem too
     refused = [(path, why) for path, why in report.skipped if why != "exists"]
     if args.json:
         emit_json(
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                 "symlinks": report.symlinks,
                 "hardlinks": report.hardlinks,
                 "bytes_written": report.bytes_written,
-                "blocks_fetched": report.blocks_fetched,
+                "blocks_fetched": fetched,
                 "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
                 "renamed": [{"path": p, "name": n} for p, n in report.renamed],
                 "warnings": [{"path": p, "warning": w} for p, w in report.warnings],
@@ -69,7 +70,6 @@ def run(args: argparse.Namespace) -> int:
             f"extracted {report.files} files, {report.directories} directories, "
             f"{report.symlinks} symlinks, {report.hardlinks} hard links "
             f"({human_size(report.bytes_written)}) to {report.target}; "
-            f"{report.blocks_fetched} blocks fetched"
-            + (f"; {len(refused)} refused" if refused else "")
+            f"{fetched} blocks fetched" + (f"; {len(refused)} refused" if refused else "")
         )
     return 1 if refused else 0
