@@ -190,11 +190,14 @@ class Repository:
         volume: str,
         snapshot: str | SnapshotInfo = "latest",
         *,
-        partition: int | None = None,
+        partition: int | str | None = None,
         cache_size: int = DEFAULT_CACHE_SIZE,
     ) -> FileSystem:
         """The filesystem inside a snapshot, read lazily: only the blocks that the files
-        and metadata asked for live in are fetched (see FileSystem.stats)."""
+        and metadata asked for live in are fetched (see FileSystem.stats).
+
+        `partition` chooses where on a disk: a partition number (from 1) or an LVM logical
+        volume as "VG/LV"; it is needed only when the disk holds several filesystems."""
         from blocksnap.fs.probe import open_filesystem  # loads the filesystem libraries
 
         info = snapshot if isinstance(snapshot, SnapshotInfo) else self.resolve(volume, snapshot)
@@ -208,13 +211,16 @@ class Repository:
     def partitions(
         self, volume: str, snapshot: str = "latest"
     ) -> list[tuple[Partition, str | None]]:
-        """The snapshot image's partitions, each with the filesystem found on it (or None)."""
+        """The snapshot image's partitions and LVM logical volumes, each with the filesystem
+        found on it (or None)."""
         from blocksnap.fs.probe import list_partitions
 
         with self.open_image(volume, snapshot) as reader:
             return list_partitions(reader)
 
-    def versions(self, volume: str, path: str, *, partition: int | None = None) -> list[Version]:
+    def versions(
+        self, volume: str, path: str, *, partition: int | str | None = None
+    ) -> list[Version]:
         """Which of the volume's snapshots hold `path`, and where its content changed."""
         from blocksnap.history import versions
 

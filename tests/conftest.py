@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import blocksnap
-from tests.fsimages import CAPS, KINDS, build, make_files
+from tests.fsimages import CAPS, KINDS, build, lvm_physical_volumes, make_files, partitioned
 
 MKFS = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
 DEBUGFS = shutil.which("debugfs") or "/sbin/debugfs"
@@ -160,3 +160,13 @@ def fs_images(tmp_path_factory: pytest.TempPathFactory, trees: dict[bool, Path])
         tree = trees[CAPS[kind].links]
         images[kind] = build(kind, tree, base / f"{kind}.img", 300 if kind == "xfs" else 64)
     return images
+
+
+@pytest.fixture(scope="session")
+def lvm_disk(tmp_path_factory: pytest.TempPathFactory, fs_images: dict[str, Path]) -> Path:
+    """A GPT disk: partition 1 exFAT; partitions 2 and 3 the physical volumes of volume
+    group "vgtest" (see fsimages.lvm_physical_volumes): "root" holds the ext4 image in two
+    segments, "data" the FAT32 image striped, "zeros" and "broken" hold no filesystem."""
+    base = tmp_path_factory.mktemp("lvm")
+    pvs = lvm_physical_volumes(base, "vgtest", fs_images["ext4"], fs_images["fat32"])
+    return partitioned(base / "disk.img", "gpt", [fs_images["exfat"], *pvs])

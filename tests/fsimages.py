@@ -2,7 +2,7 @@
 
 ext4 with mkfs.ext4 -d; XFS by a loop mount and cp -a; NTFS with mkntfs and ntfs-3g;
 FAT32 with mkfs.vfat and mcopy; exFAT with mkfs.exfat and exfat-fuse; GPT and MBR disks
-with sgdisk and sfdisk.
+with sgdisk and sfdisk; LVM physical volumes with pvcreate, vgcreate and lvcreate.
 """
 
 from __future__ import annotations
@@ -190,3 +190,86 @@ def partitioned(disk: Path, scheme: str, parts: list[Path]) -> Path:
             with open(part, "rb") as src:
                 shutil.copyfileobj(src, out)
     return disk
+
+
+LVM_EXTENT = 1 << 20
+LVM_CHUNK = 64 << 10
+
+
+def lvm_physical_volumes(workdir: Path, vg: str, root: Path, data: Path) -> list[Path]:
+    """Two LVM physical volumes, as image files, of volume group `vg` (extents of 1 MiB):
+
+    * LV "root" holds the image `root` in two segments, one on each PV: half made by
+      lvcreate on the first PV, half added by lvextend on the second;
+    * LV "data" holds the image `data`, striped over both PVs in 64 KiB chunks;
+    * LV "zeros" is a "zero" LV and LV "broken" an "error" LV.
+
+    The tools run on loop devices, restricted to them with --devices and without metadata
+    backups, so nothing of this reaches the host's LVM.  The test kernel has no
+    device-mapper, so they run with --driverloaded n, and the images are copied to the
+    extents that `lvs` reports, chunk by chunk across the stripes, as device-mapper would.
+    """
+    half = root.stat().st_size // 2
+    size = half + data.stat().st_size // 2 + 4 * LVM_EXTENT
+    pvs = [workdir / f"{vg}-pv{i}.img" for i in (1, 2)]
+    for pv in pvs:
+        _blank(pv, size >> 20)
+    with _loop(pvs[0]) as first, _loop(pvs[1]) as second:
+        files = {first: pvs[0], second: pvs[1]}
+
+        def lvm(*args: str) -> list[list[str]]:
+            config = "--config=backup{backup=0 archive=0}"
+            out = subprocess.run(
+                ["lvm", args[0], f"--devices={first},{second}", config, *args[1:]],
+                check=True,
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, "LVM_SUPPRESS_FD_WARNINGS": "1"},
+            ).stdout
+            return [line.strip().split(";") for line in out.splitlines()]
+
+        report = ["--noheadings", "--separator=;", "--units=b", "--nosuffix", "-o"]
+        create = ["--driverloaded=n", "-an", "-Zn", "-y"]
+        lvm("pvcreate", "-y", first, second)
+        lvm("vgcreate", "-s", "1M", vg, first, second)
+        lvm("lvcreate", *create, "-L", f"{half}b", "-n", "root", vg, first)
+        stripes = ["-i", "2", "-I", f"{LVM_CHUNK}b"]
+        lvm("lvcreate", *create, *stripes, "-L", f"{data.stat().st_size}b", "-n", "data", vg)
+        lvm("lvextend", "--driverloaded=n", "-L", f"+{half}b", f"{vg}/root", second)
+        for kind, name in (("zero", "zeros"), ("error", "broken")):
+            lvm("lvcreate", *create[:3], "--type", kind, "-L", "4m", "-n", name, vg)
+        pe_start = {name: int(start) for name, start in lvm("pvs", *report, "pv_name,pe_start")}
+        fields = "lv_name,seg_start_pe,seg_size_pe,seg_pe_ranges,stripes,stripe_size"
+        for name, start, count, ranges, n, chunk in lvm("lvs", "--segments", *report, fields, vg):
+            if name not in ("root", "data"):
+                continue
+            places = []  # (PV file, byte offset of the stripe's first extent there)
+            for item in ranges.split():
+                device, extents = item.rsplit(":", 1)
+                first_extent = int(extents.split("-")[0])
+                places.append((files[device], pe_start[device] + first_extent * LVM_EXTENT))
+            length = int(count) * LVM_EXTENT
+            _copy_segment(
+                root if name == "root" else data,
+                int(start) * LVM_EXTENT,
+                length,
+                places,
+                int(chunk) if int(n) > 1 else length,
+            )
+    return pvs
+
+
+def _copy_segment(
+    source: Path, start: int, length: int, places: list[tuple[Path, int]], chunk: int
+) -> None:
+    """Copy bytes [start, start + length) of `source` into a segment's stripes, chunk i
+    going to stripe i mod n, row i div n."""
+    with open(source, "rb") as src:
+        for i in range(length // chunk):
+            row, stripe = divmod(i, len(places))
+            pv, at = places[stripe]
+            src.seek(start + i * chunk)
+            with open(pv, "r+b") as out:
+                out.seek(at + row * chunk)
+                out.write(src.read(chunk))

@@ -2,7 +2,7 @@
 process of the fuzz test.  A crash, a hang (SIGALRM) or an error other than a blocksnap
 error ends it with a non-zero status.
 
-usage: python -m tests.fuzz_reader REPO VOLUME MEMORY_MIB SECONDS_PER_SNAPSHOT
+usage: python -m tests.fuzz_reader REPO VOLUME MEMORY_MIB SECONDS_PER_SNAPSHOT [PARTITION]
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ READ_LIMIT = 4 << 20  # bytes read per file, enough to go through its mapping
 
 def main() -> int:
     repo_path, volume, memory_mib, seconds = sys.argv[1:5]
+    partition = sys.argv[5] if len(sys.argv) > 5 else None
     limit = int(memory_mib) << 20
     # RLIMIT_DATA, not RLIMIT_AS: the LMDB index reserves a large shared mapping up front.
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
@@ -28,7 +29,7 @@ def main() -> int:
         for info in repo.snapshots(volume):
             signal.alarm(int(seconds))  # no handler: a hang kills the process
             try:
-                with repo.open_filesystem(volume, info) as fs:
+                with repo.open_filesystem(volume, info, partition=partition) as fs:
                     for entry in fs.walk("/"):
                         if entry.stat.kind is FileKind.FILE:
                             entry.read(0, min(entry.stat.size, READ_LIMIT))

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
             emit_json(
                 {
                     "filesystem": fs.kind,
-                    "partition": fs.partition.number if fs.partition else None,
+                    "partition": fs.partition.name if fs.partition else None,
                     "path": target.path,
                     "entries": [stat_document(st) for st in entries],
                     "blocks_fetched": fs.stats.blocks_fetched,

@@ -37,9 +37,9 @@ def add_volume_arguments(p: argparse.ArgumentParser, snapshot: bool = True) -> N
 def add_partition_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--partition",
-        type=int,
-        metavar="N",
-        help="the partition to read (from 1), when the disk holds more than one filesystem",
+        metavar="N|VG/LV",
+        help="the partition (from 1) or LVM logical volume to read, when the disk holds "
+        "more than one filesystem",
     )
 
 

@@ -7,6 +7,7 @@
 | ntfs   | libfsntfs (LGPL-3)         | NTFS                    |
 | tsk    | pytsk3 (Apache, CPL, IPL)  | FAT12/16/32, exFAT      |
 | volumes| libvsgpt, libvsmbr (LGPL-3)| GPT and MBR partitions  |
+| lvm    | (its own reader)           | LVM2 logical volumes    |
 
 `probe.open_filesystem` picks the adapter; `filesystem.FileSystem` is what callers use.
 """

@@ -1,7 +1,8 @@
-"""Finding the filesystem in an image: on the whole image, else on each partition.
+"""Finding the filesystem in an image: the whole image, a partition or a logical volume.
 
-Adapters are tried in the order of ADAPTERS; the first whose library recognises the
-bytes mounts it.  A disk with several filesystems needs a partition number.
+Adapters are tried in the order of ADAPTERS on the whole image, then on every partition
+and LVM logical volume; the first whose library recognises the bytes mounts it.  A disk
+with several filesystems needs a choice: a partition number, or "VG/LV".
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from types import ModuleType
 from blocksnap.errors import FilesystemError
 from blocksnap.fs.filesystem import FileSystem, library_errors
 from blocksnap.fs.image import Latch, Window
-from blocksnap.fs.volumes import Partition, find_partitions
+from blocksnap.fs.lvm import find_logical_volumes
+from blocksnap.fs.volumes import Partition, Place, find_partitions
 from blocksnap.reader import ImageReader
 
 # Adapter modules under blocksnap.fs, and the filesystems each one is asked about.
@@ -47,7 +49,7 @@ def _recognise(window: Window, adapters: list[ModuleType]) -> ModuleType | None:
 def _mount(
     adapter: ModuleType, window: Window, reader: ImageReader, partition: Partition | None
 ) -> FileSystem:
-    where = f"partition {partition.number}" if partition else "the image"
+    where = f"partition {partition.name}" if partition else "the image"
     window.seek(0)
     with library_errors(
         window.latch, f"{where} looks like {ADAPTERS[adapter.NAME]} but cannot be read"
@@ -64,25 +66,33 @@ def _pread(reader: ImageReader) -> Window:
     return Window(pread, 0, reader.size, Latch())
 
 
+def _places(whole: Window) -> tuple[list[Place], list[str]]:
+    """The image's partitions and LVM logical volumes, and what made LVM unreadable where
+    a physical volume is damaged."""
+    with library_errors(whole.latch, "the partition table cannot be read"):
+        partitions = find_partitions(whole)
+    places = [Place(p, whole.sub(p.offset, p.size)) for p in partitions]
+    pv_places = [(f"partition {p.name}", whole.sub(p.offset, p.size)) for p in partitions]
+    with library_errors(whole.latch, "the LVM metadata cannot be read"):
+        logical, problems = find_logical_volumes(whole, pv_places or [("the image", whole)])
+    return places + logical, problems
+
+
 def list_partitions(reader: ImageReader) -> list[tuple[Partition, str | None]]:
-    """Every partition of the image with the filesystem kind recognised on it (or None)."""
+    """Every partition and logical volume of the image, with the filesystem kind found on
+    it (None when there is none, or the logical volume cannot be read)."""
     whole = _pread(reader)
     adapters = _adapters()
     found = []
-    for partition in _partitions(whole):
-        window = whole.sub(partition.offset, partition.size)
-        adapter = _recognise(window, adapters)
-        found.append((partition, ADAPTERS[adapter.NAME] if adapter else None))
+    for place in _places(whole)[0]:
+        adapter = _recognise(place.window, adapters) if place.window is not None else None
+        found.append((place.partition, ADAPTERS[adapter.NAME] if adapter else None))
     return found
 
 
-def _partitions(whole: Window) -> list[Partition]:
-    with library_errors(whole.latch, "the partition table cannot be read"):
-        return find_partitions(whole)
-
-
-def open_filesystem(reader: ImageReader, partition: int | None = None) -> FileSystem:
-    """Mount the filesystem of the image, or of partition number `partition` (from 1).
+def open_filesystem(reader: ImageReader, partition: int | str | None = None) -> FileSystem:
+    """Mount the filesystem of the image, or of `partition`: a partition number (from 1)
+    or a logical volume as "VG/LV".
 
     The FileSystem owns `reader` from here on; closing it closes the reader."""
     whole = _pread(reader)
@@ -91,35 +101,39 @@ def open_filesystem(reader: ImageReader, partition: int | None = None) -> FileSy
         adapter = _recognise(whole, adapters)
         if adapter is not None:
             return _mount(adapter, whole, reader, None)
-    partitions = _partitions(whole)
+    places, problems = _places(whole)
+    damaged = f"; {'; '.join(problems)}" if problems else ""
     if partition is not None:
-        chosen = [p for p in partitions if p.number == partition]
-        if not chosen:
-            numbers = ", ".join(str(p.number) for p in partitions) or "none"
-            raise FilesystemError(f"no partition {partition} (the image has: {numbers})")
-        candidates = chosen
+        wanted = str(partition)
+        candidates = [p for p in places if p.partition.name == wanted]
+        if not candidates:
+            names = ", ".join(p.partition.name for p in places) or "none"
+            raise FilesystemError(f"no partition {wanted} (the image has: {names}){damaged}")
+        if candidates[0].problem is not None:
+            raise FilesystemError(candidates[0].problem)
     else:
-        candidates = partitions
+        candidates = places
     mountable: list[tuple[Partition, ModuleType, Window]] = []
-    for p in candidates:
-        window = whole.sub(p.offset, p.size)
-        adapter = _recognise(window, adapters)
+    for place in candidates:
+        if place.window is None:
+            continue
+        adapter = _recognise(place.window, adapters)
         if adapter is not None:
-            mountable.append((p, adapter, window))
+            mountable.append((place.partition, adapter, place.window))
     if not mountable:
         where = (
             f"partition {partition}"
             if partition is not None
-            else f"the image or its {len(partitions)} partitions"
-            if partitions
-            else "the image (no partition table either)"
+            else f"the image or its {len(places)} partitions and logical volumes"
+            if places
+            else "the image (no partition table or LVM either)"
         )
-        raise FilesystemError(f"no known filesystem on {where}: tried {_tried()}")
+        raise FilesystemError(f"no known filesystem on {where}: tried {_tried()}{damaged}")
     if len(mountable) > 1:
-        listed = ", ".join(f"{p.number} ({ADAPTERS[a.NAME]})" for p, a, _ in mountable)
+        listed = ", ".join(f"{p.name} ({ADAPTERS[a.NAME]})" for p, a, _ in mountable)
         raise FilesystemError(
-            f"the image holds {len(mountable)} filesystems, on partitions {listed}: "
-            "choose one with --partition N"
+            f"the image holds {len(mountable)} filesystems, on {listed}: "
+            "choose one with --partition N or --partition VG/LV"
         )
     p, adapter, window = mountable[0]
     return _mount(adapter, window, reader, p)

@@ -18,11 +18,27 @@ from blocksnap.fs.image import Window
 
 @dataclass(frozen=True, slots=True)
 class Partition:
-    number: int  # from 1
-    scheme: str  # "gpt" or "mbr"
-    offset: int  # bytes from the start of the image
+    """Where a filesystem can be: a partition-table entry, or an LVM logical volume."""
+
+    name: str  # "1", "5", ...: a table entry's number; "VG/LV": a logical volume
+    scheme: str  # "gpt", "mbr" or "lvm"
+    offset: int  # bytes from the start of the image (a logical volume: its first extent)
     size: int
-    type: str  # GPT type GUID, or the MBR type byte as "0x83"
+    type: str  # GPT type GUID, the MBR type byte as "0x83", or LVM segment types
+
+    @property
+    def number(self) -> int | None:
+        """The table entry's number (from 1); None for a logical volume."""
+        return int(self.name) if self.name.isdigit() else None
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """A partition or logical volume with the window that reads it, or the reason none can."""
+
+    partition: Partition
+    window: Window | None
+    problem: str | None = None
 
 
 def find_partitions(image: Window) -> list[Partition]:
@@ -32,7 +48,7 @@ def find_partitions(image: Window) -> list[Partition]:
         table = pyvsgpt.volume()
         table.open_file_object(image)
         found = [
-            Partition(i + 1, "gpt", int(p.volume_offset), int(p.size), str(p.type_identifier))
+            Partition(str(i + 1), "gpt", int(p.volume_offset), int(p.size), str(p.type_identifier))
             for i, p in enumerate(table.partitions)
         ]
         table.close()
@@ -48,7 +64,7 @@ def find_partitions(image: Window) -> list[Partition]:
             number = slots.get(offset)
             if number is None:
                 number, logical = logical, logical + 1
-            found.append(Partition(number, "mbr", offset, int(p.size), f"0x{int(p.type):02x}"))
+            found.append(Partition(str(number), "mbr", offset, int(p.size), f"0x{int(p.type):02x}"))
         table.close()
         return _inside(image, found)
     return []
