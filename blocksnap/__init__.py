@@ -23,6 +23,7 @@ from blocksnap.errors import (
     SourceError,
     StoreError,
     UsageError,
+    XattrsIncompleteError,
 )
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ __all__ = [
     "VerifyReport",
     "Version",
     "VersionState",
+    "XattrsIncompleteError",
     "open_image",
     "repair_index",
 ]

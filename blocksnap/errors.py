@@ -66,6 +66,17 @@ class PathNotFoundError(FilesystemError):
     not a directory)."""
 
 
+class XattrsIncompleteError(FilesystemError):
+    """Some extended attributes of a file cannot be read right: `unreadable` names them,
+    `reason` says why, and `readable` holds the others."""
+
+    def __init__(self, readable: dict[str, bytes], unreadable: list[str], reason: str) -> None:
+        super().__init__(f"extended attributes {', '.join(unreadable)} not read: {reason}")
+        self.readable = readable
+        self.unreadable = unreadable
+        self.reason = reason
+
+
 class NativeError(BlocksnapError):
     """The native backend is missing when it was required, or refused its arguments."""
 

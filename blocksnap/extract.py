@@ -31,7 +31,7 @@ import stat as stat_mod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from blocksnap.errors import RestoreError, UsageError
+from blocksnap.errors import RestoreError, UsageError, XattrsIncompleteError
 from blocksnap.fs.filesystem import MAX_DEPTH, Entry, split_path, valid_name
 from blocksnap.fs.node import FileKind, FileStat
 
@@ -213,7 +213,13 @@ class _Extraction:
             except OSError as exc:
                 self.report.warnings.append((entry.path, f"owner not set: {exc.strerror}"))
         os.fchmod(fd, st.mode if st.mode is not None else self._default_mode(st.kind))
-        for key, value in entry.xattrs().items():
+        try:
+            xattrs = entry.xattrs()
+        except XattrsIncompleteError as exc:
+            xattrs = exc.readable
+            for key in exc.unreadable:
+                self.report.warnings.append((entry.path, f"xattr {key} not restored: {exc.reason}"))
+        for key, value in xattrs.items():
             try:
                 os.setxattr(fd, key, value)
             except OSError as exc:

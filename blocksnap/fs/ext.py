@@ -1,17 +1,33 @@
-"""The ext2/3/4 adapter, over libfsext (LGPL; PyPI libfsext-python).
+"""The ext2/3/4 adapter, over libfsext (LGPL), with The Sleuth Kit for inline data.
 
-libfsext reads extents, htree directories, inline data, fast and slow symlinks and
-extended attributes, through the file object it is given.
+libfsext reads extents, htree directories, fast and slow symlinks and extended
+attributes, through the file object it is given.  Inline data (ext4's inline_data
+feature: a small file, symlink or directory kept in the inode, its tail in the
+"system.data" extended attribute) it reads wrongly: libfsext 20260821 returns the first 60
+bytes and then zeros, and cannot open an inline directory longer than that.  On a
+filesystem with that feature, such files are read through TSK instead (measured right on
+images written by mkfs.ext4 -d and by the kernel), and their names are listed by it.
+
+libfsext also forgets an inode's extended attributes once the inode is in its cache: only
+the first fetch of an inode carries them.  So attributes (and the "system.data" that marks
+inline data) are read from a second volume, by inode number, which is opened afresh
+before it would be asked for the same inode twice.
 """
 
 from __future__ import annotations
 
-from typing import BinaryIO
+import dataclasses
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 import pyfsext
+import pytsk3
 
+from blocksnap.errors import XattrsIncompleteError
+from blocksnap.fs.image import Window
 from blocksnap.fs.libyal import PosixEntryNode
-from blocksnap.fs.node import Mounted
+from blocksnap.fs.node import FileKind, FileStat, Mounted, Node
+from blocksnap.fs.tsk import TskImage
 
 NAME = "ext"
 LIBRARY = f"libfsext {pyfsext.get_version()}"
@@ -24,8 +40,10 @@ def detect(image: BinaryIO) -> bool:
 def mount(image: BinaryIO) -> Mounted:
     volume = pyfsext.volume()
     volume.open_file_object(image)
+    inline = _Inline(image) if _incompat(image) & _INLINE_DATA else None
+    attributes = _Attributes(image)
     return Mounted(
-        root=PosixEntryNode(volume.get_root_directory(), volume, ""),
+        root=ExtNode(volume.get_root_directory(), volume, "", inline, attributes),
         kind=_kind(image),
         library=LIBRARY,
         case_insensitive=False,
@@ -37,16 +55,256 @@ def mount(image: BinaryIO) -> Mounted:
 _COMPAT, _INCOMPAT = 0x5C, 0x60
 _HAS_JOURNAL = 0x4
 _EXT4_INCOMPAT = 0x40 | 0x80 | 0x200  # extents, 64bit, flex_bg
+_INLINE_DATA = 0x8000
+_INLINE_XATTR = "system.data"
+_XATTR_READ_RIGHT = 60  # bytes of an attribute value libfsext 20260821 reads right
+
+
+def _features(image: BinaryIO) -> tuple[int, int] | None:
+    image.seek(1024)
+    sb = image.read(1024)
+    if len(sb) < _INCOMPAT + 4:
+        return None
+    compat = int.from_bytes(sb[_COMPAT : _COMPAT + 4], "little")
+    return compat, int.from_bytes(sb[_INCOMPAT : _INCOMPAT + 4], "little")
+
+
+def _incompat(image: BinaryIO) -> int:
+    features = _features(image)
+    return features[1] if features else 0
 
 
 def _kind(image: BinaryIO) -> str:
     """ext2, ext3 or ext4, by the features the superblock declares (as blkid names them)."""
-    image.seek(1024)
-    sb = image.read(1024)
-    if len(sb) < _INCOMPAT + 4:
+    features = _features(image)
+    if features is None:
         return "ext"
-    compat = int.from_bytes(sb[_COMPAT : _COMPAT + 4], "little")
-    incompat = int.from_bytes(sb[_INCOMPAT : _INCOMPAT + 4], "little")
+    compat, incompat = features
     if incompat & _EXT4_INCOMPAT:
         return "ext4"
     return "ext3" if compat & _HAS_JOURNAL else "ext2"
+
+
+class _Attributes:
+    """Extended attributes by inode number, each from an inode's first fetch."""
+
+    def __init__(self, image: BinaryIO) -> None:
+        self._image = image
+        self._volume: Any = None
+        self._fetched: set[int] = set()
+
+    def of(self, inode: int) -> tuple[dict[str, bytes], list[str]]:
+        """The attributes read right, and the names of those whose value is too long for
+        libfsext: it returns the first 60 bytes of a longer value, then zeros."""
+        if self._volume is None or inode in self._fetched:
+            self._volume = pyfsext.volume()
+            self._volume.open_file_object(self._image)
+            self._fetched = set()
+        self._fetched.add(inode)
+        entry = self._volume.get_file_entry_by_inode(inode)
+        found, too_long = {}, []
+        for attribute in entry.extended_attributes:
+            name, size = str(attribute.name), int(attribute.size)
+            if name == _INLINE_XATTR:
+                found[name] = b""  # only its presence is used: it marks inline data
+            elif size > _XATTR_READ_RIGHT:
+                too_long.append(name)
+            else:
+                found[name] = bytes(attribute.read_buffer_at_offset(size, 0))
+        return found, too_long
+
+
+class _Inline:
+    """TSK's view of the same filesystem, opened on first need, for inline data."""
+
+    def __init__(self, image: BinaryIO) -> None:
+        if not isinstance(image, Window):
+            raise TypeError("the ext adapter reads a Window")
+        self._image = image
+        self._fs: Any = None
+
+    def file(self, inode: int) -> Any:
+        if self._fs is None:
+            self._fs = pytsk3.FS_Info(TskImage(self._image))
+        return self._fs.open_meta(inode=inode)
+
+    def children(
+        self, inode: int, volume: Any, path: str | None, attributes: _Attributes
+    ) -> Iterator[tuple[str, Node]]:
+        """A directory's entries as TSK lists them: libfsext nodes where libfsext can
+        open the inode, else TSK ones."""
+        for name, child in self._listing(inode):
+            child_path = None if path is None or "/" in name else f"{path}/{name}"
+            try:
+                entry = volume.get_file_entry_by_inode(int(child.info.meta.addr))
+            except OSError:
+                yield name, _TskExtNode(child, self, volume, child_path, attributes)
+            else:
+                yield name, ExtNode(entry, volume, child_path, self, attributes)
+
+    def _listing(self, inode: int) -> Iterator[tuple[str, Any]]:
+        for child in self.file(inode).as_directory():
+            name_info, meta = child.info.name, child.info.meta
+            if meta is None or not int(name_info.flags) & pytsk3.TSK_FS_NAME_FLAG_ALLOC:
+                continue
+            if meta.type in _TSK_VIRTUAL:
+                continue  # TSK's own $OrphanFiles
+            name = bytes(name_info.name).decode("utf-8", "surrogateescape")
+            if name not in (".", ".."):
+                yield name, child
+
+    def missing(
+        self, inode: int, volume: Any, path: str | None, seen: set[str], attributes: _Attributes
+    ) -> Iterator[tuple[str, Node]]:
+        """The entries of a directory that libfsext could not open, as TSK nodes."""
+        for name, child in self._listing(inode):
+            if name not in seen:
+                child_path = None if path is None or "/" in name else f"{path}/{name}"
+                yield name, _TskExtNode(child, self, volume, child_path, attributes)
+
+
+class ExtNode(PosixEntryNode):
+    """A libfsext entry; its content comes from TSK when it is kept inline."""
+
+    __slots__ = ("_attributes", "_inline", "_too_long", "_xattrs")
+
+    def __init__(
+        self,
+        entry: Any,
+        volume: Any,
+        path: str | None,
+        inline: _Inline | None,
+        attributes: _Attributes,
+    ) -> None:
+        super().__init__(entry, volume, path)
+        self._inline = inline
+        self._attributes = attributes
+        self._xattrs: dict[str, bytes] | None = None
+        self._too_long: list[str] = []
+
+    def _node(self, entry: Any, path: str | None) -> PosixEntryNode:
+        return ExtNode(entry, self._volume, path, self._inline, self._attributes)
+
+    def _all_xattrs(self) -> dict[str, bytes]:
+        if self._xattrs is None:
+            self._xattrs, self._too_long = self._attributes.of(int(self._entry.inode_number))
+        return self._xattrs
+
+    def _inline_file(self) -> Any:
+        """The TSK file of this entry if its data is inline, else None."""
+        if self._inline is None or _INLINE_XATTR not in self._all_xattrs():
+            return None
+        return self._inline.file(int(self._entry.inode_number))
+
+    def stat(self, path: str, name: str) -> FileStat:
+        st = super().stat(path, name)
+        if st.kind is FileKind.SYMLINK and (file := self._inline_file()) is not None:
+            target = bytes(file.read_random(0, st.size)).decode("utf-8", "surrogateescape")
+            return dataclasses.replace(st, target=target)
+        return st
+
+    def children(self) -> Iterator[tuple[str, Node]]:
+        if self._inline is None:
+            yield from super().children()
+            return
+        inode = int(self._entry.inode_number)
+        if _INLINE_XATTR in self._all_xattrs():
+            # libfsext lists only the first 60 bytes of an inline directory
+            yield from self._inline.children(inode, self._volume, self._path, self._attributes)
+            return
+        # libfsext fails on an entry whose inode holds an inline directory longer than
+        # 60 bytes: TSK reads those.
+        seen, failed = set(), False
+        for i in range(int(self._entry.number_of_sub_file_entries)):
+            try:
+                child = self._entry.get_sub_file_entry(i)
+            except OSError:
+                failed = True
+                continue
+            name = str(child.name)
+            seen.add(name)
+            path = None if self._path is None or "/" in name else f"{self._path}/{name}"
+            yield name, self._node(child, path)
+        if failed:
+            yield from self._inline.missing(inode, self._volume, self._path, seen, self._attributes)
+
+    def read(self, offset: int, size: int) -> bytes:
+        file = self._inline_file()
+        if file is None:
+            return super().read(offset, size)
+        return bytes(file.read_random(offset, size))
+
+    def xattrs(self) -> dict[str, bytes]:
+        found = dict(self._all_xattrs())
+        found.pop(_INLINE_XATTR, None)  # the inline data itself, not an attribute
+        if self._too_long:
+            reason = (
+                f"its value is longer than the {_XATTR_READ_RIGHT} bytes "
+                f"{LIBRARY} reads right"
+            )
+            raise XattrsIncompleteError(found, list(self._too_long), reason)
+        return found
+
+
+_TSK_VIRTUAL = {pytsk3.TSK_FS_META_TYPE_VIRT, pytsk3.TSK_FS_META_TYPE_VIRT_DIR}
+_TSK_KINDS = {
+    pytsk3.TSK_FS_META_TYPE_REG: FileKind.FILE,
+    pytsk3.TSK_FS_META_TYPE_DIR: FileKind.DIRECTORY,
+    pytsk3.TSK_FS_META_TYPE_LNK: FileKind.SYMLINK,
+    pytsk3.TSK_FS_META_TYPE_CHR: FileKind.CHAR_DEVICE,
+    pytsk3.TSK_FS_META_TYPE_BLK: FileKind.BLOCK_DEVICE,
+    pytsk3.TSK_FS_META_TYPE_FIFO: FileKind.FIFO,
+    pytsk3.TSK_FS_META_TYPE_SOCK: FileKind.SOCKET,
+}
+
+
+class _TskExtNode:
+    """An inode libfsext cannot open (an inline directory longer than 60 bytes), read by
+    TSK.  TSK does not read ext extended attributes, and libfsext cannot open this inode
+    to read them, so it has none."""
+
+    __slots__ = ("_attributes", "_file", "_inline", "_path", "_volume")
+
+    def __init__(
+        self, file: Any, inline: _Inline, volume: Any, path: str | None, attributes: _Attributes
+    ) -> None:
+        self._file = file
+        self._inline = inline
+        self._volume = volume
+        self._path = path
+        self._attributes = attributes
+
+    def stat(self, path: str, name: str) -> FileStat:
+        meta = self._file.info.meta
+        kind = _TSK_KINDS.get(meta.type, FileKind.OTHER)
+        size = int(meta.size)
+        target = None
+        if kind is FileKind.SYMLINK:
+            target = bytes(self._file.read_random(0, size)).decode("utf-8", "surrogateescape")
+        return FileStat(
+            path=path,
+            name=name,
+            kind=kind,
+            size=size,
+            mode=int(meta.mode) & 0o7777,
+            uid=int(meta.uid),
+            gid=int(meta.gid),
+            mtime_ns=int(meta.mtime) * 1_000_000_000 + int(meta.mtime_nano),
+            atime_ns=int(meta.atime) * 1_000_000_000 + int(meta.atime_nano),
+            nlink=int(meta.nlink),
+            file_id=int(meta.addr),
+            target=target,
+        )
+
+    def children(self) -> Iterator[tuple[str, Node]]:
+        inode = int(self._file.info.meta.addr)
+        yield from self._inline.children(inode, self._volume, self._path, self._attributes)
+
+    def lookup(self, name: str) -> Node | None:
+        return None
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(self._file.read_random(offset, size))
+
+    def xattrs(self) -> dict[str, bytes]:
+        return {}

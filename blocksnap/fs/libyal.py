@@ -42,11 +42,15 @@ class PosixEntryNode:
             target=str(e.symbolic_link_target) if kind is FileKind.SYMLINK else None,
         )
 
+    def _node(self, entry: Any, path: str | None) -> PosixEntryNode:
+        """A node for another entry of the same volume (subclasses return their own)."""
+        return PosixEntryNode(entry, self._volume, path)
+
     def children(self) -> Iterator[tuple[str, Node]]:
         for child in self._entry.sub_file_entries:
             name = str(child.name)
             path = None if self._path is None or "/" in name else f"{self._path}/{name}"
-            yield name, PosixEntryNode(child, self._volume, path)
+            yield name, self._node(child, path)
 
     def lookup(self, name: str) -> Node | None:
         # The library's path lookup reads only the directory blocks and the one inode,
@@ -59,7 +63,7 @@ class PosixEntryNode:
             entry = self._volume.get_file_entry_by_path(path)
         except OSError:
             return None
-        return None if entry is None else PosixEntryNode(entry, self._volume, path)
+        return None if entry is None else self._node(entry, path)
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes(self._entry.read_buffer_at_offset(size, offset))

@@ -30,7 +30,7 @@ _VIRTUAL = {pytsk3.TSK_FS_META_TYPE_VIRT, pytsk3.TSK_FS_META_TYPE_VIRT_DIR}
 _EXFAT_METADATA = {"$ALLOC_BITMAP", "$UPCASE_TABLE", "$VOLUME_GUID", "$TEXFAT"}
 
 
-class _Image(pytsk3.Img_Info):  # type: ignore[misc]
+class TskImage(pytsk3.Img_Info):  # type: ignore[misc]
     """A Window as a TSK image: TSK asks for (offset, size) and the size."""
 
     def __init__(self, window: Window) -> None:
@@ -55,7 +55,7 @@ def _open(image: BinaryIO) -> tuple[Any, str] | None:
     if not isinstance(image, Window):
         raise TypeError("the TSK adapter reads a Window")
     try:
-        fs = pytsk3.FS_Info(_Image(image))
+        fs = pytsk3.FS_Info(TskImage(image))
     except OSError:
         return None
     kind = _KINDS.get(fs.info.ftype)
