@@ -27,7 +27,7 @@ from blocksnap.errors import XattrsIncompleteError
 from blocksnap.fs.image import Window
 from blocksnap.fs.libyal import PosixEntryNode
 from blocksnap.fs.node import FileKind, FileStat, Mounted, Node
-from blocksnap.fs.tsk import TskImage
+from blocksnap.fs.tsk import TskImage, TskNode, entries
 
 NAME = "ext"
 LIBRARY = f"libfsext {pyfsext.get_version()}"
@@ -123,10 +123,14 @@ class _Inline:
         self._image = image
         self._fs: Any = None
 
-    def file(self, inode: int) -> Any:
+    @property
+    def fs(self) -> Any:
         if self._fs is None:
             self._fs = pytsk3.FS_Info(TskImage(self._image))
-        return self._fs.open_meta(inode=inode)
+        return self._fs
+
+    def file(self, inode: int) -> Any:
+        return self.fs.open_meta(inode=inode)
 
     def children(
         self, inode: int, volume: Any, path: str | None, attributes: _Attributes
@@ -143,15 +147,7 @@ class _Inline:
                 yield name, ExtNode(entry, volume, child_path, self, attributes)
 
     def _listing(self, inode: int) -> Iterator[tuple[str, Any]]:
-        for child in self.file(inode).as_directory():
-            name_info, meta = child.info.name, child.info.meta
-            if meta is None or not int(name_info.flags) & pytsk3.TSK_FS_NAME_FLAG_ALLOC:
-                continue
-            if meta.type in _TSK_VIRTUAL:
-                continue  # TSK's own $OrphanFiles
-            name = bytes(name_info.name).decode("utf-8", "surrogateescape")
-            if name not in (".", ".."):
-                yield name, child
+        return entries(self.file(inode))
 
     def missing(
         self, inode: int, volume: Any, path: str | None, seen: set[str], attributes: _Attributes
@@ -238,15 +234,11 @@ class ExtNode(PosixEntryNode):
         found = dict(self._all_xattrs())
         found.pop(_INLINE_XATTR, None)  # the inline data itself, not an attribute
         if self._too_long:
-            reason = (
-                f"its value is longer than the {_XATTR_READ_RIGHT} bytes "
-                f"{LIBRARY} reads right"
-            )
+            reason = f"its value is longer than the {_XATTR_READ_RIGHT} bytes {LIBRARY} reads right"
             raise XattrsIncompleteError(found, list(self._too_long), reason)
         return found
 
 
-_TSK_VIRTUAL = {pytsk3.TSK_FS_META_TYPE_VIRT, pytsk3.TSK_FS_META_TYPE_VIRT_DIR}
 _TSK_KINDS = {
     pytsk3.TSK_FS_META_TYPE_REG: FileKind.FILE,
     pytsk3.TSK_FS_META_TYPE_DIR: FileKind.DIRECTORY,
@@ -258,17 +250,17 @@ _TSK_KINDS = {
 }
 
 
-class _TskExtNode:
+class _TskExtNode(TskNode):
     """An inode libfsext cannot open (an inline directory longer than 60 bytes), read by
     TSK.  TSK does not read ext extended attributes, and libfsext cannot open this inode
     to read them, so it has none."""
 
-    __slots__ = ("_attributes", "_file", "_inline", "_path", "_volume")
+    __slots__ = ("_attributes", "_inline", "_path", "_volume")
 
     def __init__(
         self, file: Any, inline: _Inline, volume: Any, path: str | None, attributes: _Attributes
     ) -> None:
-        self._file = file
+        super().__init__(inline.fs, file, exfat=False)
         self._inline = inline
         self._volume = volume
         self._path = path
@@ -299,12 +291,3 @@ class _TskExtNode:
     def children(self) -> Iterator[tuple[str, Node]]:
         inode = int(self._file.info.meta.addr)
         yield from self._inline.children(inode, self._volume, self._path, self._attributes)
-
-    def lookup(self, name: str) -> Node | None:
-        return None
-
-    def read(self, offset: int, size: int) -> bytes:
-        return bytes(self._file.read_random(offset, size))
-
-    def xattrs(self) -> dict[str, bytes]:
-        return {}

@@ -77,6 +77,20 @@ def mount(image: BinaryIO) -> Mounted:
     )
 
 
+def entries(directory: Any) -> Iterator[tuple[str, Any]]:
+    """The allocated, real entries of a TSK directory: no deleted entries, no virtual
+    files of TSK's own, no "." or ".."."""
+    for child in directory.as_directory():
+        name_info, meta = child.info.name, child.info.meta
+        if meta is None or not int(name_info.flags) & pytsk3.TSK_FS_NAME_FLAG_ALLOC:
+            continue
+        if meta.type in _VIRTUAL:
+            continue
+        name = bytes(name_info.name).decode("utf-8", "surrogateescape")
+        if name not in (".", ".."):
+            yield name, child
+
+
 def _ns(seconds: int, nanos: int) -> int | None:
     return seconds * 1_000_000_000 + nanos if seconds else None
 
@@ -115,15 +129,7 @@ class TskNode:
         )
 
     def children(self) -> Iterator[tuple[str, Node]]:
-        for child in self._file.as_directory():
-            name_info, meta = child.info.name, child.info.meta
-            if meta is None or not int(name_info.flags) & pytsk3.TSK_FS_NAME_FLAG_ALLOC:
-                continue
-            if meta.type in _VIRTUAL:
-                continue
-            name = bytes(name_info.name).decode("utf-8", "surrogateescape")
-            if name in (".", ".."):
-                continue
+        for name, child in entries(self._file):
             if self._exfat and self._is_root and name in _EXFAT_METADATA:
                 continue
             yield name, TskNode(self._fs, child, self._exfat)
