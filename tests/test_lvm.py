@@ -192,8 +192,7 @@ def test_hostile_metadata_gives_named_errors(
     for _ in range(HOSTILE):
         disk = tmp_path / "hostile.img"
         shutil.copyfile(lvm_disk, disk)
-        area, offset, text = metadata_text(disk, offsets[0])
-        hostile = mutate(text, rng)
+        hostile = mutate(metadata_text(disk, offsets[0])[2], rng)
         for pv in offsets:
             area, offset, _text = metadata_text(disk, pv)
             write_metadata_text(disk, area, offset, hostile)

@@ -40,11 +40,12 @@ def detect(image: BinaryIO) -> bool:
 def mount(image: BinaryIO) -> Mounted:
     volume = pyfsext.volume()
     volume.open_file_object(image)
-    inline = _Inline(image) if _incompat(image) & _INLINE_DATA else None
+    features = _features(image)
+    inline = _Inline(image) if features and features[1] & _INLINE_DATA else None
     attributes = _Attributes(image)
     return Mounted(
         root=ExtNode(volume.get_root_directory(), volume, "", inline, attributes),
-        kind=_kind(image),
+        kind=_kind(features),
         library=LIBRARY,
         case_insensitive=False,
         close=volume.close,
@@ -61,6 +62,7 @@ _XATTR_READ_RIGHT = 60  # bytes of an attribute value libfsext 20260821 reads ri
 
 
 def _features(image: BinaryIO) -> tuple[int, int] | None:
+    """The superblock's (compatible, incompatible) feature flags; None if it is short."""
     image.seek(1024)
     sb = image.read(1024)
     if len(sb) < _INCOMPAT + 4:
@@ -69,14 +71,8 @@ def _features(image: BinaryIO) -> tuple[int, int] | None:
     return compat, int.from_bytes(sb[_INCOMPAT : _INCOMPAT + 4], "little")
 
 
-def _incompat(image: BinaryIO) -> int:
-    features = _features(image)
-    return features[1] if features else 0
-
-
-def _kind(image: BinaryIO) -> str:
+def _kind(features: tuple[int, int] | None) -> str:
     """ext2, ext3 or ext4, by the features the superblock declares (as blkid names them)."""
-    features = _features(image)
     if features is None:
         return "ext"
     compat, incompat = features

@@ -71,10 +71,10 @@ def _places(whole: Window) -> tuple[list[Place], list[str]]:
     a physical volume is damaged."""
     with library_errors(whole.latch, "the partition table cannot be read"):
         partitions = find_partitions(whole)
-    places = [Place(p, whole.sub(p.offset, p.size)) for p in partitions]
-    pv_places = [(f"partition {p.name}", whole.sub(p.offset, p.size)) for p in partitions]
+    windows = [(f"partition {p.name}", whole.sub(p.offset, p.size)) for p in partitions]
+    places = [Place(p, window) for p, (_where, window) in zip(partitions, windows, strict=True)]
     with library_errors(whole.latch, "the LVM metadata cannot be read"):
-        logical, problems = find_logical_volumes(whole, pv_places or [("the image", whole)])
+        logical, problems = find_logical_volumes(whole, windows or [("the image", whole)])
     return places + logical, problems
 
 
