@@ -126,11 +126,14 @@ def test_a_reader_retries_once_when_the_pack_moved_under_it(
 def test_a_synthetic_full_outlives_every_older_snapshot(tmp_path: Path, ext4_image: Path) -> None:
     with blocksnap.Repository.init(tmp_path / "repo") as repo:
         versions = chain(repo, ext4_image)
-        synthetic = repo.synthesize("vol", versions[2][0].id)
-        repo.prune(policy=Policy(keep_last=1))  # keeps only the synthetic full (newest commit)
+        # A synthetic full carries its source's time, so it is made from the newest
+        # snapshot: it ties on time and wins as the later commit, whichever second the
+        # chain's snapshots fell in.
+        synthetic = repo.synthesize("vol", versions[-1][0].id)
+        repo.prune(policy=Policy(keep_last=1))
         assert [s.id for s in repo.snapshots("vol")] == [synthetic.id]
         assert repo.gc().objects_deleted > 0
-        assert restores(repo, synthetic.id, versions[2][1], tmp_path)
+        assert restores(repo, synthetic.id, versions[-1][1], tmp_path)
         assert_clean(repo)
 
 
