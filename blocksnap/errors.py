@@ -67,14 +67,15 @@ class PathNotFoundError(FilesystemError):
 
 
 class XattrsIncompleteError(FilesystemError):
-    """Some extended attributes of a file cannot be read right: `unreadable` names them,
-    `reason` says why, and `readable` holds the others."""
+    """Some extended attributes of a file cannot be read right: `unreadable` maps each
+    (its name, or where it is kept when even the name cannot be trusted) to why, and
+    `readable` holds the others."""
 
-    def __init__(self, readable: dict[str, bytes], unreadable: list[str], reason: str) -> None:
-        super().__init__(f"extended attributes {', '.join(unreadable)} not read: {reason}")
+    def __init__(self, readable: dict[str, bytes], unreadable: dict[str, str]) -> None:
+        said = "; ".join(f"{name}: {why}" for name, why in unreadable.items())
+        super().__init__(f"extended attributes not read: {said}")
         self.readable = readable
         self.unreadable = unreadable
-        self.reason = reason
 
 
 class NativeError(BlocksnapError):

@@ -217,8 +217,8 @@ class _Extraction:
             xattrs = entry.xattrs()
         except XattrsIncompleteError as exc:
             xattrs = exc.readable
-            for key in exc.unreadable:
-                self.report.warnings.append((entry.path, f"xattr {key} not restored: {exc.reason}"))
+            for key, why in exc.unreadable.items():
+                self.report.warnings.append((entry.path, f"xattr {key} not restored: {why}"))
         for key, value in xattrs.items():
             try:
                 os.setxattr(fd, key, value)

@@ -1,17 +1,16 @@
 """The ext2/3/4 adapter, over libfsext (LGPL), with The Sleuth Kit for inline data.
 
-libfsext reads extents, htree directories, fast and slow symlinks and extended
-attributes, through the file object it is given.  Inline data (ext4's inline_data
-feature: a small file, symlink or directory kept in the inode, its tail in the
-"system.data" extended attribute) it reads wrongly: libfsext 20260821 returns the first 60
-bytes and then zeros, and cannot open an inline directory longer than that.  On a
-filesystem with that feature, such files are read through TSK instead (measured right on
-images written by mkfs.ext4 -d and by the kernel), and their names are listed by it.
+libfsext reads extents, htree directories, and fast and slow symlinks, through the file
+object it is given.  Inline data (ext4's inline_data feature: a small file, symlink or
+directory kept in the inode, its tail in the "system.data" extended attribute) it reads
+wrongly: libfsext 20260821 returns the first 60 bytes and then zeros, and cannot open an
+inline directory longer than that.  On a filesystem with that feature, inodes flagged
+inline are read through TSK instead (measured right on images written by mkfs.ext4 -d and
+by the kernel), and their names are listed by it.
 
-libfsext also forgets an inode's extended attributes once the inode is in its cache: only
-the first fetch of an inode carries them.  So attributes (and the "system.data" that marks
-inline data) are read from a second volume, by inode number, which is opened afresh
-before it would be asked for the same inode twice.
+Extended attributes, and the inode flags, come from `extattrs`, blocksnap's own reader:
+libfsext reads a value over 60 bytes wrongly, and forgets an inode's attributes once the
+inode is in its cache.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import pyfsext
 import pytsk3
 
 from blocksnap.errors import XattrsIncompleteError
+from blocksnap.fs.extattrs import INLINE_DATA_FLAG, ExtAttributes
 from blocksnap.fs.image import Window
 from blocksnap.fs.libyal import PosixEntryNode
 from blocksnap.fs.node import FileKind, FileStat, Mounted, Node
@@ -40,74 +40,46 @@ def detect(image: BinaryIO) -> bool:
 def mount(image: BinaryIO) -> Mounted:
     volume = pyfsext.volume()
     volume.open_file_object(image)
-    features = _features(image)
-    inline = _Inline(image) if features and features[1] & _INLINE_DATA else None
-    attributes = _Attributes(image)
+
+    def read_inode(number: int, size: int) -> bytes:
+        return bytes(volume.get_file_entry_by_inode(number).read_buffer_at_offset(size, 0))
+
+    try:
+        attributes = ExtAttributes(image, read_inode)
+    except BaseException:
+        volume.close()
+        raise
+    inline = _Inline(image) if attributes.incompat & _INLINE_DATA else None
     return Mounted(
         root=ExtNode(volume.get_root_directory(), volume, "", inline, attributes),
-        kind=_kind(features),
+        kind=_kind(attributes.compat, attributes.incompat),
         library=LIBRARY,
         case_insensitive=False,
         close=volume.close,
     )
 
 
-# Superblock feature flags (offsets from the start of the superblock, at byte 1024).
-_COMPAT, _INCOMPAT = 0x5C, 0x60
+# Superblock feature flags.
 _HAS_JOURNAL = 0x4
 _EXT4_INCOMPAT = 0x40 | 0x80 | 0x200  # extents, 64bit, flex_bg
 _INLINE_DATA = 0x8000
 _INLINE_XATTR = "system.data"
-_XATTR_READ_RIGHT = 60  # bytes of an attribute value libfsext 20260821 reads right
 
 
-def _features(image: BinaryIO) -> tuple[int, int] | None:
-    """The superblock's (compatible, incompatible) feature flags; None if it is short."""
-    image.seek(1024)
-    sb = image.read(1024)
-    if len(sb) < _INCOMPAT + 4:
-        return None
-    compat = int.from_bytes(sb[_COMPAT : _COMPAT + 4], "little")
-    return compat, int.from_bytes(sb[_INCOMPAT : _INCOMPAT + 4], "little")
-
-
-def _kind(features: tuple[int, int] | None) -> str:
+def _kind(compat: int, incompat: int) -> str:
     """ext2, ext3 or ext4, by the features the superblock declares (as blkid names them)."""
-    if features is None:
-        return "ext"
-    compat, incompat = features
     if incompat & _EXT4_INCOMPAT:
         return "ext4"
     return "ext3" if compat & _HAS_JOURNAL else "ext2"
 
 
-class _Attributes:
-    """Extended attributes by inode number, each from an inode's first fetch."""
-
-    def __init__(self, image: BinaryIO) -> None:
-        self._image = image
-        self._volume: Any = None
-        self._fetched: set[int] = set()
-
-    def of(self, inode: int) -> tuple[dict[str, bytes], list[str]]:
-        """The attributes read right, and the names of those whose value is too long for
-        libfsext: it returns the first 60 bytes of a longer value, then zeros."""
-        if self._volume is None or inode in self._fetched:
-            self._volume = pyfsext.volume()
-            self._volume.open_file_object(self._image)
-            self._fetched = set()
-        self._fetched.add(inode)
-        entry = self._volume.get_file_entry_by_inode(inode)
-        found, too_long = {}, []
-        for attribute in entry.extended_attributes:
-            name, size = str(attribute.name), int(attribute.size)
-            if name == _INLINE_XATTR:
-                found[name] = b""  # only its presence is used: it marks inline data
-            elif size > _XATTR_READ_RIGHT:
-                too_long.append(name)
-            else:
-                found[name] = bytes(attribute.read_buffer_at_offset(size, 0))
-        return found, too_long
+def _xattrs(attributes: ExtAttributes, inode: int) -> dict[str, bytes]:
+    """An inode's extended attributes; XattrsIncompleteError names any not read."""
+    found = attributes.of(inode)
+    readable = {k: v for k, v in found.found.items() if k != _INLINE_XATTR}
+    if found.unreadable:
+        raise XattrsIncompleteError(readable, dict(found.unreadable))
+    return readable
 
 
 class _Inline:
@@ -129,7 +101,7 @@ class _Inline:
         return self.fs.open_meta(inode=inode)
 
     def children(
-        self, inode: int, volume: Any, path: str | None, attributes: _Attributes
+        self, inode: int, volume: Any, path: str | None, attributes: ExtAttributes
     ) -> Iterator[tuple[str, Node]]:
         """A directory's entries as TSK lists them: libfsext nodes where libfsext can
         open the inode, else TSK ones."""
@@ -146,7 +118,7 @@ class _Inline:
         return entries(self.file(inode))
 
     def missing(
-        self, inode: int, volume: Any, path: str | None, seen: set[str], attributes: _Attributes
+        self, inode: int, volume: Any, path: str | None, seen: set[str], attributes: ExtAttributes
     ) -> Iterator[tuple[str, Node]]:
         """The entries of a directory that libfsext could not open, as TSK nodes."""
         for name, child in self._listing(inode):
@@ -158,7 +130,7 @@ class _Inline:
 class ExtNode(PosixEntryNode):
     """A libfsext entry; its content comes from TSK when it is kept inline."""
 
-    __slots__ = ("_attributes", "_inline", "_too_long", "_xattrs")
+    __slots__ = ("_attributes", "_flags", "_inline")
 
     def __init__(
         self,
@@ -166,29 +138,33 @@ class ExtNode(PosixEntryNode):
         volume: Any,
         path: str | None,
         inline: _Inline | None,
-        attributes: _Attributes,
+        attributes: ExtAttributes,
     ) -> None:
         super().__init__(entry, volume, path)
         self._inline = inline
         self._attributes = attributes
-        self._xattrs: dict[str, bytes] | None = None
-        self._too_long: list[str] = []
+        self._flags: int | None = None
 
     def _node(self, entry: Any, path: str | None) -> PosixEntryNode:
         return ExtNode(entry, self._volume, path, self._inline, self._attributes)
 
-    def _all_xattrs(self) -> dict[str, bytes]:
-        if self._xattrs is None:
-            self._xattrs, self._too_long = self._attributes.of(int(self._entry.inode_number))
-        return self._xattrs
+    def _inode_flags(self) -> int:
+        """The inode's flags, read (and with metadata_csum, its checksum checked) once."""
+        if self._flags is None:
+            self._flags = self._attributes.flags(int(self._entry.inode_number))
+        return self._flags
+
+    def _is_inline(self) -> bool:
+        return self._inline is not None and bool(self._inode_flags() & INLINE_DATA_FLAG)
 
     def _inline_file(self) -> Any:
         """The TSK file of this entry if its data is inline, else None."""
-        if self._inline is None or _INLINE_XATTR not in self._all_xattrs():
+        if self._inline is None or not self._is_inline():
             return None
         return self._inline.file(int(self._entry.inode_number))
 
     def stat(self, path: str, name: str) -> FileStat:
+        self._inode_flags()  # libfsext does not check the inode's checksum
         st = super().stat(path, name)
         if st.kind is FileKind.SYMLINK and (file := self._inline_file()) is not None:
             target = bytes(file.read_random(0, st.size)).decode("utf-8", "surrogateescape")
@@ -200,7 +176,7 @@ class ExtNode(PosixEntryNode):
             yield from super().children()
             return
         inode = int(self._entry.inode_number)
-        if _INLINE_XATTR in self._all_xattrs():
+        if self._is_inline():
             # libfsext lists only the first 60 bytes of an inline directory
             yield from self._inline.children(inode, self._volume, self._path, self._attributes)
             return
@@ -227,12 +203,7 @@ class ExtNode(PosixEntryNode):
         return bytes(file.read_random(offset, size))
 
     def xattrs(self) -> dict[str, bytes]:
-        found = dict(self._all_xattrs())
-        found.pop(_INLINE_XATTR, None)  # the inline data itself, not an attribute
-        if self._too_long:
-            reason = f"its value is longer than the {_XATTR_READ_RIGHT} bytes {LIBRARY} reads right"
-            raise XattrsIncompleteError(found, list(self._too_long), reason)
-        return found
+        return _xattrs(self._attributes, int(self._entry.inode_number))
 
 
 _TSK_KINDS = {
@@ -248,13 +219,12 @@ _TSK_KINDS = {
 
 class _TskExtNode(TskNode):
     """An inode libfsext cannot open (an inline directory longer than 60 bytes), read by
-    TSK.  TSK does not read ext extended attributes, and libfsext cannot open this inode
-    to read them, so it has none."""
+    TSK; its extended attributes come from `extattrs` like any other's."""
 
     __slots__ = ("_attributes", "_inline", "_path", "_volume")
 
     def __init__(
-        self, file: Any, inline: _Inline, volume: Any, path: str | None, attributes: _Attributes
+        self, file: Any, inline: _Inline, volume: Any, path: str | None, attributes: ExtAttributes
     ) -> None:
         super().__init__(inline.fs, file, exfat=False)
         self._inline = inline
@@ -264,6 +234,7 @@ class _TskExtNode(TskNode):
 
     def stat(self, path: str, name: str) -> FileStat:
         meta = self._file.info.meta
+        self._attributes.flags(int(meta.addr))  # checks the inode's checksum
         kind = _TSK_KINDS.get(meta.type, FileKind.OTHER)
         size = int(meta.size)
         target = None
@@ -287,3 +258,6 @@ class _TskExtNode(TskNode):
     def children(self) -> Iterator[tuple[str, Node]]:
         inode = int(self._file.info.meta.addr)
         yield from self._inline.children(inode, self._volume, self._path, self._attributes)
+
+    def xattrs(self) -> dict[str, bytes]:
+        return _xattrs(self._attributes, int(self._file.info.meta.addr))
