@@ -4,6 +4,7 @@
 |--------|----------------------------|-------------------------|
 | ext    | libfsext (LGPL-3)          | ext2, ext3, ext4        |
 | xfs    | libfsxfs (LGPL-3)          | XFS v4 and v5           |
+| extattrs, xfsattrs | (their own readers) | ext and XFS xattrs, inode checks |
 | ntfs   | libfsntfs (LGPL-3)         | NTFS                    |
 | tsk    | pytsk3 (Apache, CPL, IPL)  | FAT12/16/32, exFAT      |
 | volumes| libvsgpt, libvsmbr (LGPL-3)| GPT and MBR partitions  |

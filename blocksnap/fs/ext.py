@@ -22,7 +22,6 @@ from typing import Any, BinaryIO
 import pyfsext
 import pytsk3
 
-from blocksnap.errors import XattrsIncompleteError
 from blocksnap.fs.extattrs import INLINE_DATA_FLAG, ExtAttributes
 from blocksnap.fs.image import Window
 from blocksnap.fs.libyal import PosixEntryNode
@@ -75,11 +74,7 @@ def _kind(compat: int, incompat: int) -> str:
 
 def _xattrs(attributes: ExtAttributes, inode: int) -> dict[str, bytes]:
     """An inode's extended attributes; XattrsIncompleteError names any not read."""
-    found = attributes.of(inode)
-    readable = {k: v for k, v in found.found.items() if k != _INLINE_XATTR}
-    if found.unreadable:
-        raise XattrsIncompleteError(readable, dict(found.unreadable))
-    return readable
+    return attributes.of(inode).complete(hidden=(_INLINE_XATTR,))
 
 
 class _Inline:

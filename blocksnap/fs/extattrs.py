@@ -47,13 +47,22 @@ block number (u64) and the block with its checksum zeroed.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import google_crc32c
 
 from blocksnap.errors import FilesystemError
+from blocksnap.fs.attrs import (
+    ACL_ACCESS,
+    ACL_DEFAULT,
+    ACL_GROUP,
+    ACL_USER,
+    AclError,
+    InodeAttributes,
+    acl_xattr,
+    read_exact,
+)
 
 SUPERBLOCK_AT = 1024
 MAGIC = 0xEF53
@@ -70,31 +79,19 @@ _ENTRY = struct.Struct("<BBHIII")
 _BLOCK_HEADER = 32
 _PREFIXES = {
     1: "user.",
-    2: "system.posix_acl_access",
-    3: "system.posix_acl_default",
+    2: ACL_ACCESS,
+    3: ACL_DEFAULT,
     4: "trusted.",
     6: "security.",
     7: "system.",
     8: "system.richacl",
 }
 _ACL_PREFIXES = {2, 3}
-_ACL_USER, _ACL_GROUP = 0x02, 0x08  # the tags whose entries carry an id
-_ACL_TAGS = {0x01, _ACL_USER, 0x04, _ACL_GROUP, 0x10, 0x20}
-_ACL_UNDEFINED_ID = 0xFFFFFFFF
-MAX_VALUE = 64 << 20  # the kernel's own limit for a value in its own inode is 64 KiB
+_EXT4_ACL_VERSION = 1
+MAX_VALUE = 64 << 10  # the kernel's limit for any value (XATTR_SIZE_MAX)
 
 
-@dataclass(slots=True)
-class InodeAttributes:
-    """One inode's flags and extended attributes: those read, and why each other one
-    could not be."""
-
-    flags: int
-    found: dict[str, bytes] = field(default_factory=dict)
-    unreadable: dict[str, str] = field(default_factory=dict)
-
-
-def _raw_crc32c(seed: int, data: bytes) -> int:
+def raw_crc32c(seed: int, data: bytes) -> int:
     """The kernel's crc32c(): no inversion on the way in or out."""
     return int(google_crc32c.extend(seed ^ 0xFFFFFFFF, data)) ^ 0xFFFFFFFF
 
@@ -151,17 +148,13 @@ class ExtAttributes:
             self.seed = (
                 u32(0x270)
                 if incompat & _CSUM_SEED
-                else _raw_crc32c(0xFFFFFFFF, bytes(sb[0x68:0x78]))
+                else raw_crc32c(0xFFFFFFFF, bytes(sb[0x68:0x78]))
             )
 
     # --- reading -------------------------------------------------------------------
 
     def _read(self, offset: int, size: int, what: str) -> bytes:
-        self._image.seek(offset)
-        data = self._image.read(size)
-        if len(data) != size:
-            raise FilesystemError(f"{what} lies past the end of the image")
-        return data
+        return read_exact(self._image, offset, size, what)
 
     def _has_super(self, group: int) -> bool:
         """Whether a group starts with a superblock backup (the kernel's ext4_bg_has_super)."""
@@ -220,9 +213,9 @@ class ExtAttributes:
         zeroed[0x7C:0x7E] = b"\0\0"
         if has_high:
             zeroed[0x82:0x84] = b"\0\0"
-        crc = _raw_crc32c(self.seed, number.to_bytes(4, "little"))
-        crc = _raw_crc32c(crc, raw[0x64:0x68])
-        crc = _raw_crc32c(crc, bytes(zeroed))
+        crc = raw_crc32c(self.seed, number.to_bytes(4, "little"))
+        crc = raw_crc32c(crc, raw[0x64:0x68])
+        crc = raw_crc32c(crc, bytes(zeroed))
         stored = int.from_bytes(raw[0x7C:0x7E], "little")
         if has_high:
             stored |= int.from_bytes(raw[0x82:0x84], "little") << 16
@@ -270,8 +263,8 @@ class ExtAttributes:
         if self.seed is not None:
             zeroed = bytearray(data)
             zeroed[0x10:0x14] = b"\0\0\0\0"
-            crc = _raw_crc32c(self.seed, block.to_bytes(8, "little"))
-            if _raw_crc32c(crc, bytes(zeroed)) != int.from_bytes(data[0x10:0x14], "little"):
+            crc = raw_crc32c(self.seed, block.to_bytes(8, "little"))
+            if raw_crc32c(crc, bytes(zeroed)) != int.from_bytes(data[0x10:0x14], "little"):
                 damaged = f"xattr block {block} is damaged: its checksum does not match"
         if damaged is not None:
             # The names may be wrong too; name what can be named, return nothing from it.
@@ -347,23 +340,26 @@ class ExtAttributes:
 
 def _acl_to_xattr(stored: bytes) -> tuple[bytes | None, str | None]:
     """An ext4 on-disk POSIX ACL in the form setxattr(2) takes."""
-    if len(stored) < 4 or int.from_bytes(stored[:4], "little") != 1:
-        return None, "its ACL is not ext4's version 1 form"
-    out = bytearray((2).to_bytes(4, "little"))
+    if len(stored) < 4 or int.from_bytes(stored[:4], "little") != _EXT4_ACL_VERSION:
+        return None, "its ACL is not in ext4's version 1 form"
+    try:
+        return acl_xattr(_ext4_acl_rules(stored)), None
+    except AclError as exc:
+        return None, str(exc)
+
+
+def _ext4_acl_rules(stored: bytes) -> Iterator[tuple[int, int, int]]:
+    """The rules of an ext4 ACL: 4-byte (tag, perm) ones, 8-byte when they name an id."""
     at = 4
     while at < len(stored):
         if at + 4 > len(stored):
-            return None, "its ACL ends inside an entry"
+            raise AclError("its ACL ends inside a rule")
         tag, perm = struct.unpack_from("<HH", stored, at)
-        if tag not in _ACL_TAGS:
-            return None, f"its ACL has an entry of unknown tag {tag:#x}"
-        if tag in (_ACL_USER, _ACL_GROUP):
+        if tag in (ACL_USER, ACL_GROUP):
             if at + 8 > len(stored):
-                return None, "its ACL ends inside an entry"
-            ident = int.from_bytes(stored[at + 4 : at + 8], "little")
+                raise AclError("its ACL ends inside a rule")
+            yield tag, perm, int.from_bytes(stored[at + 4 : at + 8], "little")
             at += 8
         else:
-            ident = _ACL_UNDEFINED_ID
+            yield tag, perm, 0
             at += 4
-        out += struct.pack("<HHI", tag, perm, ident)
-    return bytes(out), None

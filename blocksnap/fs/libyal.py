@@ -1,8 +1,9 @@
 """Nodes over the file entries of libfsext and libfsxfs, which share one POSIX entry API.
 
 Both bindings come from the libyal project and expose the same file entry: a POSIX mode,
-owner, nanosecond times, inode number and link count, extended attributes, and
-`read_buffer_at_offset(size, offset)`.  The modules `ext` and `xfs` only open a volume.
+owner, nanosecond times, inode number and link count, and
+`read_buffer_at_offset(size, offset)`.  The modules `ext` and `xfs` open a volume and add
+the extended attributes, which blocksnap reads itself.
 """
 
 from __future__ import annotations
@@ -69,7 +70,6 @@ class PosixEntryNode:
         return bytes(self._entry.read_buffer_at_offset(size, offset))
 
     def xattrs(self) -> dict[str, bytes]:
-        found: dict[str, bytes] = {}
-        for attribute in self._entry.extended_attributes:
-            found[str(attribute.name)] = bytes(attribute.read_buffer_at_offset(attribute.size, 0))
-        return found
+        """Both libraries read extended attributes wrongly (see `extattrs` and
+        `xfsattrs`): each subclass reads them with blocksnap's own reader."""
+        raise NotImplementedError
