@@ -293,17 +293,22 @@ class _Extraction:
         st = entry.stat
         rel = rel.rsplit("/", 1)[0] + "/" + placed if "/" in rel else placed
         tracked = st.file_id is not None and (st.nlink is None or st.nlink > 1)
+        # Replacing a file: its new content reaches the disk before the rename does, so
+        # a crash leaves the old file or the new one, never an empty one.
+        replacing = self._existing(dir_fd, placed) is not None
         temp = self._temp_name(placed)
         try:
             linked_to = self.links.get(st.file_id) if tracked and st.file_id is not None else None
             if linked_to is not None and self._link(linked_to, dir_fd, temp):
                 self.report.hardlinks += 1
             else:
-                self._write(entry, dir_fd, temp)
+                self._write(entry, dir_fd, temp, durable=replacing)
                 self.report.files += 1
                 if tracked and st.file_id is not None:
                     self.links[st.file_id] = rel
             os.rename(temp, placed, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            if replacing:
+                os.fsync(dir_fd)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp, dir_fd=dir_fd)
@@ -318,7 +323,7 @@ class _Extraction:
             raise
         return True
 
-    def _write(self, entry: Entry, dir_fd: int, temp: str) -> None:
+    def _write(self, entry: Entry, dir_fd: int, temp: str, *, durable: bool) -> None:
         size = entry.stat.size
         fd = os.open(temp, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
         try:
@@ -332,6 +337,8 @@ class _Extraction:
                 offset += len(data)
             os.ftruncate(fd, size)
             self._metadata(fd, entry)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
 

@@ -195,14 +195,36 @@ def test_versions_and_old_content(ext4_image: Path, repo: blocksnap.Repository) 
 
 @pytest.mark.parametrize("rule", ["skip", "overwrite", "rename"])
 def test_conflict_rules_in_place(
-    rule: str, fs_images: dict[str, Path], repo: blocksnap.Repository, tmp_path: Path
+    rule: str,
+    fs_images: dict[str, Path],
+    repo: blocksnap.Repository,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     snapshot(repo, "vol", fs_images["ext4"])
     root = tmp_path / "live"
     (root / "etc").mkdir(parents=True)
     (root / "etc/hostname").write_bytes(b"changed by the customer\n")
+    events: list[tuple[str, str]] = []
+    fsync, rename = os.fsync, os.rename
+
+    def record_fsync(fd: int) -> None:
+        events.append(("fsync", "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"))
+        fsync(fd)
+
+    def record_rename(src: str, dst: str, **kwargs: int) -> None:
+        events.append(("rename", dst))
+        rename(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "rename", record_rename)
     with repo.open_filesystem("vol") as fs:
         report = fs.extract(["/etc"], str(root), in_place=True, conflict=rule)
+    monkeypatch.undo()
+    # Only a file put in place of another is made durable: its content, then its name.
+    durable = [("fsync", "file"), ("rename", "hostname"), ("fsync", "dir")]
+    seen = [e for e in events if e[0] == "fsync" or e == ("rename", "hostname")]
+    assert seen == (durable if rule == "overwrite" else []), events
     assert (root / "etc/app.conf").read_bytes().startswith(b"listen 8080")
     host = (root / "etc/hostname").read_bytes()
     if rule == "skip":
