@@ -192,23 +192,25 @@ def xattrs_of(path: Path) -> dict[str, bytes]:
     return {name: os.getxattr(path, name) for name in os.listxattr(path)}
 
 
-def blank_xfs(tmp_path: Path) -> tuple[Path, Path]:
+def blank_xfs(tmp_path: Path, *options: str) -> tuple[Path, Path]:
     """An empty 300 MiB XFS v5 image, and a directory to mount it on."""
     image = tmp_path / "xfs.img"
     with open(image, "wb") as f:
         f.truncate(300 << 20)
-    subprocess.run(["mkfs.xfs", "-q", str(image)], check=True, capture_output=True)
+    subprocess.run(["mkfs.xfs", "-q", *options, str(image)], check=True, capture_output=True)
     point = tmp_path / "mnt"
     point.mkdir()
     return image, point
 
 
-def xfs_every_form(tmp_path: Path) -> tuple[Path, dict[str, dict[str, bytes]], dict[str, int]]:
+def xfs_every_form(
+    tmp_path: Path, *options: str
+) -> tuple[Path, dict[str, dict[str, bytes]], dict[str, int]]:
     """An XFS v5 image whose attributes the kernel wrote in each form it keeps them: in
     the inode, in a leaf, in a node's leaves, in blocks of their own through a B+tree
     block map; ACLs; the trusted and security namespaces.  Returns the image, what the
     kernel listed per path, and the inode numbers of /d/node and /d/remote."""
-    image, point = blank_xfs(tmp_path)
+    image, point = blank_xfs(tmp_path, *options)
     seen: dict[str, dict[str, bytes]] = {}
     subprocess.run(["mount", "-o", "loop", str(image), str(point)], check=True)
     try:
@@ -248,9 +250,13 @@ def xfs_db(image: Path, *commands: str) -> str:
     ).stdout
 
 
-def test_xfs_attributes_in_every_form(repo: blocksnap.Repository, tmp_path: Path) -> None:
-    """What the kernel lists is what blocksnap reads, in every form XFS v5 keeps it."""
-    image, seen, inodes = xfs_every_form(tmp_path)
+@pytest.mark.parametrize("options", [(), ("-i", "nrext64=1")], ids=["v5", "nrext64"])
+def test_xfs_attributes_in_every_form(
+    options: tuple[str, ...], repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    """What the kernel lists is what blocksnap reads, in every form XFS v5 keeps it, also
+    with large extent counts (nrext64, which moves the attribute extent count)."""
+    image, seen, inodes = xfs_every_form(tmp_path, *options)
     remote, node = f"inode {inodes['remote']}", f"inode {inodes['node']}"
     assert "core.aformat = 3 (btree)" in xfs_db(image, remote, "print core.aformat")
     assert "0x3ebe" in xfs_db(image, node, "ablock 0", "print hdr.info.hdr.magic")  # a node

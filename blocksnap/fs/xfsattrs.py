@@ -14,8 +14,9 @@ An inode number is (group << (agblklog + inopblog)) | (block in group << inopblo
 index in block; a filesystem block number is (group << agblklog) | block in group.
 
 Inode: magic "IN"; 0x04 version (3 has CRCs); 0x4C data extents (u32); 0x50 attribute
-extents (u16); 0x52 attribute fork offset from the end of the core, in 8-byte units (u8);
-0x53 attribute fork format (1 local, 2 extents, 3 B+tree); 0x64 CRC (little-endian,
+extents (u16; with flags2 0x10, large extent counts, u32 at 0x4C instead); 0x52 attribute
+fork offset from the end of the core, in 8-byte units (u8); 0x53 attribute fork format
+(1 local, 2 extents, 3 B+tree); 0x64 CRC (little-endian, version 3); 0x78 flags2 (u64,
 version 3); 0x98 inode number (version 3).  The core is 176 bytes in version 3, else 100.
 
 Local attribute fork: total size (u16), count (u8), a pad byte; then entries of name
@@ -71,6 +72,7 @@ _INODE_MAGIC = b"IN"
 _LOCAL, _EXTENTS, _BTREE = 1, 2, 3
 _ROOT, _SECURE, _PARENT, _INCOMPLETE = 0x02, 0x04, 0x08, 0x80
 _LOCAL_VALUE = 0x01
+_NREXT64 = 0x10  # inode flags2: large extent counts
 _LEAF_V5, _LEAF_V4, _NODE_V5, _NODE_V4 = 0x3BEE, 0xFBEE, 0x3EBE, 0xFEBE
 _BMAP_V5, _BMAP_V4 = b"BMA3", b"BMAP"
 _RMT_MAGIC = 0x5841524D
@@ -165,6 +167,8 @@ class XfsAttributes:
                 self._local(fork, out)
             elif form in (_EXTENTS, _BTREE):
                 count = int.from_bytes(raw[0x50:0x52], "big")
+                if raw[4] >= 3 and int.from_bytes(raw[0x78:0x80], "big") & _NREXT64:
+                    count = int.from_bytes(raw[0x4C:0x50], "big")
                 if form == _EXTENTS and count == 0:
                     return out  # a fork left empty: no attributes, as the kernel sees it
                 extents = self._extents(fork, form, count, number)
