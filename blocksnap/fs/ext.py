@@ -154,8 +154,9 @@ class ExtNode(PosixEntryNode):
 
     def _inline_file(self) -> Any:
         """The TSK file of this entry if its data is inline, else None."""
-        if self._inline is None or not self._is_inline():
+        if not self._is_inline():
             return None
+        assert self._inline is not None
         return self._inline.file(int(self._entry.inode_number))
 
     def stat(self, path: str, name: str) -> FileStat:

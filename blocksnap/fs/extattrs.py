@@ -243,10 +243,10 @@ class ExtAttributes:
         block = int.from_bytes(raw[0x68:0x6C], "little")
         block |= int.from_bytes(raw[0x76:0x78], "little") << 32
         if block:
-            self._block(number, block, out)
+            self._block(block, out)
         return out
 
-    def _block(self, number: int, block: int, out: InodeAttributes) -> None:
+    def _block(self, block: int, out: InodeAttributes) -> None:
         what = f"in xattr block {block}"
         try:
             data = self._read(block * self.block_size, self.block_size, what)
@@ -269,17 +269,25 @@ class ExtAttributes:
         if damaged is not None:
             # The names may be wrong too; name what can be named, return nothing from it.
             listed = InodeAttributes(flags=0)
-            self._entries(data, _BLOCK_HEADER, data, listed, what)
+            self._entries(data, _BLOCK_HEADER, data, listed, what, values=False)
             for name in [*listed.found, *listed.unreadable] or [f"({what})"]:
                 out.unreadable[name] = damaged
             return
         self._entries(data, _BLOCK_HEADER, data, out, what)
 
     def _entries(
-        self, data: bytes, at: int, values: bytes, out: InodeAttributes, where: str
+        self,
+        data: bytes,
+        at: int,
+        space: bytes,
+        out: InodeAttributes,
+        where: str,
+        *,
+        values: bool = True,
     ) -> None:
         """Parse the entries from `at` until four zero bytes; value offsets count from the
-        start of `values` (the region after the in-inode magic, or the whole block)."""
+        start of `space` (the region after the in-inode magic, or the whole block).  With
+        values=False only the names are wanted: each is listed with an empty value."""
         while True:
             if at + 4 > len(data):
                 out.unreadable[f"({where})"] = "the entry list runs past its end"
@@ -300,12 +308,16 @@ class ExtAttributes:
             if prefix is None:
                 continue  # the kernel does not list it either
             name = prefix + suffix if index not in _ACL_PREFIXES else prefix
+            value: bytes | None
+            if not values:
+                out.found[name] = b""
+                continue
             if value_inode:
                 value, problem = self._value_inode(value_inode, size)
-            elif value_at + size > len(values):
+            elif value_at + size > len(space):
                 value, problem = None, "its value runs past the end of the attribute space"
             else:
-                value, problem = bytes(values[value_at : value_at + size]), None
+                value, problem = bytes(space[value_at : value_at + size]), None
             if value is not None and index in _ACL_PREFIXES:
                 value, problem = _acl_to_xattr(value)
             if value is None:
