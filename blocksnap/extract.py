@@ -301,6 +301,8 @@ class _Extraction:
             linked_to = self.links.get(st.file_id) if tracked and st.file_id is not None else None
             if linked_to is not None and self._link(linked_to, dir_fd, temp):
                 self.report.hardlinks += 1
+                if replacing:  # the content was written for the first name, unsynced
+                    _fsync_at(dir_fd, temp)
             else:
                 self._write(entry, dir_fd, temp, durable=replacing)
                 self.report.files += 1
@@ -403,6 +405,14 @@ class _Extraction:
             os.close(fd)
             raise
         return fd, rel
+
+
+def _fsync_at(dir_fd: int, name: str) -> None:
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def extract(

@@ -544,3 +544,28 @@ def test_ext4_inline_data_htree_symlinks_and_xattr_block(
         "user.small": b"in inode",
         **values,
     }
+
+
+def test_overwrite_syncs_every_replaced_file_hard_links_too(
+    fs_images: dict[str, Path],
+    repo: blocksnap.Repository,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    snapshot(repo, "vol", fs_images["ext4"])
+    root = tmp_path / "live"
+    root.mkdir()
+    with repo.open_filesystem("vol") as fs:
+        fs.extract(["/home/ann"], str(root), in_place=True)
+        synced: list[int] = []
+        fsync = os.fsync
+
+        def record(fd: int) -> None:
+            if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                synced.append(os.fstat(fd).st_ino)
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", record)
+        report = fs.extract(["/home/ann"], str(root), in_place=True, conflict="overwrite")
+    assert report.hardlinks == 1
+    assert len(synced) == report.files + report.hardlinks  # the second name of a link too
