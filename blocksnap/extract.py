@@ -172,13 +172,16 @@ class _Extraction:
                 return candidate
         return None
 
-    def _place(self, entry: Entry, dir_fd: int, name: str, *, directory: bool) -> str | None:
-        """The host name to write `entry` under, after the conflict rule; None to skip."""
+    def _place(
+        self, entry: Entry, dir_fd: int, name: str, *, directory: bool
+    ) -> tuple[str, bool] | None:
+        """The host name to write `entry` under, after the conflict rule, and whether
+        something there now is to be replaced; None to skip."""
         found = self._existing(dir_fd, name)
         if found is None:
-            return name
+            return name, False
         if directory and stat_mod.S_ISDIR(found.st_mode):
-            return name  # merged into
+            return name, False  # merged into
         if self.conflict is Conflict.SKIP:
             self.report.skipped.append((entry.path, "exists"))
             return None
@@ -188,13 +191,14 @@ class _Extraction:
                 self.report.skipped.append((entry.path, "exists, and no free name to rename to"))
                 return None
             self.report.renamed.append((entry.path, new))
-            return new
+            return new, False
         if stat_mod.S_ISDIR(found.st_mode):
             self.report.skipped.append((entry.path, "exists as a directory, not replaced"))
             return None
         if directory:
             os.unlink(name, dir_fd=dir_fd)
-        return name
+            return name, False
+        return name, True
 
     def _temp_name(self, name: str) -> str:
         stem = os.fsencode(name)[:200].decode("utf-8", "ignore")
@@ -260,9 +264,10 @@ class _Extraction:
             self.report.skipped.append((entry.path, f"deeper than {MAX_DEPTH} levels"))
             return
         self.visited.add(entry.stat.file_id)
-        placed = self._place(entry, dir_fd, name, directory=True)
-        if placed is None:
+        place = self._place(entry, dir_fd, name, directory=True)
+        if place is None:
             return
+        placed = place[0]
         created = False
         try:
             os.mkdir(placed, 0o700, dir_fd=dir_fd)
@@ -287,15 +292,15 @@ class _Extraction:
             self.report.directories += 1
 
     def _file(self, entry: Entry, dir_fd: int, name: str, rel: str) -> None:
-        placed = self._place(entry, dir_fd, name, directory=False)
-        if placed is None:
+        place = self._place(entry, dir_fd, name, directory=False)
+        if place is None:
             return
+        # Replacing a file: its new content reaches the disk before the rename does, so
+        # a crash leaves the old file or the new one, never an empty one.
+        placed, replacing = place
         st = entry.stat
         rel = rel.rsplit("/", 1)[0] + "/" + placed if "/" in rel else placed
         tracked = st.file_id is not None and (st.nlink is None or st.nlink > 1)
-        # Replacing a file: its new content reaches the disk before the rename does, so
-        # a crash leaves the old file or the new one, never an empty one.
-        replacing = self._existing(dir_fd, placed) is not None
         temp = self._temp_name(placed)
         try:
             linked_to = self.links.get(st.file_id) if tracked and st.file_id is not None else None
@@ -356,9 +361,10 @@ class _Extraction:
             self.report.warnings.append(
                 (entry.path, f"absolute target {st.target!r} written as {target!r}")
             )
-        placed = self._place(entry, dir_fd, name, directory=False)
-        if placed is None:
+        place = self._place(entry, dir_fd, name, directory=False)
+        if place is None:
             return
+        placed = place[0]
         temp = self._temp_name(placed)
         os.symlink(target, temp, dir_fd=dir_fd)
         try:
