@@ -1,7 +1,8 @@
 """Real filesystem images for the file-level tests, built with Debian's tools.
 
 ext4 with mkfs.ext4 -d; XFS by a loop mount and cp -a; NTFS with mkntfs and ntfs-3g;
-FAT32 with mkfs.vfat and mcopy; exFAT with mkfs.exfat and exfat-fuse; GPT and MBR disks
+FAT32 with mkfs.vfat and mcopy; exFAT with mkfs.exfat and exfat-fuse; btrfs with
+mkfs.btrfs --rootdir; GPT and MBR disks
 with sgdisk and sfdisk; LVM physical volumes with pvcreate, vgcreate and lvcreate.
 """
 
@@ -30,7 +31,7 @@ class Caps:
     time_step_ns: int  # mtime granularity
 
 
-KINDS = ["ext4", "xfs", "ntfs", "fat32", "exfat"]
+KINDS = ["ext4", "xfs", "ntfs", "fat32", "exfat", "btrfs"]
 
 CAPS = {
     # ext4 keeps nanoseconds, but mkfs.ext4 -d (e2fsprogs 1.47.0) copies whole seconds.
@@ -39,6 +40,8 @@ CAPS = {
     "ntfs": Caps(False, True, False, 100),
     "fat32": Caps(False, False, False, 2_000_000_000),
     "exfat": Caps(False, False, False, 1_000_000_000),  # exfat-fuse writes whole seconds
+    # btrfs keeps nanoseconds, but mkfs.btrfs --rootdir (btrfs-progs 6.2) copies seconds.
+    "btrfs": Caps(True, True, True, 1_000_000_000),
 }
 
 
@@ -144,6 +147,8 @@ def build(kind: str, tree: Path, image: Path, size_mb: int = 64) -> Path:
         _run("mkntfs", "-q", "-F", "-f", str(image))
     elif kind == "exfat":
         _run("mkfs.exfat", str(image))
+    elif kind == "btrfs":
+        _run("mkfs.btrfs", "-q", "-f", "--rootdir", str(tree), str(image))
     elif kind == "fat32":
         _run("mkfs.vfat", "-F", "32", str(image))
         entries = [str(p) for p in sorted(tree.iterdir())]

@@ -22,6 +22,7 @@ ADAPTERS = {
     "ext": "ext2/3/4",
     "xfs": "XFS",
     "ntfs": "NTFS",
+    "btrfs": "btrfs",  # before TSK, whose probing reads across the image
     "tsk": "FAT and exFAT",
 }
 
