@@ -37,7 +37,7 @@ CAPS = {
     # ext4 keeps nanoseconds, but mkfs.ext4 -d (e2fsprogs 1.47.0) copies whole seconds.
     "ext4": Caps(True, True, True, 1_000_000_000),
     "xfs": Caps(True, True, True, 1),
-    "ntfs": Caps(False, True, False, 100),
+    "ntfs": Caps(False, True, True, 100),  # xattrs: user.* as alternate data streams
     "fat32": Caps(False, False, False, 2_000_000_000),
     "exfat": Caps(False, False, False, 1_000_000_000),  # exfat-fuse writes whole seconds
     # btrfs keeps nanoseconds, but mkfs.btrfs --rootdir (btrfs-progs 6.2) copies seconds.

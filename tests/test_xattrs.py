@@ -1,5 +1,6 @@
 """Extended attributes read by blocksnap's own readers of ext and XFS: every layout each
-format has, POSIX ACLs, values kept outside the inode, and damage named, never returned."""
+format has, POSIX ACLs, values kept outside the inode, and damage named, never returned;
+and NTFS alternate data streams as user.* attributes."""
 
 from __future__ import annotations
 
@@ -435,3 +436,38 @@ def test_hostile_ext_xattr_blocks_are_read_or_named(tmp_path: Path) -> None:
             count(outcomes, lambda: reader.of(inode).complete())
     assert set(outcomes) <= {"read", "incomplete", "error"}, outcomes
     assert outcomes.get("incomplete", 0) >= 20, outcomes
+
+
+def test_ntfs_streams_are_user_xattrs(repo: blocksnap.Repository, tmp_path: Path) -> None:
+    """Alternate data streams come back as the user.* attributes ntfs-3g shows them as;
+    one longer than an attribute can hold is named in a warning, the rest restored."""
+    image, point = tmp_path / "ntfs.img", tmp_path / "mnt"
+    point.mkdir()
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(["mkntfs", "-q", "-F", "-f", str(image)], check=True, capture_output=True)
+    # The "windows" interface writes streams as "file:stream", of any size.
+    subprocess.run(
+        ["ntfs-3g", "-o", "streams_interface=windows", str(image), str(point)], check=True
+    )
+    try:
+        (point / "f.txt").write_bytes(b"main stream\n")
+        (point / "f.txt:Zone.Identifier").write_bytes(b"[ZoneTransfer]\r\nZoneId=3\r\n")
+        (point / "f.txt:empty").write_bytes(b"")
+        (point / "f.txt:big").write_bytes(bytes(range(256)) * 400)  # 100 KiB
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
+    repo.snapshot("vol", image)
+    with repo.open_filesystem("vol") as fs:
+        report = fs.extract(["/f.txt"], str(tmp_path / "out"))
+    out = tmp_path / "out" / "f.txt"
+    assert out.read_bytes() == b"main stream\n"
+    assert os.getxattr(out, "user.Zone.Identifier") == b"[ZoneTransfer]\r\nZoneId=3\r\n"
+    assert os.getxattr(out, "user.empty") == b""
+    assert "user.big" not in os.listxattr(out)
+    assert report.warnings == [
+        (
+            "/f.txt",
+            "xattr user.big not restored: a stream of 102400 bytes, more than an xattr holds",
+        )
+    ]

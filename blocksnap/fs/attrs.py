@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 from blocksnap.errors import FilesystemError, XattrsIncompleteError
 
+XATTR_SIZE_MAX = 64 << 10  # the kernel's limit for any one value
 ACL_ACCESS = "system.posix_acl_access"
 ACL_DEFAULT = "system.posix_acl_default"
 ACL_USER_OBJ, ACL_USER, ACL_GROUP_OBJ, ACL_GROUP, ACL_MASK, ACL_OTHER = 1, 2, 4, 8, 0x10, 0x20

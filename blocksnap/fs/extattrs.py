@@ -58,6 +58,7 @@ from blocksnap.fs.attrs import (
     ACL_DEFAULT,
     ACL_GROUP,
     ACL_USER,
+    XATTR_SIZE_MAX,
     AclError,
     InodeAttributes,
     acl_xattr,
@@ -88,7 +89,7 @@ _PREFIXES = {
 }
 _ACL_PREFIXES = {2, 3}
 _EXT4_ACL_VERSION = 1
-MAX_VALUE = 64 << 10  # the kernel's limit for any value (XATTR_SIZE_MAX)
+MAX_VALUE = XATTR_SIZE_MAX
 
 
 def raw_crc32c(seed: int, data: bytes) -> int:

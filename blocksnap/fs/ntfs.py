@@ -3,7 +3,10 @@
 NTFS has no POSIX owner or mode; hard links share an MFT entry.  Symlinks are either
 Windows reparse points or the "IntxLNK" system files that ntfs-3g writes by default.
 The metadata files ($MFT, $Bitmap, $Extend ... MFT entries 0-23) are not listed.
-Alternate data streams are not read.
+Alternate data streams are the extended attributes "user.NAME", as ntfs-3g shows them
+(its default streams_interface=xattr): restored into ntfs-3g they are streams again.  A
+stream longer than an xattr can hold (64 KiB) is named as left out.  Security
+descriptors are not restored.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any, BinaryIO
 
 import pyfsntfs
 
+from blocksnap.fs.attrs import XATTR_SIZE_MAX, InodeAttributes
 from blocksnap.fs.node import FileKind, FileStat, Mounted, Node
 
 NAME = "ntfs"
@@ -100,4 +104,16 @@ class NtfsNode:
         return bytes(self._entry.read_buffer_at_offset(size, offset))
 
     def xattrs(self) -> dict[str, bytes]:
-        return {}
+        attrs = InodeAttributes(flags=0)
+        for i in range(int(self._entry.number_of_alternate_data_streams)):
+            stream = self._entry.get_alternate_data_stream(i)
+            name, size = f"user.{stream.name}", int(stream.size or 0)
+            if size > XATTR_SIZE_MAX:
+                attrs.unreadable[name] = f"a stream of {size} bytes, more than an xattr holds"
+                continue
+            value = bytes(stream.read_buffer_at_offset(size, 0)) if size else b""
+            if len(value) != size:
+                attrs.unreadable[name] = f"read {len(value)} of its {size} bytes"
+            else:
+                attrs.found[name] = value
+        return attrs.complete()

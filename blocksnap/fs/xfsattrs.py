@@ -62,6 +62,7 @@ from blocksnap.errors import FilesystemError
 from blocksnap.fs.attrs import (
     ACL_ACCESS,
     ACL_DEFAULT,
+    XATTR_SIZE_MAX,
     AclError,
     InodeAttributes,
     acl_xattr,
@@ -78,7 +79,7 @@ _BMAP_V5, _BMAP_V4 = b"BMA3", b"BMAP"
 _RMT_MAGIC = 0x5841524D
 _RMT_HEADER = 56
 _ACLS = {b"SGI_ACL_FILE": ACL_ACCESS, b"SGI_ACL_DEFAULT": ACL_DEFAULT}
-MAX_VALUE = 64 << 10  # XFS's own limit (XATTR_SIZE_MAX)
+MAX_VALUE = XATTR_SIZE_MAX  # XFS's own limit too
 MAX_DEPTH = 8
 MAX_LEAVES = 1 << 16
 MAX_MAP_BLOCKS = 1 << 12
