@@ -26,9 +26,15 @@ class ImageReader(io.RawIOBase):
     """The snapshot's image as a binary file; every fetched block is checked against its ID."""
 
     def __init__(
-        self, source: BlockSource, info: SnapshotInfo, cache_size: int = DEFAULT_CACHE_SIZE
+        self,
+        source: BlockSource,
+        info: SnapshotInfo,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        touched: set[int] | None = None,
     ) -> None:
+        """`touched`, if given, gets the index of every block read, from the cache or not."""
         super().__init__()
+        self.touched = touched
         self.info = info
         self.size = info.image_size
         self._source = source
@@ -60,6 +66,8 @@ class ImageReader(io.RawIOBase):
 
     def block(self, block_index: int) -> bytes:
         """One block's content (short for the last block), through the cache."""
+        if self.touched is not None:
+            self.touched.add(block_index)
         hit = self._cache.get(block_index)
         if hit is not None:
             self._cache.move_to_end(block_index)

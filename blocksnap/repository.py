@@ -154,16 +154,12 @@ class Repository:
     def diff(self, volume: str, a: str, b: str) -> SnapshotDiff:
         """The block ranges that differ between two snapshots, from their maps alone."""
         info_a, info_b = self.resolve(volume, a), self.resolve(volume, b)
-        maps = [
-            BlockMap(self._store.read_node, i.map_root, i.map_height, i.block_count)
-            for i in (info_a, info_b)
-        ]
         return SnapshotDiff(
             a=info_a.id,
             b=info_b.id,
             block_size=info_b.block_size,
             image_size=max(info_a.image_size, info_b.image_size),
-            ranges=tuple(blockmap.diff(maps[0], maps[1])),
+            ranges=tuple(self._changed_blocks(info_a, info_b)),
         )
 
     def volumes(self) -> list[str]:
@@ -198,10 +194,20 @@ class Repository:
 
         `partition` chooses where on a disk: a partition number (from 1) or an LVM logical
         volume as "VG/LV"; it is needed only when the disk holds several filesystems."""
+        info = snapshot if isinstance(snapshot, SnapshotInfo) else self.resolve(volume, snapshot)
+        return self._open_filesystem(info, partition, cache_size)
+
+    def _open_filesystem(
+        self,
+        info: SnapshotInfo,
+        partition: int | str | None,
+        cache_size: int = DEFAULT_CACHE_SIZE,
+        touched: set[int] | None = None,
+    ) -> FileSystem:
+        """The same, for a resolved snapshot; `touched` collects the image blocks read."""
         from blocksnap.fs.probe import open_filesystem  # loads the filesystem libraries
 
-        info = snapshot if isinstance(snapshot, SnapshotInfo) else self.resolve(volume, snapshot)
-        reader = ImageReader(self._store, info, cache_size)
+        reader = ImageReader(self._store, info, cache_size, touched)
         try:
             return open_filesystem(reader, partition)
         except BaseException:
@@ -228,8 +234,15 @@ class Repository:
         return versions(
             self.snapshots(volume),
             path,
-            lambda info: self.open_filesystem(volume, info, partition=partition),
+            lambda info, touched: self._open_filesystem(info, partition, touched=touched),
+            self._changed_blocks,
         )
+
+    def _changed_blocks(self, a: SnapshotInfo, b: SnapshotInfo) -> list[tuple[int, int]]:
+        maps = [
+            BlockMap(self._store.read_node, i.map_root, i.map_height, i.block_count) for i in (a, b)
+        ]
+        return blockmap.diff(maps[0], maps[1])
 
     def restore(
         self,

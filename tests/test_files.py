@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import time
@@ -192,6 +193,55 @@ def test_versions_and_old_content(ext4_image: Path, repo: blocksnap.Repository) 
         ).stdout
     )
     assert [d["state"] for d in doc] == states and doc[3]["stat"]["size"] == 14
+
+
+def test_versions_reads_only_snapshots_where_the_path_could_differ(
+    fs_images: dict[str, Path],
+    repo: blocksnap.Repository,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A snapshot in which only the other partition changed is not read again; one in
+    which the file's own partition changed is, and the change is found."""
+    ext4, fat = tmp_path / "ext4.img", tmp_path / "fat.img"
+    shutil.copyfile(fs_images["ext4"], ext4)
+    shutil.copyfile(fs_images["fat32"], fat)
+    disk = partitioned(tmp_path / "disk.img", "gpt", [ext4, fat])
+    repo.snapshot("vm", disk)
+    offsets = {p.name: p.offset for p, _kind in repo.partitions("vm")}
+
+    def put(image: Path, partition: str) -> None:  # the disk keeps its table and GUIDs
+        with open(disk, "r+b") as f:
+            f.seek(offsets[partition])
+            f.write(image.read_bytes())
+
+    note = tmp_path / "note.txt"
+    note.write_bytes(b"written on the other partition\n")
+    subprocess.run(["mcopy", "-i", str(fat), str(note), "::/note.txt"], check=True)
+    put(fat, "2")
+    repo.snapshot("vm", disk)
+    note.write_bytes(b"web02\n")
+    debugfs(ext4, "rm /etc/hostname", f"write {note} /etc/hostname")
+    put(ext4, "1")
+    repo.snapshot("vm", disk)
+    opened: list[str] = []
+    real_open = repo._open_filesystem
+
+    def counting(info: blocksnap.SnapshotInfo, *args: object, **kwargs: object) -> object:
+        opened.append(info.id)
+        return real_open(info, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(repo, "_open_filesystem", counting)
+    found = repo.versions("vm", "/etc/hostname", partition=1)
+    assert [v.state.value for v in found] == ["added", "unchanged", "changed"]
+    assert found[1].digest == found[0].digest and found[1].stat == found[0].stat
+    snaps = repo.snapshots("vm")
+    assert opened == [snaps[0].id, snaps[2].id]
+    # The FAT partition's file changed in the second snapshot: read there, and found.
+    opened.clear()
+    states = [v.state.value for v in repo.versions("vm", "/note.txt", partition=2)]
+    assert states == ["absent", "added", "unchanged"]
+    assert opened == [snaps[0].id, snaps[1].id]
 
 
 @pytest.mark.parametrize("rule", ["skip", "overwrite", "rename"])

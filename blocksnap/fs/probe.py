@@ -67,13 +67,15 @@ def _pread(reader: ImageReader) -> Window:
     return Window(pread, 0, reader.size, Latch())
 
 
-def _places(whole: Window) -> tuple[list[Place], list[str]]:
-    """The image's partitions and LVM logical volumes, and what made LVM unreadable where
-    a physical volume is damaged."""
+def _places(whole: Window, lvm: bool = True) -> tuple[list[Place], list[str]]:
+    """The image's partitions and (unless `lvm` is false) LVM logical volumes, and what
+    made LVM unreadable where a physical volume is damaged."""
     with library_errors(whole.latch, "the partition table cannot be read"):
         partitions = find_partitions(whole)
     windows = [(f"partition {p.name}", whole.sub(p.offset, p.size)) for p in partitions]
     places = [Place(p, window) for p, (_where, window) in zip(partitions, windows, strict=True)]
+    if not lvm:
+        return places, []
     with library_errors(whole.latch, "the LVM metadata cannot be read"):
         logical, problems = find_logical_volumes(whole, windows or [("the image", whole)])
     return places + logical, problems
@@ -102,7 +104,8 @@ def open_filesystem(reader: ImageReader, partition: int | str | None = None) -> 
         adapter = _recognise(whole, adapters)
         if adapter is not None:
             return _mount(adapter, whole, reader, None)
-    places, problems = _places(whole)
+    # A partition chosen by number needs no LVM scan, which would read every partition.
+    places, problems = _places(whole, lvm=partition is None or "/" in str(partition))
     damaged = f"; {'; '.join(problems)}" if problems else ""
     if partition is not None:
         wanted = str(partition)
