@@ -260,3 +260,37 @@ def test_without_the_extra_the_error_names_it(
     monkeypatch.delitem(sys.modules, "blocksnap.fs.btrfstree", raising=False)
     with pytest.raises(blocksnap.FilesystemError, match=r"blocksnap\[btrfs\].*AGPL"):
         repo.open_filesystem("vol")
+
+
+def test_reads_in_any_order_match_the_kernel(
+    kernel_btrfs: tuple[Path, Path], repo: blocksnap.Repository
+) -> None:
+    """Reads back and forth across compressed, shared, preallocated and absent extents."""
+    image, point = kernel_btrfs
+    repo.snapshot("vol", image)
+    rng = random.Random(11)
+    with repo.open_filesystem("vol") as fs:
+        for rel in ("zstd/text.txt", "lzo/sparse", "zlib/prealloc", "shared", "no/tiny"):
+            want = (point / rel).read_bytes()
+            entry = fs.lookup("/" + rel)
+            for _ in range(60):
+                offset = rng.randrange(len(want))
+                size = rng.choice([1, 4096, 70_000, 300_000])
+                assert entry.read(offset, size) == want[offset : offset + size], (rel, offset)
+
+
+def test_a_filesystem_on_another_device_is_named(
+    kernel_btrfs: tuple[Path, Path], repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    """A superblock, checksum right, whose system chunk lies on a device not given."""
+    image, _point = kernel_btrfs
+    data = bytearray(image.read_bytes())
+    sb = SUPERBLOCK_OFFSET
+    first_stripe_devid = sb + 0x32B + 17 + 48  # sys_chunk_array: key, chunk, stripe
+    data[first_stripe_devid : first_stripe_devid + 8] = struct.pack("<Q", 7)
+    data[sb : sb + 0x20] = checksum(0, bytes(data[sb + 0x20 : sb + 0x1000]))
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(data))
+    repo.snapshot("vol", other)
+    with pytest.raises(blocksnap.FilesystemError, match="Missing stripe disk"):
+        repo.open_filesystem("vol")

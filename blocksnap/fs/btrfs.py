@@ -199,27 +199,26 @@ def _decode_lzo(data: bytes, limit: int) -> bytes:
 
 class _ExtentWalk:
     """A file's extents in file order, walked forward across sequential reads; a read
-    before the walk's position starts it again, so no list of a file's extents is kept."""
+    that starts before the end of an extent already passed starts the walk again, so no
+    list of a file's extents is kept."""
 
     def __init__(self, node: BtrfsNode) -> None:
         self._node = node
         self._items: Iterator[_Extent] | None = None
-        self._held: _Extent | None = None
-
-    def _restart(self) -> None:
-        self._items = self._node.extent_items()
-        self._held = next(self._items, None)
+        self._held: _Extent | None = None  # the first extent not passed yet
+        self._passed_to = 0  # the furthest end of the extents passed
 
     def covering(self, start: int, end: int) -> list[_Extent]:
-        if self._items is None or self._held is None or start < self._held.start:
-            self._restart()
-        assert self._items is not None
+        if self._items is None or start < self._passed_to:
+            self._items, self._passed_to = self._node.extent_items(), 0
+            self._held = next(self._items, None)
         found = []
         while self._held is not None and self._held.start < end:
             if self._held.end > start:
                 found.append(self._held)
             if self._held.end > end:
                 break  # the next read may need it too
+            self._passed_to = max(self._passed_to, self._held.end)
             self._held = next(self._items, None)
         return found
 

@@ -85,6 +85,17 @@ def read_superblock(image: BinaryIO) -> bytes:
     return sb
 
 
+@contextlib.contextmanager
+def dissect_errors() -> Iterator[None]:
+    """dissect's own errors derive from Exception alone, and its structures raise EOFError
+    or struct.error when cut short: each becomes a BtrfsDamage, the OSError that the layer
+    above names."""
+    try:
+        yield
+    except (DissectError, EOFError, struct.error, ArithmeticError) as exc:
+        raise BtrfsDamage(str(exc) or type(exc).__name__) from exc
+
+
 class CheckedBtrfs(Btrfs):  # type: ignore[misc]
     """A dissect Btrfs whose every tree node is checked as the module docstring says."""
 
@@ -95,17 +106,12 @@ class CheckedBtrfs(Btrfs):  # type: ignore[misc]
         self._node_fsid = sb[0x23B:0x24B] if incompat & _INCOMPAT_METADATA_UUID else sb[0x20:0x30]
         self._levels: dict[int, int] = {}  # address -> level of the nodes read
         self._expected: dict[int, int] = {}  # address -> level its parents point to
-        super().__init__(image)
+        with dissect_errors():  # it reads the chunk tree, and finds the root tree's items
+            super().__init__(image)
 
-    @contextlib.contextmanager
-    def errors(self) -> Iterator[None]:
-        """dissect's own errors derive from Exception alone, and its structures raise
-        EOFError or struct.error when cut short: each becomes a BtrfsDamage, the OSError
-        that the layer above names."""
-        try:
-            yield
-        except (DissectError, EOFError, struct.error, ArithmeticError) as exc:
-            raise BtrfsDamage(str(exc) or type(exc).__name__) from exc
+    def errors(self) -> contextlib.AbstractContextManager[None]:
+        """dissect_errors(), for the adapter, which imports this module only to mount."""
+        return dissect_errors()
 
     def read_logical(self, address: int, size: int) -> bytes:
         """`size` bytes at a logical address, which must lie inside one chunk: dissect
