@@ -40,6 +40,29 @@ def damage(image: Path, used: list[int], out: Path, rng: random.Random) -> None:
             f.write(rng.randbytes(rng.choice([1, 2, 4, 16, 512])))
 
 
+def read_in_child(repo_path: Path, snapshots: int) -> dict[str, int]:
+    """Read every snapshot of volume "vol" in tests.fuzz_reader, under its memory and time
+    limits; how many ended in each outcome.  A crash, hang or stray exception fails."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.fuzz_reader",
+            str(repo_path),
+            "vol",
+            str(MEMORY_MIB),
+            str(SECONDS_PER_SNAPSHOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=SECONDS_PER_SNAPSHOT * snapshots,
+    )
+    assert proc.returncode == 0, f"status {proc.returncode}: {proc.stderr[-3000:]}"
+    outcomes: dict[str, int] = json.loads(proc.stdout)
+    assert sum(outcomes.values()) == snapshots
+    return outcomes
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_damaged_images_give_named_errors(
     kind: str, fs_images: dict[str, Path], tmp_path: Path
@@ -53,23 +76,7 @@ def test_damaged_images_give_named_errors(
             damage(fs_images[kind], used, variant, rng)
             repo.snapshot("vol", variant)
             variant.unlink()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.fuzz_reader",
-            str(repo_path),
-            "vol",
-            str(MEMORY_MIB),
-            str(SECONDS_PER_SNAPSHOT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=SECONDS_PER_SNAPSHOT * DAMAGED_PER_KIND,
-    )
-    assert proc.returncode == 0, f"status {proc.returncode}: {proc.stderr[-3000:]}"
-    outcomes = json.loads(proc.stdout)
-    assert sum(outcomes.values()) == DAMAGED_PER_KIND
+    outcomes = read_in_child(repo_path, DAMAGED_PER_KIND)
     assert set(outcomes) <= {"read", "FilesystemError"}, outcomes
     assert outcomes.get("FilesystemError", 0) >= 1, outcomes  # the damage did reach metadata
 
