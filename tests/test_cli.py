@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import blocksnap
+from blocksnap.store.backend import TMP_MARKER
 from tests.conftest import debugfs, run_cli
 
 
@@ -136,5 +137,6 @@ def test_disk_full_is_one_line_and_commits_nothing(tmp_path: Path) -> None:
         with blocksnap.Repository(repo) as r:
             assert r.snapshots("vol") == []
             assert r.verify().ok
+        assert not list(repo.rglob(f"*{TMP_MARKER}*"))  # the pack being written is gone
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -11,6 +11,7 @@ import pytest
 
 import blocksnap
 from blocksnap.errors import UsageError
+from blocksnap.store.backend import TMP_MARKER
 from tests.conftest import changed_blocks, debugfs
 
 BS = 64 << 10
@@ -195,6 +196,29 @@ def test_source_that_shrinks_while_read_is_refused(
     with pytest.raises(blocksnap.SourceError, match="shrank"):
         repo.snapshot("s", image, progress=shrink)
     assert repo.snapshots("s") == []
+
+
+def test_interrupted_run_deletes_the_pack_it_was_writing(
+    repo: blocksnap.Repository, ext4_image: Path, tmp_path: Path
+) -> None:
+    """A pack is written while it fills; a run stopped mid-pack leaves none of it."""
+    packs = tmp_path / "repo" / "packs"
+    partial: list[Path] = []
+
+    def stop(progress: blocksnap.Progress) -> None:
+        if progress.phase == "read" and progress.done_size >= 40 << 20:
+            partial.extend(packs.rglob(f"*{TMP_MARKER}*"))
+            raise KeyboardInterrupt
+
+    with pytest.raises(blocksnap.Interrupted, match="nothing was committed"):
+        repo.snapshot("vol", ext4_image, progress=stop)
+    assert partial, "the open pack was not being written when the run stopped"
+    assert not list((tmp_path / "repo").rglob(f"*{TMP_MARKER}*"))
+    for pack in packs.rglob("*"):
+        assert not pack.is_file() or repo.store.index.has_pack(bytes.fromhex(pack.name))
+    assert repo.verify().ok
+    info = repo.snapshot("vol", ext4_image)
+    assert restored_bytes(repo, "vol", info.id, tmp_path) == ext4_image.read_bytes()
 
 
 def test_block_size_is_fixed_per_volume(repo: blocksnap.Repository, ext4_image: Path) -> None:

@@ -3,6 +3,10 @@
 Everything the store keeps outside LMDB (packs, snapshot records) goes through ObjectStore,
 so an object-storage backend (S3) can stand in for a directory without the engine knowing.
 Names are '/'-separated relative paths such as "packs/ab/ab12...".
+
+An object can also be written in parts (create): a pack is written while it fills, so
+that sealing it waits only for what was written last, not for the whole pack.  Either
+way, nothing is visible under the name until the whole object is durable.
 """
 
 from __future__ import annotations
@@ -22,8 +26,32 @@ from blocksnap.errors import MissingObjectError, StoreError
 TMP_MARKER = ".tmp-"
 
 
+class ObjectWriter(Protocol):
+    """A new object being written in parts; invisible under its name until commit()."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append data."""
+        ...
+
+    def sync(self) -> None:
+        """Make what was written so far durable, so that commit() has less to wait for."""
+        ...
+
+    def commit(self) -> None:
+        """Make the whole object durable and visible under its name, atomically."""
+        ...
+
+    def abort(self) -> None:
+        """Discard the unfinished object; nothing appears under its name."""
+        ...
+
+
 class ObjectStore(Protocol):
     """The narrow interface every storage backend implements."""
+
+    def create(self, name: str) -> ObjectWriter:
+        """Start writing a new object in parts; an existing one is replaced on commit."""
+        ...
 
     def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
         """Store a whole object atomically and durably; an existing one is replaced."""
@@ -64,32 +92,13 @@ class LocalBackend:
             raise StoreError(f"invalid object name {name!r}")
         return os.path.join(self.root, *name.split("/"))
 
+    def create(self, name: str) -> _LocalWriter:
+        return _LocalWriter(self, name)
+
     def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
-        path = self._path(name)
-        directory = os.path.dirname(path)
-        tmp = f"{path}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            os.makedirs(directory, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, path)
-            # The rename is durable only once the directory entry is on disk.
-            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise _os_error("writing", name, exc) from exc
-        self._forget(name)
+        out = self.create(name)
+        out.write(data)
+        out.commit()
 
     def _fd(self, name: str) -> int:
         with self._lock:
@@ -173,3 +182,67 @@ class LocalBackend:
             fds, self._fds = list(self._fds.values()), OrderedDict()
         for fd in fds:
             os.close(fd)
+
+
+class _LocalWriter:
+    """An object written to a temporary file beside its name, fsynced, then renamed."""
+
+    def __init__(self, backend: LocalBackend, name: str) -> None:
+        self._backend = backend
+        self.name = name
+        self._path = backend._path(name)
+        self._tmp = f"{self._path}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            os.makedirs(os.path.dirname(self._path), exist_ok=True)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            self._fd = os.open(self._tmp, flags, 0o644)
+        except OSError as exc:
+            raise _os_error("writing", name, exc) from exc
+
+    def _check_open(self) -> int:
+        if self._fd < 0:
+            raise StoreError(f"object {self.name} is no longer being written")
+        return self._fd
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        fd = self._check_open()
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError as exc:
+            self.abort()
+            raise _os_error("writing", self.name, exc) from exc
+
+    def sync(self) -> None:
+        fd = self._check_open()
+        try:
+            os.fdatasync(fd)
+        except OSError as exc:
+            self.abort()
+            raise _os_error("writing", self.name, exc) from exc
+
+    def commit(self) -> None:
+        fd = self._check_open()
+        try:
+            os.fsync(fd)
+            os.close(fd)
+            self._fd = -1
+            os.rename(self._tmp, self._path)
+            # The rename is durable only once the directory entry is on disk.
+            dir_fd = os.open(os.path.dirname(self._path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            self.abort()
+            raise _os_error("writing", self.name, exc) from exc
+        self._backend._forget(self.name)
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(self._tmp)

@@ -92,24 +92,31 @@ def check_record(header: bytes, payload: bytes | memoryview, where: str) -> None
 
 
 class PackBuilder:
-    """Accumulates records in memory until the pack is sealed and handed to storage."""
+    """Lays out a pack's records; buffer holds its bytes not yet handed out by take()."""
 
     def __init__(self) -> None:
         self.buffer = bytearray(PACK_MAGIC)
+        self.taken = 0  # bytes of the pack handed out by take()
         self.records: list[Record] = []
 
     def add(self, record: bytes) -> Record:
         """Append a record made by encode_record and return where it sits."""
-        offset = len(self.buffer)
+        offset = self.size
         _magic, kind, codec, _flags, stored_size, raw_size, object_id = _HEAD.unpack_from(record)
         self.buffer += record
         rec = Record(offset, kind, codec, stored_size, raw_size, object_id)
         self.records.append(rec)
         return rec
 
+    def take(self) -> bytearray:
+        """The bytes added since the last take, for writing while the pack fills."""
+        data, self.buffer = self.buffer, bytearray()
+        self.taken += len(data)
+        return data
+
     @property
     def size(self) -> int:
-        return len(self.buffer)
+        return self.taken + len(self.buffer)
 
 
 def iter_records(

@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -52,7 +53,7 @@ from blocksnap.errors import (
 from blocksnap.model import Checkpoint, SnapshotInfo
 from blocksnap.store import catalog
 from blocksnap.store import index as index_module
-from blocksnap.store.backend import LocalBackend, ObjectStore
+from blocksnap.store.backend import LocalBackend, ObjectStore, ObjectWriter
 from blocksnap.store.codec import decompress
 from blocksnap.store.index import POLICY_PREFIX, PROTECTED_PREFIX, Index, Location, lmdb_errors
 from blocksnap.store.packs import (
@@ -607,17 +608,35 @@ class Registration:
         self.close()
 
 
+class _OpenPack:
+    """A pack being written: its name and intent, and its writer once the pack thread
+    has opened it."""
+
+    def __init__(self, registration: Registration) -> None:
+        self.id = secrets.token_bytes(16)
+        self.name = pack_name(self.id)
+        self.intent = registration.intent(self.name)
+        self.out: ObjectWriter | None = None
+        self.unsynced = 0  # bytes written since the last sync
+        self.indexed = False
+
+
 class StoreWriter:
-    """A registered writer: packs new records, storing and indexing each full pack on a
-    background thread.
+    """A registered writer: packs new records, writing each pack while it fills and
+    indexing it once sealed, on a background thread.
 
     Registration (see store/index.py) gives the writer a start epoch; until it closes, gc
     keeps every object the writer may refer to, and the writer asks claim() rather than
-    "is it indexed" before referring to an object.  At most one sealed pack is in flight
-    while the next one fills, so writing and fsync overlap with reading and compressing.
+    "is it indexed" before referring to an object.  Records go to the pack thread in
+    parts of WRITE_PART bytes, which it writes and, every SYNC_EVERY bytes, syncs, so
+    writing and fsync overlap with reading and compressing and sealing a pack waits only
+    for its last part.  At most one sealed pack is being finished while the next fills.
     flush() returns once everything added is durable and indexed; a failure in the
     background is raised by the next add() or flush().
     """
+
+    WRITE_PART = 1 << 20
+    SYNC_EVERY = 4 << 20
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -625,23 +644,24 @@ class StoreWriter:
         self.epoch = self.registration.epoch
         self.builder = PackBuilder()
         self.pending: set[bytes] = set()  # ids in the open pack
-        self.sealing: set[bytes] = set()  # ids in the pack being stored
+        self._pack: _OpenPack | None = None  # the open pack, once it has a record
         self._children: dict[bytes, list[bytes]] = {}  # of the nodes in the open pack
+        self._sealed: deque[tuple[Future[int], set[bytes]]] = deque()  # not yet indexed
+        self._tasks: deque[Future[int]] = deque()  # on the pack thread, in order
+        self._started: list[_OpenPack] = []  # packs begun and not yet indexed
         self.written_size = 0  # bytes of stored packs, this session
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksnap-pack")
-        self._in_flight: Future[int] | None = None
 
     def missing(self, object_ids: list[bytes]) -> list[bool]:
         """For each id, whether this writer must store the object (see Index.claim)."""
         return [not ok for ok in self.store.index.claim(object_ids, self.epoch)]
 
+    def _queued(self, object_id: bytes) -> bool:
+        return object_id in self.pending or any(object_id in ids for _, ids in self._sealed)
+
     def has(self, object_id: bytes) -> bool:
         """Whether the object may be referred to: usable in the index, or queued here."""
-        return (
-            object_id in self.pending
-            or object_id in self.sealing
-            or self.store.index.claim([object_id], self.epoch)[0]
-        )
+        return self._queued(object_id) or self.store.index.claim([object_id], self.epoch)[0]
 
     def add(
         self,
@@ -658,52 +678,102 @@ class StoreWriter:
         absent; only this writer's own queue is consulted then.  Should another writer
         store the same object meanwhile, the index keeps one copy and the other is garbage.
         """
-        if object_id in self.pending or object_id in self.sealing:
+        if self._queued(object_id):
             return 0
         if not checked and not self.missing([object_id])[0]:
             return 0
+        self._reap()
+        if self._pack is None:
+            self._pack = _OpenPack(self.registration)
+            self._started.append(self._pack)
+            self._submit(self._begin, self._pack)
         self.builder.add(record)
         self.pending.add(object_id)
         if children:
             self._children[object_id] = children
         if self.builder.size >= self.store.config.pack_target_size:
             self._seal()
+        elif len(self.builder.buffer) >= self.WRITE_PART:
+            self._submit(self._write, self._pack, self.builder.take())
         return len(record)
 
-    def _store(self, builder: PackBuilder, children: dict[bytes, list[bytes]]) -> int:
-        pack_id = secrets.token_bytes(16)
-        name = pack_name(pack_id)
-        intent = self.registration.intent(name)
-        self.store.index.add_intent(intent)
-        self.store.backend.put(name, builder.buffer)
+    # --- on the pack thread ----------------------------------------------------------------
+
+    def _begin(self, pack: _OpenPack) -> int:
+        self.store.index.add_intent(pack.intent)
+        pack.out = self.store.backend.create(pack.name)
+        return 0
+
+    def _write(self, pack: _OpenPack, data: bytearray) -> int:
+        if pack.out is None:
+            raise StoreError(f"pack {pack.name} was not opened")
+        pack.out.write(data)
+        pack.unsynced += len(data)
+        if pack.unsynced >= self.SYNC_EVERY:
+            pack.out.sync()
+            pack.unsynced = 0
+        return 0
+
+    def _finish(
+        self, pack: _OpenPack, builder: PackBuilder, children: dict[bytes, list[bytes]]
+    ) -> int:
+        if pack.out is None:
+            raise StoreError(f"pack {pack.name} was not opened")
+        pack.out.commit()
         with lmdb_errors("indexing pack"):
-            self.store.index.add_pack(pack_id, builder.size, builder.records, children, intent)
+            self.store.index.add_pack(pack.id, builder.size, builder.records, children, pack.intent)
+        pack.indexed = True
         return builder.size
 
-    def _wait(self) -> None:
-        if self._in_flight is not None:
-            future, self._in_flight = self._in_flight, None
-            self.written_size += future.result()
-            self.sealing.clear()
+    # --- on the calling thread -------------------------------------------------------------
+
+    def _submit(self, fn: Callable[..., int], *args: Any) -> None:
+        self._tasks.append(self._pool.submit(fn, *args))
+
+    def _reap(self, until: Future[int] | None = None, wait: bool = False) -> None:
+        """Collect background work in order, raising the first failure: what has finished,
+        and everything up to the task until (to the end when wait)."""
+        while self._tasks and (wait or until is not None or self._tasks[0].done()):
+            task = self._tasks.popleft()
+            self.written_size += task.result()
+            if task is until:
+                break
+        while self._sealed and self._sealed[0][0].done():
+            self._sealed.popleft()
+        self._started = [pack for pack in self._started if not pack.indexed]
 
     def _seal(self) -> None:
-        self._wait()
-        if self.builder.records:
-            builder, self.builder = self.builder, PackBuilder()
-            children, self._children = self._children, {}
-            self.sealing, self.pending = self.pending, set()
-            self._in_flight = self._pool.submit(self._store, builder, children)
+        if not self.builder.records:
+            return
+        assert self._pack is not None
+        if self.builder.buffer:
+            self._submit(self._write, self._pack, self.builder.take())
+        if self._sealed:  # at most one sealed pack being finished while the next fills
+            self._reap(until=self._sealed[0][0])
+        builder, self.builder = self.builder, PackBuilder()
+        children, self._children = self._children, {}
+        self._submit(self._finish, self._pack, builder, children)
+        self._sealed.append((self._tasks[-1], self.pending))
+        self.pending, self._pack = set(), None
 
     def flush(self) -> None:
         """Store and index everything added so far; return when it is durable."""
         self._seal()
-        self._wait()
+        self._reap(wait=True)
 
     def close(self) -> None:
-        """Wait for the background thread and leave the registry; what was not committed
-        stays unreferenced, for gc."""
+        """Wait for the background thread and leave the registry.  A pack begun and not
+        indexed (the run failed or was interrupted) is deleted; what was indexed and not
+        committed stays unreferenced, for gc."""
         try:
             self._pool.shutdown(wait=True, cancel_futures=True)
+            for pack in self._started:
+                if pack.indexed:
+                    continue
+                if pack.out is not None:
+                    pack.out.abort()
+                if not self.store.index.has_pack(pack.id):
+                    self.store.backend.delete(pack.name)
         finally:
             self.registration.close()
 
