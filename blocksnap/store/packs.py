@@ -19,9 +19,10 @@ Record layout::
     48      8     check: XXH3-64 of header bytes 0..47 followed by the payload
     56      ...   payload
 
-Invariants: a pack is written whole and never modified; every record can be found and
-validated from the pack alone, so the LMDB index can be rebuilt from packs; the check
-detects damage before decoding, and the id detects it after.
+Invariants: a pack appears under its name only whole (it is written under a temporary
+name while it fills, then fsynced and renamed) and is never modified after; every record
+can be found and validated from the pack alone, so the LMDB index can be rebuilt from
+packs; the check detects damage before decoding, and the id detects it after.
 """
 
 from __future__ import annotations
