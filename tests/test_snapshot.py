@@ -11,6 +11,7 @@ import pytest
 
 import blocksnap
 from blocksnap.errors import UsageError
+from blocksnap.store import backend
 from blocksnap.store.backend import TMP_MARKER
 from tests.conftest import changed_blocks, debugfs
 
@@ -219,6 +220,33 @@ def test_interrupted_run_deletes_the_pack_it_was_writing(
     assert repo.verify().ok
     info = repo.snapshot("vol", ext4_image)
     assert restored_bytes(repo, "vol", info.id, tmp_path) == ext4_image.read_bytes()
+
+
+def test_a_pack_the_run_cannot_delete_is_left_to_gc(
+    repo: blocksnap.Repository,
+    ext4_image: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When deleting its unfinished pack fails too, the writer leaves its intents, as a
+    killed one does, and the next gc deletes the pack."""
+
+    def stop(progress: blocksnap.Progress) -> None:
+        if progress.phase == "read" and progress.done_size >= 40 << 20:
+            raise KeyboardInterrupt
+
+    def cannot(self: object) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(backend._LocalWriter, "abort", cannot)
+    with pytest.raises(blocksnap.Interrupted, match="nothing was committed"):
+        repo.snapshot("vol", ext4_image, progress=stop)
+    monkeypatch.undo()
+    assert list((tmp_path / "repo").rglob(f"*{TMP_MARKER}*"))
+    report = repo.gc()
+    assert report.dead_writers == 1 and report.leftovers_deleted >= 1
+    assert not list((tmp_path / "repo").rglob(f"*{TMP_MARKER}*"))
+    assert repo.verify().ok
 
 
 def test_block_size_is_fixed_per_volume(repo: blocksnap.Repository, ext4_image: Path) -> None:

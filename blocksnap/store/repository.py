@@ -43,6 +43,7 @@ import blake3
 
 from blocksnap import blockid
 from blocksnap.errors import (
+    BlocksnapError,
     IntegrityError,
     LockedError,
     MissingObjectError,
@@ -601,6 +602,13 @@ class Registration:
             finally:
                 self._release_lock()
 
+    def abandon(self) -> None:
+        """End without leaving the registry: gc then deletes what the intents name and
+        the index lacks, as for a writer that was killed."""
+        if not self._closed:
+            self._closed = True
+            self._release_lock()
+
     def __enter__(self) -> Registration:
         return self
 
@@ -765,17 +773,24 @@ class StoreWriter:
         """Wait for the background thread and leave the registry.  A pack begun and not
         indexed (the run failed or was interrupted) is deleted; what was indexed and not
         committed stays unreferenced, for gc."""
+        cleaned = True
         try:
             self._pool.shutdown(wait=True, cancel_futures=True)
             for pack in self._started:
-                if pack.indexed:
-                    continue
-                if pack.out is not None:
-                    pack.out.abort()
-                if not self.store.index.has_pack(pack.id):
-                    self.store.backend.delete(pack.name)
+                # Only a failed or interrupted run gets here, and its own error is the one
+                # to report: a pack that cannot be deleted now is left to gc (below).
+                try:
+                    if pack.out is not None:
+                        pack.out.abort()
+                    if not pack.indexed and not self.store.index.has_pack(pack.id):
+                        self.store.backend.delete(pack.name)
+                except (BlocksnapError, OSError):
+                    cleaned = False
         finally:
-            self.registration.close()
+            if cleaned:
+                self.registration.close()
+            else:  # the intents stay, and gc deletes what the index lacks
+                self.registration.abandon()
 
     def __enter__(self) -> StoreWriter:
         return self
