@@ -129,6 +129,16 @@ def run_cli(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]
     return proc
 
 
+def interrupt_after(size: int) -> blocksnap.model.ProgressCallback:
+    """A progress callback that presses Ctrl-C once size bytes have been put in the map."""
+
+    def callback(p: blocksnap.Progress) -> None:
+        if p.phase == "read" and p.done_size >= size:
+            raise KeyboardInterrupt
+
+    return callback
+
+
 def changed_blocks(old: bytes, new: bytes, block_size: int) -> list[int]:
     """Indices of blocks whose bytes differ between two image versions."""
     count = -(-len(new) // block_size)

@@ -18,7 +18,7 @@ import blocksnap
 from blocksnap.errors import UsageError
 from blocksnap.extents import DataRuns, hint_runs, parse_extents
 from blocksnap.store.packs import PACK_MAGIC
-from tests.conftest import debugfs, run_cli
+from tests.conftest import debugfs, interrupt_after, run_cli
 from tests.test_gc_safety import run_killed
 
 BS = 64 << 10
@@ -274,16 +274,6 @@ def test_holes_are_zero_blocks_that_are_never_read(
 
 
 # --- resume --------------------------------------------------------------------------------
-
-
-def interrupt_after(size: int) -> blocksnap.model.ProgressCallback:
-    """A progress callback that presses Ctrl-C once size bytes have been put in the map."""
-
-    def callback(p: blocksnap.Progress) -> None:
-        if p.phase == "read" and p.done_size >= size:
-            raise KeyboardInterrupt
-
-    return callback
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import blocksnap
 from blocksnap.errors import UsageError
 from blocksnap.store import backend
 from blocksnap.store.backend import TMP_MARKER
-from tests.conftest import changed_blocks, debugfs
+from tests.conftest import changed_blocks, debugfs, interrupt_after
 
 BS = 64 << 10
 
@@ -205,14 +205,14 @@ def test_interrupted_run_deletes_the_pack_it_was_writing(
     """A pack is written while it fills; a run stopped mid-pack leaves none of it."""
     packs = tmp_path / "repo" / "packs"
     partial: list[Path] = []
+    stop = interrupt_after(40 << 20)
 
-    def stop(progress: blocksnap.Progress) -> None:
-        if progress.phase == "read" and progress.done_size >= 40 << 20:
-            partial.extend(packs.rglob(f"*{TMP_MARKER}*"))
-            raise KeyboardInterrupt
+    def look_then_stop(progress: blocksnap.Progress) -> None:
+        partial[:] = packs.rglob(f"*{TMP_MARKER}*")
+        stop(progress)
 
     with pytest.raises(blocksnap.Interrupted, match="nothing was committed"):
-        repo.snapshot("vol", ext4_image, progress=stop)
+        repo.snapshot("vol", ext4_image, progress=look_then_stop)
     assert partial, "the open pack was not being written when the run stopped"
     assert not list((tmp_path / "repo").rglob(f"*{TMP_MARKER}*"))
     for pack in packs.rglob("*"):
@@ -231,16 +231,12 @@ def test_a_pack_the_run_cannot_delete_is_left_to_gc(
     """When deleting its unfinished pack fails too, the writer leaves its intents, as a
     killed one does, and the next gc deletes the pack."""
 
-    def stop(progress: blocksnap.Progress) -> None:
-        if progress.phase == "read" and progress.done_size >= 40 << 20:
-            raise KeyboardInterrupt
-
     def cannot(self: object) -> None:
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(backend._LocalWriter, "abort", cannot)
     with pytest.raises(blocksnap.Interrupted, match="nothing was committed"):
-        repo.snapshot("vol", ext4_image, progress=stop)
+        repo.snapshot("vol", ext4_image, progress=interrupt_after(40 << 20))
     monkeypatch.undo()
     assert list((tmp_path / "repo").rglob(f"*{TMP_MARKER}*"))
     report = repo.gc()
