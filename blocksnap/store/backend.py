@@ -199,32 +199,29 @@ class _LocalWriter:
         except OSError as exc:
             raise _os_error("writing", name, exc) from exc
 
-    def _check_open(self) -> int:
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[int]:
+        """The open descriptor; an OSError meanwhile aborts the object as a StoreError."""
         if self._fd < 0:
             raise StoreError(f"object {self.name} is no longer being written")
-        return self._fd
+        try:
+            yield self._fd
+        except OSError as exc:
+            self.abort()
+            raise _os_error("writing", self.name, exc) from exc
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        fd = self._check_open()
-        try:
+        with self._writing() as fd:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-        except OSError as exc:
-            self.abort()
-            raise _os_error("writing", self.name, exc) from exc
 
     def sync(self) -> None:
-        fd = self._check_open()
-        try:
+        with self._writing() as fd:
             os.fdatasync(fd)
-        except OSError as exc:
-            self.abort()
-            raise _os_error("writing", self.name, exc) from exc
 
     def commit(self) -> None:
-        fd = self._check_open()
-        try:
+        with self._writing() as fd:
             os.fsync(fd)
             os.close(fd)
             self._fd = -1
@@ -235,9 +232,6 @@ class _LocalWriter:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
-        except OSError as exc:
-            self.abort()
-            raise _os_error("writing", self.name, exc) from exc
         self._backend._forget(self.name)
 
     def abort(self) -> None:

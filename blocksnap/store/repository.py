@@ -693,6 +693,7 @@ class StoreWriter:
         self._reap()
         if self._pack is None:
             self._pack = _OpenPack(self.registration)
+            self._started = [pack for pack in self._started if not pack.indexed]
             self._started.append(self._pack)
             self._submit(self._begin, self._pack)
         self.builder.add(record)
@@ -748,7 +749,6 @@ class StoreWriter:
                 break
         while self._sealed and self._sealed[0][0].done():
             self._sealed.popleft()
-        self._started = [pack for pack in self._started if not pack.indexed]
 
     def _seal(self) -> None:
         if not self.builder.records:
