@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -12,6 +13,9 @@ MAX_BLOCK_SIZE = 4 << 20
 DEFAULT_BLOCK_SIZE = 64 << 10
 FILTER_DIGEST_SIZE = 16  # XXH3-128, the change filter
 BLOCK_ID_SIZE = 32  # the strong, store-wide block identity
+# How far ahead of this host's clock a snapshot's time may be before it counts as forged
+# (a wrong clock or a hostile writer): snapshot --time refuses it, prune keeps it aside.
+CLOCK_SKEW = datetime.timedelta(minutes=15)
 
 
 class SnapshotKind(enum.Enum):

@@ -112,6 +112,7 @@ class Repository:
         changed_extents: Iterable[tuple[int, int]] | None = None,
         resume: bool = False,
         checkpoint_size: int = CHECKPOINT_SIZE,
+        allow_future_time: bool = False,
     ) -> SnapshotInfo:
         """Snapshot a file, block device or readable binary file object into volume.
 
@@ -119,7 +120,9 @@ class Repository:
         latest full or synthetic full; full against nothing.  changed_extents are the
         (offset, length) byte ranges that may differ from the snapshot compared with:
         only those are read.  A run commits a checkpoint every checkpoint_size bytes;
-        resume=True continues an interrupted run from its checkpoint.
+        resume=True continues an interrupted run from its checkpoint.  taken_at records
+        another time than now (importing older images); one more than CLOCK_SKEW ahead of
+        this host's clock is refused unless allow_future_time.
         """
         return take_snapshot(
             self._store,
@@ -134,6 +137,7 @@ class Repository:
             changed_extents=changed_extents,
             resume=resume,
             checkpoint_size=checkpoint_size,
+            allow_future_time=allow_future_time,
         )
 
     def checkpoint(self, volume: str) -> Checkpoint | None:

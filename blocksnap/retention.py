@@ -14,6 +14,21 @@ counts back from the volume's newest snapshot, not from now, so a volume whose b
 stopped keeps its last restore points instead of losing them all.  A snapshot is kept
 when any rule keeps it; a protected snapshot is always kept.  A saved policy is the JSON
 object of the non-zero fields of Policy, e.g. {"keep_within": "14d"}.
+
+Times are not trusted to push restore points out, because a host with a wrong clock (or an
+attacker with backup credentials) can record any time:
+
+- A snapshot dated more than CLOCK_SKEW after the pruning host's clock is "future-dated":
+  it is kept, and it takes no part in the rules, so it neither fills a keep_last or period
+  slot nor becomes the newest snapshot that keep_within counts back from.  Once its time
+  has come it is an ordinary snapshot.
+- The volume's latest snapshot in commit order (the one `latest` names and the next
+  incremental builds on) is always kept, whatever its time, so a clock that jumped back
+  cannot make the newest backup look old enough to go.
+
+A pruning host whose own clock is far ahead sees no snapshot as future-dated; snapshot
+records the clock of the host that took them, and `snapshot --time` refuses times beyond
+CLOCK_SKEW from now unless asked to import one (see snapshot.py).
 """
 
 from __future__ import annotations
@@ -25,7 +40,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from blocksnap.errors import IntegrityError, UsageError
-from blocksnap.model import SnapshotInfo
+from blocksnap.model import CLOCK_SKEW, SnapshotInfo
 
 _DURATION = re.compile(r"(?:(\d+)y)?(?:(\d+)m)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?")
 _PERIODS: dict[str, Callable[[datetime.datetime], object]] = {
@@ -122,28 +137,44 @@ def snapshot_time(info: SnapshotInfo) -> datetime.datetime:
 
 
 def decide(
-    snapshots: Iterable[SnapshotInfo], policy: Policy, protected: set[str] | None = None
+    snapshots: Iterable[SnapshotInfo],
+    policy: Policy,
+    protected: set[str] | None = None,
+    *,
+    now: datetime.datetime | None = None,
 ) -> list[Decision]:
-    """Apply a policy to one volume's snapshots; the decisions come newest first."""
+    """Apply a policy to one volume's snapshots, given in commit order (oldest first).
+
+    The decisions come newest first.  now is the pruning host's clock (default: the current
+    time); snapshots dated beyond now + CLOCK_SKEW are kept as future-dated, outside the rules.
+    """
     if policy.empty:
         raise UsageError("the retention policy is empty: it would remove every snapshot")
     protected = protected or set()
+    committed = list(snapshots)
+    horizon = (now or datetime.datetime.now(datetime.UTC)) + CLOCK_SKEW
     # Newest first; among equal times (a synthetic full has its source's time), the one
     # committed later counts as newer.
     ordered = [
         s
         for _, s in sorted(
-            enumerate(snapshots), key=lambda p: (snapshot_time(p[1]), p[0]), reverse=True
+            enumerate(committed), key=lambda p: (snapshot_time(p[1]), p[0]), reverse=True
         )
     ]
     reasons: dict[str, list[str]] = {s.id: [] for s in ordered}
-    for s in ordered[: policy.keep_last]:
+    ruled = []
+    for s in ordered:
+        if snapshot_time(s) > horizon:
+            reasons[s.id].append("future-dated")
+        else:
+            ruled.append(s)
+    for s in ruled[: policy.keep_last]:
         reasons[s.id].append("last")
     for period, bucket_of in _PERIODS.items():
         wanted = int(getattr(policy, f"keep_{period}"))
         last_bucket: object = None
         kept = 0
-        for s in ordered:
+        for s in ruled:
             if kept >= wanted:
                 break
             bucket = bucket_of(snapshot_time(s))
@@ -151,11 +182,13 @@ def decide(
                 reasons[s.id].append(period)
                 kept += 1
                 last_bucket = bucket
-    if policy.keep_within and ordered:
-        cutoff = subtract(snapshot_time(ordered[0]), policy.keep_within)
-        for s in ordered:
+    if policy.keep_within and ruled:
+        cutoff = subtract(snapshot_time(ruled[0]), policy.keep_within)
+        for s in ruled:
             if snapshot_time(s) > cutoff:
                 reasons[s.id].append(f"within {policy.keep_within}")
+    if committed:
+        reasons[committed[-1].id].append("latest")
     for s in ordered:
         if s.id in protected:
             reasons[s.id].append("protected")

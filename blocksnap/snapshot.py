@@ -30,6 +30,7 @@ from blocksnap.errors import Interrupted, SourceError, UsageError
 from blocksnap.extents import DataRuns, hint_runs, runs_fingerprint
 from blocksnap.model import (
     BLOCK_ID_SIZE,
+    CLOCK_SKEW,
     DEFAULT_BLOCK_SIZE,
     FILTER_DIGEST_SIZE,
     MAX_BLOCK_SIZE,
@@ -55,8 +56,18 @@ SourceArg = str | os.PathLike[str] | BinaryIO | io.RawIOBase | io.BufferedIOBase
 MAX_VOLUME_NAME_SIZE = 200
 
 
+def _describe_ahead(ahead: datetime.timedelta) -> str:
+    if ahead.days:
+        return f"{ahead.days} days"
+    return f"{ahead.seconds // 3600} h {ahead.seconds // 60 % 60} min"
+
+
 def check_volume_name(name: str) -> None:
-    if not name or len(name.encode()) > MAX_VOLUME_NAME_SIZE:
+    try:
+        encoded = name.encode()
+    except UnicodeEncodeError:
+        raise UsageError(f"volume name {name!r} is not valid UTF-8") from None
+    if not name or len(encoded) > MAX_VOLUME_NAME_SIZE:
         raise UsageError(f"volume name must be 1 to {MAX_VOLUME_NAME_SIZE} bytes")
     if any(ord(c) < 32 or c == "\x7f" for c in name):
         raise UsageError("volume name must not contain control characters")
@@ -68,6 +79,11 @@ def check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
     for key, value in out.items():
         if not key or "=" in key or not isinstance(value, str):
             raise UsageError(f"invalid label {key!r}")
+        try:
+            key.encode()
+            value.encode()
+        except UnicodeEncodeError:
+            raise UsageError(f"label {key!r} is not valid UTF-8") from None
     return out
 
 
@@ -361,13 +377,16 @@ def take_snapshot(
     changed_extents: Iterable[tuple[int, int]] | None = None,
     resume: bool = False,
     checkpoint_size: int = CHECKPOINT_SIZE,
+    allow_future_time: bool = False,
 ) -> SnapshotInfo:
     """Snapshot source into volume.
 
     The default is incremental against the volume's latest snapshot; differential compares
     with its latest full or synthetic full instead (and is a full when it has none); full
     compares with nothing.  taken_at overrides the recorded time (when importing older
-    images); it must carry a time zone.
+    images); it must carry a time zone, and a time more than model.CLOCK_SKEW ahead of
+    this host's clock is refused unless allow_future_time (prune keeps such a snapshot
+    outside its rules until its time comes, so it cannot push real restore points out).
 
     changed_extents: (offset, length) byte ranges outside which the source is known to
     equal the snapshot it is compared with; only blocks they touch are read (all of them
@@ -385,6 +404,14 @@ def take_snapshot(
         raise UsageError("a full snapshot reads everything; changed extents need a parent")
     if taken_at is not None and taken_at.tzinfo is None:
         raise UsageError("the snapshot time must include a time zone (or Z for UTC)")
+    if taken_at is not None and not allow_future_time:
+        ahead = taken_at - datetime.datetime.now(datetime.UTC)
+        if ahead > CLOCK_SKEW:
+            raise UsageError(
+                f"the snapshot time {taken_at.isoformat()} is {_describe_ahead(ahead)} ahead of "
+                "this host's clock; pass --allow-future-time (allow_future_time=True) to "
+                "record it anyway"
+            )
     if checkpoint_size <= 0:
         raise UsageError("the checkpoint interval must be positive")
     labels = check_labels(labels)

@@ -17,6 +17,7 @@ from blocksnap.cli.output import (
 )
 from blocksnap.errors import UsageError
 from blocksnap.extents import read_extents
+from blocksnap.model import CLOCK_SKEW
 from blocksnap.repository import Repository
 from blocksnap.snapshot import CHECKPOINT_SIZE
 
@@ -43,6 +44,12 @@ def add_parser(sub: Any) -> None:
         type=parse_time,
         metavar="ISO8601",
         help="record this time instead of now (importing older images), e.g. 2026-01-31T06:00Z",
+    )
+    p.add_argument(
+        "--allow-future-time",
+        action="store_true",
+        help=f"accept a --time more than {CLOCK_SKEW.seconds // 60} minutes ahead of this "
+        "host's clock (prune keeps such a snapshot outside its rules until then)",
     )
     p.add_argument("--block-size", type=int, help="bytes per block for a new volume (4 KiB-4 MiB)")
     p.add_argument(
@@ -96,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             changed_extents=extents,
             resume=args.resume,
             checkpoint_size=args.checkpoint_every,
+            allow_future_time=args.allow_future_time,
         )
     if args.json:
         emit_json(snapshot_document(info))
