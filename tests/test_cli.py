@@ -14,6 +14,7 @@ import pytest
 
 import blocksnap
 from blocksnap.store.backend import TMP_MARKER
+from blocksnap.store.index import Index
 from tests.conftest import debugfs, run_cli
 
 
@@ -140,3 +141,37 @@ def test_disk_full_is_one_line_and_commits_nothing(tmp_path: Path) -> None:
         assert not list(repo.rglob(f"*{TMP_MARKER}*"))  # the pack being written is gone
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_init_completes_or_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed init leaves the path as it found it; one killed at any moment is retried."""
+
+    def disk_full(self: object, repository_id: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(Index, "initialize", disk_full)
+        with pytest.raises(blocksnap.StoreError, match="No space left"):
+            blocksnap.Repository.init(tmp_path / "absent")
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(blocksnap.StoreError):
+            blocksnap.Repository.init(tmp_path / "empty")
+    assert not (tmp_path / "absent").exists() and os.listdir(tmp_path / "empty") == []
+    for i, delay in enumerate([0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6]):
+        repo = str(tmp_path / f"killed{i}")
+        child = subprocess.Popen(
+            [sys.executable, "-m", "blocksnap", "init", repo],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(delay)
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        if not os.path.exists(os.path.join(repo, "config")):
+            run_cli("init", repo, check=True)
+        assert run_cli("verify", repo).returncode == 0
+    # A directory that holds anything else is never taken over.
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    proc = run_cli("init", str(tmp_path / "used"))
+    assert proc.returncode == 2 and "not an empty directory" in proc.stderr

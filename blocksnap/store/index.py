@@ -179,7 +179,7 @@ class Index:
     def __init__(self, path: str, create: bool = False, readonly: bool = False) -> None:
         with lmdb_errors(f"opening index {path}"):
             self.env = lmdb.open(
-                path,
+                os.fsencode(path),  # py-lmdb encodes a str strictly: non-UTF-8 paths fail
                 map_size=MAP_SIZE,
                 max_dbs=16,
                 subdir=True,

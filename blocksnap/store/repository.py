@@ -128,7 +128,8 @@ def init_repository(
     blockid.hasher(block_id)
     if not 1 <= compression_level <= 19:
         raise UsageError(f"compression level {compression_level} is not in 1..19")
-    if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
+    created = not os.path.exists(path)
+    if not created and not _is_unfinished_init(path):
         raise UsageError(f"{path} exists and is not an empty directory")
     config = RepositoryConfig(
         format=REPOSITORY_FORMAT,
@@ -144,8 +145,9 @@ def init_repository(
         pack_target_size=pack_target_size,
     )
     try:
+        _remove_unfinished_init(path)
         os.makedirs(path, exist_ok=True)
-        for sub in ("locks", "packs", "snapshots"):
+        for sub in _INIT_DIRS:
             os.makedirs(os.path.join(path, sub), exist_ok=True)
         open(os.path.join(path, "lock"), "ab").close()
         index = Index(os.path.join(path, "index"), create=True)
@@ -157,9 +159,46 @@ def init_repository(
         _write_file_durably(
             os.path.join(path, CONFIG_NAME), json.dumps(asdict(config), indent=2).encode()
         )
-    except OSError as exc:
-        raise StoreError(f"cannot create repository at {path}: {exc.strerror or exc}") from exc
+    except BaseException as exc:
+        # Leave the directory as it was (absent or empty), so that init can be tried again.
+        with contextlib.suppress(OSError):
+            _remove_unfinished_init(path)
+            if created:
+                os.rmdir(path)
+        if isinstance(exc, OSError):
+            raise StoreError(f"cannot create repository at {path}: {exc.strerror or exc}") from exc
+        raise
     return config
+
+
+_INIT_DIRS = ("locks", "packs", "snapshots")
+_INIT_FILES = ("lock", "index/data.mdb", "index/lock.mdb")
+
+
+def _is_unfinished_init(path: str) -> bool:
+    """Whether path is an empty directory, or holds only what an init killed before it wrote
+    the config leaves (its empty directories, the lock file and a fresh index)."""
+    try:
+        names = set(os.listdir(path))
+        if not names <= {*_INIT_DIRS, "lock", "index"}:
+            return False
+        if any(os.listdir(os.path.join(path, d)) for d in _INIT_DIRS if d in names):
+            return False
+        return "index" not in names or set(os.listdir(os.path.join(path, "index"))) <= {
+            "data.mdb",
+            "lock.mdb",
+        }
+    except OSError:
+        return False
+
+
+def _remove_unfinished_init(path: str) -> None:
+    for name in _INIT_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(path, name))
+    for name in (*_INIT_DIRS, "index"):
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(os.path.join(path, name))
 
 
 def read_config(path: str) -> RepositoryConfig:
