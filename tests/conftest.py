@@ -18,6 +18,47 @@ from tests.fsimages import CAPS, KINDS, build, lvm_physical_volumes, make_files,
 MKFS = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
 DEBUGFS = shutil.which("debugfs") or "/sbin/debugfs"
 
+# The Debian package of every tool the tests run (.ci/setup installs them all).
+TOOL_PACKAGES = {
+    **dict.fromkeys(["mkfs.ext4", "debugfs", "e2fsck", MKFS, DEBUGFS], "e2fsprogs"),
+    **dict.fromkeys(["mkfs.xfs", "xfs_db", "xfs_io"], "xfsprogs"),
+    **dict.fromkeys(["mkntfs", "ntfs-3g"], "ntfs-3g"),
+    "mkfs.vfat": "dosfstools",
+    "mcopy": "mtools",
+    "mkfs.exfat": "exfatprogs",
+    "mount.exfat-fuse": "exfat-fuse",
+    "sgdisk": "gdisk",
+    "sfdisk": "fdisk",
+    **dict.fromkeys(["pvcreate", "vgcreate", "lvcreate", "lvextend", "lvs", "pvs"], "lvm2"),
+    **dict.fromkeys(["mkfs.btrfs", "btrfs"], "btrfs-progs"),
+    "setfacl": "acl",
+    "zstd": "zstd",
+    **dict.fromkeys(["mount", "umount", "losetup", "fallocate"], "mount or util-linux"),
+}
+
+
+def _missing_tool(exc: FileNotFoundError) -> str | None:
+    tool = exc.filename if isinstance(exc.filename, str) else None
+    package = TOOL_PACKAGES.get(tool or "") or TOOL_PACKAGES.get(os.path.basename(tool or ""))
+    if package is None:
+        return None
+    return f"{tool} is not installed: apt-get install {package} (or run bash .ci/setup as root)"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """A test or fixture whose tool is missing says which package brings it."""
+    try:
+        return (yield)
+    except FileNotFoundError as exc:
+        message = _missing_tool(exc)
+        if message is None:
+            raise
+    pytest.fail(message, pytrace=False)
+
+
+pytest_runtest_call = pytest_runtest_setup
+
 
 def make_tree(root: Path, seed: int, size_mb: int) -> None:
     """Mixed real-looking content: text, compressible binaries, random data, sparse zeros."""
