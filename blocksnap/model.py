@@ -85,7 +85,7 @@ class Checkpoint:
     parent_map: tuple[bytes, int, int] | None  # the parent map's root, height, image size
     block_size: int
     image_size: int
-    source: dict[str, int]  # identity of the source (device, inode, mtime...) to compare
+    source: dict[str, int | str]  # identity of the source (inode, ctime, diskseq...)
     hints: str | None  # fingerprint of the changed-extent runs, None without hints
     block_count: int  # blocks the map covers: 0 .. block_count
     map_root: bytes

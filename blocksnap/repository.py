@@ -113,6 +113,7 @@ class Repository:
         resume: bool = False,
         checkpoint_size: int = CHECKPOINT_SIZE,
         allow_future_time: bool = False,
+        source_id: str | None = None,
     ) -> SnapshotInfo:
         """Snapshot a file, block device or readable binary file object into volume.
 
@@ -122,7 +123,9 @@ class Repository:
         only those are read.  A run commits a checkpoint every checkpoint_size bytes;
         resume=True continues an interrupted run from its checkpoint.  taken_at records
         another time than now (importing older images); one more than CLOCK_SKEW ahead of
-        this host's clock is refused unless allow_future_time.
+        this host's clock is refused unless allow_future_time.  source_id names the medium
+        (e.g. an LVM snapshot's UUID) where the source itself cannot show a resume that it
+        is the same one: a stream, or a block device without a kernel diskseq.
         """
         return take_snapshot(
             self._store,
@@ -138,6 +141,7 @@ class Repository:
             resume=resume,
             checkpoint_size=checkpoint_size,
             allow_future_time=allow_future_time,
+            source_id=source_id,
         )
 
     def checkpoint(self, volume: str) -> Checkpoint | None:

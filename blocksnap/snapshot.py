@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import io
 import os
+import random
 import re
 import secrets
 import stat
@@ -48,6 +49,7 @@ from blocksnap.store.repository import Store, StoreWriter
 
 BUFFER_SIZE = 8 << 20
 CHECKPOINT_SIZE = 2 << 30  # bytes of the volume between checkpoints, by default
+RESUME_SAMPLE_COUNT = 30  # checkpointed blocks read again to check a resume's source
 READ_PART = 1 << 20  # read and scan in parts that stay in a core's L2 cache
 # Flags worth a look in Python: zero, changed, or both; most blocks of an incremental have 0.
 _INTERESTING = re.compile(b"[\x01-\x03]")
@@ -108,10 +110,25 @@ class _Scanned:
     hashed: int
 
 
-class _Source:
-    """A readable volume: exact size when known, and detection of size changes."""
+def _disk_sequence(st: os.stat_result) -> int | None:
+    """The block device's diskseq (Linux 5.15 and later): a number the kernel never gives
+    twice until reboot, new each time a medium is attached (a loop device set up again on
+    another file, a device-mapper device made again under the same name).  For a partition,
+    its disk's.  None where the kernel has none."""
+    base = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    place = f"{base}/../diskseq" if os.path.exists(f"{base}/partition") else f"{base}/diskseq"
+    try:
+        with open(place, encoding="ascii") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return None
 
-    def __init__(self, source: SourceArg) -> None:
+
+class _Source:
+    """A readable volume: exact size when known, detection of size changes, and an
+    identity that tells whether a later run reads the same medium (see resume_from)."""
+
+    def __init__(self, source: SourceArg, source_id: str | None = None) -> None:
         self._owned = False
         self.size: int | None = None
         self.regular = False
@@ -139,15 +156,21 @@ class _Source:
             )
             self.name = path
             self._owned = True
+            self.identity: dict[str, int | str]
             if self.regular:
+                # Any write or replacement in place sets ctime, which no caller can set
+                # back (unlike mtime, which touch -r restores).
                 self.identity = {
                     "dev": st.st_dev,
                     "ino": st.st_ino,
                     "mtime_ns": st.st_mtime_ns,
+                    "ctime_ns": st.st_ctime_ns,
                     "size": self.size,
                 }
             else:
                 self.identity = {"rdev": st.st_rdev, "size": self.size}
+                if (seq := _disk_sequence(st)) is not None:
+                    self.identity["diskseq"] = seq
         else:
             self.fd = None
             self.file = source
@@ -160,7 +183,31 @@ class _Source:
             except OSError:
                 self.size = None
             self.identity = {} if self.size is None else {"size": self.size}
+        if source_id is not None:
+            if not source_id or not source_id.isprintable():
+                raise UsageError("the source id must be printable text")
+            # The caller's name for the medium stands in for the kernel's: the same
+            # image attached again is the same medium to it (its content is compared).
+            self.identity.pop("diskseq", None)
+            self.identity["source_id"] = source_id
         self.done = 0
+
+    @property
+    def identified(self) -> bool:
+        """Whether the identity changes when the medium does: a regular file (its inode
+        and ctime), a block device with a diskseq, or a source id the caller vouches for."""
+        return self.regular or "diskseq" in self.identity or "source_id" in self.identity
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """size bytes at offset (fewer at the end), for checks outside the scan."""
+        if self.fd is not None:
+            try:
+                return os.pread(self.fd, size, offset)
+            except OSError as exc:
+                raise SourceError(f"error reading {self.name}: {exc.strerror or exc}") from exc
+        view = memoryview(bytearray(size))
+        got = self.read_into(view, offset)
+        return bytes(view[:got])
 
     def _read_into(self, view: memoryview) -> int:
         readinto = getattr(self.file, "readinto", None)
@@ -378,6 +425,7 @@ def take_snapshot(
     resume: bool = False,
     checkpoint_size: int = CHECKPOINT_SIZE,
     allow_future_time: bool = False,
+    source_id: str | None = None,
 ) -> SnapshotInfo:
     """Snapshot source into volume.
 
@@ -395,7 +443,10 @@ def take_snapshot(
     Every checkpoint_size bytes of the volume, what is done so far is committed as the
     volume's checkpoint; resume=True continues from it (same source, size, block size,
     kind and extents), neither reading nor storing again what it covers.  Without a
-    checkpoint, resume=True starts from the beginning.
+    checkpoint, resume=True starts from the beginning.  A resume must find the same
+    medium: a regular file by its inode and ctime, a block device by its diskseq, anything
+    else (a stream, a device without diskseq) only by a source_id the caller gives both
+    runs; and a sample of the checkpointed blocks is read again and compared.
     """
     check_volume_name(volume)
     if full and differential:
@@ -422,7 +473,7 @@ def take_snapshot(
             raise UsageError(f"volume {volume!r} has block size {fixed}, not {block_size}")
         bs = fixed or block_size or DEFAULT_BLOCK_SIZE
         check_block_size(bs)
-        src = _Source(source)
+        src = _Source(source, source_id)
         run: _Run | None = None
         try:
             hints = None
@@ -555,10 +606,22 @@ class _Run:
             raise refuse(f"it was {ck.mode}, this one is {self.mode}")
         if ck.block_size != self.bs or ck.image_size != self.src.size:
             raise refuse(f"it read {ck.image_size} bytes, the source has {self.src.size}")
+        if not self.src.identified:
+            raise refuse(
+                f"nothing shows that {self.src.name} is the medium it read (a stream, or a "
+                "block device whose kernel gives no diskseq); give both runs the same "
+                "--source-id naming the medium (e.g. the LVM snapshot's UUID)"
+            )
         if ck.source != self.src.identity:
             raise refuse(f"{self.src.name} is not the source it read (or has changed since)")
         if ck.hints != runs_fingerprint(self.hints):
             raise refuse("the changed extents are not the ones it was given")
+        resume_map = BlockMap(self.store.read_node, ck.map_root, ck.map_height, ck.block_count)
+        if (block := self._first_mismatch(resume_map, ck.block_count)) is not None:
+            raise refuse(
+                f"block {block} of {self.src.name} differs from what it read there, so the "
+                "source changed or is another one"
+            )
         self.resumed = ck
         self.kind = ck.kind
         self.time = ck.time
@@ -566,11 +629,27 @@ class _Run:
         self.parent_id = ck.parent
         if ck.parent_map is not None:
             self._open_parent(*ck.parent_map)
-        self.resume_map = BlockMap(self.store.read_node, ck.map_root, ck.map_height, ck.block_count)
+        self.resume_map = resume_map
         self.counts.update(asdict(ck.counts))
         self.counts["resumed"] = ck.block_count
         self.checkpointed = ck.block_count  # still committed, should this run stop too
         self.ranges = [(first, count) for first, count in ck.changed_ranges]
+
+    def _first_mismatch(self, done: BlockMap, block_count: int) -> int | None:
+        """The first of a sample of the checkpointed blocks (its first and last, and up to
+        RESUME_SAMPLE_COUNT more spread over it) whose content the source no longer has."""
+        whole = min(block_count, (self.src.size or 0) // self.bs)  # a short last block aside
+        if whole == 0:
+            return None
+        rng = random.Random(done.root)
+        sample = {0, whole - 1, *(rng.randrange(whole) for _ in range(RESUME_SAMPLE_COUNT))}
+        for block in sorted(sample):
+            data = self.src.read_at(block * self.bs, self.bs)
+            _, want = done.entry(block)
+            got = ZERO_ID if data == bytes(len(data)) else self.store.hash(data)
+            if len(data) != self.bs or got != want:
+                return block
+        return None
 
     # --- what to read --------------------------------------------------------------------
 

@@ -64,6 +64,13 @@ def add_parser(sub: Any) -> None:
         help="go on from the checkpoint of an interrupted run of the same snapshot",
     )
     p.add_argument(
+        "--source-id",
+        metavar="ID",
+        help="what the source is (e.g. the LVM snapshot's UUID), so that --resume can tell "
+        "it is the same medium where the source cannot show it (a pipe, a device without "
+        "diskseq)",
+    )
+    p.add_argument(
         "--checkpoint-every",
         type=parse_size,
         default=CHECKPOINT_SIZE,
@@ -104,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             checkpoint_size=args.checkpoint_every,
             allow_future_time=args.allow_future_time,
+            source_id=args.source_id,
         )
     if args.json:
         emit_json(snapshot_document(info))

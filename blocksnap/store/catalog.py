@@ -186,7 +186,7 @@ def decode_checkpoint(data: bytes, what: str) -> Checkpoint:
             else (bytes.fromhex(pm["root"]), int(pm["height"]), int(pm["image_size"])),
             block_size=int(r["block_size"]),
             image_size=int(r["image_size"]),
-            source={str(k): int(v) for k, v in r["source"].items()},
+            source={str(k): v if isinstance(v, str) else int(v) for k, v in r["source"].items()},
             hints=None if r["hints"] is None else str(r["hints"]),
             block_count=int(r["block_count"]),
             map_root=bytes.fromhex(r["map"]["root"]),
