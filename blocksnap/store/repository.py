@@ -21,7 +21,10 @@ leaves (temporary files, packs or records that no committed snapshot refers to) 
 ignored by readers, reported by verify and reclaimed by gc.  Removing a snapshot commits
 its index transaction first and deletes its record object after, so a crash between the
 two leaves an uncommitted record, which gc deletes; a rebuild never brings back a
-snapshot whose blocks may be gone.
+snapshot whose blocks may be gone.  The same holds when the step after the put fails
+rather than the process: a commit whose index transaction raises deletes its record, and
+a record whose delete fails (commit or prune) keeps its writer's intents, which gc then
+deals with as for a killed writer.
 """
 
 from __future__ import annotations
@@ -441,15 +444,29 @@ class Store:
         intent = writer.registration.intent(name)
         self.index.add_intent(intent)
         self.backend.put(name, catalog.frame(body))
-        self.index.commit_snapshot(
-            info.volume,
-            info.block_size,
-            info.id,
-            body,
-            info.map_root,
-            intent,
-            drop_checkpoint=drop_checkpoint,
-        )
+        try:
+            self.index.commit_snapshot(
+                info.volume,
+                info.block_size,
+                info.id,
+                body,
+                info.map_root,
+                intent,
+                drop_checkpoint=drop_checkpoint,
+            )
+        except BaseException:
+            # A record of a snapshot that never became visible goes now, or its intent
+            # stays for gc: never an object that nothing names.  (An interrupt may also
+            # come just after the commit: then the record is the snapshot's, and stays.)
+            try:
+                committed = self.index.snapshot_record(info.id) is not None
+            except BlocksnapError:
+                committed = True  # cannot tell: gc decides, by the index it will see
+                writer.registration.keep_intents()
+            if not committed:
+                with contextlib.suppress(BlocksnapError):  # the first error is the one to tell
+                    self._delete_or_leave_to_gc(name, writer.registration)
+            raise
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Record the checkpoint; the caller flushed its writer, so its map is durable."""
@@ -470,9 +487,20 @@ class Store:
         name = catalog.object_name(info.id)
         intent = registration.intent(name)
         removed = self.index.remove_snapshot(info.id, info.volume, info.map_root, intent)
-        self.backend.delete(name)
-        self.index.drop_intent(intent)
+        self._delete_or_leave_to_gc(name, registration)
         return removed
+
+    def _delete_or_leave_to_gc(self, name: str, registration: Registration) -> None:
+        """Delete an object named by this registration's intent, dropping the intent; if
+        the delete fails, the registration keeps its intents when it ends, so that gc
+        deletes the object as it would after a killed writer (and the error goes on)."""
+        intent = registration.intent(name)
+        try:
+            self.backend.delete(name)
+        except BaseException:
+            registration.keep_intents()
+            raise
+        self.index.drop_intent(intent)
 
     def register(self) -> Registration:
         return Registration(self)
@@ -621,6 +649,7 @@ class Registration:
                 self._release_lock()
                 raise
             self._closed = False
+            self._keep = False
             return
         raise LockedError("could not register as a writer: lock files keep disappearing")
 
@@ -633,8 +662,15 @@ class Registration:
             os.unlink(self._lock_path)
         os.close(self._lock_fd)
 
+    def keep_intents(self) -> None:
+        """An object this registration meant to delete may still exist: when it ends, it
+        stays in the registry with its intents (as abandon), for gc to finish the work."""
+        self._keep = True
+
     def close(self) -> None:
-        if not self._closed:
+        if self._keep:
+            self.abandon()
+        elif not self._closed:
             self._closed = True
             try:
                 self.store.index.unregister_writer(self.id)

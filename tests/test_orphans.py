@@ -1,0 +1,81 @@
+"""A record object whose next step fails is deleted or left to gc, never orphaned: no
+uncommitted or pruned snapshot comes back after a rebuild of the index."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import blocksnap
+from blocksnap.errors import StoreError
+from blocksnap.store.backend import LocalBackend
+from blocksnap.store.index import Index
+
+
+def records(repo: blocksnap.Repository) -> set[str]:
+    return {name for name, _ in repo.store.backend.list("snapshots/")}
+
+
+def rebuilt_ids(path: Path) -> set[str]:
+    blocksnap.repair_index(path)
+    with blocksnap.Repository(path) as repo:
+        report = repo.verify()
+        assert report.ok and not report.leftovers, (report.problems, report.leftovers)
+        return {s.id for v in repo.volumes() for s in repo.snapshots(v)}
+
+
+def failing_delete(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = LocalBackend.delete
+
+    def delete(self: LocalBackend, name: str) -> None:
+        if name.startswith("snapshots/"):
+            raise StoreError(f"I/O error while deleting {name}: Input/output error")
+        real(self, name)
+
+    monkeypatch.setattr(LocalBackend, "delete", delete)
+
+
+@pytest.mark.parametrize("delete_fails", [False, True])
+def test_a_commit_whose_index_transaction_fails_leaves_no_record(
+    tmp_path: Path, ext4_image: Path, monkeypatch: pytest.MonkeyPatch, delete_fails: bool
+) -> None:
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        first = repo.snapshot("vol", ext4_image)
+        with monkeypatch.context() as m:
+
+            def map_full(self: Index, *args: Any, **kwargs: Any) -> None:
+                raise StoreError("the index is full (MDB_MAP_FULL)")
+
+            m.setattr(Index, "commit_snapshot", map_full)
+            if delete_fails:
+                failing_delete(m)
+            with pytest.raises(StoreError, match="index is full"):
+                repo.snapshot("vol", ext4_image, full=True)
+        assert [s.id for s in repo.snapshots("vol")] == [first.id]
+        if delete_fails:  # the record is still there, and so is its intent: gc deletes it
+            assert len(records(repo)) == 2
+            assert repo.gc().leftovers_deleted >= 1
+        assert records(repo) == {f"snapshots/{first.id}"}
+        assert not repo.verify().leftovers
+    assert rebuilt_ids(path) == {first.id}
+
+
+def test_a_prune_whose_record_delete_fails_leaves_it_to_gc(
+    tmp_path: Path, ext4_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        old = repo.snapshot("vol", ext4_image)
+        new = repo.snapshot("vol", ext4_image, full=True)
+        with monkeypatch.context() as m:
+            failing_delete(m)
+            with pytest.raises(StoreError, match="Input/output"):
+                repo.prune(policy=blocksnap.Policy(keep_last=1))
+        assert [s.id for s in repo.snapshots("vol")] == [new.id]
+        assert f"snapshots/{old.id}" in records(repo)
+        repo.gc()
+        assert records(repo) == {f"snapshots/{new.id}"}
+    assert rebuilt_ids(path) == {new.id}
