@@ -181,3 +181,43 @@ def test_read_scan_reports_short_file_and_errors(
             read_scan(fd, 0, bytearray(4096), 4096, 4096, 0, None, bytearray(1), bytearray(16))
     finally:
         os.close(fd)
+
+
+def _held_views() -> list[memoryview]:
+    """A buffer, a parent, flags and digests for two 4 KiB blocks, each a memoryview that
+    refuses release() while anything holds an export of it."""
+    return [memoryview(bytearray(n)) for n in (8192, 32, 2, 32)]
+
+
+@pytest.mark.parametrize("failure", ["read-error", "rejected"])
+def test_read_scan_failing_keeps_no_hold_on_buffers(failure: str, tmp_path: object) -> None:
+    """A failed call leaves no export of its buffers behind in its exception's traceback.
+
+    A future keeps that traceback in a reference cycle; when the garbage collector cleared
+    a memoryview still exported to cffi, CPython crashed at exit (seen as a SIGSEGV after
+    a read error on a block device during a snapshot)."""
+    import os
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "vol"
+    path.write_bytes(b"x" * 8192)
+    buf, parent, flags, digests = _held_views()
+    fd = os.open(path, os.O_WRONLY if failure == "read-error" else os.O_RDONLY)
+    part = 4096 if failure == "read-error" else 1000  # 1000: not whole blocks, rejected
+    try:
+        with pytest.raises(OSError if failure == "read-error" else NativeError) as caught:
+            _cffi.read_scan(fd, 0, buf, part, 4096, 0, parent, flags, digests)
+    finally:
+        os.close(fd)
+    assert caught.value.__traceback__ is not None  # the frames are still alive here
+    for view in (buf, parent, flags, digests):
+        view.release()  # BufferError if the native call still held it
+
+
+def test_scan_failing_keeps_no_hold_on_buffers() -> None:
+    buf, parent, flags, digests = _held_views()
+    with pytest.raises(NativeError) as caught:
+        _cffi.scan(buf, 3, 0, parent, flags, digests)  # 3: not a power of two
+    assert caught.value.__traceback__ is not None
+    for view in (buf, parent, flags, digests):
+        view.release()
