@@ -221,3 +221,28 @@ def test_scan_failing_keeps_no_hold_on_buffers() -> None:
     assert caught.value.__traceback__ is not None
     for view in (buf, parent, flags, digests):
         view.release()
+
+
+@pytest.mark.parametrize("read_scan", [_cffi.read_scan, _reference.read_scan])
+@pytest.mark.parametrize("file_size", [0, 1, 4095, 4096, 8193, 16384, 20000])
+def test_read_scan_writes_nothing_past_what_it_read(
+    read_scan: native.ReadScanFunction, file_size: int, tmp_path: object
+) -> None:
+    """Whatever the file holds (empty, short, ending mid-part, longer than the buffer),
+    bytes past those read, past the buffer, and outputs past its blocks are untouched."""
+    import os
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "vol"
+    path.write_bytes(b"\x01" * file_size)
+    backing = bytearray(b"\xee" * (16384 + 4096))
+    flags, digests = bytearray(b"\xee" * 6), bytearray(b"\xee" * (16 * 6))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = read_scan(fd, 0, memoryview(backing)[:16384], 8192, 4096, 0, None, flags, digests)
+    finally:
+        os.close(fd)
+    assert got == min(file_size, 16384)
+    assert backing[:got] == b"\x01" * got
+    assert backing[got:] == b"\xee" * (len(backing) - got)
+    assert flags[4:] == b"\xee" * 2 and digests[64:] == b"\xee" * 32
