@@ -15,13 +15,14 @@ import secrets
 import stat
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from blocksnap import native
 from blocksnap.blockmap import ZERO_ID, BlockMap
 from blocksnap.errors import Interrupted, RestoreError
 from blocksnap.model import BLOCK_ID_SIZE, BlockSource, Progress, ProgressCallback, SnapshotInfo
+from blocksnap.workers import worker_pool
 
 CHUNK_SIZE = 8 << 20
 
@@ -172,19 +173,16 @@ def _write(
 
     workers = workers or os.cpu_count() or 2
     in_flight: deque[Future[tuple[int, int, int, int]]] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blocksnap-restore") as pool:
-        try:
-            for start in range(0, info.block_count, per_chunk):
-                n = min(per_chunk, info.block_count - start)
-                digests, ids = block_map.entries(start, n)
-                in_flight.append(pool.submit(work, start, digests, ids))
-                if len(in_flight) > workers * 2:
-                    collect(in_flight.popleft())
-            while in_flight:
+    # On any error the pool cancels what has not started and joins what runs before the
+    # target's descriptor is closed: workers write to it.
+    with worker_pool(workers, "blocksnap-restore") as pool:
+        for start in range(0, info.block_count, per_chunk):
+            n = min(per_chunk, info.block_count - start)
+            digests, ids = block_map.entries(start, n)
+            in_flight.append(pool.submit(work, start, digests, ids))
+            if len(in_flight) > workers * 2:
                 collect(in_flight.popleft())
-        except BaseException:
-            for future in in_flight:
-                future.cancel()
-            raise
+        while in_flight:
+            collect(in_flight.popleft())
     written, unchanged, zero, nbytes = totals
     return written, unchanged, zero, nbytes

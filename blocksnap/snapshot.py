@@ -21,7 +21,7 @@ import stat
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, fields
 from typing import BinaryIO
 
@@ -46,6 +46,7 @@ from blocksnap.model import (
 from blocksnap.store.codec import compress
 from blocksnap.store.packs import KIND_BLOCK, KIND_NODE, encode_record
 from blocksnap.store.repository import Store, StoreWriter
+from blocksnap.workers import worker_pool
 
 BUFFER_SIZE = 8 << 20
 CHECKPOINT_SIZE = 2 << 30  # bytes of the volume between checkpoints, by default
@@ -833,54 +834,50 @@ class _Run:
         # at most window + 1 are in flight and one more is being filled.
         free: list[bytearray] = []
         in_flight: deque[_Item] = deque()
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="blocksnap-scan") as pool:
-            try:
-                for kind, first, end in self.plan():
-                    if kind != _READ:
-                        assert end is not None
-                        in_flight.append(_Item(kind, first, end))
-                    pos = first
-                    while kind == _READ and (end is None or pos < end):
-                        n = buffer_blocks if end is None else min(buffer_blocks, end - pos)
-                        offset = pos * bs
-                        length = n * bs if size is None else min(n * bs, size - offset)
-                        # A short step (a changed extent) gets a buffer its size, not 8 MiB.
-                        buf = free.pop() if free else None
-                        if buf is None or len(buf) < length:
-                            buf = bytearray(max(length, bs))
-                        view = memoryview(buf)[:length]
-                        read_at = None
-                        if src.fd is not None:
-                            read_at = (src.fd, offset, src.name)
-                        else:
-                            got = src.read_into(view, offset)
-                            if not got:
-                                free.append(buf)
-                                break
-                            if got < length:  # the end of a stream of unknown size
-                                end = pos + -(-got // bs)
-                            view = view[:got]
-                            n = -(-got // bs)
-                        if self.parent_map is not None:
-                            parent_digests, parent_ids = self.parent_map.entries(pos, n)
-                        else:
-                            parent_digests, parent_ids = None, bytes(n * BLOCK_ID_SIZE)
-                        task = pool.submit(scanner, view, parent_digests, parent_ids, read_at)
-                        in_flight.append(_Item(_READ, pos, pos + n, task, buf))
-                        pos += n
-                        while len(in_flight) > window:
-                            self._consume(in_flight.popleft(), free, report)
+        # On any error the pool cancels what has not started and joins what runs before
+        # the buffers, the source and the writer go: workers write into them natively.
+        with worker_pool(workers, "blocksnap-scan") as pool:
+            for kind, first, end in self.plan():
+                if kind != _READ:
+                    assert end is not None
+                    in_flight.append(_Item(kind, first, end))
+                pos = first
+                while kind == _READ and (end is None or pos < end):
+                    n = buffer_blocks if end is None else min(buffer_blocks, end - pos)
+                    offset = pos * bs
+                    length = n * bs if size is None else min(n * bs, size - offset)
+                    # A short step (a changed extent) gets a buffer its size, not 8 MiB.
+                    buf = free.pop() if free else None
+                    if buf is None or len(buf) < length:
+                        buf = bytearray(max(length, bs))
+                    view = memoryview(buf)[:length]
+                    read_at = None
+                    if src.fd is not None:
+                        read_at = (src.fd, offset, src.name)
+                    else:
+                        got = src.read_into(view, offset)
+                        if not got:
+                            free.append(buf)
+                            break
+                        if got < length:  # the end of a stream of unknown size
+                            end = pos + -(-got // bs)
+                        view = view[:got]
+                        n = -(-got // bs)
+                    if self.parent_map is not None:
+                        parent_digests, parent_ids = self.parent_map.entries(pos, n)
+                    else:
+                        parent_digests, parent_ids = None, bytes(n * BLOCK_ID_SIZE)
+                    task = pool.submit(scanner, view, parent_digests, parent_ids, read_at)
+                    in_flight.append(_Item(_READ, pos, pos + n, task, buf))
+                    pos += n
                     while len(in_flight) > window:
                         self._consume(in_flight.popleft(), free, report)
-                while in_flight:
+                while len(in_flight) > window:
                     self._consume(in_flight.popleft(), free, report)
-                if src.fd is not None:
-                    src.check_end()
-            except BaseException:
-                for item in in_flight:
-                    if item.future is not None:
-                        item.future.cancel()
-                raise
+            while in_flight:
+                self._consume(in_flight.popleft(), free, report)
+            if src.fd is not None:
+                src.check_end()
         image_size = src.size if src.size is not None else src.done
         root, height = self.map_writer.finish()
         self.writer.flush()

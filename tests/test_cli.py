@@ -175,3 +175,90 @@ def test_init_completes_or_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "used" / "notes.txt").write_text("mine")
     proc = run_cli("init", str(tmp_path / "used"))
     assert proc.returncode == 2 and "not an empty directory" in proc.stderr
+
+
+def _command_line_started(pid: int) -> bool:
+    """Whether blocksnap's own code runs in pid (its native module is being loaded, after
+    its Ctrl-C handler was installed); before that only Python itself is starting."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return "_native.abi3.so" in f.read()
+    except FileNotFoundError:
+        return True  # gone already
+
+
+def _run_interrupted(args: list[str], delay: float | None) -> tuple[int, str, str, float]:
+    """Run python -m blocksnap args, pressing Ctrl-C delay seconds after its own code
+    started (never, for None); (status, stdout, stderr, seconds from start to exit)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blocksnap", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
+    while proc.poll() is None and not _command_line_started(proc.pid):
+        time.sleep(0.0005)
+    started = time.monotonic()
+    if delay is not None:
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err, time.monotonic() - started
+
+
+# Moments to press Ctrl-C, as fractions of the command's undisturbed run: across it, and
+# closely around its end, where the interpreter finishes the command and shuts down.
+_MOMENTS = (0.0, 0.1, 0.25, 0.4, 0.55, 0.7, 0.8, 0.88, 0.93, 0.96, 0.98, 1.0, 1.02, 1.05, 1.1)
+
+
+@pytest.mark.parametrize("command", ["list", "snapshot", "restore"])
+def test_ctrl_c_at_any_moment_exits_0_or_130_with_one_line(
+    command: str, ext4_image: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C from the start of blocksnap's code to the process's end: exit 0 with the
+    command's whole result (it came too late to stop it), or 130 with one line and
+    nothing of the command kept; never death by the signal, never a traceback."""
+    repo = tmp_path / "repo"
+    run_cli("init", str(repo), check=True)
+    run_cli("snapshot", str(repo), "vol", str(ext4_image), check=True)
+    targets = tmp_path / "targets"
+    targets.mkdir()
+
+    def args(run: int) -> list[str]:
+        if command == "list":
+            return ["list", str(repo), "vol"]
+        if command == "snapshot":
+            return ["snapshot", str(repo), "vol", str(ext4_image), "--full"]
+        return ["restore", str(repo), "vol", "latest", str(targets / f"{run}.img")]
+
+    status, _out, err, duration = _run_interrupted(args(-1), None)
+    assert status == 0, err
+    completed = 0
+    for run, moment in enumerate(_MOMENTS):
+        status, out, err, _ = _run_interrupted(args(run), moment * duration)
+        assert status in (0, 130), (moment, status, err)
+        assert "Traceback" not in err and "Exception ignored" not in err, (moment, err)
+        if status == 130:
+            assert err.count("\n") == 1, (moment, err)
+            assert err.startswith("blocksnap: error: ") and "interrupted" in err, (moment, err)
+        else:
+            completed += 1
+            assert out.strip(), moment  # the whole result was printed
+            assert err in (
+                "",
+                "blocksnap: Ctrl-C came too late to stop the command; it had finished\n",
+            ), (moment, err)
+        if command == "restore":
+            target = targets / f"{run}.img"
+            if status == 0:
+                assert target.read_bytes() == ext4_image.read_bytes(), moment
+            else:
+                assert not target.exists(), moment
+            assert [p.name for p in targets.iterdir() if "blocksnap" in p.name] == [], moment
+    with blocksnap.Repository(repo) as r:
+        if command == "snapshot":
+            assert len(r.snapshots("vol")) == 1 + 1 + completed  # and the undisturbed run
+        report = r.verify(read_data=True)
+        assert report.ok and not report.leftovers, (report.problems, report.leftovers)

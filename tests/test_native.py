@@ -181,3 +181,68 @@ def test_read_scan_reports_short_file_and_errors(
             read_scan(fd, 0, bytearray(4096), 4096, 4096, 0, None, bytearray(1), bytearray(16))
     finally:
         os.close(fd)
+
+
+def _held_views() -> list[memoryview]:
+    """A buffer, a parent, flags and digests for two 4 KiB blocks, each a memoryview that
+    refuses release() while anything holds an export of it."""
+    return [memoryview(bytearray(n)) for n in (8192, 32, 2, 32)]
+
+
+@pytest.mark.parametrize("failure", ["read-error", "rejected"])
+def test_read_scan_failing_keeps_no_hold_on_buffers(failure: str, tmp_path: object) -> None:
+    """A failed call leaves no export of its buffers behind in its exception's traceback.
+
+    A future keeps that traceback in a reference cycle; when the garbage collector cleared
+    a memoryview still exported to cffi, CPython crashed at exit (seen as a SIGSEGV after
+    a read error on a block device during a snapshot)."""
+    import os
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "vol"
+    path.write_bytes(b"x" * 8192)
+    buf, parent, flags, digests = _held_views()
+    fd = os.open(path, os.O_WRONLY if failure == "read-error" else os.O_RDONLY)
+    part = 4096 if failure == "read-error" else 1000  # 1000: not whole blocks, rejected
+    try:
+        with pytest.raises(OSError if failure == "read-error" else NativeError) as caught:
+            _cffi.read_scan(fd, 0, buf, part, 4096, 0, parent, flags, digests)
+    finally:
+        os.close(fd)
+    assert caught.value.__traceback__ is not None  # the frames are still alive here
+    for view in (buf, parent, flags, digests):
+        view.release()  # BufferError if the native call still held it
+
+
+def test_scan_failing_keeps_no_hold_on_buffers() -> None:
+    buf, parent, flags, digests = _held_views()
+    with pytest.raises(NativeError) as caught:
+        _cffi.scan(buf, 3, 0, parent, flags, digests)  # 3: not a power of two
+    assert caught.value.__traceback__ is not None
+    for view in (buf, parent, flags, digests):
+        view.release()
+
+
+@pytest.mark.parametrize("read_scan", [_cffi.read_scan, _reference.read_scan])
+@pytest.mark.parametrize("file_size", [0, 1, 4095, 4096, 8193, 16384, 20000])
+def test_read_scan_writes_nothing_past_what_it_read(
+    read_scan: native.ReadScanFunction, file_size: int, tmp_path: object
+) -> None:
+    """Whatever the file holds (empty, short, ending mid-part, longer than the buffer),
+    bytes past those read, past the buffer, and outputs past its blocks are untouched."""
+    import os
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "vol"
+    path.write_bytes(b"\x01" * file_size)
+    backing = bytearray(b"\xee" * (16384 + 4096))
+    flags, digests = bytearray(b"\xee" * 6), bytearray(b"\xee" * (16 * 6))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = read_scan(fd, 0, memoryview(backing)[:16384], 8192, 4096, 0, None, flags, digests)
+    finally:
+        os.close(fd)
+    assert got == min(file_size, 16384)
+    assert backing[:got] == b"\x01" * got
+    assert backing[got:] == b"\xee" * (len(backing) - got)
+    assert flags[4:] == b"\xee" * 2 and digests[64:] == b"\xee" * 32

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from blocksnap.cli.output import ProgressBar, emit_json, human_size
+from blocksnap.cli.output import ProgressBar, emit_json, human_size, settling_at
 from blocksnap.repository import Repository
 
 
@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
             args.snapshot,
             args.target,
             only_changed=args.only_changed,
-            progress=bar,
+            # Every block is written: what is left is the sync and the rename into place.
+            progress=settling_at(lambda p: p.done_size == p.total_size, bar),
         )
     if args.json:
         emit_json(

@@ -13,6 +13,7 @@ from blocksnap.cli.output import (
     parse_labels,
     parse_size,
     parse_time,
+    settling_at,
     snapshot_document,
 )
 from blocksnap.errors import UsageError
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
             taken_at=args.time,
             block_size=args.block_size,
             labels=labels,
-            progress=bar,
+            # Every block is in durable packs: what is left is the commit, then the report.
+            progress=settling_at(lambda p: p.phase == "packs-written", bar),
             changed_extents=extents,
             resume=args.resume,
             checkpoint_size=args.checkpoint_every,

@@ -7,10 +7,12 @@ import datetime
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
+from blocksnap import interrupts
 from blocksnap.errors import UsageError
-from blocksnap.model import Progress, SnapshotInfo
+from blocksnap.model import Progress, ProgressCallback, SnapshotInfo
 from blocksnap.retention import Policy
 from blocksnap.store import catalog
 
@@ -140,3 +142,16 @@ def parse_labels(items: list[str]) -> dict[str, str]:
             raise UsageError(f"label {item!r} is not KEY=VALUE")
         labels[key] = value
     return labels
+
+
+def settling_at(final: Callable[[Progress], bool], progress: ProgressCallback) -> ProgressCallback:
+    """progress, except that from the first report for which final holds (the work is
+    done and is being committed) Ctrl-C no longer interrupts: stopping there would throw
+    the finished work away, or leave it committed but reported as interrupted."""
+
+    def report(p: Progress) -> None:
+        if final(p):
+            interrupts.settle()
+        progress(p)
+
+    return report
