@@ -15,9 +15,12 @@ The image is untrusted: its owner chose every name, link target and mode in it. 
 - A file is written to a temporary name and renamed into place when complete, so a failure
   leaves no half-written file under the real name; --overwrite replaces atomically.
 
-Regular files keep their holes (all-zero 4 KiB pieces are not written), mode, owner (when
+Regular files keep their holes, mode, owner (when
 run as root), timestamps and extended attributes.  What could not be restored is listed in
-the report, never silently dropped.
+the report, never silently dropped.  Holes: only the ranges the file's extent map says
+may hold data are read (see Entry.data_ranges), so a file of a terabyte's apparent size
+and a few blocks of data costs those blocks; within them, all-zero 4 KiB pieces are not
+written either.  The restored file is sparse where the source was.
 """
 
 from __future__ import annotations
@@ -334,14 +337,17 @@ class _Extraction:
         size = entry.stat.size
         fd = os.open(temp, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
         try:
-            offset = 0
-            while offset < size:
-                data = entry.read(offset, min(CHUNK_SIZE, size - offset))
-                view = memoryview(data)
-                for start, end in _runs(data):
-                    _pwrite_all(fd, view[start:end], offset + start)
-                    self.report.bytes_written += end - start
-                offset += len(data)
+            # Only what the extent map says may hold data is read; the holes between
+            # are left unwritten, so the cost follows the data, not the apparent size.
+            for first, last in entry.data_ranges():
+                offset = first
+                while offset < last:
+                    data = entry.read(offset, min(CHUNK_SIZE, last - offset))
+                    view = memoryview(data)
+                    for start, end in _runs(data):
+                        _pwrite_all(fd, view[start:end], offset + start)
+                        self.report.bytes_written += end - start
+                    offset += len(data)
             os.ftruncate(fd, size)
             self._metadata(fd, entry)
             if durable:

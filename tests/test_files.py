@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,8 +15,9 @@ import pytest
 
 import blocksnap
 from blocksnap.fs import FileKind
-from tests.conftest import debugfs, run_cli
-from tests.fsimages import CAPS, KINDS, Caps, partitioned
+from blocksnap.fs.filesystem import Entry
+from tests.conftest import debugfs, mkfs_ext4, run_cli
+from tests.fsimages import CAPS, KINDS, Caps, build_by_kernel, partitioned
 
 
 def snapshot(repo: blocksnap.Repository, volume: str, image: Path) -> blocksnap.SnapshotInfo:
@@ -620,3 +622,134 @@ def test_overwrite_syncs_every_replaced_file_hard_links_too(
         report = fs.extract(["/home/ann"], str(root), in_place=True, conflict="overwrite")
     assert report.hardlinks == 1
     assert len(synced) == report.files + report.hardlinks  # the second name of a link too
+
+
+SPARSE_SIZE = 1 << 40  # apparent: a terabyte ...
+SPARSE_DATA = {1 << 20: b"A" * 5000, SPARSE_SIZE - (1 << 30) - 3000: b"B" * 3000}  # ... of 8 KB
+PREALLOC_SIZE = 4 << 20
+PREALLOC_DATA = (300_000, b"C" * 100)
+
+
+def _populate_sparse(point: Path) -> None:
+    with open(point / "huge", "wb") as f:
+        for offset, data in SPARSE_DATA.items():
+            f.seek(offset)
+            f.write(data)
+        f.truncate(SPARSE_SIZE)
+    fd = os.open(point / "prealloc", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with contextlib.suppress(OSError):  # ntfs-3g cannot preallocate: a plain hole
+            os.posix_fallocate(fd, 0, PREALLOC_SIZE)
+        os.ftruncate(fd, PREALLOC_SIZE)
+        os.pwrite(fd, PREALLOC_DATA[1], PREALLOC_DATA[0])
+    finally:
+        os.close(fd)
+
+
+def _data_segments(path: Path) -> list[tuple[int, int]]:
+    """The (start, end) data segments of a host file, by SEEK_DATA and SEEK_HOLE."""
+    found = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, at = os.fstat(fd).st_size, 0
+        while at < size:
+            try:
+                start = os.lseek(fd, at, os.SEEK_DATA)
+            except OSError:
+                break
+            at = os.lseek(fd, start, os.SEEK_HOLE)
+            found.append((start, at))
+    finally:
+        os.close(fd)
+    return found
+
+
+def _assert_sparse_copy(path: Path, size: int, data: dict[int, bytes]) -> None:
+    """`path` is `size` bytes holding `data` at its offsets, zeros elsewhere, and only a
+    little of it is allocated."""
+    assert path.stat().st_size == size
+    assert path.stat().st_blocks * 512 <= 1 << 20
+    segments = _data_segments(path)
+    assert sum(end - start for start, end in segments) <= 1 << 20
+    with open(path, "rb") as f:
+        for offset, want in data.items():
+            f.seek(offset)
+            assert f.read(len(want)) == want
+        for start, end in segments:  # what is allocated holds only the data
+            f.seek(start)
+            got = bytearray(f.read(end - start))
+            for offset, want in data.items():
+                lo, hi = max(start, offset), min(end, offset + len(want))
+                if lo < hi:
+                    assert got[lo - start : hi - start] == want[lo - offset : hi - offset]
+                    got[lo - start : hi - start] = bytes(hi - lo)
+            assert got.count(0) == len(got), (start, end)
+
+
+@pytest.mark.parametrize("kind", ["ext4", "xfs", "btrfs", "ntfs"])
+def test_extract_sparse_file_reads_only_its_data(
+    kind: str, repo: blocksnap.Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = build_by_kernel(
+        kind, tmp_path / "sparse.img", 300 if kind == "xfs" else 128, _populate_sparse
+    )
+    repo.snapshot("vol", image)
+    asked: dict[str, int] = {}
+    read = Entry.read
+
+    def counted(entry: Entry, offset: int, size: int) -> bytes:
+        asked[entry.path] = asked.get(entry.path, 0) + size
+        # Reading through the holes (a terabyte of zeros) stops here, not after minutes.
+        assert asked[entry.path] <= 16 << 20, f"{entry.path}: read through its holes"
+        return read(entry, offset, size)
+
+    monkeypatch.setattr(Entry, "read", counted)
+    out = tmp_path / "out"
+    with repo.open_filesystem("vol") as fs:
+        report = fs.extract(["/huge", "/prealloc"], str(out))
+    assert report.files == 2 and not report.skipped
+    assert asked["/huge"] <= 1 << 20
+    # NTFS has no unwritten extents: ntfs-3g allocates, and the clusters are read.
+    assert asked.get("/prealloc", 0) <= (PREALLOC_SIZE if kind == "ntfs" else 1 << 20)
+    _assert_sparse_copy(out / "huge", SPARSE_SIZE, SPARSE_DATA)
+    # Extents allocated but never written read as zeros, not as the 0xAA on the disk.
+    _assert_sparse_copy(out / "prealloc", PREALLOC_SIZE, dict([PREALLOC_DATA]))
+
+
+def test_extract_hostile_extent_map_stays_inside_the_file(
+    repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(bytes(range(256)) * 256)  # 16 blocks, one extent
+    image = mkfs_ext4(tmp_path / "vol.img", tree, 32)
+    # A second extent over logical blocks 8-23, overlapping the first and mapping the
+    # same disk blocks, and a size that ends inside it: libfsext takes extents one
+    # after another, whatever their logical start says.
+    first = _first_block(image, "/f")
+    debugfs(
+        image,
+        "sif /f block[0] 0x0002f30a",
+        "sif /f block[6] 8",
+        "sif /f block[7] 16",
+        f"sif /f block[8] {first}",
+        "sif /f size 70000",
+    )
+    repo.snapshot("vol", image)
+    out = tmp_path / "out"
+    with repo.open_filesystem("vol") as fs:
+        ranges = list(fs.lookup("/f").data_ranges())
+        report = fs.extract(["/f"], str(out))
+        whole = fs.open("/f").read()
+    assert ranges == [(0, 70000)]
+    assert report.files == 1 and report.bytes_written == 70000
+    assert (out / "f").stat().st_size == 70000
+    assert (out / "f").read_bytes() == whole  # what cat reads, no more
+
+
+def _first_block(image: Path, path: str) -> int:
+    """The first disk block of a file of an ext4 image, as debugfs shows its extents."""
+    shown = subprocess.run(
+        ["debugfs", "-R", f"stat {path}", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+    return int(shown.split("EXTENTS:")[1].split(":")[1].split("-")[0])
