@@ -15,6 +15,15 @@ The image is untrusted: its owner chose every name, link target and mode in it. 
 - A file is written to a temporary name and renamed into place when complete, so a failure
   leaves no half-written file under the real name; --overwrite replaces atomically.
 
+Temporary names are ".NAME.blocksnap-SPACE-PID-RANDOM": PID is the writing process and
+SPACE (8 hex digits) names this boot of the kernel and the pid namespace it is in.  A
+failure or Ctrl-C removes the file; a process killed outright cannot, so each extraction,
+before it writes into a directory, removes the regular files and symlinks there with
+names of exactly that form, its own SPACE, and a PID no process has: their writer is
+gone, and a pid is not reused while its process lives.  A concurrent extraction into the
+same directory, from this host or another sharing it, is never touched; a stale file from
+another host, or one whose pid a new process took, is left (and is hidden).
+
 Regular files keep their holes, mode, owner (when
 run as root), timestamps and extended attributes.  What could not be restored is listed in
 the report, never silently dropped.  Holes: only the ranges the file's extent map says
@@ -28,7 +37,10 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import functools
+import hashlib
 import os
+import re
 import secrets
 import stat as stat_mod
 from dataclasses import dataclass, field
@@ -47,6 +59,7 @@ _NAME_MAX = 255
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _ZERO = bytes(HOLE_SIZE)
+_TEMP_NAME = re.compile(r"\..*\.blocksnap-([0-9a-f]{8})-([1-9][0-9]*)-[0-9a-f]{8}", re.DOTALL)
 
 
 class Conflict(enum.Enum):
@@ -69,6 +82,7 @@ class ExtractReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (image path, why)
     renamed: list[tuple[str, str]] = field(default_factory=list)  # (image path, host name)
     warnings: list[tuple[str, str]] = field(default_factory=list)  # metadata not restored
+    cleaned: list[str] = field(default_factory=list)  # stale temporary files removed (host)
 
 
 def _umask() -> int:
@@ -81,6 +95,29 @@ def _umask() -> int:
     except OSError:
         pass
     return 0o022
+
+
+@functools.cache
+def _process_space() -> str | None:
+    """The SPACE of the temporary names this process writes (see the module docstring);
+    None where the host cannot tell, and then no stale file is judged."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return hashlib.sha256(f"{boot} {namespace}".encode()).hexdigest()[:8]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _host_name_problem(name: str) -> str | None:
@@ -156,6 +193,7 @@ class _Extraction:
         self.umask = _umask()
         self.links: dict[int, str] = {}  # file_id -> host path (from root) written
         self.visited: set[int | None] = set()
+        self.swept: set[tuple[int, int]] = set()  # (st_dev, st_ino) of directories swept
         self.report = ExtractReport(target="")
 
     # --- conflicts and names ---------------------------------------------------------
@@ -205,7 +243,29 @@ class _Extraction:
 
     def _temp_name(self, name: str) -> str:
         stem = os.fsencode(name)[:200].decode("utf-8", "ignore")
-        return f".{stem}.blocksnap-{secrets.token_hex(4)}"
+        space = _process_space() or "00000000"
+        return f".{stem}.blocksnap-{space}-{os.getpid()}-{secrets.token_hex(4)}"
+
+    def _sweep(self, dir_fd: int, dir_rel: str) -> None:
+        """Remove, once per directory, the temporary files that a killed extraction left
+        here (see the module docstring for which)."""
+        space = _process_space()
+        st = os.fstat(dir_fd)
+        if space is None or (st.st_dev, st.st_ino) in self.swept:
+            return
+        self.swept.add((st.st_dev, st.st_ino))
+        for name in os.listdir(dir_fd):
+            found = _TEMP_NAME.fullmatch(name)
+            if found is None or found.group(1) != space or _alive(int(found.group(2))):
+                continue
+            try:
+                mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+                if not (stat_mod.S_ISREG(mode) or stat_mod.S_ISLNK(mode)):
+                    continue
+                os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue  # another extraction swept it first
+            self.report.cleaned.append(f"{dir_rel}/{name}" if dir_rel else name)
 
     # --- metadata --------------------------------------------------------------------
 
@@ -255,7 +315,7 @@ class _Extraction:
         elif kind is FileKind.FILE:
             self._file(entry, dir_fd, name, rel)
         elif kind is FileKind.SYMLINK:
-            self._symlink(entry, dir_fd, name, depth)
+            self._symlink(entry, dir_fd, name, rel, depth)
         else:
             self.report.skipped.append((entry.path, f"{kind.value} not restored"))
 
@@ -304,6 +364,7 @@ class _Extraction:
         st = entry.stat
         rel = rel.rsplit("/", 1)[0] + "/" + placed if "/" in rel else placed
         tracked = st.file_id is not None and (st.nlink is None or st.nlink > 1)
+        self._sweep(dir_fd, _parent(rel))
         temp = self._temp_name(placed)
         try:
             linked_to = self.links.get(st.file_id) if tracked and st.file_id is not None else None
@@ -355,7 +416,7 @@ class _Extraction:
         finally:
             os.close(fd)
 
-    def _symlink(self, entry: Entry, dir_fd: int, name: str, depth: int) -> None:
+    def _symlink(self, entry: Entry, dir_fd: int, name: str, rel: str, depth: int) -> None:
         st = entry.stat
         target = contained_target(st.target or "", depth, in_place=self.in_place)
         if target is None:
@@ -371,6 +432,7 @@ class _Extraction:
         if place is None:
             return
         placed = place[0]
+        self._sweep(dir_fd, _parent(rel))
         temp = self._temp_name(placed)
         os.symlink(target, temp, dir_fd=dir_fd)
         try:
@@ -417,6 +479,11 @@ class _Extraction:
             os.close(fd)
             raise
         return fd, rel
+
+
+def _parent(rel: str) -> str:
+    """The host path, from the target, of the directory that `rel` is in."""
+    return rel.rsplit("/", 1)[0] if "/" in rel else ""
 
 
 def _fsync_at(dir_fd: int, name: str) -> None:

@@ -6,8 +6,10 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -753,3 +755,89 @@ def _first_block(image: Path, path: str) -> int:
         ["debugfs", "-R", f"stat {path}", str(image)], capture_output=True, text=True, check=True
     ).stdout
     return int(shown.split("EXTENTS:")[1].split(":")[1].split("-")[0])
+
+
+PAUSED_EXTRACT = """
+import runpy, signal, sys
+from blocksnap.fs.filesystem import Entry
+read = Entry.read
+def paused(entry, offset, size):
+    if offset > 0:  # the temporary file holds the first chunk: wait here to be killed
+        sys.stdout.write("writing\\n")
+        sys.stdout.flush()
+        while True:
+            signal.pause()
+    return read(entry, offset, size)
+Entry.read = paused
+sys.argv = ["blocksnap", *sys.argv[1:]]
+runpy.run_module("blocksnap", run_name="__main__")
+"""
+
+
+def _temporaries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if ".blocksnap-" in p.name)
+
+
+def test_extract_removes_what_a_killed_extract_left(
+    repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    content = os.urandom(3 << 20)
+    (tree / "big.bin").write_bytes(content)
+    repo.snapshot("vol", mkfs_ext4(tmp_path / "vol.img", tree, 32))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "big.bin").write_bytes(b"old")
+    args = ["extract", str(repo.path), "vol", "latest", "/big.bin", "--to", str(out)]
+    writer = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_EXTRACT, *args, "--overwrite"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == b"writing\n"
+        (left,) = _temporaries(out)
+        # An extraction into the same directory while that one writes leaves its file.
+        beside = run_cli(*args, "--overwrite")
+        assert beside.returncode == 0, beside.stderr
+        assert _temporaries(out) == [left]
+        (out / "big.bin").write_bytes(b"old")
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert _temporaries(out) == [left]  # what SIGKILL leaves
+    assert (out / "big.bin").read_bytes() == b"old"
+    # Names that are not a dead writer's of this host: the user's, a live process's, and
+    # one from another host or pid namespace.
+    kept = [".big.bin.blocksnap-1a2b3c4d", f".x.blocksnap-ffffffff-{writer.pid}-0badf00d"]
+    space = left.rsplit(".blocksnap-", 1)[1].split("-")[0]  # this host's, as the writer named it
+    kept.append(f".x.blocksnap-{space}-{os.getpid()}-0badf00d")
+    for name in kept:
+        (out / name).write_bytes(b"mine")
+    again = run_cli(*args, "--overwrite", "--json")
+    assert again.returncode == 0, again.stderr
+    assert _temporaries(out) == sorted(kept)
+    assert (out / "big.bin").read_bytes() == content
+    assert json.loads(again.stdout)["cleaned"] == [left]
+
+
+def test_extract_interrupted_removes_its_temporary_file(
+    repo: blocksnap.Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "big.bin").write_bytes(os.urandom(3 << 20))
+    repo.snapshot("vol", mkfs_ext4(tmp_path / "vol.img", tree, 32))
+    read = Entry.read
+
+    def interrupted(entry: Entry, offset: int, size: int) -> bytes:
+        if offset > 0:
+            raise KeyboardInterrupt
+        return read(entry, offset, size)
+
+    monkeypatch.setattr(Entry, "read", interrupted)
+    out = tmp_path / "out"
+    with repo.open_filesystem("vol") as fs, pytest.raises(KeyboardInterrupt):
+        fs.extract(["/big.bin"], str(out))
+    assert os.listdir(out) == []
