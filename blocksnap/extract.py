@@ -46,7 +46,13 @@ import stat as stat_mod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from blocksnap.errors import RestoreError, UsageError, XattrsIncompleteError
+from blocksnap.errors import (
+    FilesystemError,
+    IntegrityError,
+    RestoreError,
+    UsageError,
+    XattrsIncompleteError,
+)
 from blocksnap.fs.filesystem import MAX_DEPTH, Entry, split_path, valid_name
 from blocksnap.fs.node import FileKind, FileStat
 
@@ -305,6 +311,15 @@ class _Extraction:
     # --- one entry -------------------------------------------------------------------
 
     def restore(self, entry: Entry, dir_fd: int, name: str, rel: str, depth: int) -> None:
+        """Restore one entry; if the image fails it (a damaged inode, listing or extent
+        map, a damaged block in the store) that is reported and the next one goes on.  A
+        host error (disk full, permissions) stops the extraction."""
+        try:
+            self._restore(entry, dir_fd, name, rel, depth)
+        except (FilesystemError, IntegrityError) as exc:
+            self.report.skipped.append((entry.path, f"failed: {exc}"))
+
+    def _restore(self, entry: Entry, dir_fd: int, name: str, rel: str, depth: int) -> None:
         problem = _host_name_problem(name)
         if problem is not None:
             self.report.skipped.append((entry.path, problem))
@@ -344,15 +359,30 @@ class _Extraction:
                 (entry.path, f"{placed} is not a directory here: {exc.strerror}")
             )
             return
+        removed = False
         try:
             for child in entry.children():
                 self.restore(child, fd, child.name, f"{rel}/{child.name}", depth + 1)
+        except BaseException:
+            # The listing failed, or the host did: what was restored here keeps the
+            # directory's mode, owner and times; a directory made just now and left empty
+            # goes.  Whatever fails in that is reported, never raised over the cause.
+            try:
+                if created and not os.listdir(fd):
+                    os.rmdir(placed, dir_fd=dir_fd)
+                    removed = True
+                elif created or self.conflict is Conflict.OVERWRITE:
+                    self._metadata(fd, entry)
+            except (OSError, FilesystemError, IntegrityError) as exc:
+                self.report.warnings.append((entry.path, f"metadata not restored: {exc}"))
+            raise
+        else:
             if created or self.conflict is Conflict.OVERWRITE:
                 self._metadata(fd, entry)
         finally:
             os.close(fd)
-        if created:
-            self.report.directories += 1
+            if created and not removed:
+                self.report.directories += 1
 
     def _file(self, entry: Entry, dir_fd: int, name: str, rel: str) -> None:
         place = self._place(entry, dir_fd, name, directory=False)
@@ -551,6 +581,8 @@ def _extract_one(job: _Extraction, entry: Entry) -> None:
             job.visited.add(entry.stat.file_id)
             for child in entry.children():
                 job.restore(child, root_fd, child.name, child.name, 0)
+        except (FilesystemError, IntegrityError) as exc:  # the root's listing
+            job.report.skipped.append((entry.path, f"failed: {exc}"))
         finally:
             os.close(root_fd)
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -18,8 +19,8 @@ import pytest
 import blocksnap
 from blocksnap.fs import FileKind
 from blocksnap.fs.filesystem import Entry
-from tests.conftest import debugfs, mkfs_ext4, run_cli
-from tests.fsimages import CAPS, KINDS, Caps, build_by_kernel, partitioned
+from tests.conftest import debugfs, flip, mkfs_ext4, run_cli
+from tests.fsimages import BASE_NS, CAPS, KINDS, Caps, build_by_kernel, partitioned
 
 
 def snapshot(repo: blocksnap.Repository, volume: str, image: Path) -> blocksnap.SnapshotInfo:
@@ -841,3 +842,77 @@ def test_extract_interrupted_removes_its_temporary_file(
     with repo.open_filesystem("vol") as fs, pytest.raises(KeyboardInterrupt):
         fs.extract(["/big.bin"], str(out))
     assert os.listdir(out) == []
+
+
+def _damage_inode(image: Path, path: str) -> None:
+    """Flip a bit of the mtime in `path`'s inode, so its checksum no longer matches."""
+    where = subprocess.run(
+        ["debugfs", "-R", f"imap {path}", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+    found = re.search(r"block (\d+), offset (0x[0-9a-f]+)", where)
+    assert found is not None
+    flip(image, int(found.group(1)) * 4096 + int(found.group(2), 16) + 0x10)
+
+
+def _dir_tree(root: Path, files: dict[str, bytes], modes: dict[str, int]) -> None:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    for rel, mode in modes.items():
+        os.chmod(root / rel, mode)
+    for i, rel in enumerate(sorted(modes, key=len, reverse=True)):  # children first
+        os.utime(root / rel, ns=(BASE_NS + i, BASE_NS + i))
+
+
+def test_extract_directory_keeps_its_metadata_when_an_entry_fails(
+    repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    modes = {"d": 0o750, "e": 0o705}
+    _dir_tree(tree, {"d/good.txt": b"good\n", "d/bad.txt": b"bad\n", "e/bad.txt": b"x"}, modes)
+    image = mkfs_ext4(tmp_path / "vol.img", tree, 32)
+    for path in ("/d/bad.txt", "/e/bad.txt"):
+        _damage_inode(image, path)
+    repo.snapshot("vol", image)
+    out = tmp_path / "out"
+    with repo.open_filesystem("vol") as fs:
+        report = fs.extract(["/d", "/e"], str(out))
+    reasons = dict(report.skipped)
+    for path in ("/d/bad.txt", "/e/bad.txt"):
+        assert reasons[path].startswith("failed: ") and "is damaged" in reasons[path]
+    assert (out / "d/good.txt").read_bytes() == b"good\n"
+    assert report.directories == 2 and os.listdir(out / "e") == []
+    for rel, mode in modes.items():
+        st = (out / rel).stat()
+        assert stat.S_IMODE(st.st_mode) == mode, rel
+        assert st.st_mtime_ns // 10**9 == (tree / rel).stat().st_mtime_ns // 10**9, rel
+
+
+def test_extract_stopped_by_a_full_disk_leaves_directories_restored_or_gone(
+    repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    modes = {"top": 0o755, "top/sub": 0o750, "top/sub/deeper": 0o711}
+    big = os.urandom(3 << 20)
+    _dir_tree(tree, {"top/a.txt": b"a\n", "top/sub/deeper/big.bin": big}, modes)
+    repo.snapshot("vol", mkfs_ext4(tmp_path / "vol.img", tree, 32))
+    out = tmp_path / "small"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], check=True)
+    try:
+        with (
+            repo.open_filesystem("vol") as fs,
+            pytest.raises(blocksnap.RestoreError, match="No space left on device"),
+        ):
+            fs.extract(["/top"], str(out))
+        found = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+        kept_modes = {
+            rel: stat.S_IMODE((out / rel).stat().st_mode) for rel in modes if rel in found
+        }
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+    # The directories that the failure left empty are gone; the others hold what was
+    # written, with their own mode; no temporary file is left.
+    assert "top/sub" not in found and "top/sub/deeper" not in found
+    assert found in ([], ["top", "top/a.txt"])
+    assert kept_modes == {rel: modes[rel] for rel in kept_modes}
