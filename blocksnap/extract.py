@@ -11,7 +11,8 @@ The image is untrusted: its owner chose every name, link target and mode in it. 
   ("..") only at its start, and no higher than the link's own depth.  An absolute target
   is refused with --to; with --in-place it is rewritten relative to ROOT, which is the
   filesystem's root there.
-- Hard links are made only to files this extraction wrote.
+- Hard links are made only to files this extraction wrote, under the names it wrote them
+  (a renamed directory's too), and a link that reaches another inode is undone.
 - A file is written to a temporary name and renamed into place when complete, so a failure
   leaves no half-written file under the real name; --overwrite replaces atomically.
 
@@ -197,7 +198,8 @@ class _Extraction:
         self.conflict = conflict
         self.as_root = os.geteuid() == 0
         self.umask = _umask()
-        self.links: dict[int, str] = {}  # file_id -> host path (from root) written
+        # file_id -> the host path (from root) of the file written for it, and its inode
+        self.links: dict[int, tuple[str, tuple[int, int]]] = {}
         self.visited: set[int | None] = set()
         self.swept: set[tuple[int, int]] = set()  # (st_dev, st_ino) of directories swept
         self.report = ExtractReport(target="")
@@ -361,8 +363,9 @@ class _Extraction:
             return
         removed = False
         try:
+            here = f"{_parent(rel)}/{placed}" if "/" in rel else placed  # renamed, maybe
             for child in entry.children():
-                self.restore(child, fd, child.name, f"{rel}/{child.name}", depth + 1)
+                self.restore(child, fd, child.name, f"{here}/{child.name}", depth + 1)
         except BaseException:
             # The listing failed, or the host did: what was restored here keeps the
             # directory's mode, owner and times; a directory made just now and left empty
@@ -398,7 +401,7 @@ class _Extraction:
         temp = self._temp_name(placed)
         try:
             linked_to = self.links.get(st.file_id) if tracked and st.file_id is not None else None
-            if linked_to is not None and self._link(linked_to, dir_fd, temp):
+            if linked_to is not None and self._link(*linked_to, dir_fd, temp):
                 self.report.hardlinks += 1
                 if replacing:  # the content was written for the first name, unsynced
                     _fsync_at(dir_fd, temp)
@@ -406,7 +409,8 @@ class _Extraction:
                 self._write(entry, dir_fd, temp, durable=replacing)
                 self.report.files += 1
                 if tracked and st.file_id is not None:
-                    self.links[st.file_id] = rel
+                    written = os.stat(temp, dir_fd=dir_fd, follow_symlinks=False)
+                    self.links[st.file_id] = (rel, (written.st_dev, written.st_ino))
             os.rename(temp, placed, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             if replacing:
                 os.fsync(dir_fd)
@@ -415,13 +419,27 @@ class _Extraction:
                 os.unlink(temp, dir_fd=dir_fd)
             raise
 
-    def _link(self, source: str, dir_fd: int, temp: str) -> bool:
+    def _link(self, source: str, inode: tuple[int, int], dir_fd: int, temp: str) -> bool:
+        """Link `temp` to the file written at `source`; False, and nothing made, if that
+        cannot be done or what `source` leads to now is another file (linkat follows a
+        symlink on the way, which the host may have put there since)."""
         try:
             os.link(source, temp, src_dir_fd=self.root_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
-            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOENT):
+            if exc.errno in (
+                errno.EXDEV,
+                errno.EPERM,
+                errno.EMLINK,
+                errno.ENOENT,
+                errno.ENOTDIR,
+                errno.ELOOP,
+            ):
                 return False
             raise
+        linked = os.stat(temp, dir_fd=dir_fd, follow_symlinks=False)
+        if (linked.st_dev, linked.st_ino) != inode:
+            os.unlink(temp, dir_fd=dir_fd)
+            return False
         return True
 
     def _write(self, entry: Entry, dir_fd: int, temp: str, *, durable: bool) -> None:

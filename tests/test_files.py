@@ -916,3 +916,26 @@ def test_extract_stopped_by_a_full_disk_leaves_directories_restored_or_gone(
     assert "top/sub" not in found and "top/sub/deeper" not in found
     assert found in ([], ["top", "top/a.txt"])
     assert kept_modes == {rel: modes[rel] for rel in kept_modes}
+
+
+def test_extract_renamed_directory_links_to_what_it_wrote(
+    repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d/a").write_bytes(b"restored\n")
+    os.link(tree / "d/a", tree / "d/b")
+    repo.snapshot("vol", mkfs_ext4(tmp_path / "vol.img", tree, 32))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a").write_bytes(b"decoy\n")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "d").symlink_to(elsewhere)  # so the directory is restored as d.restored
+    with repo.open_filesystem("vol") as fs:
+        report = fs.extract(["/d"], str(target), conflict="rename")
+    assert report.renamed == [("/d", "d.restored")]
+    a, b = target / "d.restored/a", target / "d.restored/b"
+    assert a.read_bytes() == b.read_bytes() == b"restored\n"
+    assert a.stat().st_ino == b.stat().st_ino
+    assert (elsewhere / "a").stat().st_nlink == 1  # never linked to from the target
