@@ -25,12 +25,14 @@ gone, and a pid is not reused while its process lives.  A concurrent extraction 
 same directory, from this host or another sharing it, is never touched; a stale file from
 another host, or one whose pid a new process took, is left (and is hidden).
 
-Regular files keep their holes, mode, owner (when
-run as root), timestamps and extended attributes.  What could not be restored is listed in
-the report, never silently dropped.  Holes: only the ranges the file's extent map says
-may hold data are read (see Entry.data_ranges), so a file of a terabyte's apparent size
-and a few blocks of data costs those blocks; within them, all-zero 4 KiB pieces are not
-written either.  The restored file is sparse where the source was.
+Regular files keep their holes, mode, owner (when run as root), timestamps and extended
+attributes.  What could not be restored is listed in the report, never silently dropped:
+an entry the image fails (a damaged inode, listing or extent map) is listed and the rest
+goes on, and a directory whose restore stops keeps its mode, owner and times, or is
+removed if this run made it and it stayed empty.  Holes: only the ranges the file's
+extent map says may hold data are read (see Entry.data_ranges), so a file of a terabyte's
+apparent size and a few blocks of data costs those blocks; within them, all-zero 4 KiB
+pieces are not written either.  The restored file is sparse where the source was.
 """
 
 from __future__ import annotations
@@ -294,6 +296,9 @@ class _Extraction:
             xattrs = exc.readable
             for key, why in exc.unreadable.items():
                 self.report.warnings.append((entry.path, f"xattr {key} not restored: {why}"))
+        except (FilesystemError, IntegrityError) as exc:  # the times still go on
+            xattrs = {}
+            self.report.warnings.append((entry.path, f"xattrs not restored: {exc}"))
         for key, value in xattrs.items():
             try:
                 os.setxattr(fd, key, value)
@@ -357,6 +362,8 @@ class _Extraction:
         try:
             fd = os.open(placed, _DIR_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
+            if created:  # not left behind empty and closed to everyone
+                os.rmdir(placed, dir_fd=dir_fd)
             self.report.skipped.append(
                 (entry.path, f"{placed} is not a directory here: {exc.strerror}")
             )
