@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ import pytest
 import blocksnap
 from blocksnap.fs import FileKind
 from blocksnap.fs.filesystem import Entry
+from blocksnap.fs.libyal import PosixEntryNode
 from tests.conftest import debugfs, flip, mkfs_ext4, run_cli
 from tests.fsimages import BASE_NS, CAPS, KINDS, Caps, build_by_kernel, partitioned
 
@@ -939,3 +941,50 @@ def test_extract_renamed_directory_links_to_what_it_wrote(
     assert a.read_bytes() == b.read_bytes() == b"restored\n"
     assert a.stat().st_ino == b.stat().st_ino
     assert (elsewhere / "a").stat().st_nlink == 1  # never linked to from the target
+
+
+@pytest.mark.parametrize(
+    ("ranges", "expect"),
+    [
+        ([(-5, 100), (50, 8192), (4096, 1 << 40), (1 << 41, 1 << 42)], [(0, 12000)]),
+        ([(0, 100), (100, 200), (8192, 8192), (9000, 9100)], [(0, 200), (9000, 9100)]),
+        ([(8192, 12000), (0, 4096)], "the extent map is out of order (0 after 8192)"),
+    ],
+    ids=["overlapping-and-past-the-size", "touching-and-empty", "out-of-order"],
+)
+def test_extract_takes_an_extent_map_only_inside_the_file(
+    ranges: list[tuple[int, int]],
+    expect: list[tuple[int, int]] | str,
+    repo: blocksnap.Repository,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    content = os.urandom(12000)
+    (tree / "f").write_bytes(content)
+    (tree / "g").write_bytes(b"next\n")
+    repo.snapshot("vol", mkfs_ext4(tmp_path / "vol.img", tree, 32))
+    real = PosixEntryNode.data_ranges
+
+    def hostile(node: PosixEntryNode, size: int) -> Iterator[tuple[int, int]]:
+        if size == len(content):
+            yield from ranges
+        else:
+            yield from real(node, size)
+
+    monkeypatch.setattr(PosixEntryNode, "data_ranges", hostile)
+    out = tmp_path / "out"
+    with repo.open_filesystem("vol") as fs:
+        if isinstance(expect, str):
+            report = fs.extract(["/"], str(out))
+            assert dict(report.skipped) == {"/f": f"failed: /f: {expect}"}
+            assert (out / "g").read_bytes() == b"next\n" and not (out / "f").exists()
+            return
+        assert list(fs.lookup("/f").data_ranges()) == expect
+        fs.extract(["/f"], str(out))
+    # Read where the map says data, zeros elsewhere, and nothing past the size.
+    want = bytearray(len(content))
+    for start, end in expect:
+        want[start:end] = content[start:end]
+    assert (out / "f").read_bytes() == want
