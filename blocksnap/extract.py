@@ -11,13 +11,28 @@ The image is untrusted: its owner chose every name, link target and mode in it. 
   ("..") only at its start, and no higher than the link's own depth.  An absolute target
   is refused with --to; with --in-place it is rewritten relative to ROOT, which is the
   filesystem's root there.
-- Hard links are made only to files this extraction wrote.
+- Hard links are made only to files this extraction wrote, under the names it wrote them
+  (a renamed directory's too), and a link that reaches another inode is undone.
 - A file is written to a temporary name and renamed into place when complete, so a failure
   leaves no half-written file under the real name; --overwrite replaces atomically.
 
-Regular files keep their holes (all-zero 4 KiB pieces are not written), mode, owner (when
-run as root), timestamps and extended attributes.  What could not be restored is listed in
-the report, never silently dropped.
+Temporary names are ".NAME.blocksnap-SPACE-PID-RANDOM": PID is the writing process and
+SPACE (8 hex digits) names this boot of the kernel and the pid namespace it is in.  A
+failure or Ctrl-C removes the file; a process killed outright cannot, so each extraction,
+before it writes into a directory, removes the regular files and symlinks there with
+names of exactly that form, its own SPACE, and a PID no process has: their writer is
+gone, and a pid is not reused while its process lives.  A concurrent extraction into the
+same directory, from this host or another sharing it, is never touched; a stale file from
+another host, or one whose pid a new process took, is left (and is hidden).
+
+Regular files keep their holes, mode, owner (when run as root), timestamps and extended
+attributes.  What could not be restored is listed in the report, never silently dropped:
+an entry the image fails (a damaged inode, listing or extent map) is listed and the rest
+goes on, and a directory whose restore stops keeps its mode, owner and times, or is
+removed if this run made it and it stayed empty.  Holes: only the ranges the file's
+extent map says may hold data are read (see Entry.data_ranges), so a file of a terabyte's
+apparent size and a few blocks of data costs those blocks; within them, all-zero 4 KiB
+pieces are not written either.  The restored file is sparse where the source was.
 """
 
 from __future__ import annotations
@@ -25,13 +40,22 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import functools
+import hashlib
 import os
+import re
 import secrets
 import stat as stat_mod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from blocksnap.errors import RestoreError, UsageError, XattrsIncompleteError
+from blocksnap.errors import (
+    FilesystemError,
+    IntegrityError,
+    RestoreError,
+    UsageError,
+    XattrsIncompleteError,
+)
 from blocksnap.fs.filesystem import MAX_DEPTH, Entry, split_path, valid_name
 from blocksnap.fs.node import FileKind, FileStat
 
@@ -44,6 +68,7 @@ _NAME_MAX = 255
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _ZERO = bytes(HOLE_SIZE)
+_TEMP_NAME = re.compile(r"\..*\.blocksnap-([0-9a-f]{8})-([1-9][0-9]*)-[0-9a-f]{8}", re.DOTALL)
 
 
 class Conflict(enum.Enum):
@@ -66,6 +91,7 @@ class ExtractReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (image path, why)
     renamed: list[tuple[str, str]] = field(default_factory=list)  # (image path, host name)
     warnings: list[tuple[str, str]] = field(default_factory=list)  # metadata not restored
+    cleaned: list[str] = field(default_factory=list)  # stale temporary files removed (host)
 
 
 def _umask() -> int:
@@ -78,6 +104,29 @@ def _umask() -> int:
     except OSError:
         pass
     return 0o022
+
+
+@functools.cache
+def _process_space() -> str | None:
+    """The SPACE of the temporary names this process writes (see the module docstring);
+    None where the host cannot tell, and then no stale file is judged."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return hashlib.sha256(f"{boot} {namespace}".encode()).hexdigest()[:8]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _host_name_problem(name: str) -> str | None:
@@ -151,8 +200,10 @@ class _Extraction:
         self.conflict = conflict
         self.as_root = os.geteuid() == 0
         self.umask = _umask()
-        self.links: dict[int, str] = {}  # file_id -> host path (from root) written
+        # file_id -> the host path (from root) of the file written for it, and its inode
+        self.links: dict[int, tuple[str, tuple[int, int]]] = {}
         self.visited: set[int | None] = set()
+        self.swept: set[tuple[int, int]] = set()  # (st_dev, st_ino) of directories swept
         self.report = ExtractReport(target="")
 
     # --- conflicts and names ---------------------------------------------------------
@@ -202,7 +253,29 @@ class _Extraction:
 
     def _temp_name(self, name: str) -> str:
         stem = os.fsencode(name)[:200].decode("utf-8", "ignore")
-        return f".{stem}.blocksnap-{secrets.token_hex(4)}"
+        space = _process_space() or "00000000"
+        return f".{stem}.blocksnap-{space}-{os.getpid()}-{secrets.token_hex(4)}"
+
+    def _sweep(self, dir_fd: int, dir_rel: str) -> None:
+        """Remove, once per directory, the temporary files that a killed extraction left
+        here (see the module docstring for which)."""
+        space = _process_space()
+        st = os.fstat(dir_fd)
+        if space is None or (st.st_dev, st.st_ino) in self.swept:
+            return
+        self.swept.add((st.st_dev, st.st_ino))
+        for name in os.listdir(dir_fd):
+            found = _TEMP_NAME.fullmatch(name)
+            if found is None or found.group(1) != space or _alive(int(found.group(2))):
+                continue
+            try:
+                mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+                if not (stat_mod.S_ISREG(mode) or stat_mod.S_ISLNK(mode)):
+                    continue
+                os.unlink(name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                continue  # another extraction swept it first
+            self.report.cleaned.append(f"{dir_rel}/{name}" if dir_rel else name)
 
     # --- metadata --------------------------------------------------------------------
 
@@ -223,6 +296,9 @@ class _Extraction:
             xattrs = exc.readable
             for key, why in exc.unreadable.items():
                 self.report.warnings.append((entry.path, f"xattr {key} not restored: {why}"))
+        except (FilesystemError, IntegrityError) as exc:  # the times still go on
+            xattrs = {}
+            self.report.warnings.append((entry.path, f"xattrs not restored: {exc}"))
         for key, value in xattrs.items():
             try:
                 os.setxattr(fd, key, value)
@@ -242,6 +318,15 @@ class _Extraction:
     # --- one entry -------------------------------------------------------------------
 
     def restore(self, entry: Entry, dir_fd: int, name: str, rel: str, depth: int) -> None:
+        """Restore one entry; if the image fails it (a damaged inode, listing or extent
+        map, a damaged block in the store) that is reported and the next one goes on.  A
+        host error (disk full, permissions) stops the extraction."""
+        try:
+            self._restore(entry, dir_fd, name, rel, depth)
+        except (FilesystemError, IntegrityError) as exc:
+            self.report.skipped.append((entry.path, f"failed: {exc}"))
+
+    def _restore(self, entry: Entry, dir_fd: int, name: str, rel: str, depth: int) -> None:
         problem = _host_name_problem(name)
         if problem is not None:
             self.report.skipped.append((entry.path, problem))
@@ -252,7 +337,7 @@ class _Extraction:
         elif kind is FileKind.FILE:
             self._file(entry, dir_fd, name, rel)
         elif kind is FileKind.SYMLINK:
-            self._symlink(entry, dir_fd, name, depth)
+            self._symlink(entry, dir_fd, name, rel, depth)
         else:
             self.report.skipped.append((entry.path, f"{kind.value} not restored"))
 
@@ -277,19 +362,37 @@ class _Extraction:
         try:
             fd = os.open(placed, _DIR_FLAGS, dir_fd=dir_fd)
         except OSError as exc:
+            if created:  # not left behind empty and closed to everyone
+                os.rmdir(placed, dir_fd=dir_fd)
             self.report.skipped.append(
                 (entry.path, f"{placed} is not a directory here: {exc.strerror}")
             )
             return
+        removed = False
         try:
+            here = f"{_parent(rel)}/{placed}" if "/" in rel else placed  # renamed, maybe
             for child in entry.children():
-                self.restore(child, fd, child.name, f"{rel}/{child.name}", depth + 1)
+                self.restore(child, fd, child.name, f"{here}/{child.name}", depth + 1)
+        except BaseException:
+            # The listing failed, or the host did: what was restored here keeps the
+            # directory's mode, owner and times; a directory made just now and left empty
+            # goes.  Whatever fails in that is reported, never raised over the cause.
+            try:
+                if created and not os.listdir(fd):
+                    os.rmdir(placed, dir_fd=dir_fd)
+                    removed = True
+                elif created or self.conflict is Conflict.OVERWRITE:
+                    self._metadata(fd, entry)
+            except (OSError, FilesystemError, IntegrityError) as exc:
+                self.report.warnings.append((entry.path, f"metadata not restored: {exc}"))
+            raise
+        else:
             if created or self.conflict is Conflict.OVERWRITE:
                 self._metadata(fd, entry)
         finally:
             os.close(fd)
-        if created:
-            self.report.directories += 1
+            if created and not removed:
+                self.report.directories += 1
 
     def _file(self, entry: Entry, dir_fd: int, name: str, rel: str) -> None:
         place = self._place(entry, dir_fd, name, directory=False)
@@ -301,10 +404,11 @@ class _Extraction:
         st = entry.stat
         rel = rel.rsplit("/", 1)[0] + "/" + placed if "/" in rel else placed
         tracked = st.file_id is not None and (st.nlink is None or st.nlink > 1)
+        self._sweep(dir_fd, _parent(rel))
         temp = self._temp_name(placed)
         try:
             linked_to = self.links.get(st.file_id) if tracked and st.file_id is not None else None
-            if linked_to is not None and self._link(linked_to, dir_fd, temp):
+            if linked_to is not None and self._link(*linked_to, dir_fd, temp):
                 self.report.hardlinks += 1
                 if replacing:  # the content was written for the first name, unsynced
                     _fsync_at(dir_fd, temp)
@@ -312,7 +416,8 @@ class _Extraction:
                 self._write(entry, dir_fd, temp, durable=replacing)
                 self.report.files += 1
                 if tracked and st.file_id is not None:
-                    self.links[st.file_id] = rel
+                    written = os.stat(temp, dir_fd=dir_fd, follow_symlinks=False)
+                    self.links[st.file_id] = (rel, (written.st_dev, written.st_ino))
             os.rename(temp, placed, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             if replacing:
                 os.fsync(dir_fd)
@@ -321,27 +426,44 @@ class _Extraction:
                 os.unlink(temp, dir_fd=dir_fd)
             raise
 
-    def _link(self, source: str, dir_fd: int, temp: str) -> bool:
+    def _link(self, source: str, inode: tuple[int, int], dir_fd: int, temp: str) -> bool:
+        """Link `temp` to the file written at `source`; False, and nothing made, if that
+        cannot be done or what `source` leads to now is another file (linkat follows a
+        symlink on the way, which the host may have put there since)."""
         try:
             os.link(source, temp, src_dir_fd=self.root_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         except OSError as exc:
-            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOENT):
+            if exc.errno in (
+                errno.EXDEV,
+                errno.EPERM,
+                errno.EMLINK,
+                errno.ENOENT,
+                errno.ENOTDIR,
+                errno.ELOOP,
+            ):
                 return False
             raise
+        linked = os.stat(temp, dir_fd=dir_fd, follow_symlinks=False)
+        if (linked.st_dev, linked.st_ino) != inode:
+            os.unlink(temp, dir_fd=dir_fd)
+            return False
         return True
 
     def _write(self, entry: Entry, dir_fd: int, temp: str, *, durable: bool) -> None:
         size = entry.stat.size
         fd = os.open(temp, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
         try:
-            offset = 0
-            while offset < size:
-                data = entry.read(offset, min(CHUNK_SIZE, size - offset))
-                view = memoryview(data)
-                for start, end in _runs(data):
-                    _pwrite_all(fd, view[start:end], offset + start)
-                    self.report.bytes_written += end - start
-                offset += len(data)
+            # Only what the extent map says may hold data is read; the holes between
+            # are left unwritten, so the cost follows the data, not the apparent size.
+            for first, last in entry.data_ranges():
+                offset = first
+                while offset < last:
+                    data = entry.read(offset, min(CHUNK_SIZE, last - offset))
+                    view = memoryview(data)
+                    for start, end in _runs(data):
+                        _pwrite_all(fd, view[start:end], offset + start)
+                        self.report.bytes_written += end - start
+                    offset += len(data)
             os.ftruncate(fd, size)
             self._metadata(fd, entry)
             if durable:
@@ -349,7 +471,7 @@ class _Extraction:
         finally:
             os.close(fd)
 
-    def _symlink(self, entry: Entry, dir_fd: int, name: str, depth: int) -> None:
+    def _symlink(self, entry: Entry, dir_fd: int, name: str, rel: str, depth: int) -> None:
         st = entry.stat
         target = contained_target(st.target or "", depth, in_place=self.in_place)
         if target is None:
@@ -365,6 +487,7 @@ class _Extraction:
         if place is None:
             return
         placed = place[0]
+        self._sweep(dir_fd, _parent(rel))
         temp = self._temp_name(placed)
         os.symlink(target, temp, dir_fd=dir_fd)
         try:
@@ -411,6 +534,11 @@ class _Extraction:
             os.close(fd)
             raise
         return fd, rel
+
+
+def _parent(rel: str) -> str:
+    """The host path, from the target, of the directory that `rel` is in."""
+    return rel.rsplit("/", 1)[0] if "/" in rel else ""
 
 
 def _fsync_at(dir_fd: int, name: str) -> None:
@@ -478,6 +606,8 @@ def _extract_one(job: _Extraction, entry: Entry) -> None:
             job.visited.add(entry.stat.file_id)
             for child in entry.children():
                 job.restore(child, root_fd, child.name, child.name, 0)
+        except (FilesystemError, IntegrityError) as exc:  # the root's listing
+            job.report.skipped.append((entry.path, f"failed: {exc}"))
         finally:
             os.close(root_fd)
         return

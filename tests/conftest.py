@@ -131,6 +131,15 @@ def debugfs(image: Path, *commands: str) -> None:
     )
 
 
+def flip(image: Path, offset: int) -> None:
+    """Damage one byte of an image in place (one bit of it flipped)."""
+    with open(image, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
 @pytest.fixture(scope="session")
 def ext4_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 48 MiB ext4 image holding about 20 MiB of mixed files (built once per session)."""

@@ -14,7 +14,7 @@ import random
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +106,7 @@ def _mounted(image: Path, kind: str) -> Iterator[Path]:
     point = Path(tempfile.mkdtemp(prefix="bs-mnt-"))
     try:
         with contextlib.ExitStack() as stack:
-            if kind == "xfs":
+            if kind in ("xfs", "ext4", "btrfs"):
                 _run("mount", "-o", "loop", str(image), str(point))
             elif kind == "ntfs":
                 _run("ntfs-3g", str(image), str(point))
@@ -158,6 +158,30 @@ def build(kind: str, tree: Path, image: Path, size_mb: int = 64) -> Path:
     if kind in ("xfs", "ntfs", "exfat"):
         with _mounted(image, kind) as point:
             _copy_in(tree, point)
+    return image
+
+
+# mkfs without discarding, so the blocks it leaves alone keep the fill byte.
+_MKFS_KEEPING = {
+    "ext4": ["mkfs.ext4", "-q", "-F", "-b", "4096", "-E", "nodiscard"],
+    "xfs": ["mkfs.xfs", "-q", "-f", "-K"],
+    "btrfs": ["mkfs.btrfs", "-q", "-f", "-K"],
+    "ntfs": ["mkntfs", "-q", "-F", "-f"],
+}
+
+
+def build_by_kernel(kind: str, image: Path, size_mb: int, populate: Callable[[Path], None]) -> Path:
+    """A `kind` image whose files `populate` writes on a mount of it (the kernel's, or
+    ntfs-3g's), for what only a live filesystem makes: preallocated extents, holes that
+    mkfs.btrfs --rootdir would read through.  The image is filled with 0xAA before mkfs,
+    so a block allocated but never written is not zero on the disk."""
+    with open(image, "wb") as f:
+        fill = b"\xaa" * (1 << 20)
+        for _ in range(size_mb):
+            f.write(fill)
+    _run(*_MKFS_KEEPING[kind], str(image))
+    with _mounted(image, kind) as point:
+        populate(point)
     return image
 
 

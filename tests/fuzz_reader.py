@@ -13,9 +13,18 @@ import signal
 import sys
 
 import blocksnap
-from blocksnap.fs import FileKind
+from blocksnap.fs import Entry, FileKind
 
 READ_LIMIT = 4 << 20  # bytes read per file, enough to go through its mapping
+
+
+def check_data_ranges(entry: Entry) -> None:
+    """What extract reads of a file: ranges in order, apart, inside the size; an
+    AssertionError (not a blocksnap error) fails the test."""
+    end = -1
+    for start, stop in entry.data_ranges():
+        assert end < start < stop <= entry.stat.size, (entry.path, end, start, stop)
+        end = stop
 
 
 def main() -> int:
@@ -33,6 +42,7 @@ def main() -> int:
                     for entry in fs.walk("/"):
                         if entry.stat.kind is FileKind.FILE:
                             entry.read(0, min(entry.stat.size, READ_LIMIT))
+                            check_data_ranges(entry)
                         elif entry.stat.kind is FileKind.SYMLINK:
                             fs.readlink(entry.path)
                         entry.xattrs()

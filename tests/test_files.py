@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import signal
 import stat
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import blocksnap
 from blocksnap.fs import FileKind
-from tests.conftest import debugfs, run_cli
-from tests.fsimages import CAPS, KINDS, Caps, partitioned
+from blocksnap.fs.filesystem import Entry
+from blocksnap.fs.libyal import PosixEntryNode
+from tests.conftest import debugfs, flip, mkfs_ext4, run_cli
+from tests.fsimages import BASE_NS, CAPS, KINDS, Caps, build_by_kernel, partitioned
 
 
 def snapshot(repo: blocksnap.Repository, volume: str, image: Path) -> blocksnap.SnapshotInfo:
@@ -620,3 +627,364 @@ def test_overwrite_syncs_every_replaced_file_hard_links_too(
         report = fs.extract(["/home/ann"], str(root), in_place=True, conflict="overwrite")
     assert report.hardlinks == 1
     assert len(synced) == report.files + report.hardlinks  # the second name of a link too
+
+
+SPARSE_SIZE = 1 << 40  # apparent: a terabyte ...
+SPARSE_DATA = {1 << 20: b"A" * 5000, SPARSE_SIZE - (1 << 30) - 3000: b"B" * 3000}  # ... of 8 KB
+PREALLOC_SIZE = 4 << 20
+PREALLOC_DATA = (300_000, b"C" * 100)
+
+
+def _populate_sparse(point: Path) -> None:
+    with open(point / "huge", "wb") as f:
+        for offset, data in SPARSE_DATA.items():
+            f.seek(offset)
+            f.write(data)
+        f.truncate(SPARSE_SIZE)
+    fd = os.open(point / "prealloc", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        with contextlib.suppress(OSError):  # ntfs-3g cannot preallocate: a plain hole
+            os.posix_fallocate(fd, 0, PREALLOC_SIZE)
+        os.ftruncate(fd, PREALLOC_SIZE)
+        os.pwrite(fd, PREALLOC_DATA[1], PREALLOC_DATA[0])
+    finally:
+        os.close(fd)
+
+
+def _data_segments(path: Path) -> list[tuple[int, int]]:
+    """The (start, end) data segments of a host file, by SEEK_DATA and SEEK_HOLE."""
+    found = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size, at = os.fstat(fd).st_size, 0
+        while at < size:
+            try:
+                start = os.lseek(fd, at, os.SEEK_DATA)
+            except OSError:
+                break
+            at = os.lseek(fd, start, os.SEEK_HOLE)
+            found.append((start, at))
+    finally:
+        os.close(fd)
+    return found
+
+
+def _assert_sparse_copy(path: Path, size: int, data: dict[int, bytes]) -> None:
+    """`path` is `size` bytes holding `data` at its offsets, zeros elsewhere, and only a
+    little of it is allocated."""
+    assert path.stat().st_size == size
+    assert path.stat().st_blocks * 512 <= 1 << 20
+    segments = _data_segments(path)
+    assert sum(end - start for start, end in segments) <= 1 << 20
+    with open(path, "rb") as f:
+        for offset, want in data.items():
+            f.seek(offset)
+            assert f.read(len(want)) == want
+        for start, end in segments:  # what is allocated holds only the data
+            f.seek(start)
+            got = bytearray(f.read(end - start))
+            for offset, want in data.items():
+                lo, hi = max(start, offset), min(end, offset + len(want))
+                if lo < hi:
+                    assert got[lo - start : hi - start] == want[lo - offset : hi - offset]
+                    got[lo - start : hi - start] = bytes(hi - lo)
+            assert got.count(0) == len(got), (start, end)
+
+
+@pytest.mark.parametrize("kind", ["ext4", "xfs", "btrfs", "ntfs"])
+def test_extract_sparse_file_reads_only_its_data(
+    kind: str, repo: blocksnap.Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = build_by_kernel(
+        kind, tmp_path / "sparse.img", 300 if kind == "xfs" else 128, _populate_sparse
+    )
+    repo.snapshot("vol", image)
+    asked: dict[str, int] = {}
+    read = Entry.read
+
+    def counted(entry: Entry, offset: int, size: int) -> bytes:
+        asked[entry.path] = asked.get(entry.path, 0) + size
+        # Reading through the holes (a terabyte of zeros) stops here, not after minutes.
+        assert asked[entry.path] <= 16 << 20, f"{entry.path}: read through its holes"
+        return read(entry, offset, size)
+
+    monkeypatch.setattr(Entry, "read", counted)
+    out = tmp_path / "out"
+    with repo.open_filesystem("vol") as fs:
+        report = fs.extract(["/huge", "/prealloc"], str(out))
+    assert report.files == 2 and not report.skipped
+    assert asked["/huge"] <= 1 << 20
+    # NTFS has no unwritten extents: ntfs-3g allocates, and the clusters are read.
+    assert asked.get("/prealloc", 0) <= (PREALLOC_SIZE if kind == "ntfs" else 1 << 20)
+    _assert_sparse_copy(out / "huge", SPARSE_SIZE, SPARSE_DATA)
+    # Extents allocated but never written read as zeros, not as the 0xAA on the disk.
+    _assert_sparse_copy(out / "prealloc", PREALLOC_SIZE, dict([PREALLOC_DATA]))
+
+
+def test_extract_hostile_extent_map_stays_inside_the_file(
+    repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "f").write_bytes(bytes(range(256)) * 256)  # 16 blocks, one extent
+    image = mkfs_ext4(tmp_path / "vol.img", tree, 32)
+    # A second extent over logical blocks 8-23, overlapping the first and mapping the
+    # same disk blocks, and a size that ends inside it: libfsext takes extents one
+    # after another, whatever their logical start says.
+    first = _first_block(image, "/f")
+    debugfs(
+        image,
+        "sif /f block[0] 0x0002f30a",
+        "sif /f block[6] 8",
+        "sif /f block[7] 16",
+        f"sif /f block[8] {first}",
+        "sif /f size 70000",
+    )
+    repo.snapshot("vol", image)
+    out = tmp_path / "out"
+    with repo.open_filesystem("vol") as fs:
+        ranges = list(fs.lookup("/f").data_ranges())
+        report = fs.extract(["/f"], str(out))
+        whole = fs.open("/f").read()
+    assert ranges == [(0, 70000)]
+    assert report.files == 1 and report.bytes_written == 70000
+    assert (out / "f").stat().st_size == 70000
+    assert (out / "f").read_bytes() == whole  # what cat reads, no more
+
+
+def _first_block(image: Path, path: str) -> int:
+    """The first disk block of a file of an ext4 image, as debugfs shows its extents."""
+    shown = subprocess.run(
+        ["debugfs", "-R", f"stat {path}", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+    return int(shown.split("EXTENTS:")[1].split(":")[1].split("-")[0])
+
+
+PAUSED_EXTRACT = """
+import runpy, signal, sys
+from blocksnap.fs.filesystem import Entry
+read = Entry.read
+def paused(entry, offset, size):
+    if offset > 0:  # the temporary file holds the first chunk: wait here to be killed
+        sys.stdout.write("writing\\n")
+        sys.stdout.flush()
+        while True:
+            signal.pause()
+    return read(entry, offset, size)
+Entry.read = paused
+sys.argv = ["blocksnap", *sys.argv[1:]]
+runpy.run_module("blocksnap", run_name="__main__")
+"""
+
+
+def _temporaries(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if ".blocksnap-" in p.name)
+
+
+def test_extract_removes_what_a_killed_extract_left(
+    repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    content = os.urandom(3 << 20)
+    (tree / "big.bin").write_bytes(content)
+    repo.snapshot("vol", mkfs_ext4(tmp_path / "vol.img", tree, 32))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "big.bin").write_bytes(b"old")
+    args = ["extract", str(repo.path), "vol", "latest", "/big.bin", "--to", str(out)]
+    writer = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_EXTRACT, *args, "--overwrite"],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == b"writing\n"
+        (left,) = _temporaries(out)
+        # An extraction into the same directory while that one writes leaves its file.
+        beside = run_cli(*args, "--overwrite")
+        assert beside.returncode == 0, beside.stderr
+        assert _temporaries(out) == [left]
+        (out / "big.bin").write_bytes(b"old")
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert _temporaries(out) == [left]  # what SIGKILL leaves
+    assert (out / "big.bin").read_bytes() == b"old"
+    # Names that are not a dead writer's of this host: the user's, a live process's, and
+    # one from another host or pid namespace.
+    kept = [".big.bin.blocksnap-1a2b3c4d", f".x.blocksnap-ffffffff-{writer.pid}-0badf00d"]
+    space = left.rsplit(".blocksnap-", 1)[1].split("-")[0]  # this host's, as the writer named it
+    kept.append(f".x.blocksnap-{space}-{os.getpid()}-0badf00d")
+    for name in kept:
+        (out / name).write_bytes(b"mine")
+    again = run_cli(*args, "--overwrite", "--json")
+    assert again.returncode == 0, again.stderr
+    assert _temporaries(out) == sorted(kept)
+    assert (out / "big.bin").read_bytes() == content
+    assert json.loads(again.stdout)["cleaned"] == [left]
+
+
+def test_extract_interrupted_removes_its_temporary_file(
+    repo: blocksnap.Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "big.bin").write_bytes(os.urandom(3 << 20))
+    repo.snapshot("vol", mkfs_ext4(tmp_path / "vol.img", tree, 32))
+    read = Entry.read
+
+    def interrupted(entry: Entry, offset: int, size: int) -> bytes:
+        if offset > 0:
+            raise KeyboardInterrupt
+        return read(entry, offset, size)
+
+    monkeypatch.setattr(Entry, "read", interrupted)
+    out = tmp_path / "out"
+    with repo.open_filesystem("vol") as fs, pytest.raises(KeyboardInterrupt):
+        fs.extract(["/big.bin"], str(out))
+    assert os.listdir(out) == []
+
+
+def _damage_inode(image: Path, path: str) -> None:
+    """Flip a bit of the mtime in `path`'s inode, so its checksum no longer matches."""
+    where = subprocess.run(
+        ["debugfs", "-R", f"imap {path}", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+    found = re.search(r"block (\d+), offset (0x[0-9a-f]+)", where)
+    assert found is not None
+    flip(image, int(found.group(1)) * 4096 + int(found.group(2), 16) + 0x10)
+
+
+def _dir_tree(root: Path, files: dict[str, bytes], modes: dict[str, int]) -> None:
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    for rel, mode in modes.items():
+        os.chmod(root / rel, mode)
+    for i, rel in enumerate(sorted(modes, key=len, reverse=True)):  # children first
+        os.utime(root / rel, ns=(BASE_NS + i, BASE_NS + i))
+
+
+def test_extract_directory_keeps_its_metadata_when_an_entry_fails(
+    repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    modes = {"d": 0o750, "e": 0o705}
+    _dir_tree(tree, {"d/good.txt": b"good\n", "d/bad.txt": b"bad\n", "e/bad.txt": b"x"}, modes)
+    image = mkfs_ext4(tmp_path / "vol.img", tree, 32)
+    for path in ("/d/bad.txt", "/e/bad.txt"):
+        _damage_inode(image, path)
+    repo.snapshot("vol", image)
+    out = tmp_path / "out"
+    with repo.open_filesystem("vol") as fs:
+        report = fs.extract(["/d", "/e"], str(out))
+    reasons = dict(report.skipped)
+    for path in ("/d/bad.txt", "/e/bad.txt"):
+        assert reasons[path].startswith("failed: ") and "is damaged" in reasons[path]
+    assert (out / "d/good.txt").read_bytes() == b"good\n"
+    assert report.directories == 2 and os.listdir(out / "e") == []
+    for rel, mode in modes.items():
+        st = (out / rel).stat()
+        assert stat.S_IMODE(st.st_mode) == mode, rel
+        assert st.st_mtime_ns // 10**9 == (tree / rel).stat().st_mtime_ns // 10**9, rel
+
+
+def test_extract_stopped_by_a_full_disk_leaves_directories_restored_or_gone(
+    repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    modes = {"top": 0o755, "top/sub": 0o750, "top/sub/deeper": 0o711}
+    big = os.urandom(3 << 20)
+    _dir_tree(tree, {"top/a.txt": b"a\n", "top/sub/deeper/big.bin": big}, modes)
+    repo.snapshot("vol", mkfs_ext4(tmp_path / "vol.img", tree, 32))
+    out = tmp_path / "small"
+    out.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], check=True)
+    try:
+        with (
+            repo.open_filesystem("vol") as fs,
+            pytest.raises(blocksnap.RestoreError, match="No space left on device"),
+        ):
+            fs.extract(["/top"], str(out))
+        found = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+        kept_modes = {
+            rel: stat.S_IMODE((out / rel).stat().st_mode) for rel in modes if rel in found
+        }
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
+    # The directories that the failure left empty are gone; the others hold what was
+    # written, with their own mode; no temporary file is left.
+    assert "top/sub" not in found and "top/sub/deeper" not in found
+    assert found in ([], ["top", "top/a.txt"])
+    assert kept_modes == {rel: modes[rel] for rel in kept_modes}
+
+
+def test_extract_renamed_directory_links_to_what_it_wrote(
+    repo: blocksnap.Repository, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    (tree / "d/a").write_bytes(b"restored\n")
+    os.link(tree / "d/a", tree / "d/b")
+    repo.snapshot("vol", mkfs_ext4(tmp_path / "vol.img", tree, 32))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "a").write_bytes(b"decoy\n")
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "d").symlink_to(elsewhere)  # so the directory is restored as d.restored
+    with repo.open_filesystem("vol") as fs:
+        report = fs.extract(["/d"], str(target), conflict="rename")
+    assert report.renamed == [("/d", "d.restored")]
+    a, b = target / "d.restored/a", target / "d.restored/b"
+    assert a.read_bytes() == b.read_bytes() == b"restored\n"
+    assert a.stat().st_ino == b.stat().st_ino
+    assert (elsewhere / "a").stat().st_nlink == 1  # never linked to from the target
+
+
+@pytest.mark.parametrize(
+    ("ranges", "expect"),
+    [
+        ([(-5, 100), (50, 8192), (4096, 1 << 40), (1 << 41, 1 << 42)], [(0, 12000)]),
+        ([(0, 100), (100, 200), (8192, 8192), (9000, 9100)], [(0, 200), (9000, 9100)]),
+        ([(8192, 12000), (0, 4096)], "the extent map is out of order (0 after 8192)"),
+    ],
+    ids=["overlapping-and-past-the-size", "touching-and-empty", "out-of-order"],
+)
+def test_extract_takes_an_extent_map_only_inside_the_file(
+    ranges: list[tuple[int, int]],
+    expect: list[tuple[int, int]] | str,
+    repo: blocksnap.Repository,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    content = os.urandom(12000)
+    (tree / "f").write_bytes(content)
+    (tree / "g").write_bytes(b"next\n")
+    repo.snapshot("vol", mkfs_ext4(tmp_path / "vol.img", tree, 32))
+    real = PosixEntryNode.data_ranges
+
+    def hostile(node: PosixEntryNode, size: int) -> Iterator[tuple[int, int]]:
+        if size == len(content):
+            yield from ranges
+        else:
+            yield from real(node, size)
+
+    monkeypatch.setattr(PosixEntryNode, "data_ranges", hostile)
+    out = tmp_path / "out"
+    with repo.open_filesystem("vol") as fs:
+        if isinstance(expect, str):
+            report = fs.extract(["/"], str(out))
+            assert dict(report.skipped) == {"/f": f"failed: /f: {expect}"}
+            assert (out / "g").read_bytes() == b"next\n" and not (out / "f").exists()
+            return
+        assert list(fs.lookup("/f").data_ranges()) == expect
+        fs.extract(["/f"], str(out))
+    # Read where the map says data, zeros elsewhere, and nothing past the size.
+    want = bytearray(len(content))
+    for start, end in expect:
+        want[start:end] = content[start:end]
+    assert (out / "f").read_bytes() == want

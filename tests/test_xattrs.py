@@ -19,6 +19,7 @@ import pytest
 import blocksnap
 from blocksnap.fs.extattrs import ExtAttributes, raw_crc32c
 from blocksnap.fs.xfsattrs import XfsAttributes
+from tests.conftest import flip
 from tests.fsimages import CAPS
 from tests.test_files import compare_tree
 
@@ -139,14 +140,6 @@ def stat_of(image: Path, path: str) -> str:
     return subprocess.run(
         ["debugfs", "-R", f"stat {path}", str(image)], capture_output=True, text=True, check=True
     ).stdout
-
-
-def flip(image: Path, offset: int) -> None:
-    with open(image, "r+b") as f:
-        f.seek(offset)
-        byte = f.read(1)
-        f.seek(offset)
-        f.write(bytes([byte[0] ^ 0x40]))
 
 
 def test_ext_damaged_attributes_are_named_not_returned(

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
                 "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
                 "renamed": [{"path": p, "name": n} for p, n in report.renamed],
                 "warnings": [{"path": p, "warning": w} for p, w in report.warnings],
+                "cleaned": report.cleaned,
             }
         )
     else:
@@ -66,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
             sys.stderr.write(f"blocksnap: skipped {shown(path)}: {why}\n")
         for path, warning in report.warnings:
             sys.stderr.write(f"blocksnap: warning: {shown(path)}: {warning}\n")
+        for name in report.cleaned:
+            sys.stderr.write(
+                f"blocksnap: removed {shown(name)}, left by an extraction that was killed\n"
+            )
         print(
             f"extracted {report.files} files, {report.directories} directories, "
             f"{report.symlinks} symlinks, {report.hardlinks} hard links "

@@ -353,6 +353,16 @@ class BtrfsNode:
             out[lo - offset : lo - offset + len(chunk)] = chunk
         return bytes(out)
 
+    def data_ranges(self, size: int) -> Iterator[tuple[int, int]]:
+        # As read() reads: a preallocated extent, or a regular one at disk address 0, is
+        # a hole.  Extents come in key order, so by file offset.
+        for extent in self.extent_items():
+            if extent.start >= size:
+                return
+            holds_data = extent.kind == 0 or (extent.kind == 1 and extent.disk_bytenr != 0)
+            if holds_data and extent.length:
+                yield (extent.start, min(size, extent.end))
+
     def xattrs(self) -> dict[str, bytes]:
         found: dict[str, bytes] = {}
         cursor = self._inode.subvolume.tree.cursor()

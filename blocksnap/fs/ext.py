@@ -198,6 +198,13 @@ class ExtNode(PosixEntryNode):
             return super().read(offset, size)
         return bytes(file.read_random(offset, size))
 
+    def data_ranges(self, size: int) -> Iterator[tuple[int, int]]:
+        if self._is_inline():
+            if size:
+                yield (0, size)
+            return
+        yield from super().data_ranges(size)
+
     def xattrs(self) -> dict[str, bytes]:
         return _xattrs(self._attributes, int(self._entry.inode_number))
 

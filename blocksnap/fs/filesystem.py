@@ -300,6 +300,38 @@ class Entry:
             )
         return data
 
+    def data_ranges(self) -> Iterator[tuple[int, int]]:
+        """The (start, end) byte ranges of a regular file that may hold data, from its
+        extent map: sorted, disjoint, not touching, inside the file's size.  Everything
+        else reads as zeros, so a copy need not read it.  The map is the image's: ranges
+        past the size are cut, overlapping ones merged, and one that starts before the
+        one before it is a FilesystemError (it would be neither skipped nor read twice
+        without keeping the whole map)."""
+        size = self.stat.size
+        with self._fs.translate(self.path):
+            found = self._node.data_ranges(size)
+        held: tuple[int, int] | None = None
+        while True:
+            with self._fs.translate(self.path):
+                item = next(found, None)
+            if item is None:
+                break
+            start, end = max(0, item[0]), min(size, item[1])
+            if start >= end:
+                continue
+            if held is not None and start < held[0]:
+                raise FilesystemError(
+                    f"{self.path}: the extent map is out of order ({start} after {held[0]})"
+                )
+            if held is not None and start <= held[1]:
+                held = (held[0], max(held[1], end))
+                continue
+            if held is not None:
+                yield held
+            held = (start, end)
+        if held is not None:
+            yield held
+
     def open(self) -> io.BufferedReader:
         if self.stat.kind is not FileKind.FILE:
             raise FilesystemError(f"{self.path}: not a regular file ({self.stat.kind.value})")

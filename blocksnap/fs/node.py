@@ -78,6 +78,14 @@ class Node(Protocol):
         """Up to `size` bytes of a regular file's content from `offset`."""
         ...
 
+    def data_ranges(self, size: int) -> Iterator[tuple[int, int]]:
+        """The (start, end) byte ranges of a regular file of `size` bytes that may hold
+        data, in file order, from the file's own extent map; whatever lies outside them
+        reads as zeros (a hole, or an extent allocated but never written).  An adapter
+        that cannot tell yields (0, size).  The image is hostile: the layer above clips and
+        merges what comes from here, and refuses it out of order."""
+        ...
+
     def xattrs(self) -> dict[str, bytes]:
         """Extended attributes by full name ("user.x", "security.selinux"); {} if none."""
         ...

@@ -7,6 +7,12 @@ Alternate data streams are the extended attributes "user.NAME", as ntfs-3g shows
 (its default streams_interface=xattr): restored into ntfs-3g they are streams again.  A
 stream longer than an xattr can hold (64 KiB) is named as left out.  Security
 descriptors are not restored.
+
+A file's data runs come from libfsntfs's extents (see `libyal`).  In a compressed file a
+compression unit (16 clusters) is stored as data runs followed by a sparse run that is
+not a hole: the unit decompresses to its full length.  So every data run is taken to the
+end of its unit, whether or not the file is compressed (its $DATA attribute, not the
+flags libfsntfs shows, decides that); an uncompressed file reads a few zeros more.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any, BinaryIO
 import pyfsntfs
 
 from blocksnap.fs.attrs import XATTR_SIZE_MAX, InodeAttributes
+from blocksnap.fs.libyal import extent_data_ranges
 from blocksnap.fs.node import FileKind, FileStat, Mounted, Node
 
 NAME = "ntfs"
@@ -27,6 +34,7 @@ _FILETIME_UNIX_EPOCH = 116444736000000000  # 100 ns intervals from 1601 to 1970
 _ATTRIBUTE_SYSTEM = 0x4
 _INTX_SYMLINK = b"IntxLNK\x01"
 _INTX_MAX_SIZE = 8 + 2 * 4096
+_COMPRESSION_UNIT_CLUSTERS = 16
 
 
 def detect(image: BinaryIO) -> bool:
@@ -37,7 +45,10 @@ def mount(image: BinaryIO) -> Mounted:
     volume = pyfsntfs.volume()
     volume.open_file_object(image)
     return Mounted(
-        root=NtfsNode(volume.get_root_directory()),
+        root=NtfsNode(
+            volume.get_root_directory(),
+            _COMPRESSION_UNIT_CLUSTERS * int(volume.cluster_block_size),
+        ),
         kind="ntfs",
         library=LIBRARY,
         case_insensitive=True,
@@ -52,10 +63,11 @@ def _ns(filetime: int) -> int:
 class NtfsNode:
     """A libfsntfs file entry."""
 
-    __slots__ = ("_entry",)
+    __slots__ = ("_entry", "_unit_size")
 
-    def __init__(self, entry: Any) -> None:
+    def __init__(self, entry: Any, unit_size: int) -> None:
         self._entry = entry
+        self._unit_size = unit_size  # of a compression unit, in bytes
 
     def _intx_target(self, size: int) -> str | None:
         e = self._entry
@@ -95,13 +107,18 @@ class NtfsNode:
         for child in self._entry.sub_file_entries:
             if int(child.file_reference) & ((1 << 48) - 1) < _FIRST_USER_ENTRY:
                 continue
-            yield str(child.name), NtfsNode(child)
+            yield str(child.name), NtfsNode(child, self._unit_size)
 
     def lookup(self, name: str) -> Node | None:
         return None
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes(self._entry.read_buffer_at_offset(size, offset))
+
+    def data_ranges(self, size: int) -> Iterator[tuple[int, int]]:
+        unit = max(1, self._unit_size)
+        for start, end in extent_data_ranges(self._entry, size):
+            yield (start, min(size, -(-end // unit) * unit))
 
     def xattrs(self) -> dict[str, bytes]:
         attrs = InodeAttributes(flags=0)

@@ -140,5 +140,10 @@ class TskNode:
     def read(self, offset: int, size: int) -> bytes:
         return bytes(self._file.read_random(offset, size))
 
+    def data_ranges(self, size: int) -> Iterator[tuple[int, int]]:
+        # FAT and exFAT have no holes; an inline ext4 file (see `ext`) is all data.
+        if size:
+            yield (0, size)
+
     def xattrs(self) -> dict[str, bytes]:
         return {}
