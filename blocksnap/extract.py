@@ -62,12 +62,9 @@ from blocksnap.fs.node import FileKind, FileStat
 if TYPE_CHECKING:
     from blocksnap.fs.filesystem import FileSystem
 
-CHUNK_SIZE = 1 << 20
-HOLE_SIZE = 4096
 _NAME_MAX = 255
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_ZERO = bytes(HOLE_SIZE)
 _TEMP_NAME = re.compile(r"\..*\.blocksnap-([0-9a-f]{8})-([1-9][0-9]*)-[0-9a-f]{8}", re.DOTALL)
 
 
@@ -164,26 +161,6 @@ def contained_target(target: str, depth: int, *, in_place: bool) -> str | None:
         else:
             seen_name = True
     return target if climbs <= depth else None
-
-
-def _runs(data: bytes) -> list[tuple[int, int]]:
-    """(start, end) of the runs of `data` that are not all-zero HOLE_SIZE pieces."""
-    if data.count(0) == len(data):
-        return []
-    runs: list[tuple[int, int]] = []
-    view = memoryview(data)
-    start = -1
-    for at in range(0, len(data), HOLE_SIZE):
-        piece = view[at : at + HOLE_SIZE]
-        zero = piece == _ZERO[: len(piece)]
-        if not zero and start < 0:
-            start = at
-        elif zero and start >= 0:
-            runs.append((start, at))
-            start = -1
-    if start >= 0:
-        runs.append((start, len(data)))
-    return runs
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -453,17 +430,11 @@ class _Extraction:
         size = entry.stat.size
         fd = os.open(temp, _NEW_FILE_FLAGS, 0o600, dir_fd=dir_fd)
         try:
-            # Only what the extent map says may hold data is read; the holes between
-            # are left unwritten, so the cost follows the data, not the apparent size.
-            for first, last in entry.data_ranges():
-                offset = first
-                while offset < last:
-                    data = entry.read(offset, min(CHUNK_SIZE, last - offset))
-                    view = memoryview(data)
-                    for start, end in _runs(data):
-                        _pwrite_all(fd, view[start:end], offset + start)
-                        self.report.bytes_written += end - start
-                    offset += len(data)
+            # Only what the extent map says may hold data is read, and zeros are left
+            # unwritten, so the cost follows the data, not the apparent size.
+            for offset, run in entry.data_runs():
+                _pwrite_all(fd, run, offset)
+                self.report.bytes_written += len(run)
             os.ftruncate(fd, size)
             self._metadata(fd, entry)
             if durable:

@@ -12,7 +12,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -719,6 +719,50 @@ def test_extract_sparse_file_reads_only_its_data(
     _assert_sparse_copy(out / "huge", SPARSE_SIZE, SPARSE_DATA)
     # Extents allocated but never written read as zeros, not as the 0xAA on the disk.
     _assert_sparse_copy(out / "prealloc", PREALLOC_SIZE, dict([PREALLOC_DATA]))
+
+
+def test_versions_of_a_sparse_file_read_only_its_data_and_ignore_its_layout(
+    repo: blocksnap.Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """versions hashes what a file holds, not its apparent size, and not how it is laid
+    out: the same bytes written densely (zeros and all) or sparsely are unchanged."""
+
+    def populate(dense: bool, last: bytes) -> Callable[[Path], None]:
+        def fill(point: Path) -> None:
+            _populate_sparse(point)
+            with open(point / "huge", "r+b") as f:
+                f.seek(SPARSE_SIZE - 4096)
+                f.write(last)
+            with open(point / "small", "wb") as f:
+                f.write(b"x" * 5000)
+                if dense:
+                    f.write(bytes(200_000))  # allocated zeros
+                else:
+                    f.seek(205_000)  # a hole
+                f.write(b"y" * 3000)
+
+        return fill
+
+    for i, (dense, last) in enumerate([(False, b"1"), (True, b"1"), (True, b"2")]):
+        image = build_by_kernel("ext4", tmp_path / f"v{i}.img", 128, populate(dense, last))
+        repo.snapshot("vol", image)
+        image.unlink()
+    asked: dict[str, int] = {}
+    read = Entry.read
+
+    def counted(entry: Entry, offset: int, size: int) -> bytes:
+        asked[entry.path] = asked.get(entry.path, 0) + size
+        assert asked[entry.path] <= 16 << 20, f"{entry.path}: read through its holes"
+        return read(entry, offset, size)
+
+    monkeypatch.setattr(Entry, "read", counted)
+    states = [v.state.value for v in repo.versions("vol", "/huge")]
+    assert states == ["added", "unchanged", "changed"]
+    assert [v.state.value for v in repo.versions("vol", "/small")] == [
+        "added",
+        "unchanged",
+        "unchanged",
+    ]
 
 
 def test_extract_hostile_extent_map_stays_inside_the_file(

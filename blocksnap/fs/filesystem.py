@@ -12,6 +12,7 @@ import contextlib
 import fnmatch
 import io
 import re
+from collections import deque
 from collections.abc import Callable, Iterator
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 
 MAX_SYMLINKS = 40
 MAX_DEPTH = 256  # directory levels a walk descends; deeper trees are reported, not read
+HOLE_SIZE = 4096  # all-zero pieces of this size, aligned in the file, count as holes
+CHUNK_SIZE = 1 << 20  # bytes of a file read at once by data_runs
+_ZERO = bytes(HOLE_SIZE)
 STREAM_BUFFER_SIZE = 1 << 20
 
 # What the C libraries raise for a damaged or unsupported structure.
@@ -300,6 +304,32 @@ class Entry:
             )
         return data
 
+    def data_runs(self) -> Iterator[tuple[int, memoryview]]:
+        """(offset, bytes) of the file's content, in order, leaving out all-zero HOLE_SIZE
+        pieces (aligned in the file); only what data_ranges says may hold data is read,
+        in chunks aligned to CHUNK_SIZE, and everything else counts as zeros.  The runs
+        follow the content alone, not the extent map: a sparse file and a dense one with
+        the same bytes give the same runs, so what is written (extract) or hashed
+        (versions) costs the data, never the apparent size."""
+        for start, end, parts in _windows(self.data_ranges(), self.stat.size):
+            offset = start
+            while offset < end:
+                stop = min(end, (offset // CHUNK_SIZE + 1) * CHUNK_SIZE)
+                if len(parts) == 1 and parts[0][0] <= offset and stop <= parts[0][1]:
+                    chunk = memoryview(self.read(offset, stop - offset))
+                else:  # pieces of holes between the ranges read as the zeros they are
+                    buf = bytearray(stop - offset)
+                    while parts and parts[0][0] < stop:
+                        lo, hi = max(parts[0][0], offset), min(parts[0][1], stop)
+                        buf[lo - offset : hi - offset] = self.read(lo, hi - lo)
+                        if parts[0][1] > stop:
+                            break
+                        parts.popleft()
+                    chunk = memoryview(buf)
+                for first, last in _runs(chunk):
+                    yield offset + first, chunk[first:last]
+                offset = stop
+
     def data_ranges(self) -> Iterator[tuple[int, int]]:
         """The (start, end) byte ranges of a regular file that may hold data, from its
         extent map: sorted, disjoint, not touching, inside the file's size.  Everything
@@ -347,3 +377,43 @@ class _EntryStream(PositionalFile):
 
     def pread(self, offset: int, size: int) -> bytes:
         return self._entry.read(offset, size)
+
+
+def _windows(
+    ranges: Iterator[tuple[int, int]], size: int
+) -> Iterator[tuple[int, int, deque[tuple[int, int]]]]:
+    """Sorted, disjoint (start, end) ranges grouped into windows widened to HOLE_SIZE
+    boundaries (or the file's end): (start, end, the ranges inside)."""
+    held: tuple[int, int, deque[tuple[int, int]]] | None = None
+    for first, last in ranges:
+        start = first - first % HOLE_SIZE
+        end = min(size, -(-last // HOLE_SIZE) * HOLE_SIZE)
+        if held is not None and start < held[1]:
+            held[2].append((first, last))
+            held = (held[0], end, held[2])
+            continue
+        if held is not None:
+            yield held
+        held = (start, end, deque([(first, last)]))
+    if held is not None:
+        yield held
+
+
+def _runs(data: memoryview) -> list[tuple[int, int]]:
+    """(start, end) of the runs of data (which starts HOLE_SIZE-aligned in its file) that
+    are not all-zero HOLE_SIZE pieces."""
+    if data.nbytes == 0 or bytes(data).count(0) == data.nbytes:
+        return []
+    runs: list[tuple[int, int]] = []
+    start = -1
+    for at in range(0, len(data), HOLE_SIZE):
+        piece = data[at : at + HOLE_SIZE]
+        zero = piece == _ZERO[: len(piece)]
+        if not zero and start < 0:
+            start = at
+        elif zero and start >= 0:
+            runs.append((start, at))
+            start = -1
+    if start >= 0:
+        runs.append((start, len(data)))
+    return runs
