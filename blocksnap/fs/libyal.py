@@ -40,8 +40,13 @@ class PosixEntryNode:
             atime_ns=int(e.get_access_time_as_integer()),
             nlink=int(e.number_of_links),
             file_id=int(e.inode_number),
-            target=str(e.symbolic_link_target) if kind is FileKind.SYMLINK else None,
+            target=self._target() if kind is FileKind.SYMLINK else None,
         )
+
+    def _target(self) -> str:
+        """The symlink's target (the libraries decode it as UTF-8, failing on other bytes:
+        a subclass that can read the bytes does)."""
+        return str(self._entry.symbolic_link_target)
 
     def _node(self, entry: Any, path: str | None) -> PosixEntryNode:
         """A node for another entry of the same volume (subclasses return their own)."""
