@@ -43,6 +43,11 @@ def _image_with_nul_name(tmp_path: Path, features: str) -> Path:
         check=True,
         capture_output=True,
     )
+    if "inline_data" in features:
+        shown = subprocess.run(
+            ["debugfs", "-R", "stat /d", str(image)], capture_output=True, text=True, check=True
+        ).stdout
+        assert "Size of inline data" in shown  # its entries are in the inode
     data = bytearray(image.read_bytes())
     at = data.find(MARK)
     assert at > 0 and data.find(MARK, at + 1) < 0
