@@ -57,7 +57,7 @@ def mount(image: BinaryIO) -> Mounted:
         raise
     ext = _Ext(image, volume, attributes)
     return Mounted(
-        root=ExtNode(volume.get_root_directory(), ext, ""),
+        root=ExtNode(volume.get_root_directory(), ext),
         kind=_kind(attributes.compat, attributes.incompat),
         library=LIBRARY,
         case_insensitive=False,
@@ -113,13 +113,13 @@ class _Ext:
     def is_inline(self, inode: int) -> bool:
         return self.inline_data and bool(self.attributes.flags(inode) & INLINE_DATA_FLAG)
 
-    def node(self, inode: int, path: str | None) -> Node:
+    def node(self, inode: int) -> Node:
         """The node of an inode: libfsext's where it can open the inode, else TSK's."""
         try:
             entry = self.volume.get_file_entry_by_inode(inode)
         except OSError:
-            return _TskExtNode(self.file(inode), self, path)
-        return ExtNode(entry, self, path)
+            return _TskExtNode(self.file(inode), self)
+        return ExtNode(entry, self)
 
     def entries(self, inode: int) -> Iterator[tuple[str, int]]:
         """(name, inode) of a directory's entries, names as stored (see `extdir`)."""
@@ -143,15 +143,15 @@ class _Ext:
                 where = f"directory block {(offset + at) // block_size}"
                 yield from region_entries(block, self.filetype, where)
 
-    def children(self, inode: int, path: str | None) -> Iterator[tuple[str, Node]]:
+    def children(self, inode: int) -> Iterator[tuple[str, Node]]:
         for name, number in self.entries(inode):
-            yield name, self.node(number, _child_path(path, name))
+            yield name, self.node(number)
 
-    def lookup(self, inode: int, path: str | None, name: str) -> Node | None:
+    def lookup(self, inode: int, name: str) -> Node | None:
         """The entry `name` of a directory, reading only its blocks and the one inode."""
         for found, number in self.entries(inode):
             if found == name:
-                return self.node(number, _child_path(path, name))
+                return self.node(number)
         return None
 
     def target(self, inode: int, size: int) -> str:
@@ -173,24 +173,16 @@ class _Ext:
         return decode_name(raw)
 
 
-def _child_path(path: str | None, name: str) -> str | None:
-    """The path libfsext would know a child by; None below a name that no path can spell."""
-    return None if path is None or "/" in name or "\0" in name else f"{path}/{name}"
-
-
 class ExtNode(PosixEntryNode):
     """A libfsext entry; its content comes from TSK when it is kept inline, and its
     directory entries and symlink target from blocksnap's own reading (see `extdir`)."""
 
     __slots__ = ("_ext", "_flags")
 
-    def __init__(self, entry: Any, ext: _Ext, path: str | None) -> None:
-        super().__init__(entry, ext.volume, path)
+    def __init__(self, entry: Any, ext: _Ext) -> None:
+        super().__init__(entry)
         self._ext = ext
         self._flags: int | None = None
-
-    def _node(self, entry: Any, path: str | None) -> PosixEntryNode:
-        return ExtNode(entry, self._ext, path)
 
     def _inode(self) -> int:
         return int(self._entry.inode_number)
@@ -219,13 +211,13 @@ class ExtNode(PosixEntryNode):
         return self._ext.target(self._inode(), int(self._entry.size or 0))
 
     def children(self) -> Iterator[tuple[str, Node]]:
-        return self._ext.children(self._inode(), self._path)
+        return self._ext.children(self._inode())
 
     def lookup(self, name: str) -> Node | None:
         # libfsext's own path lookup cannot take a name that is not UTF-8, and matches a
         # name cut at a NUL byte; reading the directory's blocks and then the one inode
         # costs about what it did, where listing would read every entry's inode.
-        return self._ext.lookup(self._inode(), self._path, name)
+        return self._ext.lookup(self._inode(), name)
 
     def read(self, offset: int, size: int) -> bytes:
         file = self._inline_file()
@@ -253,12 +245,11 @@ class _TskExtNode(TskNode):
     TSK; its entries, and its extended attributes, come from blocksnap's own reading like
     any other's."""
 
-    __slots__ = ("_ext", "_path")
+    __slots__ = ("_ext",)
 
-    def __init__(self, file: Any, ext: _Ext, path: str | None) -> None:
+    def __init__(self, file: Any, ext: _Ext) -> None:
         super().__init__(ext.fs, file, exfat=False)
         self._ext = ext
-        self._path = path
 
     def stat(self, path: str, name: str) -> FileStat:
         meta = self._file.info.meta
@@ -284,10 +275,10 @@ class _TskExtNode(TskNode):
         )
 
     def children(self) -> Iterator[tuple[str, Node]]:
-        return self._ext.children(int(self._file.info.meta.addr), self._path)
+        return self._ext.children(int(self._file.info.meta.addr))
 
     def lookup(self, name: str) -> Node | None:
-        return self._ext.lookup(int(self._file.info.meta.addr), self._path, name)
+        return self._ext.lookup(int(self._file.info.meta.addr), name)
 
     def xattrs(self) -> dict[str, bytes]:
         return _xattrs(self._ext.attributes, int(self._file.info.meta.addr))

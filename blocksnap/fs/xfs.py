@@ -39,7 +39,7 @@ def mount(image: BinaryIO) -> Mounted:
         volume.close()
         raise
     return Mounted(
-        root=XfsNode(volume.get_root_directory(), volume, "", attributes, directories),
+        root=XfsNode(volume.get_root_directory(), volume, attributes, directories),
         kind="xfs",
         library=LIBRARY,
         case_insensitive=False,
@@ -51,33 +51,27 @@ class XfsNode(PosixEntryNode):
     """A libfsxfs entry whose inode is checked, and whose attributes are read, by
     blocksnap."""
 
-    __slots__ = ("_attributes", "_directories")
+    __slots__ = ("_attributes", "_directories", "_volume")
 
     def __init__(
-        self,
-        entry: Any,
-        volume: Any,
-        path: str | None,
-        attributes: XfsAttributes,
-        directories: XfsDirectories,
+        self, entry: Any, volume: Any, attributes: XfsAttributes, directories: XfsDirectories
     ) -> None:
-        super().__init__(entry, volume, path)
+        super().__init__(entry)
+        self._volume = volume
         self._attributes = attributes
         self._directories = directories
 
-    def _node(self, entry: Any, path: str | None) -> PosixEntryNode:
-        return XfsNode(entry, self._volume, path, self._attributes, self._directories)
-
     def _child(self, inode: int) -> Node:
-        # Paths are not passed on: lookups read the directory's entries, not libfsxfs's
-        # path lookup, which cannot take a name that is not UTF-8.
-        return self._node(self._volume.get_file_entry_by_inode(inode), None)
+        entry = self._volume.get_file_entry_by_inode(inode)
+        return XfsNode(entry, self._volume, self._attributes, self._directories)
 
     def children(self) -> Iterator[tuple[str, Node]]:
         for name, inode in self._directories.entries(int(self._entry.inode_number)):
             yield name, self._child(inode)
 
     def lookup(self, name: str) -> Node | None:
+        # Not libfsxfs's path lookup, which cannot take a name that is not UTF-8 and
+        # matches one cut at NUL: the directory's entries, then the one inode.
         for found, inode in self._directories.entries(int(self._entry.inode_number)):
             if found == name:
                 return self._child(inode)
