@@ -144,3 +144,14 @@ def test_labels_with_controls_are_escaped_in_list_and_info(
     assert doc["labels"] == {"note": label}
     doc = json.loads(run_cli("list", repo, "vol", "--json", check=True).stdout)
     assert doc["vol"][0]["labels"] == {"note": label}
+
+
+def test_error_lines_escape_what_they_quote(tmp_path: Path, ext4_image: Path) -> None:
+    repo = str(tmp_path / "repo")
+    run_cli("init", repo, check=True)
+    run_cli("snapshot", repo, "vol", str(ext4_image), check=True)
+    proc = run_cli("ls", repo, "vol", "latest", "/no\nsuch\x1b[2J")
+    assert proc.returncode != 0
+    assert proc.stderr == ("blocksnap: error: /no\\x0asuch\\x1b[2J: no such file or directory\n")
+    raw = _cli_bytes("cat", repo, "vol", "latest", b"/caf\xe9")
+    assert raw.stderr == b"blocksnap: error: /caf\\xe9: no such file or directory\n"
