@@ -12,8 +12,10 @@ Names and symlink targets are bytes on Linux, and libfsext decodes them as UTF-8
 on any other ("unable to retrieve name size"), and cuts them at a NUL byte.  So directory
 entries are parsed by `extdir` from the directory's content as TSK reads it (or from the
 inode, inline), and each child is opened by its inode number; a target is read from the
-inode's block area or through TSK.  A name is carried as its bytes decoded as UTF-8 with
-surrogateescape, so os.fsencode gives the exact bytes back.
+inode's block area or through TSK.  A lookup of one name still goes through libfsext's
+path lookup, which follows an htree index, where the name is UTF-8 (see `libyal`).  A
+name is carried as its bytes decoded as UTF-8 with surrogateescape, so os.fsencode gives
+the exact bytes back.
 
 Extended attributes, and the inode flags, come from `extattrs`, blocksnap's own reader:
 libfsext reads a value over 60 bytes wrongly, and forgets an inode's attributes once the
@@ -31,7 +33,7 @@ import pytsk3
 from blocksnap.fs.extattrs import INLINE_DATA_FLAG, ExtAttributes
 from blocksnap.fs.extdir import FILETYPE_FEATURE, DirectoryDamage, decode_name, region_entries
 from blocksnap.fs.image import Window
-from blocksnap.fs.libyal import PosixEntryNode
+from blocksnap.fs.libyal import PosixEntryNode, child_path
 from blocksnap.fs.node import FileKind, FileStat, Mounted, Node
 from blocksnap.fs.tsk import TskImage, TskNode
 
@@ -57,7 +59,7 @@ def mount(image: BinaryIO) -> Mounted:
         raise
     ext = _Ext(image, volume, attributes)
     return Mounted(
-        root=ExtNode(volume.get_root_directory(), ext),
+        root=ExtNode(volume.get_root_directory(), ext, ""),
         kind=_kind(attributes.compat, attributes.incompat),
         library=LIBRARY,
         case_insensitive=False,
@@ -113,13 +115,13 @@ class _Ext:
     def is_inline(self, inode: int) -> bool:
         return self.inline_data and bool(self.attributes.flags(inode) & INLINE_DATA_FLAG)
 
-    def node(self, inode: int) -> Node:
+    def node(self, inode: int, path: str | None) -> Node:
         """The node of an inode: libfsext's where it can open the inode, else TSK's."""
         try:
             entry = self.volume.get_file_entry_by_inode(inode)
         except OSError:
             return _TskExtNode(self.file(inode), self)
-        return ExtNode(entry, self)
+        return ExtNode(entry, self, path)
 
     def entries(self, inode: int) -> Iterator[tuple[str, int]]:
         """(name, inode) of a directory's entries, names as stored (see `extdir`)."""
@@ -143,15 +145,15 @@ class _Ext:
                 where = f"directory block {(offset + at) // block_size}"
                 yield from region_entries(block, self.filetype, where)
 
-    def children(self, inode: int) -> Iterator[tuple[str, Node]]:
+    def children(self, inode: int, path: str | None) -> Iterator[tuple[str, Node]]:
         for name, number in self.entries(inode):
-            yield name, self.node(number)
+            yield name, self.node(number, child_path(path, name))
 
-    def lookup(self, inode: int, name: str) -> Node | None:
-        """The entry `name` of a directory, reading only its blocks and the one inode."""
+    def scan(self, inode: int, path: str | None, name: str) -> Node | None:
+        """The entry `name` of a directory, reading its blocks and then the one inode."""
         for found, number in self.entries(inode):
             if found == name:
-                return self.node(number)
+                return self.node(number, child_path(path, name))
         return None
 
     def target(self, inode: int, size: int) -> str:
@@ -179,10 +181,13 @@ class ExtNode(PosixEntryNode):
 
     __slots__ = ("_ext", "_flags")
 
-    def __init__(self, entry: Any, ext: _Ext) -> None:
-        super().__init__(entry)
+    def __init__(self, entry: Any, ext: _Ext, path: str | None) -> None:
+        super().__init__(entry, ext.volume, path)
         self._ext = ext
         self._flags: int | None = None
+
+    def _node(self, entry: Any, path: str | None) -> Node:
+        return ExtNode(entry, self._ext, path)
 
     def _inode(self) -> int:
         return int(self._entry.inode_number)
@@ -211,13 +216,10 @@ class ExtNode(PosixEntryNode):
         return self._ext.target(self._inode(), int(self._entry.size or 0))
 
     def children(self) -> Iterator[tuple[str, Node]]:
-        return self._ext.children(self._inode())
+        return self._ext.children(self._inode(), self._path)
 
-    def lookup(self, name: str) -> Node | None:
-        # libfsext's own path lookup cannot take a name that is not UTF-8, and matches a
-        # name cut at a NUL byte; reading the directory's blocks and then the one inode
-        # costs about what it did, where listing would read every entry's inode.
-        return self._ext.lookup(self._inode(), name)
+    def _scan(self, name: str) -> Node | None:
+        return self._ext.scan(self._inode(), self._path, name)
 
     def read(self, offset: int, size: int) -> bytes:
         file = self._inline_file()
@@ -275,10 +277,11 @@ class _TskExtNode(TskNode):
         )
 
     def children(self) -> Iterator[tuple[str, Node]]:
-        return self._ext.children(int(self._file.info.meta.addr))
+        # libfsext cannot open this inode, so no path through it: None, entries read.
+        return self._ext.children(int(self._file.info.meta.addr), None)
 
     def lookup(self, name: str) -> Node | None:
-        return self._ext.lookup(int(self._file.info.meta.addr), name)
+        return self._ext.scan(int(self._file.info.meta.addr), None, name)
 
     def xattrs(self) -> dict[str, bytes]:
         return _xattrs(self._ext.attributes, int(self._file.info.meta.addr))

@@ -6,7 +6,8 @@ directories, extent and B+tree data forks and symlinks.  Its extended attributes
 wrong in three ways (measured on 20260901, see `xfsattrs`), so those, and the check of
 each inode's CRC, come from `xfsattrs`.  It decodes names and symlink targets as UTF-8,
 failing on any other bytes, so those come from `xfsdir`, each child opened by its inode
-number; a name is carried as its bytes decoded with surrogateescape (see `extdir`).
+number (a lookup of one UTF-8 name still goes through libfsxfs's path lookup, see
+`libyal`); a name is carried as its bytes decoded with surrogateescape (see `extdir`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, BinaryIO
 
 import pyfsxfs
 
-from blocksnap.fs.libyal import PosixEntryNode
+from blocksnap.fs.libyal import PosixEntryNode, child_path
 from blocksnap.fs.node import FileStat, Mounted, Node
 from blocksnap.fs.xfsattrs import XfsAttributes
 from blocksnap.fs.xfsdir import XfsDirectories
@@ -39,7 +40,7 @@ def mount(image: BinaryIO) -> Mounted:
         volume.close()
         raise
     return Mounted(
-        root=XfsNode(volume.get_root_directory(), volume, attributes, directories),
+        root=XfsNode(volume.get_root_directory(), volume, "", attributes, directories),
         kind="xfs",
         library=LIBRARY,
         case_insensitive=False,
@@ -51,30 +52,35 @@ class XfsNode(PosixEntryNode):
     """A libfsxfs entry whose inode is checked, and whose attributes are read, by
     blocksnap."""
 
-    __slots__ = ("_attributes", "_directories", "_volume")
+    __slots__ = ("_attributes", "_directories")
 
     def __init__(
-        self, entry: Any, volume: Any, attributes: XfsAttributes, directories: XfsDirectories
+        self,
+        entry: Any,
+        volume: Any,
+        path: str | None,
+        attributes: XfsAttributes,
+        directories: XfsDirectories,
     ) -> None:
-        super().__init__(entry)
-        self._volume = volume
+        super().__init__(entry, volume, path)
         self._attributes = attributes
         self._directories = directories
 
-    def _child(self, inode: int) -> Node:
+    def _node(self, entry: Any, path: str | None) -> Node:
+        return XfsNode(entry, self._volume, path, self._attributes, self._directories)
+
+    def _child(self, inode: int, name: str) -> Node:
         entry = self._volume.get_file_entry_by_inode(inode)
-        return XfsNode(entry, self._volume, self._attributes, self._directories)
+        return self._node(entry, child_path(self._path, name))
 
     def children(self) -> Iterator[tuple[str, Node]]:
         for name, inode in self._directories.entries(int(self._entry.inode_number)):
-            yield name, self._child(inode)
+            yield name, self._child(inode, name)
 
-    def lookup(self, name: str) -> Node | None:
-        # Not libfsxfs's path lookup, which cannot take a name that is not UTF-8 and
-        # matches one cut at NUL: the directory's entries, then the one inode.
+    def _scan(self, name: str) -> Node | None:
         for found, inode in self._directories.entries(int(self._entry.inode_number)):
             if found == name:
-                return self._child(inode)
+                return self._child(inode, name)
         return None
 
     def _target(self) -> str:
