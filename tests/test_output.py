@@ -23,10 +23,14 @@ LINK = b"link\xe9"
 
 def make_byte_names(root: Path) -> None:
     """A tree whose names are bytes that are not UTF-8: a file, a directory holding a
-    file, and a symlink whose target is such a name."""
+    file, and a symlink whose target is such a name; and a UTF-8 name beside them."""
     top = os.fsencode(root) + b"/d"
     os.makedirs(top + b"/" + ODD_DIR)
-    for name, data in ((LATIN1, b"latin-1 name\n"), (ODD_DIR + b"/inside.txt", b"inside\n")):
+    for name, data in (
+        (LATIN1, b"latin-1 name\n"),
+        (ODD_DIR + b"/inside.txt", b"inside\n"),
+        (b"utf8.txt", b"beside them\n"),
+    ):
         fd = os.open(top + b"/" + name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.write(fd, data)
@@ -71,6 +75,9 @@ def test_names_not_utf8_list_find_and_extract_byte_exact(
     assert "caf\\xe9.txt\n" in listing
     assert "dir\\xff\\xfe\n" in listing
     assert "link\\xe9 -> caf\\xe9.txt\n" in listing
+    # A UTF-8 name in a directory of names the libraries cannot decode is found.
+    beside = run_cli("cat", repo, "vol", "latest", "/d/utf8.txt", check=True)
+    assert beside.stdout == "beside them\n"
     inside = run_cli("ls", repo, "vol", "latest", os.fsdecode(b"/d/" + ODD_DIR), check=True)
     assert inside.stdout == "inside.txt\n"
     found = run_cli("find", repo, "vol", "latest", check=True).stdout.splitlines()
@@ -84,7 +91,8 @@ def test_names_not_utf8_list_find_and_extract_byte_exact(
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout.decode("utf-8"))  # strict: valid UTF-8
     entries = {base64.b64decode(e.get("name_bytes", "")) or e["name"]: e for e in doc["entries"]}
-    assert set(entries) == {LATIN1, ODD_DIR, LINK}
+    assert set(entries) == {LATIN1, ODD_DIR, LINK, "utf8.txt"}
+    assert "name_bytes" not in entries["utf8.txt"]
     assert entries[LATIN1]["name"] == "caf\ufffd.txt"
     assert base64.b64decode(entries[LATIN1]["path_bytes"]) == b"/d/" + LATIN1
     assert base64.b64decode(entries[LINK]["target_bytes"]) == LATIN1
@@ -103,7 +111,7 @@ def test_names_not_utf8_list_find_and_extract_byte_exact(
     proc = _cli_bytes("extract", repo, "vol", "latest", "/d", "--to", str(out))
     assert proc.returncode == 0, proc.stderr
     top = os.fsencode(out) + b"/d"
-    assert sorted(os.listdir(top)) == sorted([LATIN1, ODD_DIR, LINK])
+    assert sorted(os.listdir(top)) == sorted([LATIN1, ODD_DIR, LINK, b"utf8.txt"])
     with open(top + b"/" + LATIN1, "rb") as f:
         assert f.read() == b"latin-1 name\n"
     with open(top + b"/" + ODD_DIR + b"/inside.txt", "rb") as f:
