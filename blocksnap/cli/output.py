@@ -17,16 +17,18 @@ strings:
   is written with each offending code point replaced by U+FFFD, for display, and the
   object gets a member "name_bytes" ("path_bytes", "target_bytes") beside it: the exact
   bytes, base64 (RFC 4648, standard alphabet, padded).  They are the bytes the name has
-  on a Linux host (os.fsencode); for an unpaired UTF-16 surrogate, which no such bytes
-  spell, its generalized UTF-8 (WTF-8) form.  A consumer uses "X_bytes" when present,
+  on a Linux host, as extract writes it (os.fsencode); for an unpaired UTF-16 surrogate,
+  which no such bytes spell (extract refuses the name), its generalized UTF-8 (WTF-8)
+  form.  (An NTFS unit U+DC80..U+DCFF alone is taken, as os.fsencode takes it, for the
+  byte it stands for under surrogateescape.)  A consumer uses "X_bytes" when present,
   else "X"; a name that is valid UTF-8 gets no "X_bytes", so nothing changes for it.
 - Any other string that is not valid Unicode (a label given as such bytes, a message
   quoting a name) has each offending code point replaced by U+FFFD.
 
 Not the JSON "\\udcXX" escape of the surrogate itself: RFC 8259 (section 8.2) leaves the
 handling of a lone surrogate to the parser, and many replace it, reject the document or
-emit invalid UTF-8; and it could not tell a byte 0xE9 from an NTFS unit U+DCE9.  Base64
-beside a readable string keeps every consumer's strings valid and the bytes exact.
+emit invalid UTF-8 when they write it out again.  Base64 beside a readable string keeps
+every consumer's strings valid and the bytes exact.
 """
 
 from __future__ import annotations

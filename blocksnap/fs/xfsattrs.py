@@ -272,7 +272,7 @@ class XfsAttributes:
         budget[0] -= 1
         if budget[0] < 0:  # a hostile map can name one block many times over
             raise Damaged(f"its block map has more than {MAX_MAP_BLOCKS} blocks")
-        data = self._block(fsblock, "a block of the attribute block map")
+        data = self._block(fsblock, "a block of a block map")
         magic = _BMAP_V5 if self.crc else _BMAP_V4
         if data[:4] != magic or int.from_bytes(data[4:6], "big") != level:
             raise Damaged(f"block map block {fsblock} is not one")
