@@ -30,6 +30,7 @@ from blocksnap.cli import (
     cmd_verify,
     cmd_versions,
 )
+from blocksnap.cli.output import shown
 from blocksnap.errors import BlocksnapError
 
 COMMANDS = (
@@ -79,7 +80,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr and exit status 2."""
 
     def error(self, message: str) -> NoReturn:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {shown(message)}\n")
         raise SystemExit(2)
 
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         status: int = args.run(args)
         return status
     except BlocksnapError as exc:
-        sys.stderr.write(f"blocksnap: error: {exc}\n")
+        sys.stderr.write(f"blocksnap: error: {shown(str(exc))}\n")
         return exc.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("blocksnap: error: interrupted; nothing uncommitted was kept\n")

@@ -6,8 +6,8 @@ import argparse
 import sys
 from typing import Any
 
-from blocksnap.cli.files import add_partition_option, add_volume_arguments, opened, shown
-from blocksnap.cli.output import emit_json, human_size
+from blocksnap.cli.files import add_partition_option, add_volume_arguments, opened
+from blocksnap.cli.output import emit_json, human_size, shown, with_bytes
 
 
 def add_parser(sub: Any) -> None:
@@ -56,17 +56,23 @@ def run(args: argparse.Namespace) -> int:
                 "hardlinks": report.hardlinks,
                 "bytes_written": report.bytes_written,
                 "blocks_fetched": fetched,
-                "skipped": [{"path": p, "reason": r} for p, r in report.skipped],
-                "renamed": [{"path": p, "name": n} for p, n in report.renamed],
-                "warnings": [{"path": p, "warning": w} for p, w in report.warnings],
+                "skipped": [
+                    with_bytes({"path": p, "reason": r}, "path") for p, r in report.skipped
+                ],
+                "renamed": [
+                    with_bytes({"path": p, "name": n}, "path", "name") for p, n in report.renamed
+                ],
+                "warnings": [
+                    with_bytes({"path": p, "warning": w}, "path") for p, w in report.warnings
+                ],
                 "cleaned": report.cleaned,
             }
         )
     else:
         for path, why in report.skipped:
-            sys.stderr.write(f"blocksnap: skipped {shown(path)}: {why}\n")
+            sys.stderr.write(f"blocksnap: skipped {shown(path)}: {shown(why)}\n")
         for path, warning in report.warnings:
-            sys.stderr.write(f"blocksnap: warning: {shown(path)}: {warning}\n")
+            sys.stderr.write(f"blocksnap: warning: {shown(path)}: {shown(warning)}\n")
         for name in report.cleaned:
             sys.stderr.write(
                 f"blocksnap: removed {shown(name)}, left by an extraction that was killed\n"
@@ -74,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"extracted {report.files} files, {report.directories} directories, "
             f"{report.symlinks} symlinks, {report.hardlinks} hard links "
-            f"({human_size(report.bytes_written)}) to {report.target}; "
+            f"({human_size(report.bytes_written)}) to {shown(report.target)}; "
             f"{fetched} blocks fetched" + (f"; {len(refused)} refused" if refused else "")
         )
     return 1 if refused else 0

@@ -10,10 +10,9 @@ from blocksnap.cli.files import (
     add_volume_arguments,
     long_line,
     opened,
-    shown,
     stat_document,
 )
-from blocksnap.cli.output import emit_json
+from blocksnap.cli.output import emit_json, shown
 
 
 def add_parser(sub: Any) -> None:

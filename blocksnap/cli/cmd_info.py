@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from blocksnap.cli.output import emit_json, snapshot_document
+from blocksnap.cli.output import emit_json, labels_text, shown, snapshot_document
 from blocksnap.repository import Repository
 
 
@@ -29,5 +29,6 @@ def run(args: argparse.Namespace) -> int:
         emit_json(doc)
     else:
         for key, value in doc.items():
-            print(f"{key:14s} {value}")
+            text = labels_text(value) if key == "labels" else shown(str(value))
+            print(f"{key:14s} {text}")
     return 0

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from blocksnap import blockid
-from blocksnap.cli.output import emit_json
+from blocksnap.cli.output import emit_json, shown
 from blocksnap.store.repository import DEFAULT_COMPRESSION_LEVEL, init_repository
 
 
@@ -46,5 +46,5 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         level = config.compression_level
-        print(f"created repository {args.repo} ({config.block_id}, zstd level {level})")
+        print(f"created repository {shown(args.repo)} ({config.block_id}, zstd level {level})")
     return 0

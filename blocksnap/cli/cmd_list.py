@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from blocksnap.cli.output import emit_json, human_size, snapshot_document
+from blocksnap.cli.output import emit_json, human_size, labels_text, shown, snapshot_document
 from blocksnap.errors import NotFoundError
 from blocksnap.repository import Repository
 
@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     for volume, snaps in listing.items():
-        print(f"{volume}:")
+        print(f"{shown(volume)}:")
         for s in snaps:
-            labels = " ".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            labels = labels_text(s.labels)
             if s.id in protected:
                 labels = f"[protected] {labels}"
             against = s.base or s.parent

@@ -10,10 +10,9 @@ from blocksnap.cli.files import (
     add_volume_arguments,
     long_line,
     opened,
-    shown,
     stat_document,
 )
-from blocksnap.cli.output import emit_json
+from blocksnap.cli.output import emit_json, shown, with_bytes
 from blocksnap.fs.node import FileKind
 
 
@@ -38,15 +37,14 @@ def run(args: argparse.Namespace) -> int:
         target = fs.stat(args.path, follow_symlinks=True)
         entries = fs.listdir(args.path) if target.kind is FileKind.DIRECTORY else [target]
         if args.json:
-            emit_json(
-                {
-                    "filesystem": fs.kind,
-                    "partition": fs.partition.name if fs.partition else None,
-                    "path": target.path,
-                    "entries": [stat_document(st) for st in entries],
-                    "blocks_fetched": fs.stats.blocks_fetched,
-                }
-            )
+            document = {
+                "filesystem": fs.kind,
+                "partition": fs.partition.name if fs.partition else None,
+                "path": target.path,
+                "entries": [stat_document(st) for st in entries],
+                "blocks_fetched": fs.stats.blocks_fetched,
+            }
+            emit_json(with_bytes(document, "path"))
             return 0
     for st in entries:
         if args.long:

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import asdict
 from typing import Any
 
-from blocksnap.cli.output import ProgressBar, emit_json
+from blocksnap.cli.output import ProgressBar, emit_json, shown
 from blocksnap.errors import UsageError
 from blocksnap.repository import repair_index
 
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         emit_json(asdict(report))
     else:
         for item in report.damaged:
-            print(f"left out: {item}")
+            print(f"left out: {shown(str(item))}")
         print(
             f"index rebuilt: {report.packs} packs, {report.objects} objects, "
             f"{report.snapshots} snapshots"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from blocksnap.cli.output import ProgressBar, emit_json, human_size, settling_at
+from blocksnap.cli.output import ProgressBar, emit_json, human_size, settling_at, shown
 from blocksnap.repository import Repository
 
 
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         print(
-            f"restored {human_size(result.image_size)} to {result.target}: "
+            f"restored {human_size(result.image_size)} to {shown(result.target)}: "
             f"{result.blocks_written} blocks written, {result.blocks_unchanged} unchanged, "
             f"{result.zero_blocks} zero"
         )

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from blocksnap.cli.output import ProgressBar, emit_json, human_size
+from blocksnap.cli.output import ProgressBar, emit_json, human_size, shown
 from blocksnap.errors import IntegrityError
 from blocksnap.repository import Repository
 
@@ -49,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         for problem in report.problems:
             where = ", ".join(problem.snapshots) or "no snapshot affected"
-            print(f"DAMAGE: {problem.message} [{where}]")
+            print(f"DAMAGE: {shown(problem.message)} [{where}]")
         for leftover in report.leftovers:
-            print(f"leftover: {leftover}")
+            print(f"leftover: {shown(str(leftover))}")
         read = f", {human_size(report.bytes_read)} read" if args.read_data else ""
         print(
             f"{report.snapshots_checked} snapshots, {report.blocks_referenced} block references, "

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from blocksnap.cli.files import add_partition_option, add_volume_arguments, stat_document
-from blocksnap.cli.output import emit_json
+from blocksnap.cli.output import emit_json, shown
 from blocksnap.repository import Repository
 
 
@@ -45,6 +45,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for v in found:
         size = f"{v.stat.size:>12d}" if v.stat else " " * 12
-        note = f"  {v.error}" if v.error else ""
+        note = f"  {shown(v.error)}" if v.error else ""
         print(f"{v.snapshot.id[:12]}  {v.snapshot.time}  {v.state.value:10s} {size}{note}")
     return 0

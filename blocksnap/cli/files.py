@@ -9,6 +9,7 @@ import stat as stat_mod
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from blocksnap.cli.output import shown, with_bytes
 from blocksnap.fs.node import FileKind, FileStat
 from blocksnap.repository import Repository
 
@@ -53,13 +54,6 @@ def opened(args: argparse.Namespace) -> Iterator[FileSystem]:
         yield fs
 
 
-def shown(text: str) -> str:
-    """A name as a terminal can show it: control characters and undecodable bytes escaped."""
-    if text.isprintable():
-        return text
-    return repr(text)[1:-1]
-
-
 def mode_string(st: FileStat) -> str:
     kind = _KIND_CHARS[st.kind]
     if st.mode is None:
@@ -88,7 +82,8 @@ def long_line(st: FileStat) -> str:
 
 
 def stat_document(st: FileStat) -> dict[str, Any]:
-    return {
+    """A file's metadata for --json; a name that is not UTF-8 also as bytes (see output)."""
+    document = {
         "path": st.path,
         "name": st.name,
         "type": st.kind.value,
@@ -102,3 +97,4 @@ def stat_document(st: FileStat) -> dict[str, Any]:
         "file_id": st.file_id,
         "target": st.target,
     }
+    return with_bytes(document, "path", "name", "target")

@@ -1,10 +1,43 @@
-"""How the CLI talks to people and machines: JSON documents, tables, progress on stderr."""
+"""How the CLI talks to people and machines: JSON documents, tables, progress on stderr.
+
+Names inside an image are bytes on Linux filesystems (ext, XFS, btrfs) and need not be
+UTF-8.  blocksnap carries a name as a str decoded as Python decodes a Linux path
+(os.fsdecode: UTF-8, each byte that is not part of valid UTF-8 kept as a lone surrogate
+U+DC80..U+DCFF), so os.fsencode gives back the exact bytes when extracting, and a path
+typed on the command line (which Python decodes the same way) matches it.
+
+Human output shows such text through `shown`: control characters and those bytes are
+escaped (see there), so a name or label can neither forge lines nor drive the terminal.
+
+JSON output (--json) is always valid UTF-8 (ASCII, in fact) and holds only valid Unicode
+strings:
+
+- A member "name", "path" or "target" whose value is not valid UTF-8 (an image's name
+  holding bytes that are not UTF-8, or an NTFS name holding an unpaired UTF-16 surrogate)
+  is written with each offending code point replaced by U+FFFD, for display, and the
+  object gets a member "name_bytes" ("path_bytes", "target_bytes") beside it: the exact
+  bytes, base64 (RFC 4648, standard alphabet, padded).  They are the bytes the name has
+  on a Linux host, as extract writes it (os.fsencode); for an unpaired UTF-16 surrogate,
+  which no such bytes spell (extract refuses the name), its generalized UTF-8 (WTF-8)
+  form.  (An NTFS unit U+DC80..U+DCFF alone is taken, as os.fsencode takes it, for the
+  byte it stands for under surrogateescape.)  A consumer uses "X_bytes" when present,
+  else "X"; a name that is valid UTF-8 gets no "X_bytes", so nothing changes for it.
+- Any other string that is not valid Unicode (a label given as such bytes, a message
+  quoting a name) has each offending code point replaced by U+FFFD.
+
+Not the JSON "\\udcXX" escape of the surrogate itself: RFC 8259 (section 8.2) leaves the
+handling of a lone surrogate to the parser, and many replace it, reject the document or
+emit invalid UTF-8 when they write it out again.  Base64 beside a readable string keeps
+every consumer's strings valid and the bytes exact.
+"""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import json
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -17,8 +50,75 @@ from blocksnap.retention import Policy
 from blocksnap.store import catalog
 
 
+def shown(text: str) -> str:
+    """Text that an image or a user chose, as a terminal may show it: one line, nothing
+    the terminal would act on, no bytes that are not text.
+
+    Printable characters stay as they are.  A byte that was not UTF-8 (a name decoded with
+    surrogateescape) is shown as \\xNN, the byte; so are C0 controls and DEL, which are
+    their own byte in UTF-8.  Any other character that is not printable (C1 controls,
+    format characters such as bidirectional overrides, separators other than space) is
+    shown as \\uNNNN or \\UNNNNNNNN, so \\xNN always means one byte.  A backslash is
+    shown as itself: the human form is for reading, --json gives the exact name.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        code = ord(char)
+        if char.isprintable():
+            out.append(char)
+        elif 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for byte code - 0xDC00
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x80:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # the only code points UTF-8 cannot encode
+
+
+def _is_text(value: str) -> bool:
+    return _SURROGATE.search(value) is None
+
+
+def exact_bytes(value: str) -> bytes:
+    """The bytes a name carried as a str stands for (see the module's docstring)."""
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
+
+
+def with_bytes(document: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """`document` with "K_bytes" beside each of `keys` whose value is a str that is not
+    valid UTF-8: the exact bytes, base64."""
+    extra = {
+        f"{key}_bytes": base64.b64encode(exact_bytes(value)).decode("ascii")
+        for key in keys
+        if isinstance(value := document.get(key), str) and not _is_text(value)
+    }
+    return {**document, **extra} if extra else document
+
+
+def _sound(value: Any) -> Any:
+    """A document whose strings are all valid Unicode: lone surrogates become U+FFFD."""
+    if isinstance(value, str):
+        return value if _is_text(value) else _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_sound(k): _sound(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_sound(v) for v in value]
+    return value
+
+
 def emit_json(document: Any) -> None:
-    json.dump(document, sys.stdout, indent=2, sort_keys=True)
+    """Print a JSON document (see the module's docstring for strings that are not text)."""
+    json.dump(_sound(document), sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
 
 
@@ -131,6 +231,11 @@ def parse_size(text: str) -> int:
     if not number.isdigit() or int(number) <= 0:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 4096, 512M, 2G)")
     return int(number) * _SIZE_UNITS[unit]
+
+
+def labels_text(labels: dict[str, str]) -> str:
+    """A snapshot's labels on one line for people: KEY=VALUE KEY=VALUE, each shown."""
+    return " ".join(f"{shown(k)}={shown(v)}" for k, v in sorted(labels.items()))
 
 
 def parse_labels(items: list[str]) -> dict[str, str]:

@@ -6,7 +6,16 @@ directory kept in the inode, its tail in the "system.data" extended attribute) i
 wrongly: libfsext 20260821 returns the first 60 bytes and then zeros, and cannot open an
 inline directory longer than that.  On a filesystem with that feature, inodes flagged
 inline are read through TSK instead (measured right on images written by mkfs.ext4 -d and
-by the kernel), and their names are listed by it.
+by the kernel).
+
+Names and symlink targets are bytes on Linux, and libfsext decodes them as UTF-8, failing
+on any other ("unable to retrieve name size"), and cuts them at a NUL byte.  So directory
+entries are parsed by `extdir` from the directory's content as TSK reads it (or from the
+inode, inline), and each child is opened by its inode number; a target is read from the
+inode's block area or through TSK.  A lookup of one name still goes through libfsext's
+path lookup, which follows an htree index, where the name is UTF-8 (see `libyal`).  A
+name is carried as its bytes decoded as UTF-8 with surrogateescape, so os.fsencode gives
+the exact bytes back.
 
 Extended attributes, and the inode flags, come from `extattrs`, blocksnap's own reader:
 libfsext reads a value over 60 bytes wrongly, and forgets an inode's attributes once the
@@ -15,7 +24,6 @@ inode is in its cache.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from typing import Any, BinaryIO
 
@@ -23,10 +31,11 @@ import pyfsext
 import pytsk3
 
 from blocksnap.fs.extattrs import INLINE_DATA_FLAG, ExtAttributes
+from blocksnap.fs.extdir import FILETYPE_FEATURE, DirectoryDamage, decode_name, region_entries
 from blocksnap.fs.image import Window
-from blocksnap.fs.libyal import PosixEntryNode
+from blocksnap.fs.libyal import PosixEntryNode, child_path
 from blocksnap.fs.node import FileKind, FileStat, Mounted, Node
-from blocksnap.fs.tsk import TskImage, TskNode, entries
+from blocksnap.fs.tsk import TskImage, TskNode
 
 NAME = "ext"
 LIBRARY = f"libfsext {pyfsext.get_version()}"
@@ -48,9 +57,9 @@ def mount(image: BinaryIO) -> Mounted:
     except BaseException:
         volume.close()
         raise
-    inline = _Inline(image) if attributes.incompat & _INLINE_DATA else None
+    ext = _Ext(image, volume, attributes)
     return Mounted(
-        root=ExtNode(volume.get_root_directory(), volume, "", inline, attributes),
+        root=ExtNode(volume.get_root_directory(), ext, ""),
         kind=_kind(attributes.compat, attributes.incompat),
         library=LIBRARY,
         case_insensitive=False,
@@ -63,6 +72,8 @@ _HAS_JOURNAL = 0x4
 _EXT4_INCOMPAT = 0x40 | 0x80 | 0x200  # extents, 64bit, flex_bg
 _INLINE_DATA = 0x8000
 _INLINE_XATTR = "system.data"
+_BLOCK_AREA, _BLOCK_AREA_SIZE = 0x28, 60  # in the inode
+_DIRECTORY_CHUNK_BLOCKS = 256  # blocks of a directory read at once
 
 
 def _kind(compat: int, incompat: int) -> str:
@@ -77,14 +88,20 @@ def _xattrs(attributes: ExtAttributes, inode: int) -> dict[str, bytes]:
     return attributes.of(inode).complete(hidden=(_INLINE_XATTR,))
 
 
-class _Inline:
-    """TSK's view of the same filesystem, opened on first need, for inline data."""
+class _Ext:
+    """What every node of one ext filesystem shares: the libfsext volume, blocksnap's own
+    inode reader, and TSK's view of the same filesystem, opened on first need, which
+    reads directories' content and slow symlinks' targets as bytes, and inline data."""
 
-    def __init__(self, image: BinaryIO) -> None:
+    def __init__(self, image: BinaryIO, volume: Any, attributes: ExtAttributes) -> None:
         if not isinstance(image, Window):
             raise TypeError("the ext adapter reads a Window")
         self._image = image
         self._fs: Any = None
+        self.volume = volume
+        self.attributes = attributes
+        self.inline_data = bool(attributes.incompat & _INLINE_DATA)
+        self.filetype = bool(attributes.incompat & FILETYPE_FEATURE)
 
     @property
     def fs(self) -> Any:
@@ -95,102 +112,114 @@ class _Inline:
     def file(self, inode: int) -> Any:
         return self.fs.open_meta(inode=inode)
 
-    def children(
-        self, inode: int, volume: Any, path: str | None, attributes: ExtAttributes
-    ) -> Iterator[tuple[str, Node]]:
-        """A directory's entries as TSK lists them: libfsext nodes where libfsext can
-        open the inode, else TSK ones."""
-        for name, child in self._listing(inode):
-            child_path = None if path is None or "/" in name else f"{path}/{name}"
-            try:
-                entry = volume.get_file_entry_by_inode(int(child.info.meta.addr))
-            except OSError:
-                yield name, _TskExtNode(child, self, volume, child_path, attributes)
+    def is_inline(self, inode: int) -> bool:
+        return self.inline_data and bool(self.attributes.flags(inode) & INLINE_DATA_FLAG)
+
+    def node(self, inode: int, path: str | None) -> Node:
+        """The node of an inode: libfsext's where it can open the inode, else TSK's."""
+        try:
+            entry = self.volume.get_file_entry_by_inode(inode)
+        except OSError:
+            return _TskExtNode(self.file(inode), self)
+        return ExtNode(entry, self, path)
+
+    def entries(self, inode: int) -> Iterator[tuple[str, int]]:
+        """(name, inode) of a directory's entries, names as stored (see `extdir`)."""
+        if self.is_inline(inode):
+            area = self.attributes.inode(inode)[_BLOCK_AREA : _BLOCK_AREA + _BLOCK_AREA_SIZE]
+            where = f"inode {inode}'s inline entries"
+            yield from region_entries(area[4:], self.filetype, where)
+            rest = self.attributes.of(inode).found.get(_INLINE_XATTR, b"")
+            yield from region_entries(rest, self.filetype, f"{where} in {_INLINE_XATTR}")
+            return
+        file = self.file(inode)
+        size = int(file.info.meta.size)
+        block_size = self.attributes.block_size
+        for offset in range(0, size, _DIRECTORY_CHUNK_BLOCKS * block_size):
+            want = min(_DIRECTORY_CHUNK_BLOCKS * block_size, size - offset)
+            data = bytes(file.read_random(offset, want))
+            if len(data) != want:
+                raise DirectoryDamage(f"read {len(data)} bytes at {offset}, expected {want}")
+            for at in range(0, want, block_size):
+                block = data[at : at + block_size]
+                where = f"directory block {(offset + at) // block_size}"
+                yield from region_entries(block, self.filetype, where)
+
+    def children(self, inode: int, path: str | None) -> Iterator[tuple[str, Node]]:
+        for name, number in self.entries(inode):
+            yield name, self.node(number, child_path(path, name))
+
+    def scan(self, inode: int, path: str | None, name: str) -> Node | None:
+        """The entry `name` of a directory, reading its blocks and then the one inode."""
+        for found, number in self.entries(inode):
+            if found == name:
+                return self.node(number, child_path(path, name))
+        return None
+
+    def target(self, inode: int, size: int) -> str:
+        """A symlink's target, as stored: inline, in the block area (a fast symlink: one
+        that holds no blocks but an xattr block), or in its data blocks."""
+        if self.is_inline(inode):
+            raw = bytes(self.file(inode).read_random(0, size))
+        else:
+            head = self.attributes.inode(inode)
+            blocks = int.from_bytes(head[0x1C:0x20], "little")
+            xattr_block = int.from_bytes(head[0x68:0x6C], "little")
+            own = blocks - (self.attributes.block_size >> 9 if xattr_block else 0)
+            if size < _BLOCK_AREA_SIZE and own == 0:
+                raw = head[_BLOCK_AREA : _BLOCK_AREA + size]
             else:
-                yield name, ExtNode(entry, volume, child_path, self, attributes)
-
-    def _listing(self, inode: int) -> Iterator[tuple[str, Any]]:
-        return entries(self.file(inode))
-
-    def missing(
-        self, inode: int, volume: Any, path: str | None, seen: set[str], attributes: ExtAttributes
-    ) -> Iterator[tuple[str, Node]]:
-        """The entries of a directory that libfsext could not open, as TSK nodes."""
-        for name, child in self._listing(inode):
-            if name not in seen:
-                child_path = None if path is None or "/" in name else f"{path}/{name}"
-                yield name, _TskExtNode(child, self, volume, child_path, attributes)
+                raw = bytes(self.file(inode).read_random(0, size))
+        if len(raw) != size:
+            raise OSError(f"symlink target: read {len(raw)} bytes, expected {size}")
+        return decode_name(raw)
 
 
 class ExtNode(PosixEntryNode):
-    """A libfsext entry; its content comes from TSK when it is kept inline."""
+    """A libfsext entry; its content comes from TSK when it is kept inline, and its
+    directory entries and symlink target from blocksnap's own reading (see `extdir`)."""
 
-    __slots__ = ("_attributes", "_flags", "_inline")
+    __slots__ = ("_ext", "_flags")
 
-    def __init__(
-        self,
-        entry: Any,
-        volume: Any,
-        path: str | None,
-        inline: _Inline | None,
-        attributes: ExtAttributes,
-    ) -> None:
-        super().__init__(entry, volume, path)
-        self._inline = inline
-        self._attributes = attributes
+    def __init__(self, entry: Any, ext: _Ext, path: str | None) -> None:
+        super().__init__(entry, ext.volume, path)
+        self._ext = ext
         self._flags: int | None = None
 
-    def _node(self, entry: Any, path: str | None) -> PosixEntryNode:
-        return ExtNode(entry, self._volume, path, self._inline, self._attributes)
+    def _node(self, entry: Any, path: str | None) -> Node:
+        return ExtNode(entry, self._ext, path)
+
+    def _inode(self) -> int:
+        return int(self._entry.inode_number)
 
     def _inode_flags(self) -> int:
         """The inode's flags, read (and with metadata_csum, its checksum checked) once."""
         if self._flags is None:
-            self._flags = self._attributes.flags(int(self._entry.inode_number))
+            self._flags = self._ext.attributes.flags(self._inode())
         return self._flags
 
     def _is_inline(self) -> bool:
-        return self._inline is not None and bool(self._inode_flags() & INLINE_DATA_FLAG)
+        return self._ext.inline_data and bool(self._inode_flags() & INLINE_DATA_FLAG)
 
     def _inline_file(self) -> Any:
         """The TSK file of this entry if its data is inline, else None."""
         if not self._is_inline():
             return None
-        assert self._inline is not None
-        return self._inline.file(int(self._entry.inode_number))
+        return self._ext.file(self._inode())
 
     def stat(self, path: str, name: str) -> FileStat:
         self._inode_flags()  # libfsext does not check the inode's checksum
-        st = super().stat(path, name)
-        if st.kind is FileKind.SYMLINK and (file := self._inline_file()) is not None:
-            target = bytes(file.read_random(0, st.size)).decode("utf-8", "surrogateescape")
-            return dataclasses.replace(st, target=target)
-        return st
+        return super().stat(path, name)
+
+    def _target(self) -> str:
+        # libfsext decodes a target as UTF-8, failing on other bytes and cutting at NUL.
+        return self._ext.target(self._inode(), int(self._entry.size or 0))
 
     def children(self) -> Iterator[tuple[str, Node]]:
-        if self._inline is None:
-            yield from super().children()
-            return
-        inode = int(self._entry.inode_number)
-        if self._is_inline():
-            # libfsext lists only the first 60 bytes of an inline directory
-            yield from self._inline.children(inode, self._volume, self._path, self._attributes)
-            return
-        # libfsext fails on an entry whose inode holds an inline directory longer than
-        # 60 bytes: TSK reads those.
-        seen, failed = set(), False
-        for i in range(int(self._entry.number_of_sub_file_entries)):
-            try:
-                child = self._entry.get_sub_file_entry(i)
-            except OSError:
-                failed = True
-                continue
-            name = str(child.name)
-            seen.add(name)
-            path = None if self._path is None or "/" in name else f"{self._path}/{name}"
-            yield name, self._node(child, path)
-        if failed:
-            yield from self._inline.missing(inode, self._volume, self._path, seen, self._attributes)
+        return self._ext.children(self._inode(), self._path)
+
+    def _scan(self, name: str) -> Node | None:
+        return self._ext.scan(self._inode(), self._path, name)
 
     def read(self, offset: int, size: int) -> bytes:
         file = self._inline_file()
@@ -206,7 +235,7 @@ class ExtNode(PosixEntryNode):
         yield from super().data_ranges(size)
 
     def xattrs(self) -> dict[str, bytes]:
-        return _xattrs(self._attributes, int(self._entry.inode_number))
+        return _xattrs(self._ext.attributes, self._inode())
 
 
 _TSK_KINDS = {
@@ -222,27 +251,23 @@ _TSK_KINDS = {
 
 class _TskExtNode(TskNode):
     """An inode libfsext cannot open (an inline directory longer than 60 bytes), read by
-    TSK; its extended attributes come from `extattrs` like any other's."""
+    TSK; its entries, and its extended attributes, come from blocksnap's own reading like
+    any other's."""
 
-    __slots__ = ("_attributes", "_inline", "_path", "_volume")
+    __slots__ = ("_ext",)
 
-    def __init__(
-        self, file: Any, inline: _Inline, volume: Any, path: str | None, attributes: ExtAttributes
-    ) -> None:
-        super().__init__(inline.fs, file, exfat=False)
-        self._inline = inline
-        self._volume = volume
-        self._path = path
-        self._attributes = attributes
+    def __init__(self, file: Any, ext: _Ext) -> None:
+        super().__init__(ext.fs, file, exfat=False)
+        self._ext = ext
 
     def stat(self, path: str, name: str) -> FileStat:
         meta = self._file.info.meta
-        self._attributes.flags(int(meta.addr))  # checks the inode's checksum
+        self._ext.attributes.flags(int(meta.addr))  # checks the inode's checksum
         kind = _TSK_KINDS.get(meta.type, FileKind.OTHER)
         size = int(meta.size)
         target = None
         if kind is FileKind.SYMLINK:
-            target = bytes(self._file.read_random(0, size)).decode("utf-8", "surrogateescape")
+            target = self._ext.target(int(meta.addr), size)
         return FileStat(
             path=path,
             name=name,
@@ -259,8 +284,11 @@ class _TskExtNode(TskNode):
         )
 
     def children(self) -> Iterator[tuple[str, Node]]:
-        inode = int(self._file.info.meta.addr)
-        yield from self._inline.children(inode, self._volume, self._path, self._attributes)
+        # libfsext cannot open this inode, so no path through it: None, entries read.
+        return self._ext.children(int(self._file.info.meta.addr), None)
+
+    def lookup(self, name: str) -> Node | None:
+        return self._ext.scan(int(self._file.info.meta.addr), None, name)
 
     def xattrs(self) -> dict[str, bytes]:
-        return _xattrs(self._attributes, int(self._file.info.meta.addr))
+        return _xattrs(self._ext.attributes, int(self._file.info.meta.addr))

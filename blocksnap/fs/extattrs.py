@@ -22,7 +22,9 @@ superblock backup.  Each is 32 bytes, or the superblock's size with 64bit; the i
 table's block is at 0x08 (low 32 bits) and 0x28 (high).
 
 Inode n is number (n - 1) % inodes-per-group in group (n - 1) // inodes-per-group's table:
+    0x1C blocks, in 512-byte units (low 32 bits)
     0x20 flags (0x200000 value of an xattr, 0x10000000 inline data)
+    0x28 the block area (60 bytes: a fast symlink's target, the start of inline data)
     0x64 generation   0x68 xattr block (low 32 bits)   0x76 xattr block (high 16)
     0x7C checksum (low 16)   0x80 extra size past 128 (u16)   0x82 checksum (high 16)
 In-inode attributes start at 128 + extra size: the magic 0xEA020000, then entries, whose
@@ -224,6 +226,11 @@ class ExtAttributes:
         return stored == crc & 0xFFFF
 
     # --- attributes ----------------------------------------------------------------
+
+    def inode(self, number: int) -> bytes:
+        """The inode's bytes, its checksum checked (`ext` reads the block area at 0x28 and
+        the block count at 0x1C from them)."""
+        return self._inode_bytes(number)
 
     def flags(self, number: int) -> int:
         """An inode's flags (0x10000000: its data is inline)."""

@@ -85,8 +85,9 @@ MAX_LEAVES = 1 << 16
 MAX_MAP_BLOCKS = 1 << 12
 
 
-class _Damaged(Exception):
-    """The attribute structure of one inode cannot be read; the message says where."""
+class Damaged(Exception):
+    """A structure of one inode (its attribute fork, a block map) cannot be read; the
+    message says where."""
 
 
 class XfsAttributes:
@@ -95,6 +96,7 @@ class XfsAttributes:
     def __init__(self, image: BinaryIO) -> None:
         self._image = image
         sb = self._read(0, 512, "the superblock")
+        self.superblock = sb
         if sb[:4] != b"XFSB":
             raise FilesystemError("the XFS superblock has no magic number")
         self.block_size = int.from_bytes(sb[4:8], "big")
@@ -128,7 +130,7 @@ class XfsAttributes:
         try:
             return self._read(self._block_offset(fsblock), self.block_size, what)
         except FilesystemError as exc:
-            raise _Damaged(str(exc)) from None
+            raise Damaged(str(exc)) from None
 
     def _crc_ok(self, data: bytes, at: int) -> bool:
         zeroed = data[:at] + b"\0\0\0\0" + data[at + 4 :]
@@ -148,6 +150,24 @@ class XfsAttributes:
             if int.from_bytes(raw[0x98:0xA0], "big") != number:
                 raise FilesystemError(f"inode {number} is damaged: it names another inode")
         return raw
+
+    # --- for `xfsdir`, which reads directories and symlinks with the same parts ---------
+
+    def inode(self, number: int) -> bytes:
+        """An inode's bytes, its CRC and number checked."""
+        return self._inode(number)
+
+    def block_map(
+        self, fork: bytes, form: int, count: int, owner: int
+    ) -> list[tuple[int, int, int]]:
+        """(logical block, filesystem block, count) of a fork's written extents."""
+        return self._extents(fork, form, count, owner)
+
+    def block(self, fsblock: int, what: str) -> bytes:
+        return self._block(fsblock, what)
+
+    def crc_ok(self, data: bytes, at: int) -> bool:
+        return self._crc_ok(data, at)
 
     # --- attributes ----------------------------------------------------------------
 
@@ -175,8 +195,8 @@ class XfsAttributes:
                 extents = self._extents(fork, form, count, number)
                 self._blocks(extents, number, out)
             else:
-                raise _Damaged(f"the attribute fork has unknown format {form}")
-        except _Damaged as exc:
+                raise Damaged(f"the attribute fork has unknown format {form}")
+        except Damaged as exc:
             out.unreadable["(the attribute fork)"] = f"inode {number}: {exc}"
         return out
 
@@ -200,18 +220,18 @@ class XfsAttributes:
 
     def _local(self, fork: bytes, out: InodeAttributes) -> None:
         if len(fork) < 4:
-            raise _Damaged("the local attribute list has no header")
+            raise Damaged("the local attribute list has no header")
         total, count = int.from_bytes(fork[0:2], "big"), fork[2]
         if total > len(fork):
-            raise _Damaged("the local attribute list is larger than its fork")
+            raise Damaged("the local attribute list is larger than its fork")
         at = 4
         for _ in range(count):
             if at + 3 > total:
-                raise _Damaged("the local attribute list runs past its end")
+                raise Damaged("the local attribute list runs past its end")
             name_len, value_len, flags = fork[at], fork[at + 1], fork[at + 2]
             end = at + 3 + name_len + value_len
             if end > total:
-                raise _Damaged("an attribute runs past the end of the local list")
+                raise Damaged("an attribute runs past the end of the local list")
             name = self._name(flags, bytes(fork[at + 3 : at + 3 + name_len]))
             if name is not None:
                 self._add(out, name, bytes(fork[at + 3 + name_len : end]))
@@ -225,14 +245,14 @@ class XfsAttributes:
         """(logical block, filesystem block, count) of the fork's written extents."""
         if form == _EXTENTS:
             if count * 16 > len(fork):
-                raise _Damaged("its extent list is larger than its fork")
+                raise Damaged("its extent list is larger than its fork")
             return list(_records(fork, 0, count))
         if len(fork) < 4:
-            raise _Damaged("its B+tree root has no header")
+            raise Damaged("its B+tree root has no header")
         level, records = struct.unpack_from(">HH", fork, 0)
         room = (len(fork) - 4) // 16
         if not 0 < level <= MAX_DEPTH or records > room:
-            raise _Damaged("its B+tree root is damaged")
+            raise Damaged("its B+tree root is damaged")
         at = 4 + room * 8
         found: list[tuple[int, int, int]] = []
         budget = [MAX_MAP_BLOCKS]
@@ -251,20 +271,20 @@ class XfsAttributes:
     ) -> None:
         budget[0] -= 1
         if budget[0] < 0:  # a hostile map can name one block many times over
-            raise _Damaged(f"its block map has more than {MAX_MAP_BLOCKS} blocks")
-        data = self._block(fsblock, "a block of the attribute block map")
+            raise Damaged(f"its block map has more than {MAX_MAP_BLOCKS} blocks")
+        data = self._block(fsblock, "a block of a block map")
         magic = _BMAP_V5 if self.crc else _BMAP_V4
         if data[:4] != magic or int.from_bytes(data[4:6], "big") != level:
-            raise _Damaged(f"block map block {fsblock} is not one")
+            raise Damaged(f"block map block {fsblock} is not one")
         if self.crc:
             if not self._crc_ok(data, 0x40):
-                raise _Damaged(f"block map block {fsblock} is damaged: its checksum does not match")
+                raise Damaged(f"block map block {fsblock} is damaged: its checksum does not match")
             if int.from_bytes(data[0x38:0x40], "big") != owner:
-                raise _Damaged(f"block map block {fsblock} belongs to another inode")
+                raise Damaged(f"block map block {fsblock} belongs to another inode")
         records = int.from_bytes(data[6:8], "big")
         room = (self.block_size - self.bmap_header) // 16
         if records > room or len(found) + records > MAX_LEAVES:
-            raise _Damaged(f"block map block {fsblock} is damaged")
+            raise Damaged(f"block map block {fsblock} is damaged")
         if level == 0:
             found.extend(_records(data, self.bmap_header, records))
             return
@@ -282,15 +302,15 @@ class XfsAttributes:
         checked (at 12 and 48 in a leaf or node, at 12 and 32 in a remote value block)."""
         mapped = [b + logical - s for s, b, n in extents if s <= logical < s + n]
         if not mapped:
-            raise _Damaged(f"its attribute block {logical} is not mapped")
+            raise Damaged(f"its attribute block {logical} is not mapped")
         what = "remote value block" if remote else "attribute block"
         data = self._block(mapped[0], f"{what} {logical}")
         if self.crc:
             if not self._crc_ok(data, 12):
-                raise _Damaged(f"{what} {logical} is damaged: its checksum does not match")
+                raise Damaged(f"{what} {logical} is damaged: its checksum does not match")
             at = 32 if remote else 48
             if int.from_bytes(data[at : at + 8], "big") != owner:
-                raise _Damaged(f"{what} {logical} belongs to another inode")
+                raise Damaged(f"{what} {logical} belongs to another inode")
         return data
 
     def _blocks(
@@ -304,19 +324,19 @@ class XfsAttributes:
                 break
             count = int.from_bytes(data[info : info + 2], "big")
             if count == 0 or self.node_header + count * 8 > len(data):
-                raise _Damaged(f"attribute node {logical} is damaged")
+                raise Damaged(f"attribute node {logical} is damaged")
             logical = int.from_bytes(data[self.node_header + 4 : self.node_header + 8], "big")
             data = self._fork_block(extents, owner, logical, remote=False)
         seen = set()
         while True:
             if int.from_bytes(data[8:10], "big") != (_LEAF_V5 if self.crc else _LEAF_V4):
-                raise _Damaged(f"attribute block {logical} is neither a leaf nor a node")
+                raise Damaged(f"attribute block {logical} is neither a leaf nor a node")
             seen.add(logical)
             for name, value, remote in self._leaf(data, logical, info):
                 if remote is not None:
                     try:
                         value = self._remote(extents, owner, *remote)
-                    except _Damaged as exc:
+                    except Damaged as exc:
                         out.unreadable[name] = str(exc)
                         continue
                 self._add(out, name, value)
@@ -324,7 +344,7 @@ class XfsAttributes:
             if following == 0:
                 return
             if following in seen or len(seen) >= MAX_LEAVES:
-                raise _Damaged("its attribute leaves form a loop")
+                raise Damaged("its attribute leaves form a loop")
             logical = following
             data = self._fork_block(extents, owner, logical, remote=False)
 
@@ -335,29 +355,29 @@ class XfsAttributes:
         (name, b"", (first block, length)) for one kept in blocks of its own."""
         count = int.from_bytes(data[info : info + 2], "big")
         if self.leaf_header + count * 8 > len(data):
-            raise _Damaged(f"attribute leaf {logical} claims more entries than fit")
+            raise Damaged(f"attribute leaf {logical} claims more entries than fit")
         past = f"attribute leaf {logical} has an entry past its end"
         for i in range(count):
             at = self.leaf_header + i * 8
             offset, flags = int.from_bytes(data[at + 4 : at + 6], "big"), data[at + 6]
             if flags & _LOCAL_VALUE:
                 if offset + 3 > len(data):
-                    raise _Damaged(past)
+                    raise Damaged(past)
                 value_len = int.from_bytes(data[offset : offset + 2], "big")
                 name_at = offset + 3
                 value_at = name_at + data[offset + 2]
                 if value_at + value_len > len(data):
-                    raise _Damaged(past)
+                    raise Damaged(past)
                 name = self._name(flags, bytes(data[name_at:value_at]))
                 if name is not None:
                     yield name, bytes(data[value_at : value_at + value_len]), None
                 continue
             if offset + 9 > len(data):
-                raise _Damaged(past)
+                raise Damaged(past)
             first, value_len = struct.unpack_from(">II", data, offset)
             name_end = offset + 9 + data[offset + 8]
             if name_end > len(data):
-                raise _Damaged(past)
+                raise Damaged(past)
             name = self._name(flags, bytes(data[offset + 9 : name_end]))
             if name is not None:
                 yield name, b"", (first, value_len)
@@ -367,7 +387,7 @@ class XfsAttributes:
     ) -> bytes:
         """A value kept in whole blocks of its own from logical block `first`."""
         if size > MAX_VALUE:
-            raise _Damaged(f"its value claims {size} bytes, more than {MAX_VALUE}")
+            raise Damaged(f"its value claims {size} bytes, more than {MAX_VALUE}")
         room = self.block_size - (_RMT_HEADER if self.crc else 0)
         parts, got, logical = [], 0, first
         while got < size:
@@ -376,7 +396,7 @@ class XfsAttributes:
             if self.crc:
                 offset, count = struct.unpack_from(">II", data, 4)
                 if data[:4] != _RMT_MAGIC.to_bytes(4, "big") or (offset, count) != (got, take):
-                    raise _Damaged(f"remote value block {logical} is not the value's next part")
+                    raise Damaged(f"remote value block {logical} is not the value's next part")
                 parts.append(data[_RMT_HEADER : _RMT_HEADER + take])
             else:
                 parts.append(data[:take])
