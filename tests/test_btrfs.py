@@ -131,6 +131,7 @@ def test_only_the_file_is_read(kernel_btrfs: tuple[Path, Path], repo: blocksnap.
         assert fs.stats.blocks_fetched <= 8  # of 2048 in the image
 
 
+FIRST_SUBVOLUME = 256  # /sub; /snap, its snapshot, is the next
 POINTERS = 0x65  # a node's entries start after its header; an inner node's are pointers
 POINTER_SIZE = 33  # key[17], child address u64, generation u64
 
@@ -233,14 +234,26 @@ def inner_variants(node: TreeNode, nodes: dict[int, TreeNode]) -> dict[str, dict
     """Changes to an inner node that no read may take for a tree: each is named by a
     check in blocksnap.fs.btrfstree."""
     first_child = POINTERS + 17
+    last = node.nritems - 1
+    last_child = POINTERS + last * POINTER_SIZE + 17
+    (generation,) = struct.unpack_from("<Q", node.raw, first_child + 8)
     other_level = [n for n in nodes.values() if n.level != node.level - 1 and n is not node]
     assert other_level, f"no node read at a level other than {node.level - 1}"
+    assert last > 0, "an inner node of one pointer"
     return {
         "first pointer to itself": {first_child: struct.pack("<Q", node.bytenr)},
         f"first pointer to a node at level {other_level[0].level}": {
             first_child: struct.pack("<Q", other_level[0].bytenr)
         },
         "5000 pointers, more than fit": {0x60: struct.pack("<I", 5000)},
+        # At the right level, but not the child the pointer's key and generation describe.
+        "first pointer to the second's child": {first_child: struct.pack("<Q", node.child(1))},
+        "last pointer to the one before's child": {
+            last_child: struct.pack("<Q", node.child(last - 1))
+        },
+        "first pointer a generation ahead of its child": {
+            first_child + 8: struct.pack("<Q", generation + 1)
+        },
     }
 
 
@@ -285,6 +298,41 @@ def test_hostile_trees_end_in_a_named_error(
     assert read == [], f"{len(read)} of {len(names)} hostile inner nodes did not end in an error"
     outcomes = read_in_child(repo_path, 6 * min(6, len(leaves)), "leaves")
     assert set(outcomes) <= {"read", "FilesystemError"}, outcomes
+
+
+def test_a_pointer_to_an_older_copy_is_named(
+    kernel_btrfs: tuple[Path, Path],
+    repo: blocksnap.Repository,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/sub's root pointing, where /sub/data/tiny was rewritten after the snapshot, to the
+    leaf the snapshot keeps: a node read anyway, at the right level and with the same
+    first key, but older than the pointer says.  Read, it gives the old bytes."""
+    image, _point = kernel_btrfs
+    nodes = nodes_read(image, tmp_path, monkeypatch)
+
+    def root(owner: int) -> TreeNode:
+        return max((n for n in nodes.values() if n.owner == owner), key=lambda n: n.level)
+
+    def pointers(node: TreeNode) -> dict[bytes, tuple[int, int]]:
+        """key -> (slot, child address)"""
+        at = [POINTERS + slot * POINTER_SIZE for slot in range(node.nritems)]
+        return {node.raw[a : a + 17]: (slot, node.child(slot)) for slot, a in enumerate(at)}
+
+    sub, snap = pointers(root(FIRST_SUBVOLUME)), pointers(root(FIRST_SUBVOLUME + 1))
+    moved = [key for key in sub if key in snap and sub[key][1] != snap[key][1]]
+    assert moved, "the write after the snapshot left /sub's tree as the snapshot's"
+    slot, _child = sub[moved[0]]
+    older = tmp_path / "older.img"
+    at = POINTERS + slot * POINTER_SIZE + 17
+    _rewrite(image, older, root(FIRST_SUBVOLUME), {at: struct.pack("<Q", snap[moved[0]][1])})
+    repo.snapshot("vol", older)
+    with (
+        pytest.raises(blocksnap.FilesystemError, match="generation"),
+        repo.open_filesystem("vol") as fs,
+    ):
+        fs.open("/sub/data/tiny").read()
 
 
 def test_without_the_extra_the_error_names_it(
