@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 import blocksnap
-from blocksnap.fs.btrfstree import SUPERBLOCK_OFFSET, checksum
+from blocksnap.fs import FileKind
+from blocksnap.fs.btrfstree import SUPERBLOCK_OFFSET, CheckedBtrfs, checksum
 from tests.fsimages import Caps
+from tests.fuzz_reader import READ_LIMIT
 from tests.test_files import compare_tree
 from tests.test_fs_fuzz import read_in_child
 from tests.test_xattrs import ACCESS_ACL, DEFAULT_ACL
@@ -129,47 +131,75 @@ def test_only_the_file_is_read(kernel_btrfs: tuple[Path, Path], repo: blocksnap.
         assert fs.stats.blocks_fetched <= 8  # of 2048 in the image
 
 
-# Trees a read goes through: the root tree, the chunk tree, and the subvolumes'.
-READ_TREES = {1, 3, 5}
-FIRST_SUBVOLUME = 256
+FIRST_SUBVOLUME = 256  # /sub; /snap, its snapshot, is the next
+POINTERS = 0x65  # a node's entries start after its header; an inner node's are pointers
+POINTER_SIZE = 33  # key[17], child address u64, generation u64
 
 
 @dataclass(frozen=True)
 class TreeNode:
+    """A tree node as blocksnap read it, and where its copies lie in the image."""
+
     bytenr: int  # its logical address
     copies: list[int]  # image offsets: metadata is DUP, so two copies of each node
-    owner: int
-    level: int
-    nritems: int
+    raw: bytes
+
+    @property
+    def owner(self) -> int:
+        return int(struct.unpack_from("<Q", self.raw, 0x58)[0])
+
+    @property
+    def nritems(self) -> int:
+        return int(struct.unpack_from("<I", self.raw, 0x60)[0])
+
+    @property
+    def level(self) -> int:
+        return self.raw[0x64]
+
+    def child(self, slot: int) -> int:
+        return int(struct.unpack_from("<Q", self.raw, POINTERS + slot * POINTER_SIZE + 17)[0])
 
 
-def tree_nodes(image: Path) -> dict[int, TreeNode]:
-    """Every tree node of the image whose checksum checks out, by logical address, found
-    by scanning for the filesystem id at 0x20 of each node-sized piece."""
+def nodes_read(image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[int, TreeNode]:
+    """The tree nodes blocksnap reads in a read of everything, as tests.fuzz_reader reads,
+    by logical address.  Which nodes these are depends on the image's layout; the image
+    holds more whose checksum checks out, which no read reaches: stale copies of nodes
+    rewritten since, and the trees of extents, checksums and free space."""
+    read: dict[int, bytes] = {}
+    original = CheckedBtrfs._read_node
+
+    def recording(fs: CheckedBtrfs, address: int) -> bytes:
+        node: bytes = original(fs, address)
+        read[address] = node
+        return node
+
+    with monkeypatch.context() as patch, blocksnap.Repository.init(tmp_path / "clean") as repo:
+        patch.setattr(CheckedBtrfs, "_read_node", recording)
+        repo.snapshot("vol", image)
+        with repo.open_filesystem("vol") as fs:
+            for entry in fs.walk("/"):
+                if entry.stat.kind is FileKind.FILE:
+                    entry.read(0, min(entry.stat.size, READ_LIMIT))
+                elif entry.stat.kind is FileKind.SYMLINK:
+                    fs.readlink(entry.path)
+                entry.xattrs()
     data = image.read_bytes()
-    sb = data[SUPERBLOCK_OFFSET : SUPERBLOCK_OFFSET + 4096]
-    fsid, nodesize = sb[0x20:0x30], struct.unpack_from("<I", sb, 0x94)[0]
-    nodes: dict[int, TreeNode] = {}
+    nodesize = struct.unpack_from("<I", data, SUPERBLOCK_OFFSET + 0x94)[0]
+    address_of = {node: address for address, node in read.items()}
+    copies: dict[int, list[int]] = {address: [] for address in read}
     for at in range(0, len(data), nodesize):
-        node = data[at : at + nodesize]
-        if node[0x20:0x30] == fsid and checksum(0, node[0x20:]) == node[:0x20]:
-            (bytenr,) = struct.unpack_from("<Q", node, 0x30)
-            (owner,) = struct.unpack_from("<Q", node, 0x58)
-            nritems, level = struct.unpack_from("<IB", node, 0x60)
-            found = nodes.setdefault(bytenr, TreeNode(bytenr, [], owner, level, nritems))
-            found.copies.append(at)
-    return nodes
-
-
-def read_by_blocksnap(node: TreeNode) -> bool:
-    return node.owner in READ_TREES or node.owner >= FIRST_SUBVOLUME
+        address = address_of.get(data[at : at + nodesize])
+        if address is not None:
+            copies[address].append(at)
+    assert all(copies.values()), "a node read is in no node-sized piece of the image"
+    return {address: TreeNode(address, copies[address], read[address]) for address in read}
 
 
 def _rewrite(image: Path, out: Path, node: TreeNode, change: dict[int, bytes]) -> None:
     """A copy of `image` with both copies of `node` changed and their checksum made
     right, so only blocksnap's structural checks stand between the change and dissect."""
     data = bytearray(image.read_bytes())
-    nodesize = struct.unpack_from("<I", data, SUPERBLOCK_OFFSET + 0x94)[0]
+    nodesize = len(node.raw)
     for at in node.copies:
         for offset, value in change.items():
             data[at + offset : at + offset + len(value)] = value
@@ -178,12 +208,15 @@ def _rewrite(image: Path, out: Path, node: TreeNode, change: dict[int, bytes]) -
 
 
 def test_a_damaged_node_is_named(
-    kernel_btrfs: tuple[Path, Path], repo: blocksnap.Repository, tmp_path: Path
+    kernel_btrfs: tuple[Path, Path],
+    repo: blocksnap.Repository,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     image, _point = kernel_btrfs
     data = bytearray(image.read_bytes())
-    for node in tree_nodes(image).values():
-        if node.level == 0 and read_by_blocksnap(node):
+    for node in nodes_read(image, tmp_path, monkeypatch).values():
+        if node.level == 0:
             for at in node.copies:
                 data[at + 0x400] ^= 0xFF
     damaged = tmp_path / "damaged.img"
@@ -197,41 +230,109 @@ def test_a_damaged_node_is_named(
             entry.xattrs()
 
 
+def inner_variants(node: TreeNode, nodes: dict[int, TreeNode]) -> dict[str, dict[int, bytes]]:
+    """Changes to an inner node that no read may take for a tree: each is named by a
+    check in blocksnap.fs.btrfstree."""
+    first_child = POINTERS + 17
+    last = node.nritems - 1
+    last_child = POINTERS + last * POINTER_SIZE + 17
+    (generation,) = struct.unpack_from("<Q", node.raw, first_child + 8)
+    other_level = [n for n in nodes.values() if n.level != node.level - 1 and n is not node]
+    assert other_level, f"no node read at a level other than {node.level - 1}"
+    assert last > 0, "an inner node of one pointer"
+    return {
+        "first pointer to itself": {first_child: struct.pack("<Q", node.bytenr)},
+        f"first pointer to a node at level {other_level[0].level}": {
+            first_child: struct.pack("<Q", other_level[0].bytenr)
+        },
+        "5000 pointers, more than fit": {0x60: struct.pack("<I", 5000)},
+        # At the right level, but not the child the pointer's key and generation describe.
+        "first pointer to the second's child": {first_child: struct.pack("<Q", node.child(1))},
+        "last pointer to the one before's child": {
+            last_child: struct.pack("<Q", node.child(last - 1))
+        },
+        "first pointer a generation ahead of its child": {
+            first_child + 8: struct.pack("<Q", generation + 1)
+        },
+    }
+
+
 def test_hostile_trees_end_in_a_named_error(
-    kernel_btrfs: tuple[Path, Path], tmp_path: Path
+    kernel_btrfs: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Nodes rewritten with valid checksums: pointing to themselves, to a leaf at the
-    wrong level, with too many items, items outside the node, or random bytes.  Each read
-    ends in a named error or a listing, within the fuzz test's limits on time and memory."""
+    """Nodes the read reaches, rewritten with valid checksums: every change to an inner
+    node ends in a named error; a leaf with items outside the node, no items or random
+    bytes ends in a named error or a listing.  Each read stays within the fuzz test's
+    limits on time and memory."""
     image, _point = kernel_btrfs
     rng = random.Random("btrfs-hostile")
-    nodes = [n for n in tree_nodes(image).values() if read_by_blocksnap(n)]
-    inner = [n for n in nodes if n.level > 0]
-    leaves = [n for n in nodes if n.level == 0]
+    nodes = nodes_read(image, tmp_path, monkeypatch)
+    inner = [n for n in nodes.values() if n.level > 0]
+    leaves = [n for n in nodes.values() if n.level == 0]
     assert inner, "no tree read here reaches above its leaves"
-    first_child = 0x65 + 17
-    variants: list[tuple[TreeNode, dict[int, bytes]]] = []
-    for node in inner:
-        variants.append((node, {first_child: struct.pack("<Q", node.bytenr)}))
-        variants.append((node, {first_child: struct.pack("<Q", leaves[0].bytenr)}))
-        variants.append((node, {0x60: struct.pack("<I", 5000)}))  # more than fit
-    for node in rng.sample(leaves, min(6, len(leaves))):
-        item = 0x65 + rng.randrange(node.nritems) * 25
-        variants.append((node, {item + 17: struct.pack("<I", 1 << 20)}))  # data outside
-        variants.append((node, {0x60: struct.pack("<I", 0)}))  # empty
-        for _ in range(4):
-            offset = rng.randrange(0x65, 16384 - 16)
-            variants.append((node, {offset: rng.randbytes(rng.choice([1, 4, 8, 16]))}))
     repo_path = tmp_path / "repo"
+    variant = tmp_path / "hostile.img"
+    names: dict[str, str] = {}
     with blocksnap.Repository.init(repo_path) as repo:
-        for i, (node, change) in enumerate(variants):
-            variant = tmp_path / f"hostile{i}.img"
-            _rewrite(image, variant, node, change)
-            repo.snapshot("vol", variant)
-            variant.unlink()
-    outcomes = read_in_child(repo_path, len(variants))
+        for node in inner:
+            for name, change in inner_variants(node, nodes).items():
+                volume = f"inner{len(names)}"
+                where = f"node {node.bytenr:#x}, owner {node.owner}, level {node.level}"
+                names[volume] = f"{name}: {where}"
+                _rewrite(image, variant, node, change)
+                repo.snapshot(volume, variant)
+        for node in rng.sample(leaves, min(6, len(leaves))):
+            item = POINTERS + rng.randrange(node.nritems) * 25
+            changes = [
+                {item + 17: struct.pack("<I", 1 << 20)},  # data outside the node
+                {0x60: struct.pack("<I", 0)},  # empty
+            ]
+            for _ in range(4):
+                offset = rng.randrange(POINTERS, len(node.raw) - 16)
+                changes.append({offset: rng.randbytes(rng.choice([1, 4, 8, 16]))})
+            for change in changes:
+                _rewrite(image, variant, node, change)
+                repo.snapshot("leaves", variant)
+        variant.unlink()
+    read = [names[v] for v in names if read_in_child(repo_path, 1, v) != {"FilesystemError": 1}]
+    assert read == [], f"{len(read)} of {len(names)} hostile inner nodes did not end in an error"
+    outcomes = read_in_child(repo_path, 6 * min(6, len(leaves)), "leaves")
     assert set(outcomes) <= {"read", "FilesystemError"}, outcomes
-    assert outcomes.get("FilesystemError", 0) >= 3 * len(inner), outcomes
+
+
+def test_a_pointer_to_an_older_copy_is_named(
+    kernel_btrfs: tuple[Path, Path],
+    repo: blocksnap.Repository,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/sub's root pointing, where /sub/data/tiny was rewritten after the snapshot, to the
+    leaf the snapshot keeps: a node read anyway, at the right level and with the same
+    first key, but older than the pointer says.  Read, it gives the old bytes."""
+    image, _point = kernel_btrfs
+    nodes = nodes_read(image, tmp_path, monkeypatch)
+
+    def root(owner: int) -> TreeNode:
+        return max((n for n in nodes.values() if n.owner == owner), key=lambda n: n.level)
+
+    def pointers(node: TreeNode) -> dict[bytes, tuple[int, int]]:
+        """key -> (slot, child address)"""
+        at = [POINTERS + slot * POINTER_SIZE for slot in range(node.nritems)]
+        return {node.raw[a : a + 17]: (slot, node.child(slot)) for slot, a in enumerate(at)}
+
+    sub, snap = pointers(root(FIRST_SUBVOLUME)), pointers(root(FIRST_SUBVOLUME + 1))
+    moved = [key for key in sub if key in snap and sub[key][1] != snap[key][1]]
+    assert moved, "the write after the snapshot left /sub's tree as the snapshot's"
+    slot, _child = sub[moved[0]]
+    older = tmp_path / "older.img"
+    at = POINTERS + slot * POINTER_SIZE + 17
+    _rewrite(image, older, root(FIRST_SUBVOLUME), {at: struct.pack("<Q", snap[moved[0]][1])})
+    repo.snapshot("vol", older)
+    with (
+        pytest.raises(blocksnap.FilesystemError, match="generation"),
+        repo.open_filesystem("vol") as fs,
+    ):
+        fs.open("/sub/data/tiny").read()
 
 
 def test_without_the_extra_the_error_names_it(

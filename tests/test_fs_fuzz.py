@@ -40,8 +40,8 @@ def damage(image: Path, used: list[int], out: Path, rng: random.Random) -> None:
             f.write(rng.randbytes(rng.choice([1, 2, 4, 16, 512])))
 
 
-def read_in_child(repo_path: Path, snapshots: int) -> dict[str, int]:
-    """Read every snapshot of volume "vol" in tests.fuzz_reader, under its memory and time
+def read_in_child(repo_path: Path, snapshots: int, volume: str = "vol") -> dict[str, int]:
+    """Read every snapshot of `volume` in tests.fuzz_reader, under its memory and time
     limits; how many ended in each outcome.  A crash, hang or stray exception fails."""
     proc = subprocess.run(
         [
@@ -49,7 +49,7 @@ def read_in_child(repo_path: Path, snapshots: int) -> dict[str, int]:
             "-m",
             "tests.fuzz_reader",
             str(repo_path),
-            "vol",
+            volume,
             str(MEMORY_MIB),
             str(SECONDS_PER_SNAPSHOT),
         ],

@@ -12,16 +12,19 @@ Superblock (4 KiB at 64 KiB; little-endian):
 
 Tree node (nodesize bytes at a logical address):
     0x00 csum[32] of bytes 0x20..nodesize      0x20 fsid[16]      0x30 bytenr u64 (its
-    own logical address)      0x60 nritems u32      0x64 level u8 (0 = leaf, below 8)
-    then nritems entries from 0x65: in a leaf, items of 25 bytes (key[17], data offset
-    u32 and size u32, the data counted from 0x65); above, pointers of 33 bytes (key[17],
-    child address u64, generation u64).
+    own logical address)      0x50 generation u64      0x60 nritems u32      0x64 level
+    u8 (0 = leaf, below 8)    then nritems entries from 0x65: in a leaf, items of 25 bytes
+    (key[17], data offset u32 and size u32, the data counted from 0x65); above, pointers
+    of 33 bytes (key[17], child address u64, generation u64).
 
 Every node read must carry its own address, the filesystem's id and a matching checksum,
-and its entries must fit in it.  A pointer's child must be one level below its parent:
-each node's level is remembered, and a pointer to a node already read at another level,
-or to one another parent already expects at another level, is refused.  So every path
-down a tree shortens at each step, whatever the image holds.  An empty node is refused:
+and its entries must fit in it.  A pointer describes its child: one level below the
+parent, of the pointer's generation, and starting at the pointer's key, as the kernel
+checks too.  Each node's level, generation and first key are remembered, whether read or
+expected by a pointer, and a node read or pointed to as anything else is refused.  So
+every path down a tree shortens at each step, whatever the image holds, and a pointer
+moved to another valid node (a sibling, a leaf of another tree, an older copy of its own
+child still on disk) is named, not read as the child's items.  An empty node is refused:
 dissect's search never ends on one, and the trees read here are never empty.
 """
 
@@ -32,6 +35,7 @@ import hashlib
 import struct
 from bisect import bisect_right
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import google_crc32c
@@ -46,6 +50,7 @@ SUPERBLOCK_SIZE = 0x1000
 MAGIC = b"_BHRfS_M"
 MAX_LEVEL = 8
 _HEADER_SIZE = 0x65
+_KEY = struct.Struct("<QBQ")  # objectid, type, offset
 _ITEM_SIZE = 25
 _POINTER_SIZE = 33
 _INCOMPAT_METADATA_UUID = 1 << 10
@@ -96,6 +101,19 @@ def dissect_errors() -> Iterator[None]:
         raise BtrfsDamage(str(exc) or type(exc).__name__) from exc
 
 
+@dataclass(frozen=True, slots=True)
+class _Identity:
+    """What a node says of itself, and what every pointer to it must say of it."""
+
+    level: int
+    generation: int
+    first_key: bytes
+
+    def __str__(self) -> str:
+        key = _KEY.unpack(self.first_key)
+        return f"level {self.level}, generation {self.generation}, first key {key}"
+
+
 class CheckedBtrfs(Btrfs):  # type: ignore[misc]
     """A dissect Btrfs whose every tree node is checked as the module docstring says."""
 
@@ -104,8 +122,8 @@ class CheckedBtrfs(Btrfs):  # type: ignore[misc]
         (incompat,) = struct.unpack_from("<Q", sb, 0xBC)
         (self._csum_type,) = struct.unpack_from("<H", sb, 0xC4)
         self._node_fsid = sb[0x23B:0x24B] if incompat & _INCOMPAT_METADATA_UUID else sb[0x20:0x30]
-        self._levels: dict[int, int] = {}  # address -> level of the nodes read
-        self._expected: dict[int, int] = {}  # address -> level its parents point to
+        # address -> the node as read, or as the first pointer to it describes it
+        self._identities: dict[int, _Identity] = {}
         with dissect_errors():  # it reads the chunk tree, and finds the root tree's items
             super().__init__(image)
 
@@ -137,33 +155,32 @@ class CheckedBtrfs(Btrfs):  # type: ignore[misc]
         if node[0x20:0x30] != self._node_fsid:
             raise BtrfsDamage(f"{where}: belongs to another filesystem")
         (bytenr,) = struct.unpack_from("<Q", node, 0x30)
+        (generation,) = struct.unpack_from("<Q", node, 0x50)
         nritems, level = struct.unpack_from("<IB", node, 0x60)
         if bytenr != address:
             raise BtrfsDamage(f"{where}: records address {bytenr:#x}")
         if level >= MAX_LEVEL or nritems == 0:
             raise BtrfsDamage(f"{where}: level {level} with {nritems} entries")
-        self._check_level(address, level, where)
+        found = _Identity(level, generation, node[_HEADER_SIZE : _HEADER_SIZE + _KEY.size])
+        known = self._identities.setdefault(address, found)
+        if known != found:
+            raise BtrfsDamage(f"{where}: {found}, where its parent expects {known}")
         if level:
             self._check_pointers(node, nritems, level, where)
         else:
             self._check_items(node, nritems, where)
         return node
 
-    def _check_level(self, address: int, level: int, where: str) -> None:
-        expected = self._expected.get(address, level)
-        if expected != level:
-            raise BtrfsDamage(f"{where}: level {level} where its parent expects {expected}")
-        self._levels[address] = level
-
     def _check_pointers(self, node: bytes, nritems: int, level: int, where: str) -> None:
         if _HEADER_SIZE + nritems * _POINTER_SIZE > len(node):
             raise BtrfsDamage(f"{where}: {nritems} pointers do not fit")
         for i in range(nritems):
-            (child,) = struct.unpack_from("<Q", node, _HEADER_SIZE + i * _POINTER_SIZE + 17)
-            known = self._levels.get(child, self._expected.get(child, level - 1))
-            if known != level - 1:
-                raise BtrfsDamage(f"{where}: points to {child:#x} at level {known}")
-            self._expected[child] = level - 1
+            at = _HEADER_SIZE + i * _POINTER_SIZE
+            child, generation = struct.unpack_from("<QQ", node, at + _KEY.size)
+            expected = _Identity(level - 1, generation, node[at : at + _KEY.size])
+            known = self._identities.setdefault(child, expected)
+            if known != expected:
+                raise BtrfsDamage(f"{where}: points to {child:#x} as {expected}, not {known}")
 
     def _check_items(self, node: bytes, nritems: int, where: str) -> None:
         room = len(node) - _HEADER_SIZE
