@@ -262,3 +262,25 @@ def test_ctrl_c_at_any_moment_exits_0_or_130_with_one_line(
             assert len(r.snapshots("vol")) == 1 + 1 + completed  # and the undisturbed run
         report = r.verify(read_data=True)
         assert report.ok and not report.leftovers, (report.problems, report.leftovers)
+
+
+def test_non_utf8_repository_paths_work_and_non_utf8_names_are_refused(
+    tmp_path: Path, ext4_image: Path
+) -> None:
+    """Linux paths are bytes: a Latin-1 repository path works end to end; volume names and
+    labels are text in the records, so bytes that are not UTF-8 are a one-line refusal."""
+    repo = os.fsdecode(bytes(tmp_path) + b"/d\xe9p\xf4t")
+    run_cli("init", repo, check=True)
+    run_cli("snapshot", repo, "vol", str(ext4_image), check=True)
+    out = tmp_path / "out.img"
+    run_cli("restore", repo, "vol", "latest", str(out), check=True)
+    assert out.read_bytes() == ext4_image.read_bytes()
+    assert run_cli("verify", repo, "--read-data").returncode == 0
+    for args, words in [
+        (["snapshot", repo, os.fsdecode(b"vol\xe9"), str(ext4_image)], "volume name"),
+        (["snapshot", repo, "vol", str(ext4_image), "--label", os.fsdecode(b"k=\xff")], "label"),
+    ]:
+        proc = run_cli(*args)
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert len(json.loads(run_cli("list", repo, "--json", check=True).stdout)["vol"]) == 1
