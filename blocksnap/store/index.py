@@ -158,6 +158,8 @@ def lmdb_errors(what: str) -> Iterator[None]:
         UnicodeDecodeError,
     ) as exc:
         raise IntegrityError(f"{what}: the index is damaged ({exc}); {REPAIR_HINT}") from exc
+    except lmdb.ReadonlyError as exc:
+        raise StoreError(f"{what}: the index is read-only ({exc})") from exc
     except lmdb.DiskError as exc:
         raise StoreError(f"{what}: disk error in the index ({exc})") from exc
     except lmdb.Error as exc:
@@ -260,7 +262,11 @@ def _refs_value(count: int, since: int) -> bytes:
 class Index:
     """An open LMDB index environment with its named databases."""
 
-    def __init__(self, path: str, create: bool = False, readonly: bool = False) -> None:
+    def __init__(
+        self, path: str, create: bool = False, readonly: bool = False, lock: bool = True
+    ) -> None:
+        """lock=False (only with readonly, for a read-only filesystem, where no process
+        can write) opens without LMDB's lock file, which cannot be opened there."""
         if not (create and not os.path.exists(os.path.join(path, "data.mdb"))):
             check_data_file(path)
         with lmdb_errors(f"opening index {path}"):
@@ -273,7 +279,7 @@ class Index:
                 readonly=readonly,
                 readahead=False,  # random lookups in a large index; no useless readahead
                 max_readers=1024,
-                lock=True,
+                lock=lock or not readonly,
             )
             if not readonly:
                 # Slots of readers that were killed (kill -9) would otherwise pin old pages.
@@ -920,13 +926,14 @@ _shared: dict[str, tuple[Index, int]] = {}
 _shared_lock = threading.Lock()
 
 
-def acquire(path: str) -> Index:
-    """The process-wide Index for path, opened on first use."""
+def acquire(path: str, *, read_only: bool = False) -> Index:
+    """The process-wide Index for path, opened on first use; read_only for a repository
+    on a read-only filesystem (see Index)."""
     key = os.path.realpath(path)
     with _shared_lock:
         index, users = _shared.get(key, (None, 0))
         if index is None:
-            index = Index(key)
+            index = Index(key, readonly=read_only, lock=not read_only)
         _shared[key] = (index, users + 1)
         return index
 
