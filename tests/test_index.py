@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 import random
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import blocksnap
+from blocksnap.store import index as index_module
 from tests.conftest import debugfs, run_cli
 
 PAGE = 4096
@@ -81,3 +86,135 @@ def test_index_random_bytes_in_pages_never_kill_the_process(
         proc = run_cli(*args)
         assert proc.returncode >= 0, (args, proc)  # not killed by a signal
         assert "Traceback" not in proc.stderr, (args, proc.stderr)
+
+
+def _limited(limit: int) -> Callable[[], None]:
+    def set_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return set_limit
+
+
+def _run_limited(limit: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "blocksnap", *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
+        preexec_fn=_limited(limit),
+    )
+
+
+def _started_size() -> int:
+    """Address space (VmSize) of a Python that has loaded blocksnap's CLI and libraries."""
+    script = (
+        "import re, blocksnap.cli, blocksnap.store.index; "
+        "print(re.search(r'VmSize:\\s+(\\d+)', open('/proc/self/status').read())[1])"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    return int(out.stdout) * 1024
+
+
+@pytest.mark.parametrize("limit_mib", [2048, 1024])
+def test_index_commands_work_under_an_address_space_limit(
+    tmp_path: Path, ext4_image: Path, limit_mib: int
+) -> None:
+    limit = limit_mib << 20
+    repo = str(tmp_path / "repo")
+    for args in (
+        ["init", repo],
+        ["snapshot", repo, "vol", str(ext4_image)],
+        ["snapshot", repo, "vol", str(ext4_image)],
+        ["list", repo],
+        ["ls", repo, "vol", "latest", "/docs"],
+        ["verify", repo, "--read-data"],
+        ["prune", repo, "vol", "--keep-last", "1"],
+        ["gc", repo],
+        ["restore", repo, "vol", "latest", str(tmp_path / "restored.img")],
+    ):
+        proc = _run_limited(limit, *args)
+        assert proc.returncode == 0, (args, proc.stderr)
+    assert (tmp_path / "restored.img").read_bytes() == ext4_image.read_bytes()
+
+
+def test_index_address_space_too_small_names_the_limit(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    run_cli("init", str(repo), check=True)
+    limit = _started_size() + (48 << 20)  # Python starts; the smallest map does not fit
+    proc = _run_limited(limit, "list", str(repo))
+    assert proc.returncode == blocksnap.StoreError.exit_code, proc
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "address-space limit (ulimit -v)" in proc.stderr
+    assert f"{limit >> 20} MiB" in proc.stderr
+
+
+@pytest.fixture
+def small_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Maps that start at 1 MiB, so that a small repository makes them grow."""
+    monkeypatch.setattr(index_module, "MAP_INITIAL_SIZE", 1 << 20)
+    monkeypatch.setattr(index_module, "MAP_MIN_SIZE", 1 << 20)
+
+
+def _grow(repo: blocksnap.Repository, image: Path, rounds: int, seed: int) -> None:
+    """Snapshots of image in 4 KiB blocks, each after rewriting a tenth of it."""
+    rng = random.Random(seed)
+    size = image.stat().st_size
+    for _ in range(rounds):
+        with open(image, "r+b") as f:
+            for _ in range(size // PAGE // 10):
+                f.seek(rng.randrange(size // PAGE) * PAGE)
+                f.write(rng.randbytes(PAGE))
+        repo.snapshot("vol", image, block_size=PAGE)
+
+
+def test_index_map_grows_past_its_initial_size(
+    small_map: None, tmp_path: Path, ext4_image: Path
+) -> None:
+    with blocksnap.Repository.init(tmp_path / "repo", pack_target_size=1 << 20) as repo:
+        env = repo.store.index.env
+        initial = env.info()["map_size"]
+        _grow(repo, ext4_image, 4, seed=3)
+        assert env.info()["map_size"] > initial
+        assert (tmp_path / "repo" / "index" / "data.mdb").stat().st_size > initial
+        assert repo.verify(read_data=True).ok
+        repo.restore("vol", "latest", tmp_path / "restored.img")
+    assert (tmp_path / "restored.img").read_bytes() == ext4_image.read_bytes()
+    run_cli("verify", str(tmp_path / "repo"), check=True)
+
+
+_READER = """
+import sys
+import blocksnap, blocksnap.store.index as i
+i.MAP_INITIAL_SIZE = i.MAP_MIN_SIZE = 1 << 20
+with blocksnap.Repository(sys.argv[1]) as repo:
+    print(len(repo.snapshots("vol")), repo.store.index.env.info()["map_size"], flush=True)
+    sys.stdin.readline()
+    print(len(repo.snapshots("vol")), repo.verify().ok, flush=True)
+    repo.restore("vol", "latest", sys.argv[2])
+"""
+
+
+def test_index_reader_adopts_a_map_grown_by_another_process(
+    small_map: None, tmp_path: Path, ext4_image: Path
+) -> None:
+    repo_path = tmp_path / "repo"
+    with blocksnap.Repository.init(repo_path, pack_target_size=1 << 20) as repo:
+        _grow(repo, ext4_image, 1, seed=5)
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _READER, str(repo_path), str(tmp_path / "restored.img")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert reader.stdin is not None and reader.stdout is not None
+        count, reader_map = (int(x) for x in reader.stdout.readline().split())
+        assert count == 1
+        while (repo_path / "index" / "data.mdb").stat().st_size <= reader_map:
+            _grow(repo, ext4_image, 1, seed=count)
+            count += 1
+        reader.stdin.write("go\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline().split() == [str(count), "True"]
+        assert reader.wait(timeout=300) == 0
+    assert (tmp_path / "restored.img").read_bytes() == ext4_image.read_bytes()
