@@ -138,6 +138,18 @@ def decode_location(key: bytes, value: bytes) -> Location:
     return Location(*_LOC.unpack(body))
 
 
+@dataclass(frozen=True, slots=True)
+class IndexView:
+    """The index as one read transaction saw it (Index.view)."""
+
+    locations: dict[bytes, Location]  # object id -> location, for every intact entry
+    damaged: dict[bytes, str]  # object id -> why its entry cannot be trusted
+    counts: dict[bytes, int]  # object id -> reference count
+    packs: dict[bytes, dict[str, Any]]  # pack id -> pack entry
+    snapshots: list[tuple[str, str, bytes | None]]  # (volume, id, record or None), in order
+    pinned: list[bytes]  # the roots checkpoints hold references to
+
+
 def timeline_key(volume: str, seq: int) -> bytes:
     return volume.encode() + b"\x00" + _SEQ.pack(seq)
 
@@ -623,32 +635,33 @@ class Index:
                 except IntegrityError as exc:
                     yield key, exc
 
-    def counting_view(
-        self,
-    ) -> tuple[dict[bytes, Location], dict[bytes, int], dict[bytes, int], list[bytes], list[bytes]]:
-        """From one read transaction, what a full recount needs: every object's location
-        and count, every pack's live bytes, every snapshot record, and the roots that
-        checkpoints pin."""
+    def view(self) -> IndexView:
+        """Everything verify checks, copied out of one read transaction, so that it sees
+        one consistent state however long it then takes (see check.py)."""
         locations: dict[bytes, Location] = {}
-        counts: dict[bytes, int] = {}
-        live: dict[bytes, int] = {}
+        damaged: dict[bytes, str] = {}
+        snapshots: list[tuple[str, str, bytes | None]] = []
         with lmdb_errors("reading index"), self._begin() as txn:
             for key, value in txn.cursor(db=self.objects):
                 try:
-                    locations[bytes(key)] = decode_location(bytes(key), bytes(value))
-                except IntegrityError:
-                    continue  # reported as damage elsewhere
-            for key, value in txn.cursor(db=self.refs):
-                counts[bytes(key)] = int(_REF.unpack(value)[0])
-            for key, value in txn.cursor(db=self.packs):
-                live[bytes(key)] = int(_json(bytes(value), "pack").get("live", 0))
-            records = [bytes(v) for _, v in txn.cursor(db=self.snapshots)]
+                    locations[key] = decode_location(key, value)
+                except IntegrityError as exc:
+                    damaged[key] = str(exc)
+            counts = {key: int(_REF.unpack(value)[0]) for key, value in txn.cursor(db=self.refs)}
+            packs = {
+                key: _json(value, f"pack {key.hex()}") for key, value in txn.cursor(db=self.packs)
+            }
+            for name, _ in txn.cursor(db=self.volumes):
+                volume = name.decode()
+                for _, snapshot_id in _prefixed(txn, self.timeline, name + b"\x00"):
+                    record = txn.get(snapshot_id, db=self.snapshots)
+                    snapshots.append((volume, snapshot_id.decode(), record))
             pinned = [
                 root
                 for key, value in txn.cursor(db=self.checkpoints)
-                for root in _pinned(bytes(value), bytes(key))
+                for root in _pinned(value, key)
             ]
-        return locations, counts, live, records, pinned
+        return IndexView(locations, damaged, counts, packs, snapshots, pinned)
 
     def unreferenced_count(self) -> int:
         with lmdb_errors("reading index"), self._begin() as txn:
