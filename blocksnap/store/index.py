@@ -392,6 +392,7 @@ class Index:
         self.path = path
         self._gate = _Gate()
         self._readonly = readonly
+        self._broken: str | None = None
         if not (create and not os.path.exists(os.path.join(path, "data.mdb"))):
             check_data_file(path)
         map_size = map_size_for(self._data_size(), max(MAP_INITIAL_SIZE, 2 * self._data_size()))
@@ -455,9 +456,7 @@ class Index:
         another process wrote beyond it (not grow); nothing if another thread did it."""
         with self._gate.exclusive() as alone:
             if not alone:
-                raise StoreError(
-                    "index map full while this thread reads the index; raise MAP_INITIAL_SIZE"
-                )
+                raise StoreError("index map full while this thread holds a read transaction")
             current = int(self.env.info()["map_size"])
             if current > seen:
                 return
@@ -472,11 +471,11 @@ class Index:
             try:
                 with self._no_room(size):
                     self.env.set_mapsize(size)
-            except BlocksnapError:
-                # LMDB unmapped the old map before failing to map the new one; map the
-                # old size again (the address space it held is free) before saying why.
-                self.env.set_mapsize(current)
-                raise
+            except (BlocksnapError, lmdb.Error) as exc:
+                # LMDB unmapped the old map before failing to map the new one, and has no
+                # map now: no transaction may begin on this environment again.
+                self._broken = f"the index cannot be used after failing to grow its map ({exc})"
+                raise StoreError(self._broken) from exc
 
     def _begin(self, *, write: bool = False) -> contextlib.AbstractContextManager[_Txn]:
         """A transaction (committed on normal exit, aborted on an exception); see _opened."""
@@ -492,6 +491,8 @@ class Index:
         grew the map past this one's, LMDB refuses to begin (MapResizedError) until this
         process adopts a map large enough."""
         for _attempt in range(8):
+            if self._broken is not None:
+                raise StoreError(self._broken)
             with self._gate.shared():
                 seen = int(self.env.info()["map_size"])
                 try:
