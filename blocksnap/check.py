@@ -237,6 +237,7 @@ def verify(
 
     # 1. One view of the index; storage is listed after it, so everything the view names
     # was written before the listing, and what is missing was deleted since (or is lost).
+    store.index.check_pages()  # LMDB reads damaged pages unchecked, and may crash
     view = store.index.view()
     present = dict(store.backend.list("packs/"))
     snapshot_objects = {name.split("/", 1)[1] for name, _ in store.backend.list("snapshots/")}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import resource
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import pytest
 
 import blocksnap
 from blocksnap.store import index as index_module
+from blocksnap.store import lmdbfile
 from tests.conftest import debugfs, run_cli
 
 PAGE = 4096
@@ -218,3 +220,59 @@ def test_index_reader_adopts_a_map_grown_by_another_process(
         assert reader.stdout.readline().split() == [str(count), "True"]
         assert reader.wait(timeout=300) == 0
     assert (tmp_path / "restored.img").read_bytes() == ext4_image.read_bytes()
+
+
+def _nodes(page: bytes) -> list[tuple[int, int, int, int, bytes]]:
+    """(offset, lo | hi << 16, flags, key size, key) of every node of an LMDB page."""
+    lower = struct.unpack_from("<H", page, 12)[0]
+    out = []
+    for k in range(16, lower, 2):
+        (at,) = struct.unpack_from("<H", page, k)
+        lo, hi, flags, key_size = struct.unpack_from("<HHHH", page, at)
+        out.append((at, lo | hi << 16, flags, key_size, page[at + 8 : at + 8 + key_size]))
+    return out
+
+
+def _leaves(repo: Path) -> list[int]:
+    """The page numbers of every leaf of every named database (see store/lmdbfile.py)."""
+    raw = (repo / "index" / "data.mdb").read_bytes()
+    _size, *metas = lmdbfile.read_metas(str(repo / "index"))
+    main = raw[max(metas, key=lambda m: m.txnid).main_root * PAGE :][:PAGE]
+    pending = [
+        struct.unpack_from("<Q", main, at + 8 + key_size + 40)[0]  # the record's root
+        for at, _size, flags, key_size, _key in _nodes(main)
+        if flags & 0x02
+    ]
+    leaves = []
+    while pending:
+        pgno = pending.pop()
+        if pgno == lmdbfile.P_INVALID:  # an empty database
+            continue
+        page = raw[pgno * PAGE : (pgno + 1) * PAGE]
+        if struct.unpack_from("<H", page, 10)[0] & 0x02:
+            leaves.append(int(pgno))
+        else:
+            pending += [child | flags << 32 for _at, child, flags, _k, _key in _nodes(page)]
+    return leaves
+
+
+def test_index_nodes_past_their_page_are_damage_for_verify(
+    two_snapshots: tuple[Path, Path],
+) -> None:
+    """A leaf node placed past its page, which LMDB reads unchecked: past the end of the
+    file, that is SIGBUS."""
+    repo, _image = two_snapshots
+    data = repo / "index" / "data.mdb"
+    end = data.stat().st_size
+    near_end = [pgno for pgno in _leaves(repo) if pgno * PAGE + 0xFFF8 >= end]
+    assert near_end
+    with open(data, "r+b") as f:
+        f.seek(near_end[0] * PAGE + 16)  # the offset of its first node
+        f.write(struct.pack("<H", 0xFFF8))
+    for args in (["verify", str(repo)], ["verify", str(repo), "--read-data"]):
+        proc = run_cli(*args)
+        assert proc.returncode == blocksnap.IntegrityError.exit_code, proc
+        assert proc.stderr.count("\n") == 1, proc.stderr
+        assert "out of bounds" in proc.stderr and "--rebuild-index" in proc.stderr
+    run_cli("repair", str(repo), "--rebuild-index", check=True)
+    run_cli("verify", str(repo), "--read-data", check=True)

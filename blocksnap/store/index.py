@@ -50,8 +50,10 @@ index, and removes it from the registry.
 Before LMDB maps data.mdb, its two meta pages are read with plain reads and the file is
 refused (IntegrityError) unless both are intact and it holds every page up to the newest
 one's last page: LMDB would map a truncated file and the first access past its end would
-kill the process with SIGBUS.  A file truncated while a process has it mapped cannot be
-caught that way; one damaged before the open always is.
+kill the process with SIGBUS.  verify also checks the structure of every page in use
+(check_pages), since LMDB follows damaged node sizes and page numbers unchecked.  A file
+truncated while a process has it mapped cannot be caught that way; one damaged before
+the open is (store/lmdbfile.py).
 
 Everything here can be rebuilt from the packs, the snapshot objects and the settings
 objects (store/rebuild.py).  Every value that the engine trusts carries its own check,
@@ -83,6 +85,7 @@ from blocksnap.errors import (
     ProtectedError,
     StoreError,
 )
+from blocksnap.store import lmdbfile
 from blocksnap.store.packs import HEADER_SIZE, PACK_MAGIC, Record
 
 INDEX_FORMAT = b"2"
@@ -97,17 +100,6 @@ _LOC = struct.Struct("<16sQIIBB")
 _CRC = struct.Struct("<I")
 _SEQ = struct.Struct(">Q")
 _REF = struct.Struct("<IQ")
-# LMDB's meta page (64-bit builds): a 16-byte page header (pgno u64, pad u16, flags u16,
-# lower/upper u16), then MDB_meta: magic u32, version u32, address u64, mapsize u64, the
-# free and main MDB_db records (pad u32 -- the free one's is the page size --, flags u16,
-# depth u16, branch, leaf and overflow page counts u64, entries u64, root u64), last_pg
-# u64 (the last page in use) and txnid u64.  Native byte order, little-endian here.
-_META_PAGE_HEADER = struct.Struct("<QHH4x")
-_META = struct.Struct("<IIQQ IHH5Q IHH5Q QQ".replace(" ", ""))
-_LMDB_MAGIC = 0xBEEFC0DE
-_LMDB_VERSION = 1
-_P_META = 0x08
-_P_INVALID = (1 << 64) - 1
 POLICY_PREFIX = b"policy\x00"
 PROTECTED_PREFIX = b"protected\x00"
 
@@ -186,58 +178,6 @@ def lmdb_errors(what: str) -> Iterator[None]:
 
 
 REPAIR_HINT = "run `blocksnap repair REPO --rebuild-index`"
-
-
-def _damaged(path: str, why: str) -> IntegrityError:
-    repo = os.path.dirname(os.path.abspath(path))
-    return IntegrityError(
-        f"index {path} is damaged ({why}); run `blocksnap repair {repo} --rebuild-index`"
-    )
-
-
-def _read_meta(page: bytes, pgno: int) -> tuple[int, int, int] | None:
-    """(page size, last page, txnid) of an intact LMDB meta page, else None."""
-    if len(page) < _META_PAGE_HEADER.size + _META.size:
-        return None
-    number, _pad, flags = _META_PAGE_HEADER.unpack_from(page)
-    fields = _META.unpack_from(page, _META_PAGE_HEADER.size)
-    magic, version, page_size = fields[0], fields[1], fields[4]
-    main_root, last_pg, txnid = fields[19], fields[20], fields[21]
-    free_root = fields[11]
-    if number != pgno or not flags & _P_META or magic != _LMDB_MAGIC:
-        return None
-    if version != _LMDB_VERSION or page_size < 512 or page_size & (page_size - 1):
-        return None
-    if last_pg < 1 or any(r != _P_INVALID and not 1 < r <= last_pg for r in (main_root, free_root)):
-        return None
-    return int(page_size), int(last_pg), int(txnid)
-
-
-def check_data_file(path: str) -> None:
-    """Refuse (IntegrityError) an environment whose data.mdb LMDB must not map: a meta
-    page damaged, or the file shorter than the pages the newest meta says are in use."""
-    data_path = os.path.join(path, "data.mdb")
-    try:
-        with open(data_path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            first = f.read(_META_PAGE_HEADER.size + _META.size)
-            meta0 = _read_meta(first, 0)
-            page_size = meta0[0] if meta0 is not None else os.sysconf("SC_PAGE_SIZE")
-            f.seek(page_size)
-            meta1 = _read_meta(f.read(_META_PAGE_HEADER.size + _META.size), 1)
-    except FileNotFoundError:
-        raise _damaged(path, "data.mdb is missing") from None
-    except OSError as exc:
-        raise StoreError(f"cannot read index {data_path}: {exc.strerror or exc}") from exc
-    if meta0 is None or meta1 is None:
-        which = "0" if meta0 is None else "1"
-        raise _damaged(path, f"data.mdb is {size} bytes and its meta page {which} is not intact")
-    if meta0[0] != meta1[0]:
-        raise _damaged(path, "the meta pages of data.mdb disagree on the page size")
-    newest = max(meta0, meta1, key=lambda m: m[2])
-    needed = (newest[1] + 1) * page_size
-    if size < needed:
-        raise _damaged(path, f"data.mdb is {size} bytes, shorter than the {needed} in use")
 
 
 def _json(value: bytes, what: str) -> dict[str, Any]:
@@ -394,7 +334,7 @@ class Index:
         self._readonly = readonly
         self._broken: str | None = None
         if not (create and not os.path.exists(os.path.join(path, "data.mdb"))):
-            check_data_file(path)
+            lmdbfile.check_data_file(path)
         map_size = map_size_for(self._data_size(), max(MAP_INITIAL_SIZE, 2 * self._data_size()))
         with lmdb_errors(f"opening index {path}"), self._no_room(map_size):
             self.env = lmdb.open(
@@ -635,6 +575,15 @@ class Index:
                     yield key, decode_location(key, value)
                 except IntegrityError as exc:
                     yield key, exc
+
+    def check_pages(self) -> None:
+        """Check the structure of every page of the current state (IntegrityError on
+        damage), holding a read transaction so that no writer reuses one meanwhile."""
+        for _attempt in range(8):
+            with lmdb_errors("checking index"), self._begin() as txn:
+                if lmdbfile.check_pages(self.path, txn.id()):
+                    return
+        raise StoreError("the index changed too often to check its pages; try again")
 
     def view(self) -> IndexView:
         """Everything verify checks, copied out of one read transaction, so that it sees
