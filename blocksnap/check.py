@@ -237,8 +237,7 @@ def verify(
 
     # 1. One view of the index; storage is listed after it, so everything the view names
     # was written before the listing, and what is missing was deleted since (or is lost).
-    store.index.check_pages()  # LMDB reads damaged pages unchecked, and may crash
-    view = store.index.view()
+    view = store.index.view(check_pages=True)  # LMDB reads damaged pages unchecked
     present = dict(store.backend.list("packs/"))
     snapshot_objects = {name.split("/", 1)[1] for name, _ in store.backend.list("snapshots/")}
     # 2. Index entries: decodable, pointing into a pack that exists and is long enough.

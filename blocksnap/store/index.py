@@ -576,41 +576,37 @@ class Index:
                 except IntegrityError as exc:
                     yield key, exc
 
-    def check_pages(self) -> None:
-        """Check the structure of every page of the current state (IntegrityError on
-        damage), holding a read transaction so that no writer reuses one meanwhile."""
+    def view(self, *, check_pages: bool = False) -> IndexView:
+        """Everything verify checks, copied out of one read transaction, so that it sees
+        one consistent state however long it then takes (see check.py).  check_pages:
+        first check the structure of every page of that state (store/lmdbfile.py), which
+        LMDB would read unchecked."""
         for _attempt in range(8):
-            with lmdb_errors("checking index"), self._begin() as txn:
-                if lmdbfile.check_pages(self.path, txn.id()):
-                    return
+            with lmdb_errors("reading index"), self._begin() as txn:
+                if check_pages and not lmdbfile.check_pages(self.path, txn.id()):
+                    continue  # two commits since it began: its pages may be reused
+                return self._view(txn)
         raise StoreError("the index changed too often to check its pages; try again")
 
-    def view(self) -> IndexView:
-        """Everything verify checks, copied out of one read transaction, so that it sees
-        one consistent state however long it then takes (see check.py)."""
+    def _view(self, txn: _Txn) -> IndexView:
         locations: dict[bytes, Location] = {}
         damaged: dict[bytes, str] = {}
         snapshots: list[tuple[str, str, bytes | None]] = []
-        with lmdb_errors("reading index"), self._begin() as txn:
-            for key, value in txn.cursor(db=self.objects):
-                try:
-                    locations[key] = decode_location(key, value)
-                except IntegrityError as exc:
-                    damaged[key] = str(exc)
-            counts = {key: int(_REF.unpack(value)[0]) for key, value in txn.cursor(db=self.refs)}
-            packs = {
-                key: _json(value, f"pack {key.hex()}") for key, value in txn.cursor(db=self.packs)
-            }
-            for name, _ in txn.cursor(db=self.volumes):
-                volume = name.decode()
-                for _, snapshot_id in _prefixed(txn, self.timeline, name + b"\x00"):
-                    record = txn.get(snapshot_id, db=self.snapshots)
-                    snapshots.append((volume, snapshot_id.decode(), record))
-            pinned = [
-                root
-                for key, value in txn.cursor(db=self.checkpoints)
-                for root in _pinned(value, key)
-            ]
+        for key, value in txn.cursor(db=self.objects):
+            try:
+                locations[key] = decode_location(key, value)
+            except IntegrityError as exc:
+                damaged[key] = str(exc)
+        counts = {key: int(_REF.unpack(value)[0]) for key, value in txn.cursor(db=self.refs)}
+        packs = {key: _json(value, f"pack {key.hex()}") for key, value in txn.cursor(db=self.packs)}
+        for name, _ in txn.cursor(db=self.volumes):
+            volume = name.decode()
+            for _, snapshot_id in _prefixed(txn, self.timeline, name + b"\x00"):
+                record = txn.get(snapshot_id, db=self.snapshots)
+                snapshots.append((volume, snapshot_id.decode(), record))
+        pinned = [
+            root for key, value in txn.cursor(db=self.checkpoints) for root in _pinned(value, key)
+        ]
         return IndexView(locations, damaged, counts, packs, snapshots, pinned)
 
     def unreferenced_count(self) -> int:
