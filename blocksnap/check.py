@@ -8,8 +8,17 @@ Every problem names the snapshots it damages.
 
 It also recounts, from one consistent view of the index, every reference count (each map
 node's entries and each snapshot's root) and every pack's live bytes, and reports any
-drift from what the index keeps: the backstop behind gc's exact counts.  Run it while no
-prune or gc runs, or a concurrent change may show as drift.
+drift from what the index keeps: the backstop behind gc's exact counts.
+
+Verify runs safely beside snapshots, prune and gc, and never writes (so it works on a
+read-only copy).  It checks one view of the index, read in one transaction and copied
+out, so that it never holds LMDB's old pages (or gc) back for the hours a --read-data
+run may take.  What storage lacks is then either damage or a concurrent gc's doing: a
+pack compacted away after the view, a snapshot pruned and collected.  Before anything
+missing is called damage it is looked at again in the current index: an object that
+moved is checked where it is now, a map node is read where it is now, and damage to a
+snapshot that no longer exists is no damage.  Only what is still missing from a state
+that names it is reported.
 """
 
 from __future__ import annotations
@@ -21,13 +30,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from blocksnap.blockmap import ZERO_ID, BlockMap, node_children
-from blocksnap.errors import BlocksnapError, IntegrityError
+from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError
 from blocksnap.model import BLOCK_ID_SIZE, Progress, ProgressCallback
 from blocksnap.store import catalog
 from blocksnap.store.codec import decompress
-from blocksnap.store.index import Location
+from blocksnap.store.index import IndexView
 from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, iter_records
 from blocksnap.store.repository import Store, pack_name
+
+_ATTEMPTS = 4  # looks again at what a concurrent gc moved, before calling it damage
 
 
 @dataclass(slots=True)
@@ -59,12 +70,18 @@ class VerifyReport:
         return sorted({s for p in self.problems for s in p.snapshots})
 
 
-def _read_pack(store: Store, name: str, pack_id: bytes) -> tuple[int, set[int], dict[int, str]]:
-    """Check every record of one pack: (bytes read, good offsets, bad offset -> message).
+def _read_pack(
+    store: Store, name: str, pack_id: bytes
+) -> tuple[int, set[int], dict[int, str]] | None:
+    """Check every record of one pack: (bytes read, good offsets, bad offset -> message),
+    or None when the pack is gone.
 
     Offset -1 in the bad map means the pack's structure broke and the walk stopped.
     """
-    data = store.backend.get(name)
+    try:
+        data = store.backend.get(name)
+    except MissingObjectError:
+        return None
     good: set[int] = set()
     bad: dict[int, str] = {}
     for rec, error in iter_records(data, pack_id.hex()):
@@ -84,43 +101,126 @@ def _read_pack(store: Store, name: str, pack_id: bytes) -> tuple[int, set[int], 
     return len(data), good, bad
 
 
-def _recount(store: Store, report: VerifyReport, limit: int = 20) -> list[str]:
-    """Messages for every count and live-byte total that differs from a full recount."""
-    locations, counts, live, records, pinned = store.index.counting_view()
-    expected: Counter[bytes] = Counter()
-    expected_live: Counter[bytes] = Counter()
-    problems: list[str] = []
-    for record in records:
+class _Reader:
+    """Reads map nodes where the view put them; a node whose pack a concurrent gc
+    compacted away is looked up again in the current index (as Store.read_object does)."""
+
+    def __init__(self, store: Store, view: IndexView) -> None:
+        self.store = store
+        self.view = view
+
+    def node(self, node_id: bytes) -> bytes:
+        loc = self.view.locations.get(node_id)
+        if loc is None:
+            why = self.view.damaged.get(node_id, "is not in the index")
+            raise IntegrityError(f"map node {node_id.hex()}: {why}")
         try:
-            expected[catalog.decode(record, "snapshot record").map_root] += 1
-        except IntegrityError as exc:
-            problems.append(f"reference recount: {exc}")
-    expected.update(pinned)  # an interrupted snapshot's checkpoint
-    for object_id, loc in locations.items():
-        expected_live[loc.pack] += HEADER_SIZE + loc.stored_size
-        if loc.kind != KIND_NODE:
+            return self.store.read_at(node_id, loc)
+        except MissingObjectError:
+            return self.store.read_node(node_id)
+
+
+def _recount(store: Store, report: VerifyReport, view: IndexView, limit: int = 20) -> list[str]:
+    """Messages for every count and live-byte total that differs from a full recount.
+
+    The recount needs every map node of its view, counted or not.  When a concurrent gc
+    deleted one after view was read, the recount starts again from a new view; after
+    _ATTEMPTS such races it is left out (counts_checked stays 0) rather than guessed."""
+    for attempt in range(_ATTEMPTS):
+        if attempt:
+            view = store.index.view()
+        reader = _Reader(store, view)
+        expected: Counter[bytes] = Counter()
+        expected_live: Counter[bytes] = Counter()
+        problems: list[str] = []
+        raced = False
+        for _volume, snapshot_id, record in view.snapshots:
+            if record is None:
+                continue  # reported with the snapshots
+            try:
+                expected[catalog.decode(record, f"snapshot {snapshot_id}").map_root] += 1
+            except IntegrityError as exc:
+                problems.append(f"reference recount: {exc}")
+        expected.update(view.pinned)  # an interrupted snapshot's checkpoint
+        for object_id, loc in view.locations.items():
+            expected_live[loc.pack] += HEADER_SIZE + loc.stored_size
+            if loc.kind != KIND_NODE:
+                continue
+            try:
+                expected.update(node_children(reader.node(object_id)))
+            except MissingObjectError as exc:
+                if store.index.location(object_id) is None:  # collected since the view
+                    raced = True
+                    break
+                problems.append(f"reference recount: {exc}")
+            except BlocksnapError as exc:
+                problems.append(f"reference recount: map node {object_id.hex()}: {exc}")
+        if raced:
             continue
-        try:
-            expected.update(node_children(store.read_at(object_id, loc)))
-        except BlocksnapError as exc:
-            problems.append(f"reference recount: map node {object_id.hex()}: {exc}")
-    drift = [
-        f"reference count drift: object {object_id.hex()} has {counts.get(object_id)}, "
-        f"recount gives {expected[object_id]}"
-        for object_id in sorted(set(counts) | set(expected))
-        if counts.get(object_id, 0) != expected[object_id]
-    ]
-    report.counts_checked = len(counts)
-    report.unreferenced_objects = sum(1 for count in counts.values() if count == 0)
-    drift += [
-        f"live bytes drift: pack {pack_id.hex()} has {value}, recount gives "
-        f"{expected_live[pack_id]}"
-        for pack_id, value in sorted(live.items())
-        if value != expected_live[pack_id]
-    ]
-    if len(drift) > limit:
-        drift = [*drift[:limit], f"... and {len(drift) - limit} more counts drifted"]
-    return problems + drift
+        counts = view.counts
+        drift = [
+            f"reference count drift: object {object_id.hex()} has {counts.get(object_id)}, "
+            f"recount gives {expected[object_id]}"
+            for object_id in sorted(set(counts) | set(expected))
+            if counts.get(object_id, 0) != expected[object_id]
+        ]
+        report.counts_checked = len(counts)
+        report.unreferenced_objects = sum(1 for count in counts.values() if count == 0)
+        drift += [
+            f"live bytes drift: pack {pack_id.hex()} has {int(info.get('live', 0))}, "
+            f"recount gives {expected_live[pack_id]}"
+            for pack_id, info in sorted(view.packs.items())
+            if int(info.get("live", 0)) != expected_live[pack_id]
+        ]
+        if len(drift) > limit:
+            drift = [*drift[:limit], f"... and {len(drift) - limit} more counts drifted"]
+        return problems + drift
+    return []
+
+
+def _settle(
+    store: Store, view: IndexView, suspects: dict[bytes, str], read_data: bool
+) -> tuple[dict[bytes, str], set[bytes]]:
+    """Decide, against the current index, about objects whose pack was missing when
+    verify looked for it: (damaged object -> message, objects collected since the view).
+
+    A pack can vanish after the view only through gc, which first moves every entry out
+    of it (compaction) or deletes them (collection).  So an object still indexed at the
+    same place is damage; one indexed elsewhere is checked there (again, if it moved
+    again meanwhile); one no longer indexed was collected, which is damage only if a
+    snapshot that still exists needs it (decided with the snapshots)."""
+    bad: dict[bytes, str] = {}
+    gone: set[bytes] = set()
+    seen = {object_id: view.locations[object_id] for object_id in suspects}
+    pending = dict(suspects)
+    for _attempt in range(_ATTEMPTS):
+        if not pending:
+            break
+        present = dict(store.backend.list("packs/"))
+        again: dict[bytes, str] = {}
+        ids = list(pending)
+        for object_id, loc in zip(ids, store.index.locations(ids), strict=True):
+            message = pending[object_id]
+            if loc is None:
+                gone.add(object_id)
+            elif loc == seen[object_id]:
+                bad[object_id] = message
+            elif pack_name(loc.pack) not in present:
+                seen[object_id] = loc
+                again[object_id] = f"pack {loc.pack.hex()} is missing"
+            elif loc.offset + HEADER_SIZE + loc.stored_size > present[pack_name(loc.pack)]:
+                bad[object_id] = f"pack {loc.pack.hex()} is truncated"
+            elif read_data:
+                try:
+                    store.read_at(object_id, loc)
+                except MissingObjectError:
+                    seen[object_id] = loc
+                    again[object_id] = f"pack {loc.pack.hex()} is missing"
+                except BlocksnapError as exc:
+                    bad[object_id] = str(exc)
+        pending = again
+    bad.update(pending)  # still moving after every attempt: say what was last found
+    return bad, gone
 
 
 def verify(
@@ -132,26 +232,25 @@ def verify(
 ) -> VerifyReport:
     report = VerifyReport()
     say: Callable[[Progress], None] = progress or (lambda _p: None)
-    damage: dict[str, set[str]] = defaultdict(set)  # message -> snapshots
+    damage: dict[str, set[str]] = defaultdict(set)  # message -> snapshot labels
+    labels: dict[str, str] = {}  # label -> snapshot id
 
-    # 1. Packs present and their sizes.
-    present = {name: size for name, size in store.backend.list("packs/")}
-    recorded = store.index.pack_infos()
+    # 1. One view of the index; storage is listed after it, so everything the view names
+    # was written before the listing, and what is missing was deleted since (or is lost).
+    view = store.index.view(check_pages=True)  # LMDB reads damaged pages unchecked
+    present = dict(store.backend.list("packs/"))
+    snapshot_objects = {name.split("/", 1)[1] for name, _ in store.backend.list("snapshots/")}
     # 2. Index entries: decodable, pointing into a pack that exists and is long enough.
-    bad_objects: dict[bytes, str] = {}
-    locations: dict[bytes, Location] = {}
-    for key, loc in store.index.iter_objects():
-        report.objects_indexed += 1
-        if isinstance(loc, IntegrityError):
-            bad_objects[key] = str(loc)
-            continue
-        locations[key] = loc
+    bad_objects: dict[bytes, str] = dict(view.damaged)
+    suspects: dict[bytes, str] = {}  # pack missing: gc may have deleted it since the view
+    report.objects_indexed = len(view.locations) + len(view.damaged)
+    for key, loc in view.locations.items():
         name = pack_name(loc.pack)
         if name not in present:
-            bad_objects[key] = f"pack {loc.pack.hex()} is missing"
+            suspects[key] = f"pack {loc.pack.hex()} is missing"
         elif loc.offset + HEADER_SIZE + loc.stored_size > present[name]:
             bad_objects[key] = f"pack {loc.pack.hex()} is truncated"
-    for pack_id, pack_info in recorded.items():
+    for pack_id, pack_info in view.packs.items():
         name = pack_name(pack_id)
         if name in present and present[name] != pack_info.get("size"):
             recorded_size = pack_info.get("size")
@@ -160,15 +259,20 @@ def verify(
 
     # 3. With read_data: every record of every pack, checked and re-hashed.
     if read_data:
-        packs = [(pack_name(p), p) for p in recorded if pack_name(p) in present]
+        packs = [(pack_name(p), p) for p in view.packs if pack_name(p) in present]
         total = sum(present[n] for n, _ in packs)
         by_pack: dict[bytes, dict[int, bytes]] = defaultdict(dict)
-        for key, loc in locations.items():
+        for key, loc in view.locations.items():
             by_pack[loc.pack][loc.offset] = key
         with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
             results = pool.map(lambda item: (item[1], _read_pack(store, *item)), packs)
-            for pack_id, (size, good, bad) in results:
+            for pack_id, read in results:
+                if read is None:  # deleted since the listing
+                    for key in by_pack[pack_id].values():
+                        suspects[key] = f"pack {pack_id.hex()} is missing"
+                    continue
                 report.packs_checked += 1
+                size, good, bad = read
                 report.bytes_read += size
                 say(Progress("read-data", report.bytes_read, total))
                 for offset, key in by_pack[pack_id].items():
@@ -179,45 +283,68 @@ def verify(
                             key,
                             bad.get(-1, f"no record at offset {offset} of pack {pack_id.hex()}"),
                         )
+    settled, gone = _settle(store, view, suspects, read_data)
+    bad_objects.update(settled)
 
     # 4. Snapshots: record, map, and every block they name.
-    snapshot_objects = {name.split("/", 1)[1] for name, _ in store.backend.list("snapshots/")}
-    committed = set()
-    for volume in store.volumes():
-        for snapshot_id in store.index.snapshot_ids(volume):
-            committed.add(snapshot_id)
-            label = f"{volume}@{snapshot_id[:12]}"
-            report.snapshots_checked += 1
-            say(Progress("snapshots", report.snapshots_checked, 0))
-            try:
-                info = store.snapshot(snapshot_id)
-                if snapshot_id not in snapshot_objects:
-                    damage[f"snapshot object {snapshot_id} is missing"].add(label)
-                block_map = BlockMap(
-                    store.read_node, info.map_root, info.map_height, info.block_count
+    reader = _Reader(store, view)
+    for volume, snapshot_id, record in view.snapshots:
+        label = f"{volume}@{snapshot_id[:12]}"
+        labels[label] = snapshot_id
+        report.snapshots_checked += 1
+        say(Progress("snapshots", report.snapshots_checked, 0))
+        try:
+            if record is None:
+                raise IntegrityError(
+                    f"volume {volume}: timeline names snapshot {snapshot_id}, which has no "
+                    "record; run repair --rebuild-index"
                 )
-                for leaf_index in range(block_map.leaf_count()):
-                    _digests, ids = block_map.leaf(leaf_index)
-                    for k in range(0, len(ids), BLOCK_ID_SIZE):
-                        block_id = ids[k : k + BLOCK_ID_SIZE]
-                        if block_id == ZERO_ID:
-                            continue
-                        report.blocks_referenced += 1
-                        if block_id in bad_objects:
-                            damage[f"block {block_id.hex()}: {bad_objects[block_id]}"].add(label)
-                        elif block_id not in locations:
-                            damage[f"block {block_id.hex()} is not in the index"].add(label)
-            except BlocksnapError as exc:
-                damage[str(exc)].add(label)
+            info = catalog.decode(record, f"snapshot {snapshot_id}")
+            if snapshot_id not in snapshot_objects:
+                damage[f"snapshot object {snapshot_id} is missing"].add(label)
+            block_map = BlockMap(reader.node, info.map_root, info.map_height, info.block_count)
+            for leaf_index in range(block_map.leaf_count()):
+                _digests, ids = block_map.leaf(leaf_index)
+                for k in range(0, len(ids), BLOCK_ID_SIZE):
+                    block_id = ids[k : k + BLOCK_ID_SIZE]
+                    if block_id == ZERO_ID:
+                        continue
+                    report.blocks_referenced += 1
+                    if block_id in bad_objects:
+                        damage[f"block {block_id.hex()}: {bad_objects[block_id]}"].add(label)
+                    elif block_id in gone:
+                        damage[f"block {block_id.hex()} was collected by gc"].add(label)
+                    elif block_id not in view.locations:
+                        damage[f"block {block_id.hex()} is not in the index"].add(label)
+        except BlocksnapError as exc:
+            damage[str(exc)].add(label)
 
     # 5. The backstop: recount references and live bytes, compare with the index.
-    for msg in _recount(store, report):
+    for msg in _recount(store, report, view):
         damage.setdefault(msg, set())
+
+    # 6. What a snapshot pruned since the view suffered (its record, map or blocks deleted
+    # by the prune and a gc) is no damage: only snapshots that still exist count.
+    current = _current_snapshots(store) if any(damage.values()) else set()
+    problems = []
+    for msg, snaps in sorted(damage.items()):
+        alive = sorted(s for s in snaps if labels[s] in current)
+        if alive or not snaps:
+            problems.append(Problem(msg, alive))
+    committed = {snapshot_id for _v, snapshot_id, _r in view.snapshots}
+    uncommitted = snapshot_objects - committed
+    if uncommitted:
+        uncommitted -= _current_snapshots(store)  # committed since the view
     report.leftovers = sorted(
-        f"snapshots/{s} (record of an uncommitted snapshot)" for s in snapshot_objects - committed
+        f"snapshots/{s} (record of an uncommitted snapshot)" for s in uncommitted
     )
     leftovers = getattr(store.backend, "leftovers", None)
     if leftovers is not None:
         report.leftovers += [f"{p} (unfinished write)" for p in leftovers()]
-    report.problems = [Problem(msg, sorted(snaps)) for msg, snaps in sorted(damage.items())]
+    report.problems = problems
     return report
+
+
+def _current_snapshots(store: Store) -> set[str]:
+    """The ids of every snapshot committed now."""
+    return {s for volume in store.volumes() for s in store.index.snapshot_ids(volume)}

@@ -47,6 +47,14 @@ holds an flock on locks/writer-<id>.lock for its lifetime, so one that was kille
 found; gc then deletes the objects named by its intents that never became part of the
 index, and removes it from the registry.
 
+Before LMDB maps data.mdb, its two meta pages are read with plain reads and the file is
+refused (IntegrityError) unless both are intact and it holds every page up to the newest
+one's last page: LMDB would map a truncated file and the first access past its end would
+kill the process with SIGBUS.  verify also checks the structure of every page in use
+(check_pages), since LMDB follows damaged node sizes and page numbers unchecked.  A file
+truncated while a process has it mapped cannot be caught that way; one damaged before
+the open is (store/lmdbfile.py).
+
 Everything here can be rebuilt from the packs, the snapshot objects and the settings
 objects (store/rebuild.py).  Every value that the engine trusts carries its own check,
 so a damaged entry is reported as damage rather than followed.  Write transactions are
@@ -58,6 +66,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import struct
 import threading
 import time
@@ -65,7 +74,7 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import lmdb
 
@@ -76,10 +85,17 @@ from blocksnap.errors import (
     ProtectedError,
     StoreError,
 )
+from blocksnap.store import lmdbfile
 from blocksnap.store.packs import HEADER_SIZE, PACK_MAGIC, Record
 
 INDEX_FORMAT = b"2"
-MAP_SIZE = 1 << 40  # address space only: the file grows with use
+# The map is address space, not memory, but under an address-space limit (ulimit -v, on
+# batch systems) it counts: it starts at MAP_INITIAL_SIZE or twice the data file, capped
+# to what the limit leaves (less _reserve() for the rest of the process), and grows when
+# a write fills it.  It is never below MAP_MIN_SIZE and the data file plus that.
+MAP_INITIAL_SIZE = 1 << 30
+MAP_MIN_SIZE = 64 << 20
+_MIB = 1 << 20
 _LOC = struct.Struct("<16sQIIBB")
 _CRC = struct.Struct("<I")
 _SEQ = struct.Struct(">Q")
@@ -114,6 +130,18 @@ def decode_location(key: bytes, value: bytes) -> Location:
     return Location(*_LOC.unpack(body))
 
 
+@dataclass(frozen=True, slots=True)
+class IndexView:
+    """The index as one read transaction saw it (Index.view)."""
+
+    locations: dict[bytes, Location]  # object id -> location, for every intact entry
+    damaged: dict[bytes, str]  # object id -> why its entry cannot be trusted
+    counts: dict[bytes, int]  # object id -> reference count
+    packs: dict[bytes, dict[str, Any]]  # pack id -> pack entry
+    snapshots: list[tuple[str, str, bytes | None]]  # (volume, id, record or None), in order
+    pinned: list[bytes]  # the roots checkpoints hold references to
+
+
 def timeline_key(volume: str, seq: int) -> bytes:
     return volume.encode() + b"\x00" + _SEQ.pack(seq)
 
@@ -126,13 +154,30 @@ def lmdb_errors(what: str) -> Iterator[None]:
     except BlocksnapError:
         raise
     except lmdb.MapFullError as exc:
-        raise StoreError(f"{what}: index map full (raise MAP_SIZE)") from exc
-    except (lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.InvalidError) as exc:
-        raise IntegrityError(f"{what}: the index is damaged ({exc}); run repair") from exc
+        raise StoreError(f"{what}: index map full") from exc
+    except (
+        lmdb.CorruptedError,
+        lmdb.PageNotFoundError,
+        lmdb.InvalidError,
+        lmdb.VersionMismatchError,
+        lmdb.IncompatibleError,
+        lmdb.BadTxnError,
+        lmdb.BadValsizeError,
+        lmdb.BadDbiError,
+        lmdb.PanicError,
+        struct.error,  # a value of the wrong size: LMDB did not notice the damage
+        UnicodeDecodeError,
+    ) as exc:
+        raise IntegrityError(f"{what}: the index is damaged ({exc}); {REPAIR_HINT}") from exc
+    except lmdb.ReadonlyError as exc:
+        raise StoreError(f"{what}: the index is read-only ({exc})") from exc
     except lmdb.DiskError as exc:
         raise StoreError(f"{what}: disk error in the index ({exc})") from exc
     except lmdb.Error as exc:
         raise StoreError(f"{what}: index error ({exc})") from exc
+
+
+REPAIR_HINT = "run `blocksnap repair REPO --rebuild-index`"
 
 
 def _json(value: bytes, what: str) -> dict[str, Any]:
@@ -173,21 +218,135 @@ def _refs_value(count: int, since: int) -> bytes:
     return _REF.pack(count, since)
 
 
+_T = TypeVar("_T")
+if TYPE_CHECKING:  # the stubs' Transaction is generic, the runtime class is not
+    _Txn = lmdb.Transaction[bytes]
+    _BufferTxn = lmdb.Transaction[memoryview]
+_V = TypeVar("_V", "_Txn", "_BufferTxn")
+
+
+def _address_space_limit() -> int | None:
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _address_space_used() -> int:
+    """Bytes of address space this process has mapped (VmSize)."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def _reserve(limit: int) -> int:
+    """Address space left for the rest of the process: threads' stacks and malloc arenas,
+    pack buffers, whole packs read by verify."""
+    return min(512 * _MIB, limit // 4)
+
+
+def _limit_error(size: int, limit: int) -> StoreError:
+    return StoreError(
+        f"cannot map the index ({size // _MIB} MiB): the address-space limit (ulimit -v) "
+        f"is {limit // _MIB} MiB, and this process uses {_address_space_used() // _MIB} MiB "
+        "of it already; raise the limit"
+    )
+
+
+def map_size_for(data_size: int, wanted: int, mapped: int = 0) -> int:
+    """The map size to use: wanted, capped by the address-space limit (counting the map of
+    mapped bytes this process holds now as free), but never below what the data needs.
+
+    Raises StoreError naming the limit when even that does not fit."""
+    needed = max(MAP_MIN_SIZE, data_size + MAP_MIN_SIZE)
+    size = max(wanted, needed)
+    limit = _address_space_limit()
+    if limit is not None:
+        room = limit - (_address_space_used() - mapped) - _reserve(limit)
+        if room < needed:
+            raise _limit_error(needed, limit)
+        size = min(size, room)
+    return size // _MIB * _MIB
+
+
+class _Gate:
+    """Every transaction of this process holds the gate shared; resizing the map holds it
+    exclusive, because LMDB lets set_mapsize run only while the process has no
+    transaction open.  Shared holds never wait for a resize that is only waiting, so a
+    thread may nest them; a thread holding one cannot resize."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._resizing = False
+        self._held = threading.local()
+
+    def _depth(self) -> int:
+        return int(getattr(self._held, "depth", 0))
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._resizing:
+                self._cond.wait()
+            self._active += 1
+        self._held.depth = self._depth() + 1
+        try:
+            yield
+        finally:
+            self._held.depth -= 1
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[bool]:
+        """Yields False (and resizes nothing) when this thread holds the gate shared."""
+        if self._depth():
+            yield False
+            return
+        with self._cond:
+            while self._resizing or self._active:
+                self._cond.wait()
+            self._resizing = True
+        try:
+            yield True
+        finally:
+            with self._cond:
+                self._resizing = False
+                self._cond.notify_all()
+
+
 class Index:
     """An open LMDB index environment with its named databases."""
 
-    def __init__(self, path: str, create: bool = False, readonly: bool = False) -> None:
-        with lmdb_errors(f"opening index {path}"):
+    def __init__(
+        self, path: str, create: bool = False, readonly: bool = False, lock: bool = True
+    ) -> None:
+        """lock=False (only with readonly, for a read-only filesystem, where no process
+        can write) opens without LMDB's lock file, which cannot be opened there."""
+        self.path = path
+        self._gate = _Gate()
+        self._readonly = readonly
+        self._broken: str | None = None
+        if not (create and not os.path.exists(os.path.join(path, "data.mdb"))):
+            lmdbfile.check_data_file(path)
+        map_size = map_size_for(self._data_size(), max(MAP_INITIAL_SIZE, 2 * self._data_size()))
+        with lmdb_errors(f"opening index {path}"), self._no_room(map_size):
             self.env = lmdb.open(
                 os.fsencode(path),  # py-lmdb encodes a str strictly: non-UTF-8 paths fail
-                map_size=MAP_SIZE,
+                map_size=map_size,
                 max_dbs=16,
                 subdir=True,
                 create=create,
                 readonly=readonly,
                 readahead=False,  # random lookups in a large index; no useless readahead
                 max_readers=1024,
-                lock=True,
+                lock=lock or not readonly,
             )
             if not readonly:
                 # Slots of readers that were killed (kill -9) would otherwise pin old pages.
@@ -213,14 +372,104 @@ class Index:
     def close(self) -> None:
         self.env.close()
 
+    # --- transactions and the map --------------------------------------------------------
+
+    def _data_size(self) -> int:
+        try:
+            return os.stat(os.path.join(self.path, "data.mdb")).st_size
+        except FileNotFoundError:
+            return 0
+
+    @contextlib.contextmanager
+    def _no_room(self, size: int) -> Iterator[None]:
+        """Say that the address-space limit is why LMDB could not map size bytes."""
+        try:
+            yield
+        except lmdb.Error as exc:
+            limit = _address_space_limit()
+            if limit is not None and "Cannot allocate memory" in str(exc):
+                raise _limit_error(size, limit) from exc
+            raise
+
+    def _resize(self, seen: int, grow: bool) -> None:
+        """Make the map larger than seen bytes (grow: a write filled it), or adopt what
+        another process wrote beyond it (not grow); nothing if another thread did it."""
+        with self._gate.exclusive() as alone:
+            if not alone:
+                raise StoreError("index map full while this thread holds a read transaction")
+            current = int(self.env.info()["map_size"])
+            if current > seen:
+                return
+            data = self._data_size()
+            wanted = max(2 * current, 2 * data) if grow else max(current, 2 * data)
+            size = map_size_for(data, wanted, mapped=current)
+            if grow and size <= current:
+                limit = _address_space_limit()
+                if limit is None:  # cannot happen: 2 * current always fits then
+                    raise StoreError(f"index map full at {current // _MIB} MiB")
+                raise _limit_error(2 * current, limit)
+            try:
+                with self._no_room(size):
+                    self.env.set_mapsize(size)
+            except (BlocksnapError, lmdb.Error) as exc:
+                # LMDB unmapped the old map before failing to map the new one, and has no
+                # map now: no transaction may begin on this environment again.
+                self._broken = f"the index cannot be used after failing to grow its map ({exc})"
+                raise StoreError(self._broken) from exc
+
+    def _begin(self, *, write: bool = False) -> contextlib.AbstractContextManager[_Txn]:
+        """A transaction (committed on normal exit, aborted on an exception); see _opened."""
+        return self._opened(lambda: self.env.begin(write=write))
+
+    def _begin_buffers(self) -> contextlib.AbstractContextManager[_BufferTxn]:
+        """A read transaction whose values are buffers into the map, valid inside it."""
+        return self._opened(lambda: self.env.begin(buffers=True))
+
+    @contextlib.contextmanager
+    def _opened(self, begin: Callable[[], _V]) -> Iterator[_V]:
+        """The transaction begin() opens, holding the gate shared.  When another process
+        grew the map past this one's, LMDB refuses to begin (MapResizedError) until this
+        process adopts a map large enough."""
+        for _attempt in range(8):
+            if self._broken is not None:
+                raise StoreError(self._broken)
+            with self._gate.shared():
+                seen = int(self.env.info()["map_size"])
+                try:
+                    txn = begin()
+                except lmdb.MapResizedError:
+                    pass
+                else:
+                    with txn:
+                        yield txn
+                    return
+            self._resize(seen, grow=False)
+        raise StoreError("the index map keeps being resized by other processes")
+
+    def _write(self, what: str, body: Callable[[_Txn], _T]) -> _T:
+        """Run body in a write transaction, and again in a new one after growing the map
+        when it fills: body must keep its state inside, so that a rerun starts afresh."""
+        with lmdb_errors(what):
+            while True:
+                seen = int(self.env.info()["map_size"])
+                try:
+                    with self._begin(write=True) as txn:
+                        return body(txn)
+                except lmdb.MapFullError:
+                    if self._readonly:
+                        raise
+                    self._resize(seen, grow=True)
+
     def initialize(self, repository_id: str) -> None:
-        with lmdb_errors("initialising index"), self.env.begin(write=True) as txn:
+        def body(txn: _Txn) -> None:
             txn.put(b"format", INDEX_FORMAT, db=self.meta)
             txn.put(b"repository", repository_id.encode(), db=self.meta)
             txn.put(b"epoch", _SEQ.pack(0), db=self.meta)
 
+        self._write("initialising index", body)
+
     def check_identity(self, repository_id: str) -> None:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             fmt = txn.get(b"format", db=self.meta)
             rid = txn.get(b"repository", db=self.meta)
         if fmt != INDEX_FORMAT:
@@ -233,14 +482,14 @@ class Index:
     # --- reads -------------------------------------------------------------------------
 
     def location(self, object_id: bytes) -> Location | None:
-        with lmdb_errors("reading index"), self.env.begin(buffers=True) as txn:
+        with lmdb_errors("reading index"), self._begin_buffers() as txn:
             value = txn.get(object_id, db=self.objects)
             return decode_location(object_id, bytes(value)) if value is not None else None
 
     def locations(self, object_ids: list[bytes]) -> list[Location | None]:
         """Each id's location (None when absent or damaged), in one read transaction."""
         out: list[Location | None] = []
-        with lmdb_errors("reading index"), self.env.begin(buffers=True) as txn:
+        with lmdb_errors("reading index"), self._begin_buffers() as txn:
             for i in object_ids:
                 value = txn.get(i, db=self.objects)
                 try:
@@ -263,7 +512,7 @@ class Index:
         """
         out: list[bool] = []
         stale: list[int] = []
-        with lmdb_errors("reading index"), self.env.begin(buffers=True) as txn:
+        with lmdb_errors("reading index"), self._begin_buffers() as txn:
             for i, object_id in enumerate(object_ids):
                 value = txn.get(object_id, db=self.refs)
                 if value is None:
@@ -274,7 +523,8 @@ class Index:
                 if not out[-1]:
                     stale.append(i)
         if stale:
-            with lmdb_errors("writing index"), self.env.begin(write=True) as txn:
+
+            def body(txn: _Txn) -> None:
                 now = self._epoch(txn)
                 for i in stale:
                     object_id = object_ids[i]
@@ -286,6 +536,8 @@ class Index:
                         txn.delete(_SEQ.pack(since) + object_id, db=self.unref)
                         self._set_unreferenced(txn, object_id, now)
                     out[i] = True
+
+            self._write("writing index", body)
         return out
 
     def first_missing(self, ids: bytes) -> tuple[bytes | None, int]:
@@ -299,7 +551,7 @@ class Index:
         crc32 = zlib.crc32
         zero_id = bytes(32)
         zeros = 0
-        with lmdb_errors("reading index"), self.env.begin(buffers=True) as txn:
+        with lmdb_errors("reading index"), self._begin_buffers() as txn:
             get = txn.get
             db = self.objects
             for k in range(0, len(ids), 32):
@@ -317,61 +569,67 @@ class Index:
         return None, zeros
 
     def iter_objects(self) -> Iterator[tuple[bytes, Location | IntegrityError]]:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             for key, value in txn.cursor(db=self.objects):
                 try:
                     yield key, decode_location(key, value)
                 except IntegrityError as exc:
                     yield key, exc
 
-    def counting_view(
-        self,
-    ) -> tuple[dict[bytes, Location], dict[bytes, int], dict[bytes, int], list[bytes], list[bytes]]:
-        """From one read transaction, what a full recount needs: every object's location
-        and count, every pack's live bytes, every snapshot record, and the roots that
-        checkpoints pin."""
+    def view(self, *, check_pages: bool = False) -> IndexView:
+        """Everything verify checks, copied out of one read transaction, so that it sees
+        one consistent state however long it then takes (see check.py).  check_pages:
+        first check the structure of every page of that state (store/lmdbfile.py), which
+        LMDB would read unchecked."""
+        for _attempt in range(8):
+            with lmdb_errors("reading index"), self._begin() as txn:
+                if check_pages and not lmdbfile.check_pages(self.path, txn.id()):
+                    continue  # two commits since it began: its pages may be reused
+                return self._view(txn)
+        raise StoreError("the index changed too often to check its pages; try again")
+
+    def _view(self, txn: _Txn) -> IndexView:
         locations: dict[bytes, Location] = {}
-        counts: dict[bytes, int] = {}
-        live: dict[bytes, int] = {}
-        with lmdb_errors("reading index"), self.env.begin() as txn:
-            for key, value in txn.cursor(db=self.objects):
-                try:
-                    locations[bytes(key)] = decode_location(bytes(key), bytes(value))
-                except IntegrityError:
-                    continue  # reported as damage elsewhere
-            for key, value in txn.cursor(db=self.refs):
-                counts[bytes(key)] = int(_REF.unpack(value)[0])
-            for key, value in txn.cursor(db=self.packs):
-                live[bytes(key)] = int(_json(bytes(value), "pack").get("live", 0))
-            records = [bytes(v) for _, v in txn.cursor(db=self.snapshots)]
-            pinned = [
-                root
-                for key, value in txn.cursor(db=self.checkpoints)
-                for root in _pinned(bytes(value), bytes(key))
-            ]
-        return locations, counts, live, records, pinned
+        damaged: dict[bytes, str] = {}
+        snapshots: list[tuple[str, str, bytes | None]] = []
+        for key, value in txn.cursor(db=self.objects):
+            try:
+                locations[key] = decode_location(key, value)
+            except IntegrityError as exc:
+                damaged[key] = str(exc)
+        counts = {key: int(_REF.unpack(value)[0]) for key, value in txn.cursor(db=self.refs)}
+        packs = {key: _json(value, f"pack {key.hex()}") for key, value in txn.cursor(db=self.packs)}
+        for name, _ in txn.cursor(db=self.volumes):
+            volume = name.decode()
+            for _, snapshot_id in _prefixed(txn, self.timeline, name + b"\x00"):
+                record = txn.get(snapshot_id, db=self.snapshots)
+                snapshots.append((volume, snapshot_id.decode(), record))
+        pinned = [
+            root for key, value in txn.cursor(db=self.checkpoints) for root in _pinned(value, key)
+        ]
+        return IndexView(locations, damaged, counts, packs, snapshots, pinned)
 
     def unreferenced_count(self) -> int:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             return int(txn.stat(self.unref)["entries"])
 
     def object_count(self) -> int:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             return int(txn.stat(self.objects)["entries"])
 
     def volume(self, name: str) -> dict[str, Any] | None:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             value = txn.get(name.encode(), db=self.volumes)
         return _json(value, f"volume {name}") if value is not None else None
 
     def volume_names(self) -> list[str]:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             return [bytes(k).decode() for k, _ in txn.cursor(db=self.volumes)]
 
     def snapshot_ids(self, volume: str) -> list[str]:
         """The volume's snapshot ids, oldest first."""
         prefix = volume.encode() + b"\x00"
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             return [value.decode() for _, value in _prefixed(txn, self.timeline, prefix)]
 
     def snapshot_records(self, volume: str) -> list[tuple[str, bytes]]:
@@ -379,7 +637,7 @@ class Index:
         a snapshot removed concurrently is either listed whole or not at all."""
         prefix = volume.encode() + b"\x00"
         out = []
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             for _, value in _prefixed(txn, self.timeline, prefix):
                 record = txn.get(value, db=self.snapshots)
                 if record is None:
@@ -391,12 +649,12 @@ class Index:
         return out
 
     def snapshot_record(self, snapshot_id: str) -> bytes | None:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             value = txn.get(snapshot_id.encode(), db=self.snapshots)
         return bytes(value) if value is not None else None
 
     def pack_infos(self) -> dict[bytes, dict[str, Any]]:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             return {
                 bytes(k): _json(v, f"pack {bytes(k).hex()}") for k, v in txn.cursor(db=self.packs)
             }
@@ -404,7 +662,7 @@ class Index:
     def sparse_packs(self) -> dict[bytes, dict[str, Any]]:
         """The packs that lost live bytes since gc last looked, with their pack entries."""
         out = {}
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             for key, _ in txn.cursor(db=self.sparse):
                 value = txn.get(key, db=self.packs)
                 if value is not None:
@@ -412,61 +670,71 @@ class Index:
         return out
 
     def setting(self, key: bytes) -> bytes | None:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             value = txn.get(key, db=self.settings)
         return None if value is None else bytes(value)
 
     def settings_with(self, prefix: bytes) -> dict[bytes, bytes]:
         """Every setting whose key starts with prefix, the prefix removed from the keys."""
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             return {k[len(prefix) :]: v for k, v in _prefixed(txn, self.settings, prefix)}
 
     # --- the writer registry -----------------------------------------------------------
 
     def register_writer(self, writer_id: bytes, pid: int) -> int:
         """Add a writer to the registry and return its start epoch (a new, larger one)."""
-        with lmdb_errors("registering writer"), self.env.begin(write=True) as txn:
+
+        def body(txn: _Txn) -> int:
             epoch = self._epoch(txn) + 1
             txn.put(b"epoch", _SEQ.pack(epoch), db=self.meta)
             entry = {"epoch": epoch, "pid": pid, "started": time.time()}
             txn.put(writer_id, json.dumps(entry).encode(), db=self.writers_db)
-        return epoch
+            return epoch
+
+        return self._write("registering writer", body)
 
     def unregister_writer(self, writer_id: bytes) -> None:
         """Remove a writer and any intents it left, in one transaction."""
-        with lmdb_errors("unregistering writer"), self.env.begin(write=True) as txn:
+
+        def body(txn: _Txn) -> None:
             txn.delete(writer_id, db=self.writers_db)
             for key in [k for k, _ in _prefixed(txn, self.intents, writer_id)]:
                 txn.delete(key, db=self.intents)
 
+        self._write("unregistering writer", body)
+
     def add_intent(self, key: bytes) -> None:
-        with lmdb_errors("registering writer"), self.env.begin(write=True) as txn:
+        def body(txn: _Txn) -> None:
             txn.put(key, b"", db=self.intents)
 
+        self._write("registering writer", body)
+
     def drop_intent(self, key: bytes) -> None:
-        with lmdb_errors("registering writer"), self.env.begin(write=True) as txn:
+        def body(txn: _Txn) -> None:
             txn.delete(key, db=self.intents)
+
+        self._write("registering writer", body)
 
     def intents_of(self, writer_id: bytes) -> list[str]:
         """The object names a writer meant to put or delete and did not finish with."""
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             return [
                 k[len(writer_id) :].decode() for k, _ in _prefixed(txn, self.intents, writer_id)
             ]
 
     def has_pack(self, pack_id: bytes) -> bool:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             return txn.get(pack_id, db=self.packs) is not None
 
     def writers(self) -> dict[bytes, dict[str, Any]]:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             return {
                 bytes(k): _json(v, f"writer {bytes(k).hex()}")
                 for k, v in txn.cursor(db=self.writers_db)
             }
 
     def epoch(self) -> int:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             return self._epoch(txn)
 
     # --- writes ------------------------------------------------------------------------
@@ -545,12 +813,13 @@ class Index:
         again found it unreferenced since before its start.  intent (a key from
         add_intent) is cleared in the same transaction.  Returns the ids newly indexed.
         """
-        children = children or {}
-        added: list[bytes] = []
-        deltas: dict[bytes, int] = {}
-        increments: Counter[bytes] = Counter()
-        live = 0
-        with lmdb_errors("indexing pack"), self.env.begin(write=True) as txn:
+        known = children or {}
+
+        def body(txn: _Txn) -> list[bytes]:
+            added: list[bytes] = []
+            deltas: dict[bytes, int] = {}
+            increments: Counter[bytes] = Counter()
+            live = 0
             epoch = self._epoch(txn)
             for rec in records:
                 loc = Location(
@@ -559,7 +828,7 @@ class Index:
                 old = txn.get(rec.id, db=self.objects)
                 if old is None:
                     self._set_unreferenced(txn, rec.id, epoch)
-                    increments.update(children.get(rec.id, ()))
+                    increments.update(known.get(rec.id, ()))
                     added.append(rec.id)
                 else:
                     try:
@@ -585,7 +854,9 @@ class Index:
             self._adjust_live(txn, deltas)
             if intent is not None:
                 txn.delete(intent, db=self.intents)
-        return added
+            return added
+
+        return self._write("indexing pack", body)
 
     def commit_snapshot(
         self,
@@ -602,7 +873,8 @@ class Index:
 
         drop_checkpoint: the snapshot supersedes the volume's interrupted run, whose
         checkpoint (and the references it pins) goes in the same transaction."""
-        with lmdb_errors("committing snapshot"), self.env.begin(write=True) as txn:
+
+        def body(txn: _Txn) -> None:
             raw = txn.get(volume.encode(), db=self.volumes)
             if raw is None:
                 vol: dict[str, Any] = {
@@ -625,6 +897,8 @@ class Index:
             if intent is not None:
                 txn.delete(intent, db=self.intents)
 
+        self._write("committing snapshot", body)
+
     def _drop_checkpoint(self, txn: lmdb.Transaction, volume: str) -> None:
         old = txn.get(volume.encode(), db=self.checkpoints)
         if old is not None:
@@ -640,14 +914,17 @@ class Index:
         never touches 0."""
         if _pinned(record, volume.encode()) != pinned:
             raise ValueError("checkpoint record does not list the roots it pins")
-        with lmdb_errors("saving checkpoint"), self.env.begin(write=True) as txn:
+
+        def body(txn: _Txn) -> None:
             for root in pinned:
                 self._incref(txn, root)
             self._drop_checkpoint(txn, volume)
             txn.put(volume.encode(), record, db=self.checkpoints)
 
+        self._write("saving checkpoint", body)
+
     def checkpoint(self, volume: str) -> bytes | None:
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             value = txn.get(volume.encode(), db=self.checkpoints)
         return None if value is None else bytes(value)
 
@@ -660,7 +937,8 @@ class Index:
         protecting and pruning cannot race.  intent (for deleting the record object
         afterwards) is recorded in the same transaction.
         """
-        with lmdb_errors("removing snapshot"), self.env.begin(write=True) as txn:
+
+        def body(txn: _Txn) -> bool:
             if txn.get(snapshot_id.encode(), db=self.snapshots) is None:
                 return False
             if txn.get(PROTECTED_PREFIX + snapshot_id.encode(), db=self.settings) is not None:
@@ -674,18 +952,25 @@ class Index:
             self._decref(txn, root, self._epoch(txn))
             if intent is not None:
                 txn.put(intent, b"", db=self.intents)
-        return True
+            return True
+
+        return self._write("removing snapshot", body)
 
     def put_setting(self, key: bytes, value: bytes, *, only_if: bytes | None = None) -> None:
         """Set a setting; with only_if, only while that key exists in the snapshots db."""
-        with lmdb_errors("writing settings"), self.env.begin(write=True) as txn:
+
+        def body(txn: _Txn) -> None:
             if only_if is not None and txn.get(only_if, db=self.snapshots) is None:
                 raise NotFoundError(f"snapshot {only_if.decode()} does not exist")
             txn.put(key, value, db=self.settings)
 
+        self._write("writing settings", body)
+
     def delete_setting(self, key: bytes) -> None:
-        with lmdb_errors("writing settings"), self.env.begin(write=True) as txn:
+        def body(txn: _Txn) -> None:
             txn.delete(key, db=self.settings)
+
+        self._write("writing settings", body)
 
     # --- garbage collection ------------------------------------------------------------
 
@@ -694,7 +979,7 @@ class Index:
     ) -> list[tuple[bytes, Location | None]]:
         """Up to batch unref keys after `after` whose epoch is below limit, with locations."""
         out: list[tuple[bytes, Location | None]] = []
-        with lmdb_errors("reading index"), self.env.begin() as txn:
+        with lmdb_errors("reading index"), self._begin() as txn:
             cur = txn.cursor(db=self.unref)
             if not cur.set_range(after):
                 return out
@@ -719,9 +1004,10 @@ class Index:
         writer may have revived it meanwhile); its children are decremented in the same
         transaction.  Returns how many objects were deleted.
         """
-        deleted = 0
-        deltas: dict[bytes, int] = {}
-        with lmdb_errors("collecting garbage"), self.env.begin(write=True) as txn:
+
+        def body(txn: _Txn) -> int:
+            deleted = 0
+            deltas: dict[bytes, int] = {}
             epoch = self._epoch(txn)
             for key, children in items:
                 since = int(_SEQ.unpack_from(key)[0])
@@ -745,7 +1031,9 @@ class Index:
                     self._decref(txn, child, epoch)
                 deleted += 1
             self._adjust_live(txn, deltas)
-        return deleted
+            return deleted
+
+        return self._write("collecting garbage", body)
 
     def move_records(
         self,
@@ -763,9 +1051,10 @@ class Index:
         (the new pack's intent key, a function giving the intent key for deleting a pack);
         the first is cleared and one of the second recorded per retired pack.
         """
-        retired: list[bytes] = []
-        deltas: dict[bytes, int] = {}
-        with lmdb_errors("compacting packs"), self.env.begin(write=True) as txn:
+
+        def body(txn: _Txn) -> list[bytes]:
+            retired: list[bytes] = []
+            deltas: dict[bytes, int] = {}
             if new_pack is not None:
                 pack_id, size, records = new_pack
                 live = 0
@@ -806,18 +1095,23 @@ class Index:
                         txn.put(intent[1](old_pack), b"", db=self.intents)
             if intent is not None and intent[0] is not None:
                 txn.delete(intent[0], db=self.intents)
-        return retired
+            return retired
+
+        return self._write("compacting packs", body)
 
     def unmark_sparse(self, pack_ids: list[bytes]) -> None:
-        with lmdb_errors("writing index"), self.env.begin(write=True) as txn:
+        def body(txn: _Txn) -> None:
             for pack_id in pack_ids:
                 txn.delete(pack_id, db=self.sparse)
+
+        self._write("writing index", body)
 
     # --- rebuild -----------------------------------------------------------------------
 
     def set_counts(self, counts: dict[bytes, int]) -> None:
         """Set every object's count from a full recount (rebuild); the rest become 0."""
-        with lmdb_errors("writing index"), self.env.begin(write=True) as txn:
+
+        def body(txn: _Txn) -> None:
             txn.drop(self.unref, delete=False)
             for key, _ in txn.cursor(db=self.objects):
                 key = bytes(key)
@@ -827,6 +1121,8 @@ class Index:
                 else:
                     self._set_unreferenced(txn, key, 0)
 
+        self._write("writing index", body)
+
 
 # LMDB forbids opening one environment twice in a process, yet a service may hold several
 # Repository objects on the same path; they share one Index, counted here.
@@ -834,13 +1130,14 @@ _shared: dict[str, tuple[Index, int]] = {}
 _shared_lock = threading.Lock()
 
 
-def acquire(path: str) -> Index:
-    """The process-wide Index for path, opened on first use."""
+def acquire(path: str, *, read_only: bool = False) -> Index:
+    """The process-wide Index for path, opened on first use; read_only for a repository
+    on a read-only filesystem (see Index)."""
     key = os.path.realpath(path)
     with _shared_lock:
         index, users = _shared.get(key, (None, 0))
         if index is None:
-            index = Index(key)
+            index = Index(key, readonly=read_only, lock=not read_only)
         _shared[key] = (index, users + 1)
         return index
 

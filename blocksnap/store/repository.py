@@ -25,11 +25,20 @@ snapshot whose blocks may be gone.  The same holds when the step after the put f
 rather than the process: a commit whose index transaction raises deletes its record, and
 a record whose delete fails (commit or prune) keeps its writer's intents, which gc then
 deals with as for a killed writer.
+
+A repository on a read-only filesystem (an off-site copy, a filesystem snapshot) is
+opened for reading only: the shared lock is taken on an O_RDONLY descriptor, the index
+is opened read-only without LMDB's lock file (which cannot be written there, and is not
+needed where no process can write), and everything that would write (registering a
+writer, locking a volume or gc, settings, repair) fails at once with a StoreError saying
+so.  A read-only mount of a repository that is written through another mount is not
+such a case: its readers have no LMDB reader slot, so use a writable path for those.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -231,20 +240,42 @@ def read_config(path: str) -> RepositoryConfig:
     return config
 
 
+def on_read_only_filesystem(path: str) -> bool:
+    """Whether path is on a filesystem mounted read-only (a snapshot, an immutable copy)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def read_only_error(path: str) -> StoreError:
+    return StoreError(
+        f"repository {path} is on a read-only filesystem: only reading commands work there"
+    )
+
+
 @contextlib.contextmanager
-def _flock(path: str, mode: int, busy: str) -> Iterator[None]:
+def _flock(path: str, mode: int, busy: str, *, read_only: bool = False) -> Iterator[None]:
+    """Hold an flock on path for the duration.  read_only (a shared lock on a read-only
+    filesystem): the file is opened O_RDONLY, which flock accepts, and a missing one is
+    no lock at all, since nothing can take it exclusively there."""
+    flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
     except OSError as exc:
-        raise StoreError(f"cannot open lock {path}: {exc.strerror or exc}") from exc
+        if not (read_only and exc.errno == errno.ENOENT):
+            raise StoreError(f"cannot open lock {path}: {exc.strerror or exc}") from exc
+        fd = -1
     try:
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LockedError(busy) from None
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LockedError(busy) from None
         yield
     finally:
-        os.close(fd)  # releases the lock; so does the death of the process
+        if fd >= 0:
+            os.close(fd)  # releases the lock; so does the death of the process
 
 
 def _finish_rebuild_swap(path: str) -> None:
@@ -262,6 +293,11 @@ class Store:
     def __init__(self, path: str, *, exclusive: bool = False) -> None:
         self.path = path
         self.config = read_config(path)
+        # On a read-only filesystem nothing can write, so every reader opens the index
+        # read-only and without LMDB's lock file, and what would write says why it cannot.
+        self.read_only = on_read_only_filesystem(path)
+        if exclusive and self.read_only:
+            raise read_only_error(path)
         self._stack = contextlib.ExitStack()
         try:
             self._stack.enter_context(
@@ -271,13 +307,17 @@ class Store:
                     "repository is in use by another process"
                     if exclusive
                     else "repository is locked by a repair in progress",
+                    read_only=self.read_only,
                 )
             )
             self.backend: ObjectStore = LocalBackend(path)
             self._index: Index | None = None
             if not exclusive:
-                _finish_rebuild_swap(path)
-                self._index = index_module.acquire(os.path.join(path, "index"))
+                if not self.read_only:
+                    _finish_rebuild_swap(path)
+                self._index = index_module.acquire(
+                    os.path.join(path, "index"), read_only=self.read_only
+                )
                 try:
                     self._index.check_identity(self.config.id)
                 except BaseException:
@@ -288,6 +328,11 @@ class Store:
             self._stack.close()
             raise
         self.hash: Callable[[bytes | memoryview], bytes] = blockid.hasher(self.config.block_id)
+
+    def require_writable(self) -> None:
+        """Raise the one-line StoreError of a repository that cannot be written."""
+        if self.read_only:
+            raise read_only_error(self.path)
 
     @property
     def index(self) -> Index:
@@ -415,6 +460,7 @@ class Store:
     # --- writing -----------------------------------------------------------------------
 
     def lock_volume(self, volume: str) -> contextlib.AbstractContextManager[None]:
+        self.require_writable()
         key = blake3.blake3(volume.encode()).hexdigest()[:32]
         return _flock(
             os.path.join(self.path, "locks", f"volume-{key}.lock"),
@@ -423,6 +469,7 @@ class Store:
         )
 
     def lock_gc(self) -> contextlib.AbstractContextManager[None]:
+        self.require_writable()
         return _flock(
             os.path.join(self.path, "locks", "gc.lock"),
             fcntl.LOCK_EX,
@@ -515,6 +562,7 @@ class Store:
 
     def save_policy(self, volume: str, policy: dict[str, object] | None) -> None:
         """Save (or with None, clear) the volume's retention policy."""
+        self.require_writable()
         key = POLICY_PREFIX + volume.encode()
         if policy is None:
             self.index.delete_setting(key)
@@ -539,6 +587,7 @@ class Store:
     def set_protected(self, snapshot_id: str, protected: bool) -> None:
         """Protect a snapshot from pruning, or lift that.  The object is written first and
         removed last, so a crash leaves the snapshot protected rather than not."""
+        self.require_writable()
         key = PROTECTED_PREFIX + snapshot_id.encode()
         if protected:
             self.backend.put(self._setting_object(key), b"")
@@ -622,6 +671,7 @@ class Registration:
     """
 
     def __init__(self, store: Store) -> None:
+        store.require_writable()
         self.store = store
         for _attempt in range(8):
             self.id = secrets.token_bytes(16)
