@@ -8,7 +8,9 @@ ends the process by the signal with nothing said.  The command line installs thi
 handler instead:
 
 - the first Ctrl-C raises KeyboardInterrupt, as before, so the command stops at once and
-  its cleanup (waiting for workers, deleting the unfinished pack) runs;
+  its cleanup (waiting for workers, deleting the unfinished pack) runs; during an import
+  (the filesystem libraries load on first use) it is raised as soon as the import is
+  done, since one raised inside the import machinery can be swallowed;
 - a later one is only remembered: the cleanup the first started is not cut short;
 - once the outcome is settled (the command's work is committed, or its result is being
   reported), none raises; the command reports what really happened.
@@ -21,19 +23,46 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-_state = {"pressed": False, "raised": False, "settled": False}
+_state = {"pressed": False, "raised": False, "settled": False, "pending": False}
+_RETRY_SECONDS = 0.01
+
+
+def _in_import(frame: FrameType | None) -> bool:
+    """Whether the import machinery is on the stack: a KeyboardInterrupt raised there can
+    land in one of its callbacks (a module lock's weakref callback), where Python prints
+    "Exception ignored" and drops it."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _interrupt(frame: FrameType | None) -> None:
+    if _in_import(frame):  # raised once the import is done, checked every _RETRY_SECONDS
+        _state["pending"] = True
+        signal.setitimer(signal.ITIMER_REAL, _RETRY_SECONDS)
+        return
+    _state["pending"] = False
+    _state["raised"] = True
+    raise KeyboardInterrupt
 
 
 def _on_sigint(signum: int, frame: FrameType | None) -> None:
     first = not _state["pressed"]
     _state["pressed"] = True
     if first and not _state["settled"]:
-        _state["raised"] = True
-        raise KeyboardInterrupt
+        _interrupt(frame)
+
+
+def _on_alarm(signum: int, frame: FrameType | None) -> None:
+    if _state["pending"] and not _state["settled"]:
+        _interrupt(frame)
 
 
 def install() -> None:
     """Answer Ctrl-C as described above, from now on (main thread only)."""
+    signal.signal(signal.SIGALRM, _on_alarm)
     signal.signal(signal.SIGINT, _on_sigint)
 
 
