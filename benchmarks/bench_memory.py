@@ -20,13 +20,19 @@ LIMIT_MIB = 250
 
 # Runs the CLI, then prints the process's high-water RSS (VmHWM, reset by exec, so the
 # parent's size does not leak in as it does with wait4's ru_maxrss) as the last stderr line.
+# The CLI ends with os._exit (no atexit), so the report runs just before it.
 _WRAPPER = """
-import atexit, runpy, sys
+import os, runpy, sys
 def report():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             sys.stderr.write("\\nVmHWM " + line.split()[1] + "\\n")
-atexit.register(report)
+            sys.stderr.flush()
+exit_now = os._exit
+def reported_exit(status):
+    report()
+    exit_now(status)
+os._exit = reported_exit
 runpy.run_module("blocksnap", run_name="__main__", alter_sys=True)
 """
 
