@@ -691,6 +691,21 @@ def _assert_sparse_copy(path: Path, size: int, data: dict[int, bytes]) -> None:
             assert got.count(0) == len(got), (start, end)
 
 
+def _count_reads(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Bytes asked of Entry.read, by path, from now on; reading through the holes of a
+    terabyte stops at 16 MiB with a named failure, not after minutes."""
+    asked: dict[str, int] = {}
+    read = Entry.read
+
+    def counted(entry: Entry, offset: int, size: int) -> bytes:
+        asked[entry.path] = asked.get(entry.path, 0) + size
+        assert asked[entry.path] <= 16 << 20, f"{entry.path}: read through its holes"
+        return read(entry, offset, size)
+
+    monkeypatch.setattr(Entry, "read", counted)
+    return asked
+
+
 @pytest.mark.parametrize("kind", ["ext4", "xfs", "btrfs", "ntfs"])
 def test_extract_sparse_file_reads_only_its_data(
     kind: str, repo: blocksnap.Repository, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -699,16 +714,7 @@ def test_extract_sparse_file_reads_only_its_data(
         kind, tmp_path / "sparse.img", 300 if kind == "xfs" else 128, _populate_sparse
     )
     repo.snapshot("vol", image)
-    asked: dict[str, int] = {}
-    read = Entry.read
-
-    def counted(entry: Entry, offset: int, size: int) -> bytes:
-        asked[entry.path] = asked.get(entry.path, 0) + size
-        # Reading through the holes (a terabyte of zeros) stops here, not after minutes.
-        assert asked[entry.path] <= 16 << 20, f"{entry.path}: read through its holes"
-        return read(entry, offset, size)
-
-    monkeypatch.setattr(Entry, "read", counted)
+    asked = _count_reads(monkeypatch)
     out = tmp_path / "out"
     with repo.open_filesystem("vol") as fs:
         report = fs.extract(["/huge", "/prealloc"], str(out))
@@ -747,15 +753,7 @@ def test_versions_of_a_sparse_file_read_only_its_data_and_ignore_its_layout(
         image = build_by_kernel("ext4", tmp_path / f"v{i}.img", 128, populate(dense, last))
         repo.snapshot("vol", image)
         image.unlink()
-    asked: dict[str, int] = {}
-    read = Entry.read
-
-    def counted(entry: Entry, offset: int, size: int) -> bytes:
-        asked[entry.path] = asked.get(entry.path, 0) + size
-        assert asked[entry.path] <= 16 << 20, f"{entry.path}: read through its holes"
-        return read(entry, offset, size)
-
-    monkeypatch.setattr(Entry, "read", counted)
+    _count_reads(monkeypatch)
     states = [v.state.value for v in repo.versions("vol", "/huge")]
     assert states == ["added", "unchanged", "changed"]
     assert [v.state.value for v in repo.versions("vol", "/small")] == [
