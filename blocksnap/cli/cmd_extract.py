@@ -8,6 +8,7 @@ from typing import Any
 
 from blocksnap.cli.files import add_partition_option, add_volume_arguments, opened
 from blocksnap.cli.output import emit_json, human_size, shown, with_bytes
+from blocksnap.extract import extract
 
 
 def add_parser(sub: Any) -> None:
@@ -43,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     in_place = args.in_place is not None
     target = args.in_place if in_place else args.to
     with opened(args) as fs:
-        report = fs.extract(args.paths, target, in_place=in_place, conflict=args.conflict)
+        report = extract(fs, args.paths, target, in_place=in_place, conflict=args.conflict)
         fetched = fs.stats.blocks_fetched  # the whole request: finding the filesystem too
     refused = [(path, why) for path, why in report.skipped if why != "exists"]
     if args.json:
