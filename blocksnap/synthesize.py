@@ -20,6 +20,7 @@ from blocksnap.model import (
     BlockSource,
     Progress,
     ProgressCallback,
+    ProgressUnit,
     SnapshotCounts,
     SnapshotInfo,
     SnapshotKind,
@@ -56,7 +57,7 @@ def synthesize(
             )
         zero += zeros
         done = min((leaf + 1) * LEAF_SPAN * source.block_size, source.image_size)
-        report(Progress("checking", done, source.image_size))
+        report(Progress("checking", done, source.image_size, ProgressUnit.BYTES))
     return SnapshotInfo(
         id=secrets.token_hex(16),
         volume=source.volume,
