@@ -90,11 +90,7 @@ def _is(target: str, *modules: str) -> bool:
 
 
 def _breaking(allowed: set[str], imported: tuple[str, ...]) -> list[str]:
-    return [
-        str(imp)
-        for imp in IMPORTS
-        if _is(imp.target, *imported) and imp.module not in allowed
-    ]
+    return [str(imp) for imp in IMPORTS if _is(imp.target, *imported) and imp.module not in allowed]
 
 
 # (rule, the modules it concerns, the modules that alone may import them)
