@@ -8,7 +8,6 @@ from typing import Any
 
 from blocksnap.cli.files import add_partition_option, add_volume_arguments, opened
 from blocksnap.cli.output import emit_json, human_size, shown, with_bytes
-from blocksnap.extract import extract
 
 
 def add_parser(sub: Any) -> None:
@@ -41,6 +40,10 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported when run, as opening the filesystem is: it loads the partition-table
+    # libraries, which every other command would otherwise load at start-up.
+    from blocksnap.extract import extract
+
     in_place = args.in_place is not None
     target = args.in_place if in_place else args.to
     with opened(args) as fs:
