@@ -5,6 +5,7 @@ on a terminal in each phase's unit, leaving nothing behind."""
 from __future__ import annotations
 
 import base64
+import errno
 import fcntl
 import io
 import json
@@ -252,6 +253,34 @@ def test_progress_bar_cleared_when_the_command_fails(error: type[BaseException])
         assert _showing(_screen(out.getvalue())) != []
         raise error("stopped")
     assert _showing(_screen(out.getvalue())) == []
+
+
+class _DeadTerminal(io.StringIO):
+    """A terminal that fails every write after the first `good` ones, and then every flush
+    (as one that hung up fails with EIO)."""
+
+    def __init__(self, good: int) -> None:
+        super().__init__()
+        self.good = good
+
+    def write(self, text: str) -> int:
+        if self.good <= 0:
+            raise OSError(errno.EIO, "Input/output error")
+        self.good -= 1
+        return super().write(text)
+
+    def flush(self) -> None:
+        if self.good <= 0:
+            raise OSError(errno.EIO, "Input/output error")
+
+
+@pytest.mark.parametrize("good", [0, 1, 3])
+def test_progress_bar_a_failing_terminal_never_stops_the_work(good: int) -> None:
+    out = _DeadTerminal(good)
+    with ProgressBar(enabled=True, file=out) as bar:
+        for phase, unit in (("read", ProgressUnit.BYTES), ("collect", ProgressUnit.OBJECTS)):
+            for done in range(0, 5 << 20, 1 << 20):
+                bar(Progress(phase, done, 5 << 20, unit))
 
 
 def test_progress_bar_silent_without_a_terminal() -> None:

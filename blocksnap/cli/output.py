@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
 import json
 import re
@@ -200,14 +201,18 @@ class ProgressBar:
     def __call__(self, p: Progress) -> None:
         if not self.enabled:
             return
-        if self._bar is None or self._phase != (p.phase, p.unit):
+        try:
+            if self._bar is None or self._phase != (p.phase, p.unit):
+                self.close()
+                self._bar = self._open(p)
+                self._phase = (p.phase, p.unit)
+            bar = self._bar
+            if p.total and p.total != bar.total:
+                bar.total = p.total
+            bar.update(p.done - bar.n)
+        except OSError:  # the terminal went away: the work goes on without a display
+            self.enabled = False
             self.close()
-            self._bar = self._open(p)
-            self._phase = (p.phase, p.unit)
-        bar = self._bar
-        if p.total and p.total != bar.total:
-            bar.total = p.total
-        bar.update(p.done - bar.n)
 
     def _open(self, p: Progress) -> tqdm[NoReturn]:
         # Imported here: a run without a terminal never loads it, and the CLI starts faster.
@@ -231,8 +236,10 @@ class ProgressBar:
         """Clear the current bar's line; idempotent."""
         bar, self._bar, self._phase = self._bar, None, None
         if bar is not None:
-            bar.close()
-            self.file.flush()
+            # A display that cannot be cleared must not change the command's outcome.
+            with contextlib.suppress(OSError):
+                bar.close()
+                self.file.flush()
 
     def __enter__(self) -> ProgressBar:
         return self
