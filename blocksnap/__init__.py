@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from blocksnap.model import (
         Checkpoint,
         Progress,
+        ProgressUnit,
         SnapshotCounts,
         SnapshotDiff,
         SnapshotInfo,
@@ -70,6 +71,7 @@ _LAZY = {
     "VersionState": "blocksnap.history",
     "Checkpoint": "blocksnap.model",
     "Progress": "blocksnap.model",
+    "ProgressUnit": "blocksnap.model",
     "SnapshotCounts": "blocksnap.model",
     "SnapshotDiff": "blocksnap.model",
     "SnapshotInfo": "blocksnap.model",
@@ -125,6 +127,7 @@ __all__ = [
     "Policy",
     "Problem",
     "Progress",
+    "ProgressUnit",
     "ProtectedError",
     "PruneReport",
     "ReadStats",

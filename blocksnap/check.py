@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from blocksnap.blockmap import ZERO_ID, BlockMap, node_children
 from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError
-from blocksnap.model import BLOCK_ID_SIZE, Progress, ProgressCallback
+from blocksnap.model import BLOCK_ID_SIZE, Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog
 from blocksnap.store.codec import decompress
 from blocksnap.store.index import IndexView
@@ -274,7 +274,7 @@ def verify(
                 report.packs_checked += 1
                 size, good, bad = read
                 report.bytes_read += size
-                say(Progress("read-data", report.bytes_read, total))
+                say(Progress("read-data", report.bytes_read, total, ProgressUnit.BYTES))
                 for offset, key in by_pack[pack_id].items():
                     if offset in bad:
                         bad_objects[key] = bad[offset]
@@ -292,7 +292,11 @@ def verify(
         label = f"{volume}@{snapshot_id[:12]}"
         labels[label] = snapshot_id
         report.snapshots_checked += 1
-        say(Progress("snapshots", report.snapshots_checked, 0))
+        say(
+            Progress(
+                "snapshots", report.snapshots_checked, len(view.snapshots), ProgressUnit.SNAPSHOTS
+            )
+        )
         try:
             if record is None:
                 raise IntegrityError(

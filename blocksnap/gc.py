@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from blocksnap.blockmap import node_children
 from blocksnap.errors import BlocksnapError, UsageError
-from blocksnap.model import Progress, ProgressCallback
+from blocksnap.model import Progress, ProgressCallback, ProgressUnit
 from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, PACK_MAGIC, PackBuilder, iter_records
 from blocksnap.store.repository import Registration, Store, pack_name
 
@@ -121,7 +121,7 @@ def _collect(store: Store, limit: int, report: GcReport, say: Callable[[Progress
             deleted = store.index.collect(items, limit)
             report.objects_deleted += deleted
             progress = progress or deleted > 0
-            say(Progress("collect", report.objects_deleted, 0))
+            say(Progress("collect", report.objects_deleted, 0, ProgressUnit.OBJECTS))
 
 
 def _compact(
@@ -207,6 +207,6 @@ def _compact(
             retire[pack_id] = contents
         if builder.size >= store.config.pack_target_size:
             finish()
-        say(Progress("compact", done, len(todo)))
+        say(Progress("compact", done, len(todo), ProgressUnit.PACKS))
     if moves or retire:
         finish()

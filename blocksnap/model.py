@@ -131,13 +131,25 @@ class SnapshotDiff:
         return out
 
 
+class ProgressUnit(enum.Enum):
+    """What a phase of progress counts."""
+
+    BYTES = "bytes"
+    OBJECTS = "objects"
+    PACKS = "packs"
+    SNAPSHOTS = "snapshots"
+    BLOCKS = "blocks"
+
+
 @dataclass(frozen=True, slots=True)
 class Progress:
-    """One progress report: phase, bytes done and total (total 0 when unknown)."""
+    """One progress report: how much of a phase is done, of what total (0 when unknown),
+    in the phase's unit.  Within a phase, done never decreases and the unit stays."""
 
     phase: str
-    done_size: int
-    total_size: int
+    done: int
+    total: int
+    unit: ProgressUnit
 
 
 ProgressCallback = Callable[[Progress], None]

@@ -18,7 +18,7 @@ from blocksnap.model import Checkpoint, ProgressCallback, SnapshotDiff, Snapshot
 from blocksnap.reader import DEFAULT_CACHE_SIZE, ImageReader
 from blocksnap.restore import RestoreResult, restore_image
 from blocksnap.retention import Decision, Policy, decide
-from blocksnap.snapshot import CHECKPOINT_SIZE, SourceArg, take_snapshot
+from blocksnap.snapshot import CHECKPOINT_SIZE, SourceArg, check_labels, take_snapshot
 from blocksnap.store.rebuild import RebuildReport, rebuild_index
 from blocksnap.store.repository import (
     DEFAULT_COMPRESSION_LEVEL,
@@ -157,7 +157,16 @@ class Repository:
         progress: ProgressCallback | None = None,
     ) -> SnapshotInfo:
         """Make a synthetic full of a snapshot from the repository alone (no source read)."""
-        return synthesize(self._store, volume, snapshot, labels=labels, progress=progress)
+        checked_labels = check_labels(labels)
+        store = self._store
+        with store.lock_volume(volume), store.writer() as writer:
+            # Registered first: the source's map and blocks then outlive a concurrent prune.
+            source = store.resolve(volume, snapshot)
+            info = synthesize(
+                source, store, store.index.first_missing, labels=checked_labels, progress=progress
+            )
+            store.commit_snapshot(info, writer)
+            return info
 
     def diff(self, volume: str, a: str, b: str) -> SnapshotDiff:
         """The block ranges that differ between two snapshots, from their maps alone."""

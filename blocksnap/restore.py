@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from blocksnap import native
 from blocksnap.blockmap import ZERO_ID, BlockMap
 from blocksnap.errors import Interrupted, RestoreError
-from blocksnap.model import BLOCK_ID_SIZE, BlockSource, Progress, ProgressCallback, SnapshotInfo
+from blocksnap.model import (
+    BLOCK_ID_SIZE,
+    BlockSource,
+    Progress,
+    ProgressCallback,
+    ProgressUnit,
+    SnapshotInfo,
+)
 from blocksnap.workers import worker_pool
 
 CHUNK_SIZE = 8 << 20
@@ -169,7 +176,8 @@ def _write(
         for k, v in enumerate(future.result()):
             totals[k] += v
         done_blocks = totals[0] + totals[1] + totals[2]
-        report(Progress("restore", min(done_blocks * bs, info.image_size), info.image_size))
+        done = min(done_blocks * bs, info.image_size)
+        report(Progress("restore", done, info.image_size, ProgressUnit.BYTES))
 
     workers = workers or os.cpu_count() or 2
     in_flight: deque[Future[tuple[int, int, int, int]]] = deque()

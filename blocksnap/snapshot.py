@@ -39,6 +39,7 @@ from blocksnap.model import (
     Checkpoint,
     Progress,
     ProgressCallback,
+    ProgressUnit,
     SnapshotCounts,
     SnapshotInfo,
     SnapshotKind,
@@ -764,11 +765,8 @@ class _Run:
         if (done - self.checkpointed) * self.bs >= self.checkpoint_size and done < total:
             self._checkpoint(done)
         size = self.src.size
-        report(
-            Progress(
-                "read", done * self.bs if size is None else min(done * self.bs, size), size or 0
-            )
-        )
+        done_size = done * self.bs if size is None else min(done * self.bs, size)
+        report(Progress("read", done_size, size or 0, ProgressUnit.BYTES))
 
     def _checkpoint(self, done: int) -> None:
         """Commit the map of blocks 0..done as the volume's checkpoint."""
@@ -881,7 +879,7 @@ class _Run:
         image_size = src.size if src.size is not None else src.done
         root, height = self.map_writer.finish()
         self.writer.flush()
-        report(Progress("packs-written", image_size, image_size))
+        report(Progress("packs-written", image_size, image_size, ProgressUnit.BYTES))
         parent_id = self.parent_id
         info = SnapshotInfo(
             id=secrets.token_hex(16),
@@ -902,5 +900,5 @@ class _Run:
             changed_ranges=tuple(self.ranges),
         )
         self.store.commit_snapshot(info, self.writer, drop_checkpoint=True)
-        report(Progress("committed", image_size, image_size))
+        report(Progress("committed", image_size, image_size, ProgressUnit.BYTES))
         return info

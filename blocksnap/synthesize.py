@@ -12,67 +12,65 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable
 
 from blocksnap.blockmap import LEAF_SPAN, BlockMap
 from blocksnap.errors import IntegrityError
 from blocksnap.model import (
+    BlockSource,
     Progress,
     ProgressCallback,
+    ProgressUnit,
     SnapshotCounts,
     SnapshotInfo,
     SnapshotKind,
 )
-from blocksnap.snapshot import check_labels
-from blocksnap.store.repository import Store
+
+# A run of 32-byte block IDs -> (the first without an intact index entry or None, the
+# number of all-zero IDs): the store index's first_missing.
+FirstMissing = Callable[[bytes], tuple[bytes | None, int]]
 
 
 def synthesize(
-    store: Store,
-    volume: str,
-    snapshot: str = "latest",
+    source: SnapshotInfo,
+    blocks: BlockSource,
+    first_missing: FirstMissing,
     *,
-    labels: Mapping[str, str] | None = None,
+    labels: dict[str, str],
     progress: ProgressCallback | None = None,
 ) -> SnapshotInfo:
-    """Make a synthetic full of one of the volume's snapshots and commit it."""
-    checked_labels = check_labels(labels)
+    """The record of a synthetic full of `source`, once every block its map names is
+    present; the caller holds the volume's lock and a writer registered before `source`
+    was resolved (so its map and blocks outlive a concurrent prune), and commits it."""
     report = progress or (lambda _p: None)
-    with store.lock_volume(volume), store.writer() as writer:
-        # Registered first: the source's map and blocks then outlive a concurrent prune.
-        source = store.resolve(volume, snapshot)
-        clock = time.perf_counter()
-        block_map = BlockMap(
-            store.read_node, source.map_root, source.map_height, source.block_count
-        )
-        zero = 0
-        leaves = block_map.leaf_count()
-        for leaf in range(leaves):
-            _, ids = block_map.leaf(leaf)
-            missing, zeros = store.index.first_missing(ids)
-            if missing is not None:
-                raise IntegrityError(
-                    f"snapshot {source.id} refers to block {missing.hex()}, which is missing "
-                    "from the index or damaged there; no synthetic full was made (run verify)"
-                )
-            zero += zeros
-            done = min((leaf + 1) * LEAF_SPAN * source.block_size, source.image_size)
-            report(Progress("checking", done, source.image_size))
-        info = SnapshotInfo(
-            id=secrets.token_hex(16),
-            volume=volume,
-            time=source.time,  # the moment the data is from, not when it was synthesized
-            kind=SnapshotKind.SYNTHETIC,
-            parent=source.id,
-            image_size=source.image_size,
-            block_size=source.block_size,
-            counts=SnapshotCounts(zero=zero),
-            stored_size=0,
-            metadata_size=0,
-            duration=time.perf_counter() - clock,
-            labels=checked_labels,
-            map_root=source.map_root,
-            map_height=source.map_height,
-        )
-        store.commit_snapshot(info, writer)
-        return info
+    clock = time.perf_counter()
+    block_map = BlockMap(blocks.read_node, source.map_root, source.map_height, source.block_count)
+    zero = 0
+    leaves = block_map.leaf_count()
+    for leaf in range(leaves):
+        _, ids = block_map.leaf(leaf)
+        missing, zeros = first_missing(ids)
+        if missing is not None:
+            raise IntegrityError(
+                f"snapshot {source.id} refers to block {missing.hex()}, which is missing "
+                "from the index or damaged there; no synthetic full was made (run verify)"
+            )
+        zero += zeros
+        done = min((leaf + 1) * LEAF_SPAN * source.block_size, source.image_size)
+        report(Progress("checking", done, source.image_size, ProgressUnit.BYTES))
+    return SnapshotInfo(
+        id=secrets.token_hex(16),
+        volume=source.volume,
+        time=source.time,  # the moment the data is from, not when it was synthesized
+        kind=SnapshotKind.SYNTHETIC,
+        parent=source.id,
+        image_size=source.image_size,
+        block_size=source.block_size,
+        counts=SnapshotCounts(zero=zero),
+        stored_size=0,
+        metadata_size=0,
+        duration=time.perf_counter() - clock,
+        labels=labels,
+        map_root=source.map_root,
+        map_height=source.map_height,
+    )

@@ -183,7 +183,7 @@ def interrupt_after(size: int) -> blocksnap.model.ProgressCallback:
     """A progress callback that presses Ctrl-C once size bytes have been put in the map."""
 
     def callback(p: blocksnap.Progress) -> None:
-        if p.phase == "read" and p.done_size >= size:
+        if p.phase == "read" and p.done >= size:
             raise KeyboardInterrupt
 
     return callback

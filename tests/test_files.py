@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import blocksnap
+from blocksnap.extract import extract
 from blocksnap.fs import FileKind
 from blocksnap.fs.filesystem import Entry
 from blocksnap.fs.libyal import PosixEntryNode
@@ -72,7 +73,7 @@ def test_extract_whole_tree_matches_source(
     snapshot(repo, "vol", fs_images[kind])
     with repo.open_filesystem("vol") as fs:
         assert fs.kind == kind
-        report = fs.extract(["/"], str(tmp_path / "out"))
+        report = extract(fs, ["/"], str(tmp_path / "out"))
     assert report.skipped == [] and report.warnings == []
     tree = trees[CAPS[kind].links]
     assert compare_tree(tree, tmp_path / "out", CAPS[kind]) >= 15
@@ -277,7 +278,7 @@ def test_conflict_rules_in_place(
     monkeypatch.setattr(os, "fsync", record_fsync)
     monkeypatch.setattr(os, "rename", record_rename)
     with repo.open_filesystem("vol") as fs:
-        report = fs.extract(["/etc"], str(root), in_place=True, conflict=rule)
+        report = extract(fs, ["/etc"], str(root), in_place=True, conflict=rule)
     monkeypatch.undo()
     # Only a file put in place of another is made durable: its content, then its name.
     durable = [("fsync", "file"), ("rename", "hostname"), ("fsync", "dir")]
@@ -406,8 +407,8 @@ def test_hostile_image_never_writes_outside(
     with repo.open_filesystem("evil") as fs:
         names = {st.name for st in fs.listdir("/")}
         assert {"/slash/name", "dup"} <= names  # crafted names are listed as they are
-        report = fs.extract(["/"], str(target), in_place=in_place, conflict=rule)
-        again = fs.extract(["/"], str(target), in_place=in_place, conflict=rule)
+        report = extract(fs, ["/"], str(target), in_place=in_place, conflict=rule)
+        again = extract(fs, ["/"], str(target), in_place=in_place, conflict=rule)
     assert sorted(os.listdir(outside)) == []
     _inside(target)
     reasons = dict(report.skipped)
@@ -444,12 +445,12 @@ def test_in_place_refuses_symlinked_host_directory(
     (root / "d").symlink_to(elsewhere)  # the host path leads out through a symlink
     with repo.open_filesystem("evil") as fs:
         for rule in ("skip", "overwrite", "rename"):
-            report = fs.extract(["/d/xx"], str(root), in_place=True, conflict=rule)
+            report = extract(fs, ["/d/xx"], str(root), in_place=True, conflict=rule)
             assert report.files == 0 and "not followed" in report.skipped[0][1]
             assert os.listdir(elsewhere) == []
         # The directory itself follows the rule: kept, replaced or renamed, never entered.
         for rule in ("skip", "rename", "overwrite"):
-            fs.extract(["/d"], str(root), in_place=True, conflict=rule)
+            extract(fs, ["/d"], str(root), in_place=True, conflict=rule)
             assert os.listdir(elsewhere) == []
     assert (root / "d.restored/xx").is_file() and (root / "d").is_dir()
 
@@ -593,7 +594,7 @@ def test_ext4_inline_data_htree_symlinks_and_xattr_block(
         for _ in range(2):  # libfsext drops the attributes of an inode it has cached
             # and reads a value over 60 bytes wrongly: blocksnap reads them itself
             assert fs.xattrs("/x/attrs.bin") == {"user.small": b"in inode", **values}
-        report = fs.extract(["/"], str(tmp_path / "out"))
+        report = extract(fs, ["/"], str(tmp_path / "out"))
     assert report.skipped == [] and report.warnings == []
     assert compare_tree(tree, tmp_path / "out", CAPS["ext4"]) == 3007
     assert (tmp_path / "out" / "kdir" / "f150").read_bytes() == b"k" * 149 + b"\n"
@@ -614,7 +615,7 @@ def test_overwrite_syncs_every_replaced_file_hard_links_too(
     root = tmp_path / "live"
     root.mkdir()
     with repo.open_filesystem("vol") as fs:
-        fs.extract(["/home/ann"], str(root), in_place=True)
+        extract(fs, ["/home/ann"], str(root), in_place=True)
         synced: list[int] = []
         fsync = os.fsync
 
@@ -624,7 +625,7 @@ def test_overwrite_syncs_every_replaced_file_hard_links_too(
             fsync(fd)
 
         monkeypatch.setattr(os, "fsync", record)
-        report = fs.extract(["/home/ann"], str(root), in_place=True, conflict="overwrite")
+        report = extract(fs, ["/home/ann"], str(root), in_place=True, conflict="overwrite")
     assert report.hardlinks == 1
     assert len(synced) == report.files + report.hardlinks  # the second name of a link too
 
@@ -717,7 +718,7 @@ def test_extract_sparse_file_reads_only_its_data(
     asked = _count_reads(monkeypatch)
     out = tmp_path / "out"
     with repo.open_filesystem("vol") as fs:
-        report = fs.extract(["/huge", "/prealloc"], str(out))
+        report = extract(fs, ["/huge", "/prealloc"], str(out))
     assert report.files == 2 and not report.skipped
     assert asked["/huge"] <= 1 << 20
     # NTFS has no unwritten extents: ntfs-3g allocates, and the clusters are read.
@@ -786,7 +787,7 @@ def test_extract_hostile_extent_map_stays_inside_the_file(
     out = tmp_path / "out"
     with repo.open_filesystem("vol") as fs:
         ranges = list(fs.lookup("/f").data_ranges())
-        report = fs.extract(["/f"], str(out))
+        report = extract(fs, ["/f"], str(out))
         whole = fs.open("/f").read()
     assert ranges == [(0, 70000)]
     assert report.files == 1 and report.bytes_written == 70000
@@ -884,7 +885,7 @@ def test_extract_interrupted_removes_its_temporary_file(
     monkeypatch.setattr(Entry, "read", interrupted)
     out = tmp_path / "out"
     with repo.open_filesystem("vol") as fs, pytest.raises(KeyboardInterrupt):
-        fs.extract(["/big.bin"], str(out))
+        extract(fs, ["/big.bin"], str(out))
     assert os.listdir(out) == []
 
 
@@ -920,7 +921,7 @@ def test_extract_directory_keeps_its_metadata_when_an_entry_fails(
     repo.snapshot("vol", image)
     out = tmp_path / "out"
     with repo.open_filesystem("vol") as fs:
-        report = fs.extract(["/d", "/e"], str(out))
+        report = extract(fs, ["/d", "/e"], str(out))
     reasons = dict(report.skipped)
     for path in ("/d/bad.txt", "/e/bad.txt"):
         assert reasons[path].startswith("failed: ") and "is damaged" in reasons[path]
@@ -948,7 +949,7 @@ def test_extract_stopped_by_a_full_disk_leaves_directories_restored_or_gone(
             repo.open_filesystem("vol") as fs,
             pytest.raises(blocksnap.RestoreError, match="No space left on device"),
         ):
-            fs.extract(["/top"], str(out))
+            extract(fs, ["/top"], str(out))
         found = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
         kept_modes = {
             rel: stat.S_IMODE((out / rel).stat().st_mode) for rel in modes if rel in found
@@ -977,7 +978,7 @@ def test_extract_renamed_directory_links_to_what_it_wrote(
     target.mkdir()
     (target / "d").symlink_to(elsewhere)  # so the directory is restored as d.restored
     with repo.open_filesystem("vol") as fs:
-        report = fs.extract(["/d"], str(target), conflict="rename")
+        report = extract(fs, ["/d"], str(target), conflict="rename")
     assert report.renamed == [("/d", "d.restored")]
     a, b = target / "d.restored/a", target / "d.restored/b"
     assert a.read_bytes() == b.read_bytes() == b"restored\n"
@@ -1019,12 +1020,12 @@ def test_extract_takes_an_extent_map_only_inside_the_file(
     out = tmp_path / "out"
     with repo.open_filesystem("vol") as fs:
         if isinstance(expect, str):
-            report = fs.extract(["/"], str(out))
+            report = extract(fs, ["/"], str(out))
             assert dict(report.skipped) == {"/f": f"failed: /f: {expect}"}
             assert (out / "g").read_bytes() == b"next\n" and not (out / "f").exists()
             return
         assert list(fs.lookup("/f").data_ranges()) == expect
-        fs.extract(["/f"], str(out))
+        extract(fs, ["/f"], str(out))
     # Read where the map says data, zeros elsewhere, and nothing past the size.
     want = bytearray(len(content))
     for start, end in expect:

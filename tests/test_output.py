@@ -1,18 +1,28 @@
-"""What the CLI prints: names that are not UTF-8 in human and JSON output, and image- or
-user-chosen text escaped so that it cannot forge lines or drive the terminal."""
+"""What the CLI prints: names that are not UTF-8 in human and JSON output, image- or
+user-chosen text escaped so that it cannot forge lines or drive the terminal, and progress
+on a terminal in each phase's unit, leaving nothing behind."""
 
 from __future__ import annotations
 
 import base64
+import errno
+import fcntl
+import io
 import json
 import os
+import random
+import re
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 
 import pytest
 
-from blocksnap.cli.output import shown
+import blocksnap
+from blocksnap.cli.output import ProgressBar, shown
+from blocksnap.model import Progress, ProgressUnit
 from tests.conftest import run_cli
 from tests.fsimages import build
 
@@ -163,3 +173,209 @@ def test_error_lines_escape_what_they_quote(tmp_path: Path, ext4_image: Path) ->
     assert proc.stderr == ("blocksnap: error: /no\\x0asuch\\x1b[2J: no such file or directory\n")
     raw = _cli_bytes("cat", repo, "vol", "latest", b"/caf\xe9")
     assert raw.stderr == b"blocksnap: error: /caf\\xe9: no such file or directory\n"
+
+
+# Progress on a terminal (cli/output.py ProgressBar): one bar per phase in its unit, and
+# nothing of a bar left on the screen.
+
+
+def _screen(output: str, cols: int = 100) -> list[str]:
+    """The lines a terminal shows after `output`: carriage return, newline, backspace,
+    cursor up (ESC [ n A) and erase in line (ESC [ n K) are applied, as tqdm and the old
+    bar use them; any other escape sequence fails the test."""
+    lines: list[list[str]] = [[]]
+    row = col = 0
+    at = 0
+    while at < len(output):
+        char = output[at]
+        at += 1
+        if char == "\x1b":
+            match = re.match(r"\[(\d*)([AK])", output[at:])
+            assert match, f"unexpected escape sequence {output[at - 1 : at + 8]!r}"
+            at += match.end()
+            if match.group(2) == "A":
+                row = max(0, row - int(match.group(1) or 1))
+            else:
+                line = lines[row]
+                mode = int(match.group(1) or 0)
+                if mode == 0:
+                    del line[col:]
+                else:
+                    line[:] = [" "] * len(line) if mode == 2 else [" "] * col + line[col:]
+            continue
+        if char == "\r":
+            col = 0
+        elif char == "\n":
+            row += 1
+            col = 0
+            while len(lines) <= row:
+                lines.append([])
+        elif char == "\b":
+            col = max(0, col - 1)
+        else:
+            line = lines[row]
+            line.extend(" " * (col - len(line) + 1))
+            line[col] = char
+            col = min(col + 1, cols - 1)
+    return ["".join(line).rstrip() for line in lines]
+
+
+def _showing(shown_lines: list[str]) -> list[str]:
+    return [line for line in shown_lines if line]
+
+
+def test_progress_bar_one_bar_per_phase_in_its_unit_nothing_stale() -> None:
+    out = io.StringIO()
+    with ProgressBar(enabled=True, file=out) as bar:
+        bar(Progress("read-data", 15 << 20, 30 << 20, ProgressUnit.BYTES))
+        [line] = _showing(_screen(out.getvalue()))
+        assert line.startswith("read-data:") and "15.0M/30.0M" in line and "B/s" in line
+        bar(Progress("read-data", 30 << 20, 30 << 20, ProgressUnit.BYTES))
+        bar(Progress("collect", 1234, 0, ProgressUnit.OBJECTS))
+        [line] = _showing(_screen(out.getvalue()))  # the previous, longer line is gone
+        assert line.startswith("collect: 1234 ") and " objects/s" in line, line
+        assert "B/s" not in line and "read" not in line and "1.23k" not in line
+        bar(Progress("compact", 2, 3, ProgressUnit.PACKS))
+        [line] = _showing(_screen(out.getvalue()))
+        assert line.startswith("compact:") and " 2/3 " in line and " packs/s" in line, line
+        bar(Progress("snapshots", 1, 7, ProgressUnit.SNAPSHOTS))
+        [line] = _showing(_screen(out.getvalue()))
+        assert line.startswith("snapshots:") and " 1/7 " in line and " snapshots/s" in line
+        assert "packs" not in line and "B/s" not in line
+    assert _showing(_screen(out.getvalue())) == []
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, blocksnap.IntegrityError])
+def test_progress_bar_cleared_when_the_command_fails(error: type[BaseException]) -> None:
+    out = io.StringIO()
+    with pytest.raises(error), ProgressBar(enabled=True, file=out) as bar:
+        bar(Progress("restore", 5 << 20, 1 << 30, ProgressUnit.BYTES))
+        assert _showing(_screen(out.getvalue())) != []
+        raise error("stopped")
+    assert _showing(_screen(out.getvalue())) == []
+
+
+class _DeadTerminal(io.StringIO):
+    """A terminal that fails every write after the first `good` ones, and then every flush
+    (as one that hung up fails with EIO)."""
+
+    def __init__(self, good: int) -> None:
+        super().__init__()
+        self.good = good
+
+    def write(self, text: str) -> int:
+        if self.good <= 0:
+            raise OSError(errno.EIO, "Input/output error")
+        self.good -= 1
+        return super().write(text)
+
+    def flush(self) -> None:
+        if self.good <= 0:
+            raise OSError(errno.EIO, "Input/output error")
+
+
+@pytest.mark.parametrize("good", [0, 1, 3])
+def test_progress_bar_a_failing_terminal_never_stops_the_work(good: int) -> None:
+    out = _DeadTerminal(good)
+    with ProgressBar(enabled=True, file=out) as bar:
+        for phase, unit in (("read", ProgressUnit.BYTES), ("collect", ProgressUnit.OBJECTS)):
+            for done in range(0, 5 << 20, 1 << 20):
+                bar(Progress(phase, done, 5 << 20, unit))
+
+
+def test_progress_bar_silent_without_a_terminal() -> None:
+    out = io.StringIO()  # not a terminal
+    with ProgressBar(file=out) as bar:
+        bar(Progress("read", 1 << 20, 2 << 20, ProgressUnit.BYTES))
+    assert out.getvalue() == ""
+
+
+def _cli_on_terminal(*args: str, script: str | None = None) -> tuple[int, str, str]:
+    """python -m blocksnap (or `script`, given args as sys.argv[1:]) with stderr a
+    pseudo-terminal 100 columns wide: (status, stdout, what the terminal received)."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    command = ["-c", script] if script else ["-m", "blocksnap"]
+    proc = subprocess.Popen(
+        [sys.executable, *command, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=slave,
+    )
+    os.close(slave)
+    received = bytearray()
+    while True:
+        try:
+            data = os.read(master, 1 << 16)
+        except OSError:  # EIO: every holder of the terminal's other side closed it
+            break
+        if not data:
+            break
+        received += data
+    os.close(master)
+    assert proc.stdout is not None
+    stdout = proc.stdout.read().decode()
+    status = proc.wait(timeout=300)
+    return status, stdout, received.decode()
+
+
+def _phase_shown(terminal: str, phase: str) -> list[str]:
+    """Every state of the bar of `phase` that reached the terminal."""
+    return [part.strip() for part in terminal.split("\r") if part.startswith(f"{phase}:")]
+
+
+def test_cli_gc_and_verify_progress_show_counts_not_bytes(tmp_path: Path) -> None:
+    repo = str(tmp_path / "repo")
+    run_cli("init", repo, check=True)
+    for seed in (1, 2):
+        image = tmp_path / f"v{seed}.img"
+        image.write_bytes(random.Random(seed).randbytes(4 << 20))
+        run_cli("snapshot", repo, "vol", str(image), check=True)
+    run_cli("prune", repo, "vol", "--keep-last", "1", check=True)
+
+    status, stdout, terminal = _cli_on_terminal("gc", repo)
+    assert status == 0, terminal
+    assert "objects deleted" in stdout
+    collect = _phase_shown(terminal, "collect")
+    counted = r": \d+ objects \[.*, [?\d.]+ objects/s\]$"
+    assert collect and all(re.search(counted, s) for s in collect), collect
+    assert all("B/s" not in s for s in collect)
+    assert _showing(_screen(terminal)) == []
+
+    status, stdout, terminal = _cli_on_terminal("verify", repo, "--read-data")
+    assert status == 0, terminal
+    snapshots = _phase_shown(terminal, "snapshots")
+    assert snapshots and all(re.search(r" [01]/1 \[.*snapshots/s\]$", s) for s in snapshots)
+    read = _phase_shown(terminal, "read-data")
+    assert read and all("/4.0" in s and "B/s" in s for s in read), read  # bytes, scaled
+    assert _showing(_screen(terminal)) == []
+
+
+# The CLI with a real Ctrl-C (SIGINT to itself) at the first progress report of `read`.
+INTERRUPT_AT_READ = """
+import os, signal, sys
+from blocksnap.cli import output
+shown = output.ProgressBar.__call__
+def call(self, p):
+    shown(self, p)
+    if p.phase == "read":
+        os.kill(os.getpid(), signal.SIGINT)
+output.ProgressBar.__call__ = call
+from blocksnap.__main__ import entry
+entry(sys.argv[1:])
+"""
+
+
+def test_cli_progress_leaves_no_bar_after_ctrl_c(tmp_path: Path) -> None:
+    repo = str(tmp_path / "repo")
+    run_cli("init", repo, check=True)
+    image = tmp_path / "v.img"
+    image.write_bytes(random.Random(3).randbytes(16 << 20))
+    status, _, terminal = _cli_on_terminal(
+        "snapshot", repo, "vol", str(image), script=INTERRUPT_AT_READ
+    )
+    assert status == 130, terminal
+    assert _phase_shown(terminal, "read"), terminal  # the bar was on the screen
+    assert _showing(_screen(terminal)) == [
+        "blocksnap: error: snapshot interrupted; nothing was committed"
+    ]

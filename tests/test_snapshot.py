@@ -179,7 +179,7 @@ def test_source_that_grows_while_read_is_refused(
     image.write_bytes(os.urandom(20 << 20))
 
     def grow(progress: blocksnap.Progress) -> None:
-        if progress.phase == "read" and progress.done_size == 8 << 20:
+        if progress.phase == "read" and progress.done == 8 << 20:
             with open(image, "ab") as f:
                 f.write(b"more")
 
@@ -195,7 +195,7 @@ def test_source_that_shrinks_while_read_is_refused(
     image.write_bytes(os.urandom(20 << 20))
 
     def shrink(progress: blocksnap.Progress) -> None:
-        if progress.phase == "read" and progress.done_size == 8 << 20:
+        if progress.phase == "read" and progress.done == 8 << 20:
             os.truncate(image, 10 << 20)
 
     with pytest.raises(blocksnap.SourceError, match="shrank"):

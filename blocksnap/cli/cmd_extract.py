@@ -40,10 +40,14 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported when run, as opening the filesystem is: it loads the partition-table
+    # libraries, which every other command would otherwise load at start-up.
+    from blocksnap.extract import extract
+
     in_place = args.in_place is not None
     target = args.in_place if in_place else args.to
     with opened(args) as fs:
-        report = fs.extract(args.paths, target, in_place=in_place, conflict=args.conflict)
+        report = extract(fs, args.paths, target, in_place=in_place, conflict=args.conflict)
         fetched = fs.stats.blocks_fetched  # the whole request: finding the filesystem too
     refused = [(path, why) for path, why in report.skipped if why != "exists"]
     if args.json:

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
             args.target,
             only_changed=args.only_changed,
             # Every block is written: what is left is the sync and the rename into place.
-            progress=settling_at(lambda p: p.done_size == p.total_size, bar),
+            progress=settling_at(lambda p: p.done == p.total, bar),
         )
     if args.json:
         emit_json(

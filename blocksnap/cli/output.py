@@ -35,19 +35,22 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
 import json
 import re
 import sys
-import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from blocksnap import interrupts
 from blocksnap.errors import UsageError
-from blocksnap.model import Progress, ProgressCallback, SnapshotInfo
+from blocksnap.model import Progress, ProgressCallback, ProgressUnit, SnapshotInfo
 from blocksnap.retention import Policy
 from blocksnap.store import catalog
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 def shown(text: str) -> str:
@@ -181,43 +184,69 @@ def parse_time(text: str) -> datetime.datetime:
 
 
 class ProgressBar:
-    """A one-line bar on stderr (bytes, rate, ETA), shown only when stderr is a terminal."""
+    """Progress for people on stderr, only when it is a terminal: one tqdm bar per phase.
 
-    def __init__(self, enabled: bool | None = None) -> None:
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.start = time.monotonic()
-        self.last = 0.0
+    Each phase gets a bar of its own in its own unit (bytes scaled by 1024, counts of
+    objects, packs or snapshots as counts), so its rate and ETA are measured within the
+    phase.  A bar is cleared from its line when its phase ends, and the last one however
+    the command ends (done, an error, Ctrl-C): nothing of a bar stays on the terminal.
+    """
+
+    def __init__(self, enabled: bool | None = None, file: TextIO | None = None) -> None:
+        self.file = sys.stderr if file is None else file
+        self.enabled = self.file.isatty() if enabled is None else enabled
+        self._bar: tqdm[NoReturn] | None = None
+        self._phase: tuple[str, ProgressUnit] | None = None
 
     def __call__(self, p: Progress) -> None:
         if not self.enabled:
             return
-        now = time.monotonic()
-        if now - self.last < 0.2 and p.done_size != p.total_size:
-            return
-        self.last = now
-        elapsed = max(now - self.start, 1e-6)
-        rate = p.done_size / elapsed
-        if p.total_size:
-            frac = min(1.0, p.done_size / p.total_size)
-            bar = "#" * int(frac * 30)
-            eta = (p.total_size - p.done_size) / rate if rate > 0 else 0.0
-            line = (
-                f"\r{p.phase:10s} [{bar:30s}] {human_size(p.done_size)} / "
-                f"{human_size(p.total_size)}  {human_size(rate)}/s  ETA {eta:4.0f}s"
-            )
-        else:
-            line = f"\r{p.phase:10s} {human_size(p.done_size)}  {human_size(rate)}/s"
-        sys.stderr.write(line)
-        sys.stderr.flush()
+        try:
+            if self._bar is None or self._phase != (p.phase, p.unit):
+                self.close()
+                self._bar = self._open(p)
+                self._phase = (p.phase, p.unit)
+            bar = self._bar
+            if p.total and p.total != bar.total:
+                bar.total = p.total
+            bar.update(p.done - bar.n)
+        except OSError:  # the terminal went away: the work goes on without a display
+            self.enabled = False
+            self.close()
+
+    def _open(self, p: Progress) -> tqdm[NoReturn]:
+        # Imported here: a run without a terminal never loads it, and the CLI starts faster.
+        from tqdm import tqdm
+
+        in_bytes = p.unit is ProgressUnit.BYTES
+        return tqdm(
+            desc=p.phase,
+            total=p.total or None,
+            initial=p.done,  # shown at once; the rate counts only what is done from now
+            unit="B" if in_bytes else f" {p.unit.value}",
+            unit_scale=in_bytes,
+            unit_divisor=1024 if in_bytes else 1000,
+            file=self.file,
+            leave=False,  # close() clears the line
+            dynamic_ncols=True,
+            mininterval=0.2,
+        )
+
+    def close(self) -> None:
+        """Clear the current bar's line; idempotent."""
+        bar, self._bar, self._phase = self._bar, None, None
+        if bar is not None:
+            # A display that cannot be cleared must not change the command's outcome.
+            with contextlib.suppress(OSError):
+                bar.close()
+                self.file.flush()
 
     def __enter__(self) -> ProgressBar:
         return self
 
     def __exit__(self, *exc: object) -> None:
         """Clear the bar's line, however the command ended."""
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+        self.close()
 
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

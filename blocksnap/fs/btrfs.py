@@ -40,6 +40,7 @@ import google_crc32c
 import zstandard
 
 from blocksnap.errors import FilesystemError
+from blocksnap.fs.btrfsdamage import BtrfsDamage
 from blocksnap.fs.node import FileKind, FileStat, Mounted, Node, kind_of_mode
 
 if TYPE_CHECKING:
@@ -57,12 +58,6 @@ _EXTENT_HEAD = struct.Struct("<QQBBHB")  # generation, ram_bytes, compression, e
 _EXTENT_DISK = struct.Struct("<QQQQ")  # disk_bytenr, disk_num_bytes, offset, num_bytes
 MAX_COMPRESSED = 128 << 10
 MAX_SYMLINK = 4095
-
-
-class BtrfsDamage(OSError):
-    """A structure of the btrfs image is invalid; the layer above names the path.  An
-    OSError, which dissect never catches: its cursors take a ValueError for the end of a
-    tree, so a ValueError would cut a listing short without a word."""
 
 
 def detect(image: BinaryIO) -> bool:

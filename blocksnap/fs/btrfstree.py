@@ -43,7 +43,7 @@ import xxhash
 from dissect.btrfs import Btrfs
 from dissect.btrfs.exceptions import Error as DissectError
 
-from blocksnap.fs.btrfs import BtrfsDamage
+from blocksnap.fs.btrfsdamage import BtrfsDamage
 
 SUPERBLOCK_OFFSET = 0x10000
 SUPERBLOCK_SIZE = 0x1000

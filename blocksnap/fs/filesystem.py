@@ -15,16 +15,12 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from functools import cached_property
-from typing import TYPE_CHECKING
 
 from blocksnap.errors import BlocksnapError, FilesystemError, PathNotFoundError
 from blocksnap.fs.image import Latch, PositionalFile
 from blocksnap.fs.node import FileKind, FileStat, Mounted, Node
 from blocksnap.fs.volumes import Partition
 from blocksnap.reader import ImageReader
-
-if TYPE_CHECKING:
-    from blocksnap.extract import Conflict, ExtractReport
 
 MAX_SYMLINKS = 40
 MAX_DEPTH = 256  # directory levels a walk descends; deeper trees are reported, not read
@@ -222,19 +218,6 @@ class FileSystem:
         for entry in self.walk(path):
             if fnmatch.fnmatchcase(key(entry), pattern):
                 yield entry.stat
-
-    def extract(
-        self,
-        paths: list[str],
-        target: str,
-        *,
-        in_place: bool = False,
-        conflict: Conflict | str = "skip",
-    ) -> ExtractReport:
-        """Restore files and trees under `target` (see blocksnap.extract)."""
-        from blocksnap.extract import extract
-
-        return extract(self, paths, target, in_place=in_place, conflict=conflict)
 
 
 class Entry:

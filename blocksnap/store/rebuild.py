@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from blocksnap.blockmap import node_children
 from blocksnap.errors import BlocksnapError, IntegrityError
-from blocksnap.model import Progress, ProgressCallback, SnapshotInfo
+from blocksnap.model import Progress, ProgressCallback, ProgressUnit, SnapshotInfo
 from blocksnap.store import catalog
 from blocksnap.store.codec import decompress
 from blocksnap.store.index import POLICY_PREFIX, PROTECTED_PREFIX, Index
@@ -127,8 +127,8 @@ def rebuild_index(path: str, progress: ProgressCallback | None = None) -> Rebuil
                 report.packs += 1
                 report.objects += len(good)
                 done += size
-                if progress:
-                    progress(Progress("packs", done, total))
+                if progress:  # bytes of packs read: packs differ widely in size
+                    progress(Progress("packs", done, total, ProgressUnit.BYTES))
             index.set_counts(counts)
             found: dict[str, list[SnapshotInfo]] = defaultdict(list)
             bodies: dict[str, bytes] = {}
