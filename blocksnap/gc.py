@@ -12,7 +12,8 @@ Three steps, each safe to interrupt at any instant (kill -9 included):
    running, and level by level as writers come and go otherwise.  The walk covers only
    the unreferenced objects, so its cost follows what was pruned, not the repository.
 3. Packs that lost live bytes are looked at: an empty one is deleted, and one whose live
-   fraction is below the threshold has its live records copied into new packs first.
+   fraction is below the threshold has its live records copied verbatim into new packs
+   first (map nodes and data blocks into packs of their own kind).
    Index entries move in the transaction that retires the old pack; a reader that looked
    up the old place retries once (Store.read_object).
 """

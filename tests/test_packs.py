@@ -378,3 +378,17 @@ def test_repair_refuses_a_pack_of_a_newer_format(tmp_path: Path, ext4_image: Pat
     assert proc.stderr.count("\n") == 1 and "newer blocksnap" in proc.stderr, proc.stderr
     with blocksnap.Repository(repo_path) as repo:  # the old index is still in force
         assert [s.id for s in repo.snapshots("vol")] == list(images)
+
+
+def test_a_node_pack_that_fills_first_waits_for_the_blocks_it_names(
+    tmp_path: Path, ext4_image: Path
+) -> None:
+    """Small packs and 4 KiB blocks: node packs fill while a block pack holding their
+    children is still open, which is then sealed and indexed first."""
+    with blocksnap.Repository.init(tmp_path / "repo", pack_target_size=64 << 10) as repo:
+        snap = repo.snapshot("vol", ext4_image, block_size=4096)
+        kinds = _packs_by_kind(repo)
+        assert sum(1 for k in kinds.values() if k == {KIND_NODE}) > 1
+        assert all(len(k) == 1 for k in kinds.values())
+        assert repo.verify(read_data=True).ok
+        _restores(repo, {snap.id: ext4_image.read_bytes()}, tmp_path / "out.img")

@@ -29,7 +29,8 @@ its pack or its offset)::
     48      8     check: XXH3-64 of header bytes 0..47 followed by the payload
     56      ...   payload
 
-TOC entry (64 bytes; the TOC is record_count entries, toc_size = 64 * record_count)::
+TOC entry (64 bytes; the TOC of a pack in clear text is record_count entries, so
+toc_size = 64 * record_count)::
 
     0       32    id
     32      8     offset of the record header in the pack
@@ -68,14 +69,18 @@ Compatibility rule.  A reader accepts exactly the format versions it knows (2). 
 whose header or trailer is intact (its check passes) and names another version, a key id
 (an encrypted pack), or non-zero flags or reserved fields, was written by a newer
 blocksnap: it is refused with UnsupportedFormatError, never read as damage, scanned
-around or guessed at.  Any change to these layouts bumps the version.  Format 1 packs
+around or guessed at.  Any change to these layouts bumps the version.  In a pack of
+version 2 without a key id, a record or TOC entry with non-zero flags is damage.  Format 1 packs
 (magic b"BSPACK\\x00\\x01", no TOC) are not read (there were no users).
 
 Encryption (not implemented yet; its place is reserved so that it needs no version bump).
 The AEAD is XChaCha20-Poly1305 with a random 24-byte nonce per sealed item: many hosts
 write one repository with no shared nonce counter, and random 192-bit nonces do not
-collide at any volume a repository reaches.  The pack's key id (header and trailer,
-copied into every TOC-less reader's reach) names the key; all zero means clear text.  An
+collide at any volume a repository reaches (the birthday bound is near 2^96 items per
+key; AES-GCM's random 96-bit nonces would limit a key to about 2^32 items, and
+AES-GCM-SIV is the fallback where AES hardware matters more).  The pack's key id (in
+header and trailer, so that a reader of either end finds it) names the key (a tenant's,
+later); all zero means clear text.  An
 encrypted record sets flags bit 0; its payload is nonce (24) || ciphertext || tag (16),
 and stored_size counts all of it.  Its associated data is record header bytes 0..47
 (magic, kind, codec, flags, sizes, id) followed by the pack's key id: never the pack id

@@ -3,6 +3,15 @@
 Reference counts are recounted from scratch: every indexed map node counts its entries,
 and every snapshot its root.
 
+A pack is indexed from its table of contents, read from its tail (store/packs.py), so a
+pack of data blocks costs one or two small ranged reads, not a download.  Its blocks are
+not read: a damaged one is found when it is read (restore, verify --read-data).  Map
+nodes are read and checked, since their children are counted; they live in packs of
+their own, each read in one range.  A pack whose trailer or TOC is damaged is read whole
+and scanned, every record in it checked, so the damage costs only the records it hit.
+A pack of a format this blocksnap does not know stops the rebuild (UnsupportedFormatError)
+before anything is swapped: leaving its records out would lose them.
+
 The new index is built in REPO/index.rebuild, marked complete with a file named COMPLETE,
 and then swapped in with two renames.  A crash before COMPLETE leaves the old index in
 force; a crash between the renames is finished by the next open (see Store in repository.py).  The
