@@ -385,11 +385,17 @@ class PackWalk:
     complete: bool = False
 
 
-def _record_at(view: memoryview, rec: Record, where: str) -> IntegrityError | None:
-    """Whether the bytes at a TOC entry's place are the record it lists, intact."""
+def check_listed(
+    data: bytes | memoryview, rec: Record, where: str, base: int = 0
+) -> IntegrityError | None:
+    """Whether the bytes at a TOC entry's place are the record it lists, intact; data
+    holds the pack from offset base on."""
     where = f"{where} at offset {rec.offset}"
-    header = view[rec.offset : rec.offset + HEADER_SIZE]
+    view = memoryview(data)[rec.offset - base : rec.end - base]
     try:
+        if len(view) != HEADER_SIZE + rec.stored_size:
+            raise IntegrityError(f"{where}: pack is truncated")
+        header = view[:HEADER_SIZE]
         head = parse_header(header, where)
         if (head.kind, head.codec, head.stored_size, head.raw_size, head.id, head.check) != (
             rec.kind,
@@ -400,7 +406,7 @@ def _record_at(view: memoryview, rec: Record, where: str) -> IntegrityError | No
             rec.check,
         ):
             raise IntegrityError(f"{where}: record header does not match the table of contents")
-        check_record(header, view[rec.offset + HEADER_SIZE : rec.end], where)
+        check_record(header, view[HEADER_SIZE:], where)
     except IntegrityError as exc:
         return exc
     return None
@@ -482,6 +488,6 @@ def walk_pack(data: bytes, name: str) -> PackWalk:
             else:
                 walk.records.append(item)
         return walk
-    walk.records = [(rec, _record_at(view, rec, where)) for rec in toc]
+    walk.records = [(rec, check_listed(view, rec, where)) for rec in toc]
     walk.complete = True
     return walk

@@ -36,8 +36,7 @@ from blocksnap.store.packs import (
     HEADER_SIZE,
     KIND_NODE,
     Record,
-    check_record,
-    parse_header,
+    check_listed,
     read_toc,
     walk_pack,
 )
@@ -126,9 +125,16 @@ def _index_pack(
     children: dict[bytes, list[bytes]] = {}
     view = memoryview(data)
     for rec, error in candidates:
+        if error is None and not check_all and rec.kind == KIND_NODE:
+            error = check_listed(data, rec, where, base)
         if error is None and (check_all or rec.kind == KIND_NODE):
+            start = rec.offset - base + HEADER_SIZE
             try:
-                raw = _open(store, view[rec.offset - base : rec.end - base], rec, where)
+                raw = decompress(rec.codec, view[start : rec.end - base], rec.raw_size, where)
+                if store.hash(raw) != rec.id:
+                    raise IntegrityError(
+                        f"{where}: record {rec.id.hex()} content does not match its id"
+                    )
                 if rec.kind == KIND_NODE:
                     children[rec.id] = node_children(raw)
             except IntegrityError as exc:
@@ -138,21 +144,6 @@ def _index_pack(
         else:
             report.damaged.append(str(error))
     return good, children
-
-
-def _open(store: Store, record: memoryview, rec: Record, where: str) -> bytes:
-    """A record's raw bytes, once header, check, decoding and id show it intact."""
-    where = f"{where} at offset {rec.offset}"
-    if len(record) != HEADER_SIZE + rec.stored_size:
-        raise IntegrityError(f"{where}: pack is truncated")
-    head = parse_header(record[:HEADER_SIZE], where)
-    if (head.id, head.kind, head.codec, head.check) != (rec.id, rec.kind, rec.codec, rec.check):
-        raise IntegrityError(f"{where}: record header does not match the table of contents")
-    check_record(record[:HEADER_SIZE], record[HEADER_SIZE:], where)
-    raw = decompress(rec.codec, record[HEADER_SIZE:], rec.raw_size, where)
-    if store.hash(raw) != rec.id:
-        raise IntegrityError(f"{where}: record {rec.id.hex()} content does not match its id")
-    return raw
 
 
 def rebuild_index(path: str, progress: ProgressCallback | None = None) -> RebuildReport:
