@@ -22,6 +22,7 @@ from blocksnap.errors import (
     RestoreError,
     SourceError,
     StoreError,
+    UnsupportedFormatError,
     UsageError,
     XattrsIncompleteError,
 )
@@ -142,6 +143,7 @@ __all__ = [
     "SnapshotKind",
     "SourceError",
     "StoreError",
+    "UnsupportedFormatError",
     "UsageError",
     "VerifyReport",
     "Version",

@@ -35,7 +35,7 @@ from blocksnap.model import BLOCK_ID_SIZE, Progress, ProgressCallback, ProgressU
 from blocksnap.store import catalog
 from blocksnap.store.codec import decompress
 from blocksnap.store.index import IndexView
-from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, iter_records
+from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, walk_pack
 from blocksnap.store.repository import Store, pack_name
 
 _ATTEMPTS = 4  # looks again at what a concurrent gc moved, before calling it damage
@@ -72,33 +72,38 @@ class VerifyReport:
 
 def _read_pack(
     store: Store, name: str, pack_id: bytes
-) -> tuple[int, set[int], dict[int, str]] | None:
-    """Check every record of one pack: (bytes read, good offsets, bad offset -> message),
-    or None when the pack is gone.
+) -> tuple[int, set[int], dict[int, str], list[str]] | None:
+    """Check every record of one pack: (bytes read, good offsets, bad offset -> message,
+    damage to the pack's structure), or None when the pack is gone.
 
-    Offset -1 in the bad map means the pack's structure broke and the walk stopped.
+    Offset -1 in the bad map means the pack's table of contents is damaged, so an offset
+    its scan did not find may hold a record that was lost with it.
     """
     try:
         data = store.backend.get(name)
+        walk = walk_pack(data, pack_id.hex())
     except MissingObjectError:
         return None
+    except BlocksnapError as exc:  # a pack of a newer format: not read, and said so
+        return 0, set(), {-1: str(exc)}, [str(exc)]
     good: set[int] = set()
     bad: dict[int, str] = {}
-    for rec, error in iter_records(data, pack_id.hex()):
-        if rec is not None and error is None:
-            start = rec.offset + HEADER_SIZE
-            payload = memoryview(data)[start : start + rec.stored_size]
+    for rec, error in walk.records:
+        if error is None:
+            payload = memoryview(data)[rec.offset + HEADER_SIZE : rec.end]
             try:
                 raw = decompress(rec.codec, payload, rec.raw_size, f"pack {pack_id.hex()}")
                 if store.hash(raw) != rec.id:
                     error = IntegrityError(f"record {rec.id.hex()}: content does not match its id")
             except IntegrityError as exc:
                 error = exc
-        if error is None and rec is not None:
+        if error is None:
             good.add(rec.offset)
         else:
-            bad[rec.offset if rec is not None else -1] = str(error)
-    return len(data), good, bad
+            bad[rec.offset] = str(error)
+    if not walk.complete:
+        bad[-1] = "; ".join(str(e) for e in walk.problems)
+    return len(data), good, bad, [str(e) for e in walk.problems]
 
 
 class _Reader:
@@ -272,7 +277,9 @@ def verify(
                         suspects[key] = f"pack {pack_id.hex()} is missing"
                     continue
                 report.packs_checked += 1
-                size, good, bad = read
+                size, good, bad, broken = read
+                for msg in broken:  # the records it costs are named below, by snapshot
+                    damage.setdefault(msg, set())
                 report.bytes_read += size
                 say(Progress("read-data", report.bytes_read, total, ProgressUnit.BYTES))
                 for offset, key in by_pack[pack_id].items():

@@ -43,6 +43,11 @@ class StoreError(BlocksnapError):
     exit_code = 6
 
 
+class UnsupportedFormatError(StoreError):
+    """A stored object is intact but of a format (version, feature) this blocksnap does not
+    know: a newer blocksnap wrote it.  It is refused, never read as damage or guessed at."""
+
+
 class SourceError(BlocksnapError):
     """The volume being snapshotted could not be read, or changed size while being read."""
 

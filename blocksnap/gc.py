@@ -12,7 +12,8 @@ Three steps, each safe to interrupt at any instant (kill -9 included):
    running, and level by level as writers come and go otherwise.  The walk covers only
    the unreferenced objects, so its cost follows what was pruned, not the repository.
 3. Packs that lost live bytes are looked at: an empty one is deleted, and one whose live
-   fraction is below the threshold has its live records copied into new packs first.
+   fraction is below the threshold has its live records copied verbatim into new packs
+   first (map nodes and data blocks into packs of their own kind).
    Index entries move in the transaction that retires the old pack; a reader that looked
    up the old place retries once (Store.read_object).
 """
@@ -26,7 +27,14 @@ from dataclasses import dataclass, field
 from blocksnap.blockmap import node_children
 from blocksnap.errors import BlocksnapError, UsageError
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
-from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, PACK_MAGIC, PackBuilder, iter_records
+from blocksnap.store.packs import (
+    KIND_BLOCK,
+    KIND_NODE,
+    KINDS,
+    PackBuilder,
+    overhead_size,
+    walk_pack,
+)
 from blocksnap.store.repository import Registration, Store, pack_name
 
 DEFAULT_COMPACT_BELOW = 0.8  # compact a pack once more than a fifth of it is garbage
@@ -135,7 +143,7 @@ def _compact(
     todo: list[tuple[bytes, int]] = []
     fine: list[bytes] = []
     for pack_id, info in sparse.items():
-        payload = int(info["size"]) - len(PACK_MAGIC)
+        payload = int(info["size"]) - overhead_size(int(info.get("records", 0)))
         live = int(info.get("live", 0))
         if live <= 0 or payload <= 0 or live / payload < compact_below:
             todo.append((pack_id, int(info["size"])))
@@ -143,53 +151,65 @@ def _compact(
             fine.append(pack_id)  # looked at again once it loses more
     store.index.unmark_sparse(fine)
 
-    builder = PackBuilder()
-    moves: dict[bytes, tuple[bytes, int]] = {}
+    # Copies of map nodes and of data blocks go to new packs of their own kind.
+    builders = {kind: PackBuilder() for kind in KINDS}
+    moves: dict[int, dict[bytes, tuple[bytes, int]]] = {kind: {} for kind in KINDS}
     retire: dict[bytes, list[tuple[bytes, int]]] = {}
     sizes: dict[bytes, int] = {}
 
     def finish() -> None:
-        nonlocal builder, moves, retire
-        new_pack = None
-        new_intent = None
-        if builder.records:
-            pack_id = secrets.token_bytes(16)
-            name = pack_name(pack_id)
-            new_intent = me.intent(name)
-            store.index.add_intent(new_intent)
-            store.backend.put(name, builder.buffer)
-            new_pack = (pack_id, builder.size, builder.records)
-            report.packs_written += 1
-            report.bytes_copied += builder.size - len(PACK_MAGIC)
-            report.bytes_freed -= builder.size
-        retired = store.index.move_records(
-            new_pack, moves, retire, (new_intent, lambda p: me.intent(pack_name(p)))
-        )
-        for pack_id in retired:
-            store.backend.delete(pack_name(pack_id))
-            store.index.drop_intent(me.intent(pack_name(pack_id)))
-            report.packs_deleted += 1
-            report.bytes_freed += sizes[pack_id]
-            if any(p == pack_id for p, _ in moves.values()):
-                report.packs_compacted += 1
-        builder, moves, retire = PackBuilder(), {}, {}
+        nonlocal retire
+        # One transaction per new pack; the old packs are retired by the last, once
+        # every copy is indexed (a crash between leaves them indexed, for the next gc).
+        kinds = [kind for kind in KINDS if builders[kind].records] or [KIND_BLOCK]
+        for k, kind in enumerate(kinds):
+            builder = builders[kind]
+            new_pack = None
+            new_intent = None
+            if builder.records:
+                pack_id = secrets.token_bytes(16)
+                name = pack_name(pack_id)
+                new_intent = me.intent(name)
+                store.index.add_intent(new_intent)
+                builder.seal()
+                store.backend.put(name, builder.buffer)
+                new_pack = (pack_id, builder.size, builder.records)
+                report.packs_written += 1
+                report.bytes_copied += builder.records_size
+                report.bytes_freed -= builder.size
+            last = k == len(kinds) - 1
+            retired = store.index.move_records(
+                new_pack,
+                moves[kind],
+                retire if last else {},
+                (new_intent, lambda p: me.intent(pack_name(p))),
+            )
+            for pack_id in retired:
+                store.backend.delete(pack_name(pack_id))
+                store.index.drop_intent(me.intent(pack_name(pack_id)))
+                report.packs_deleted += 1
+                report.bytes_freed += sizes[pack_id]
+                if any(p == pack_id for m in moves.values() for p, _ in m.values()):
+                    report.packs_compacted += 1
+        for kind in KINDS:
+            builders[kind], moves[kind] = PackBuilder(), {}
+        retire = {}
 
     for done, (pack_id, size) in enumerate(todo, 1):
         sizes[pack_id] = size
         name = pack_name(pack_id)
         try:
             data = store.backend.get(name)
+            walk = walk_pack(data, pack_id.hex())
         except BlocksnapError as exc:
             report.problems.append(f"pack {pack_id.hex()} not compacted: {exc}")
             continue
-        records = []
-        intact = True
-        for rec, error in iter_records(data, pack_id.hex()):
-            if rec is None:
-                intact = False  # the walk stopped: what follows is unknown, keep the pack
-                report.problems.append(f"pack {pack_id.hex()} not compacted: {error}")
-                break
-            records.append((rec, error))
+        # A pack whose table of contents is damaged may hold records the scan missed:
+        # its live records are copied, but the pack itself is kept.
+        intact = walk.complete
+        if not intact:
+            report.problems += [f"pack {pack_id.hex()} not compacted: {e}" for e in walk.problems]
+        records = walk.records
         locations = store.index.locations([rec.id for rec, _ in records])
         contents = []
         for (rec, error), loc in zip(records, locations, strict=True):
@@ -200,13 +220,12 @@ def _compact(
                 intact = False
                 report.problems.append(f"pack {pack_id.hex()} not compacted: {error}")
                 continue
-            end = rec.offset + HEADER_SIZE + rec.stored_size
-            builder.add(bytes(data[rec.offset : end]))
-            moves[rec.id] = (pack_id, rec.offset)
+            builders[rec.kind].add(data[rec.offset : rec.end])
+            moves[rec.kind][rec.id] = (pack_id, rec.offset)
         if intact:
             retire[pack_id] = contents
-        if builder.size >= store.config.pack_target_size:
+        if any(b.size >= store.config.pack_target_size for b in builders.values()):
             finish()
         say(Progress("compact", done, len(todo), ProgressUnit.PACKS))
-    if moves or retire:
+    if any(moves.values()) or retire:
         finish()

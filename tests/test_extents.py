@@ -18,7 +18,7 @@ import blocksnap
 from blocksnap.errors import UsageError
 from blocksnap.extents import DataRuns, hint_runs, parse_extents
 from blocksnap.snapshot import RESUME_SAMPLE_COUNT
-from blocksnap.store.packs import PACK_MAGIC
+from blocksnap.store.packs import overhead_size
 from tests.conftest import debugfs, interrupt_after, run_cli
 from tests.test_gc_safety import run_killed
 
@@ -75,7 +75,7 @@ def bytes_read_by_process() -> int:
 def dead_bytes(repo: blocksnap.Repository) -> int:
     """Bytes in packs that no index entry points at: copies stored twice, or garbage."""
     packs = repo.store.index.pack_infos().values()
-    return sum(p["size"] - len(PACK_MAGIC) - p["live"] for p in packs)
+    return sum(p["size"] - overhead_size(p["records"]) - p["live"] for p in packs)
 
 
 # --- parsing and validation ----------------------------------------------------------------

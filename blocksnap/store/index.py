@@ -86,7 +86,7 @@ from blocksnap.errors import (
     StoreError,
 )
 from blocksnap.store import lmdbfile
-from blocksnap.store.packs import HEADER_SIZE, PACK_MAGIC, Record
+from blocksnap.store.packs import HEADER_SIZE, Record, overhead_size
 
 INDEX_FORMAT = b"2"
 # The map is address space, not memory, but under an address-space limit (ulimit -v, on
@@ -849,7 +849,7 @@ class Index:
             self._incref_many(txn, increments)
             info = {"size": size, "records": len(records), "time": time.time(), "live": live}
             txn.put(pack_id, json.dumps(info).encode(), db=self.packs)
-            if live < size - len(PACK_MAGIC):
+            if live < size - overhead_size(len(records)):
                 txn.put(pack_id, b"", db=self.sparse)
             self._adjust_live(txn, deltas)
             if intent is not None:

@@ -3,6 +3,15 @@
 Reference counts are recounted from scratch: every indexed map node counts its entries,
 and every snapshot its root.
 
+A pack is indexed from its table of contents, read from its tail (store/packs.py), so a
+pack of data blocks costs one or two small ranged reads, not a download.  Its blocks are
+not read: a damaged one is found when it is read (restore, verify --read-data).  Map
+nodes are read and checked, since their children are counted; they live in packs of
+their own, each read in one range.  A pack whose trailer or TOC is damaged is read whole
+and scanned, every record in it checked, so the damage costs only the records it hit.
+A pack of a format this blocksnap does not know stops the rebuild (UnsupportedFormatError)
+before anything is swapped: leaving its records out would lose them.
+
 The new index is built in REPO/index.rebuild, marked complete with a file named COMPLETE,
 and then swapped in with two renames.  A crash before COMPLETE leaves the old index in
 force; a crash between the renames is finished by the next open (see Store in repository.py).  The
@@ -23,7 +32,14 @@ from blocksnap.model import Progress, ProgressCallback, ProgressUnit, SnapshotIn
 from blocksnap.store import catalog
 from blocksnap.store.codec import decompress
 from blocksnap.store.index import POLICY_PREFIX, PROTECTED_PREFIX, Index
-from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, Record, iter_records
+from blocksnap.store.packs import (
+    HEADER_SIZE,
+    KIND_NODE,
+    Record,
+    check_listed,
+    read_toc,
+    walk_pack,
+)
 from blocksnap.store.repository import Store
 
 REBUILD_DIR = "index.rebuild"
@@ -77,6 +93,59 @@ def _restore_settings(
         )
 
 
+def _index_pack(
+    store: Store, name: str, size: int, report: RebuildReport
+) -> tuple[list[Record], dict[bytes, list[bytes]]]:
+    """The intact records of one pack and the children of its map nodes.
+
+    The table of contents comes from the pack's tail (packs.read_toc), so a pack of data
+    blocks costs one or two small reads; its blocks are checked when read (and by verify
+    --read-data).  Map nodes are read and checked here, their children being needed for
+    the counts; they sit in packs of their own, read in one range.  A pack whose trailer
+    or TOC is damaged is read whole and scanned, and every record is checked.
+    """
+    pack = name.rsplit("/", 1)[1]
+    where = f"pack {pack}"
+    try:
+        records = read_toc(lambda at, length: store.backend.get(name, at, length), size, where)
+    except IntegrityError as exc:
+        data = store.backend.get(name)
+        walk = walk_pack(data, pack)
+        report.damaged.append(f"{exc}; its records were found by scanning it")
+        report.damaged += [str(e) for e in walk.problems if str(e) != str(exc)]
+        candidates = walk.records
+        check_all, base = True, 0
+    else:
+        nodes = [rec for rec in records if rec.kind == KIND_NODE]
+        base = nodes[0].offset if nodes else 0
+        data = store.backend.get(name, base, nodes[-1].end - base) if nodes else b""
+        candidates = [(rec, None) for rec in records]
+        check_all = False
+    good: list[Record] = []
+    children: dict[bytes, list[bytes]] = {}
+    view = memoryview(data)
+    for rec, error in candidates:
+        if error is None and not check_all and rec.kind == KIND_NODE:
+            error = check_listed(data, rec, where, base)
+        if error is None and (check_all or rec.kind == KIND_NODE):
+            start = rec.offset - base + HEADER_SIZE
+            try:
+                raw = decompress(rec.codec, view[start : rec.end - base], rec.raw_size, where)
+                if store.hash(raw) != rec.id:
+                    raise IntegrityError(
+                        f"{where}: record {rec.id.hex()} content does not match its id"
+                    )
+                if rec.kind == KIND_NODE:
+                    children[rec.id] = node_children(raw)
+            except IntegrityError as exc:
+                error = exc
+        if error is None:
+            good.append(rec)
+        else:
+            report.damaged.append(str(error))
+    return good, children
+
+
 def rebuild_index(path: str, progress: ProgressCallback | None = None) -> RebuildReport:
     report = RebuildReport()
     with Store(path, exclusive=True) as store:
@@ -95,33 +164,9 @@ def rebuild_index(path: str, progress: ProgressCallback | None = None) -> Rebuil
                 except ValueError:
                     report.damaged.append(f"{name}: not a pack name")
                     continue
-                data = store.backend.get(name)
-                good: list[Record] = []
-                children: dict[bytes, list[bytes]] = {}
-                for rec, error in iter_records(data, pack_id.hex()):
-                    if rec is not None and error is None:
-                        start = rec.offset + HEADER_SIZE
-                        try:
-                            raw = decompress(
-                                rec.codec,
-                                memoryview(data)[start : start + rec.stored_size],
-                                rec.raw_size,
-                                name,
-                            )
-                            if store.hash(raw) != rec.id:
-                                raise IntegrityError(
-                                    f"{name}: record {rec.id.hex()} content does not match its id"
-                                )
-                            if rec.kind == KIND_NODE:
-                                children[rec.id] = node_children(raw)
-                        except IntegrityError as exc:
-                            error = exc
-                    if error is None and rec is not None:
-                        good.append(rec)
-                    else:
-                        report.damaged.append(str(error))
+                good, children = _index_pack(store, name, size, report)
                 # Counted only for nodes indexed from this pack, not for duplicate copies.
-                for added in index.add_pack(pack_id, len(data), good):
+                for added in index.add_pack(pack_id, size, good):
                     for child in children.get(added, ()):
                         counts[child] += 1
                 report.packs += 1

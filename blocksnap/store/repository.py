@@ -76,6 +76,7 @@ from blocksnap.store.packs import (
     PackBuilder,
     check_record,
     parse_header,
+    record_kind,
 )
 
 CONFIG_NAME = "config"
@@ -742,13 +743,17 @@ class Registration:
 
 
 class _OpenPack:
-    """A pack being written: its name and intent, and its writer once the pack thread
-    has opened it."""
+    """A pack being written: its name and intent, its layout, the ids and node children
+    it holds, and its writer once the pack thread has opened it."""
 
-    def __init__(self, registration: Registration) -> None:
+    def __init__(self, registration: Registration, kind: int) -> None:
         self.id = secrets.token_bytes(16)
         self.name = pack_name(self.id)
         self.intent = registration.intent(self.name)
+        self.kind = kind
+        self.builder = PackBuilder()
+        self.pending: set[bytes] = set()  # ids in the pack
+        self.children: dict[bytes, list[bytes]] = {}  # of the nodes in the pack
         self.out: ObjectWriter | None = None
         self.unsynced = 0  # bytes written since the last sync
         self.indexed = False
@@ -760,12 +765,16 @@ class StoreWriter:
 
     Registration (see store/index.py) gives the writer a start epoch; until it closes, gc
     keeps every object the writer may refer to, and the writer asks claim() rather than
-    "is it indexed" before referring to an object.  Records go to the pack thread in
-    parts of WRITE_PART bytes, which it writes and, every SYNC_EVERY bytes, syncs, so
-    writing and fsync overlap with reading and compressing and sealing a pack waits only
-    for its last part.  At most one sealed pack is being finished while the next fills.
-    flush() returns once everything added is durable and indexed; a failure in the
-    background is raised by the next add() or flush().
+    "is it indexed" before referring to an object.  Map nodes and data blocks fill two
+    packs apart (one open pack per kind), so that metadata stays in small packs of its
+    own.  Records go to the pack thread in parts of WRITE_PART bytes, which it writes and,
+    every SYNC_EVERY bytes, syncs, so writing and fsync overlap with reading and
+    compressing and sealing a pack waits only for its last part and its table of
+    contents.  At most one sealed pack is being finished while the next fills.  Packs are
+    indexed in the order they are sealed, and a node pack is sealed only after the open
+    block pack, so a node is never indexed before the blocks it names.  flush() returns
+    once everything added is durable and indexed; a failure in the background is raised
+    by the next add() or flush().
     """
 
     WRITE_PART = 1 << 20
@@ -775,10 +784,7 @@ class StoreWriter:
         self.store = store
         self.registration = Registration(store)
         self.epoch = self.registration.epoch
-        self.builder = PackBuilder()
-        self.pending: set[bytes] = set()  # ids in the open pack
-        self._pack: _OpenPack | None = None  # the open pack, once it has a record
-        self._children: dict[bytes, list[bytes]] = {}  # of the nodes in the open pack
+        self._open: dict[int, _OpenPack] = {}  # kind -> its open pack, once it has a record
         self._sealed: deque[tuple[Future[int], set[bytes]]] = deque()  # not yet indexed
         self._tasks: deque[Future[int]] = deque()  # on the pack thread, in order
         self._started: list[_OpenPack] = []  # packs begun and not yet indexed
@@ -790,7 +796,9 @@ class StoreWriter:
         return [not ok for ok in self.store.index.claim(object_ids, self.epoch)]
 
     def _queued(self, object_id: bytes) -> bool:
-        return object_id in self.pending or any(object_id in ids for _, ids in self._sealed)
+        return any(object_id in pack.pending for pack in self._open.values()) or any(
+            object_id in ids for _, ids in self._sealed
+        )
 
     def has(self, object_id: bytes) -> bool:
         """Whether the object may be referred to: usable in the index, or queued here."""
@@ -816,19 +824,21 @@ class StoreWriter:
         if not checked and not self.missing([object_id])[0]:
             return 0
         self._reap()
-        if self._pack is None:
-            self._pack = _OpenPack(self.registration)
-            self._started = [pack for pack in self._started if not pack.indexed]
-            self._started.append(self._pack)
-            self._submit(self._begin, self._pack)
-        self.builder.add(record)
-        self.pending.add(object_id)
+        kind = record_kind(record)
+        pack = self._open.get(kind)
+        if pack is None:
+            pack = self._open[kind] = _OpenPack(self.registration, kind)
+            self._started = [p for p in self._started if not p.indexed]
+            self._started.append(pack)
+            self._submit(self._begin, pack)
+        pack.builder.add(record)
+        pack.pending.add(object_id)
         if children:
-            self._children[object_id] = children
-        if self.builder.size >= self.store.config.pack_target_size:
-            self._seal()
-        elif len(self.builder.buffer) >= self.WRITE_PART:
-            self._submit(self._write, self._pack, self.builder.take())
+            pack.children[object_id] = children
+        if pack.builder.size >= self.store.config.pack_target_size:
+            self._seal(kind)
+        elif len(pack.builder.buffer) >= self.WRITE_PART:
+            self._submit(self._write, pack, pack.builder.take())
         return len(record)
 
     # --- on the pack thread ----------------------------------------------------------------
@@ -848,14 +858,15 @@ class StoreWriter:
             pack.unsynced = 0
         return 0
 
-    def _finish(
-        self, pack: _OpenPack, builder: PackBuilder, children: dict[bytes, list[bytes]]
-    ) -> int:
+    def _finish(self, pack: _OpenPack) -> int:
         if pack.out is None:
             raise StoreError(f"pack {pack.name} was not opened")
         pack.out.commit()
+        builder = pack.builder
         with lmdb_errors("indexing pack"):
-            self.store.index.add_pack(pack.id, builder.size, builder.records, children, pack.intent)
+            self.store.index.add_pack(
+                pack.id, builder.size, builder.records, pack.children, pack.intent
+            )
         pack.indexed = True
         return builder.size
 
@@ -875,23 +886,24 @@ class StoreWriter:
         while self._sealed and self._sealed[0][0].done():
             self._sealed.popleft()
 
-    def _seal(self) -> None:
-        if not self.builder.records:
+    def _seal(self, kind: int) -> None:
+        """Seal the open pack of a kind (a node pack after the block pack: see above)."""
+        if kind == KIND_NODE and KIND_BLOCK in self._open:
+            self._seal(KIND_BLOCK)
+        pack = self._open.pop(kind, None)
+        if pack is None:
             return
-        assert self._pack is not None
-        if self.builder.buffer:
-            self._submit(self._write, self._pack, self.builder.take())
+        pack.builder.seal()  # the table of contents and trailer: the pack's last part
+        self._submit(self._write, pack, pack.builder.take())
         if self._sealed:  # at most one sealed pack being finished while the next fills
             self._reap(until=self._sealed[0][0])
-        builder, self.builder = self.builder, PackBuilder()
-        children, self._children = self._children, {}
-        self._submit(self._finish, self._pack, builder, children)
-        self._sealed.append((self._tasks[-1], self.pending))
-        self.pending, self._pack = set(), None
+        self._submit(self._finish, pack)
+        self._sealed.append((self._tasks[-1], pack.pending))
 
     def flush(self) -> None:
         """Store and index everything added so far; return when it is durable."""
-        self._seal()
+        self._seal(KIND_NODE)  # and the block pack before it
+        self._seal(KIND_BLOCK)
         self._reap(wait=True)
 
     def close(self) -> None:
