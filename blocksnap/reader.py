@@ -59,6 +59,7 @@ class ImageReader(io.RawIOBase):
         self._run_start = 0  # where the current sequential run of reads began
         self._run_end = -1  # where the last read ended
         self._fresh: set[int] = set()  # fetched for the read in progress: no cache hit
+        self._zero = bytes(info.block_size)  # shared by every cached zero block
         self.stats = ReadStats()
 
     def readable(self) -> bool:
@@ -110,7 +111,7 @@ class ImageReader(io.RawIOBase):
         for i, block_id, data in zip(wanted, block_ids, contents, strict=True):
             length = min(bs, self.size - i * bs)
             if block_id == ZERO_ID:
-                data = bytes(length)
+                data = self._zero if length == bs else bytes(length)
             else:
                 self.stats.blocks_fetched += 1
                 self.stats.bytes_fetched += len(data)
