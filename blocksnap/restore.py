@@ -7,9 +7,10 @@ and compared (by the same seeded XXH3-128 change filter that snapshots use) and 
 that differ are written.  Every block written was checked against its ID by the source.
 
 Workers take the image in chunks of CHUNK_SIZE and ask the source for a chunk's blocks in
-batches of read_batch_size bytes (model.READ_BATCH_SIZE), which a store reads with one
-ranged get per run of nearby records: a restore from a remote store is bound by its
-bandwidth, not by a round trip per block.  Each worker holds at most one batch.
+batches of read_batch_size bytes (model.READ_BATCH_SIZE, less where READ_BUDGET shared
+by the workers is smaller), which a store reads with one ranged get per run of nearby
+records: a restore from a remote store is bound by its bandwidth, not by a round trip per
+block.  Each worker holds at most one batch.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from blocksnap.model import (
 from blocksnap.workers import worker_pool
 
 CHUNK_SIZE = 8 << 20
+# Block bytes all workers together hold from the source at once, at most: on a host with
+# many cores each worker's batch is smaller than READ_BATCH_SIZE, so memory stays flat.
+READ_BUDGET = 64 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +119,7 @@ def restore_image(
             filter_seed,
             progress,
             workers,
-            max(1, read_batch_size // info.block_size),
+            read_batch_size,
         )
         os.fsync(fd)
         os.close(fd)
@@ -147,9 +151,11 @@ def _write(
     seed: int,
     progress: ProgressCallback | None,
     workers: int | None,
-    per_batch: int,
+    read_batch_size: int,
 ) -> tuple[int, int, int, int]:
     bs = info.block_size
+    workers = workers or os.cpu_count() or 2
+    per_batch = max(1, min(read_batch_size, READ_BUDGET // workers) // bs)
     block_map = BlockMap(source.read_node, info.map_root, info.map_height, info.block_count)
     per_chunk = max(1, CHUNK_SIZE // bs)
     totals = [0, 0, 0, 0]  # written, unchanged, zero, bytes
@@ -202,7 +208,6 @@ def _write(
         done_blocks = totals[0] + totals[1] + totals[2]
         report(Progress("restore", min(done_blocks * bs, info.image_size), info.image_size))
 
-    workers = workers or os.cpu_count() or 2
     in_flight: deque[Future[tuple[int, int, int, int]]] = deque()
     # On any error the pool cancels what has not started and joins what runs before the
     # target's descriptor is closed: workers write to it.
