@@ -12,7 +12,7 @@ import pytest
 import blocksnap
 from blocksnap.blockmap import ZERO_ID, BlockMap
 from blocksnap.errors import IntegrityError, MissingObjectError
-from blocksnap.restore import CHUNK_SIZE
+from blocksnap.restore import CHUNK_SIZE, READ_BUDGET, restore_image
 from blocksnap.retention import Policy
 from blocksnap.store.index import Location
 from blocksnap.store.packs import HEADER_SIZE
@@ -261,3 +261,20 @@ def test_a_batch_whose_pack_is_compacted_away_looks_it_up_again(
         target = tmp_path / "out.img"
         repo.restore("vol", latest.id, target)
         assert target.read_bytes() == data
+
+
+def test_restore_with_many_workers_shares_one_read_budget(
+    tmp_path: Path, ext4_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with blocksnap.Repository.init(tmp_path / "repo", pack_target_size=64 << 20) as repo:
+        info = repo.snapshot("vol", ext4_image)
+        gets = count_gets(repo.store, monkeypatch)
+        target = tmp_path / "out.img"
+        seed = repo.store.config.filter_seed
+        restore_image(repo.store, info, str(target), filter_seed=seed, workers=32)
+        assert target.read_bytes() == ext4_image.read_bytes()
+        # 2 MiB of blocks per worker; the gaps between a batch's records can add a little.
+        assert gets.largest <= READ_BUDGET // 32 + (1 << 20)
+        target.unlink()
+        restore_image(repo.store, info, str(target), filter_seed=seed, workers=2)
+        assert gets.largest > READ_BUDGET // 32 + (1 << 20)  # the bound above means something
