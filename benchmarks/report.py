@@ -24,7 +24,7 @@ PAIRS = [
         "test_remote_restore[batched]",
         "test_remote_restore[per-block]",
         "the same restore, one get per block, 2 ms per get",
-        5.0,
+        3.0,
     ),
 ]
 

@@ -379,6 +379,8 @@ class Store:
             try:
                 data = self.backend.get(pack_name(extent.pack), extent.offset, extent.length)
             except MissingObjectError:
+                data = None  # handled below, so that what it raises does not chain to this
+            if data is None:
                 self._read_moved(extent, kind, found)
             else:
                 self._decode_extent(extent, data, kind, found)
