@@ -29,9 +29,10 @@ class ImageReader(io.RawIOBase):
     The blocks one read needs that are not cached are fetched in one batch
     (BlockSource.read_blocks, at most model.READ_BATCH_SIZE bytes and half the cache at a
     time).  A read that starts where the previous one ended continues a sequential run,
-    and its batch also takes blocks past the read, as many as the run has covered so far
-    up to that same bound: a file or image read front to back costs a few large reads of
-    the store, while random reads fetch only what they touch.
+    and its batch also takes blocks past the read: half as many as the run has covered so
+    far, up to that same bound.  A file or image read front to back so costs a few large
+    reads of the store, and fetches at most half as much again as it reads past its end
+    (a file's last blocks), while random reads fetch only what they touch.
     """
 
     def __init__(
@@ -141,7 +142,7 @@ class ImageReader(io.RawIOBase):
         last = (self._pos + want - 1) // bs
         ahead = 0
         if self._run_start < self._pos:  # this read continues a sequential run
-            ahead = (self._pos + want - self._run_start) // bs
+            ahead = (self._pos + want - self._run_start) // bs // 2
         self._fresh.clear()
         done = 0
         while done < want:
