@@ -31,8 +31,8 @@ class ImageReader(io.RawIOBase):
     time).  A read that starts where the previous one ended continues a sequential run,
     and its batch also takes blocks past the read: half as many as the run has covered so
     far, up to that same bound.  A file or image read front to back so costs a few large
-    reads of the store, and fetches at most half as much again as it reads past its end
-    (a file's last blocks), while random reads fetch only what they touch.
+    reads of the store, and what it fetches past its end is at most half of what it read,
+    while random reads fetch only what they touch.
     """
 
     def __init__(
