@@ -20,6 +20,12 @@ PAIRS = [
     ("test_full_snapshot", "test_baseline_zstd_T2", "`zstd -1 -T2` of the image", 0.7),
     ("test_incremental_snapshot", "test_baseline_cat", "`cat IMAGE > /dev/null`", 0.5),
     ("test_full_restore", "test_baseline_cp", "`cp` of the image", 0.5),
+    (
+        "test_remote_restore[batched]",
+        "test_remote_restore[per-block]",
+        "the same restore, one get per block, 2 ms per get",
+        3.0,
+    ),
 ]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -16,6 +16,10 @@ BLOCK_ID_SIZE = 32  # the strong, store-wide block identity
 # How far ahead of this host's clock a snapshot's time may be before it counts as forged
 # (a wrong clock or a hostile writer): snapshot --time refuses it, prune keeps it aside.
 CLOCK_SKEW = datetime.timedelta(minutes=15)
+# The most block bytes a reader or restorer asks of BlockSource.read_blocks at once: what
+# one batch holds in memory, raw, and enough for a remote store to be read at its
+# bandwidth rather than at one round trip per block.
+READ_BATCH_SIZE = 8 << 20
 
 
 class SnapshotKind(enum.Enum):
@@ -160,6 +164,14 @@ class BlockSource(Protocol):
 
     def read_block(self, block_id: bytes) -> bytes:
         """Return the block's content, checked against its ID, or raise IntegrityError."""
+        ...
+
+    def read_blocks(self, block_ids: Sequence[bytes]) -> list[bytes]:
+        """The contents of many blocks, in the order asked, each checked as by read_block
+        and failing with the same errors.  Ids may repeat.  A zero block (blockmap.ZERO_ID,
+        never stored) yields b"": its zeros are the caller's to supply, as around
+        read_block.  The whole result is held at once, so callers bound a batch's size
+        (READ_BATCH_SIZE)."""
         ...
 
     def read_node(self, node_id: bytes) -> bytes:

@@ -107,19 +107,21 @@ def test_a_reader_retries_once_when_the_pack_moved_under_it(
         assert repo.gc(compact_below=1.0).packs_compacted > 0
         first_id = next(i for i, loc in before.items() if loc and store.index.location(i) != loc)
         stale = {first_id: before[first_id]}
-        real = store.index.location
+        real = store.index.locations
         calls = []
 
-        def lookup(object_id: bytes) -> object:
-            calls.append(object_id)
-            return stale[object_id] if len(calls) == 1 else real(object_id)
+        def lookup(object_ids: list[bytes], *, strict: bool = False) -> object:
+            calls.append(object_ids)
+            if len(calls) == 1:
+                return [stale[i] for i in object_ids]
+            return real(object_ids, strict=strict)
 
         assert isinstance(store.backend, LocalBackend)
         store.backend.close()  # no cached descriptor keeps the deleted pack readable
-        monkeypatch.setattr(store.index, "location", lookup)
+        monkeypatch.setattr(store.index, "locations", lookup)
         assert store.read_block(first_id)
-        assert len(calls) == 2  # looked up, found the pack gone, looked up again
-        monkeypatch.setattr(store.index, "location", real)
+        assert calls == [[first_id]] * 2  # looked up, found the pack gone, looked up again
+        monkeypatch.setattr(store.index, "locations", real)
         assert restores(repo, latest.id, data, tmp_path)
 
 

@@ -72,7 +72,7 @@ import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -486,8 +486,11 @@ class Index:
             value = txn.get(object_id, db=self.objects)
             return decode_location(object_id, bytes(value)) if value is not None else None
 
-    def locations(self, object_ids: list[bytes]) -> list[Location | None]:
-        """Each id's location (None when absent or damaged), in one read transaction."""
+    def locations(
+        self, object_ids: Sequence[bytes], *, strict: bool = False
+    ) -> list[Location | None]:
+        """Each id's location (None when absent or damaged), in one read transaction.
+        strict: a damaged entry raises IntegrityError, as location() does."""
         out: list[Location | None] = []
         with lmdb_errors("reading index"), self._begin_buffers() as txn:
             for i in object_ids:
@@ -495,6 +498,8 @@ class Index:
                 try:
                     out.append(None if value is None else decode_location(i, bytes(value)))
                 except IntegrityError:
+                    if strict:
+                        raise
                     out.append(None)
         return out
 

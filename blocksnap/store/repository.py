@@ -46,7 +46,7 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -54,6 +54,7 @@ from typing import Any
 import blake3
 
 from blocksnap import blockid
+from blocksnap.blockmap import ZERO_ID
 from blocksnap.errors import (
     BlocksnapError,
     IntegrityError,
@@ -64,7 +65,7 @@ from blocksnap.errors import (
     UsageError,
 )
 from blocksnap.model import Checkpoint, SnapshotInfo
-from blocksnap.store import catalog
+from blocksnap.store import catalog, reads
 from blocksnap.store import index as index_module
 from blocksnap.store.backend import LocalBackend, ObjectStore, ObjectWriter
 from blocksnap.store.codec import decompress
@@ -358,31 +359,61 @@ class Store:
 
     # --- reading -----------------------------------------------------------------------
 
-    def _fetch(self, object_id: bytes, what: str) -> tuple[Location, bytes]:
-        """An object's location and record bytes.  When gc has just moved the object to
-        a compacted pack and deleted the old one, the lookup is repeated once."""
-        loc = self.index.location(object_id)
-        if loc is None:
-            raise MissingObjectError(f"{what} is not in the index")
-        try:
-            data = self.backend.get(pack_name(loc.pack), loc.offset, HEADER_SIZE + loc.stored_size)
-        except MissingObjectError:
-            moved = self.index.location(object_id)
-            if moved is None:
-                raise MissingObjectError(
-                    f"{what} was removed while being read (its snapshot was pruned)"
-                ) from None
-            if moved == loc:
-                raise MissingObjectError(f"{what}: pack {loc.pack.hex()} is missing") from None
-            loc = moved
-            data = self.backend.get(pack_name(loc.pack), loc.offset, HEADER_SIZE + loc.stored_size)
-        return loc, data
-
     def read_object(self, object_id: bytes, kind: int = KIND_BLOCK) -> bytes:
         """Return an object's raw bytes, checked against its record checksum and its id."""
-        what = f"object {object_id.hex()}"
-        loc, data = self._fetch(object_id, what)
-        return self._decode(object_id, kind, loc, data, what)
+        return self._read_objects([object_id], kind)[object_id]
+
+    def _read_objects(self, object_ids: Sequence[bytes], kind: int) -> dict[bytes, bytes]:
+        """Each object's raw bytes by id, checked as by read_object.  All are looked up in
+        one index read, and records of one pack that lie close together are fetched by
+        one ranged get (store/reads.py).  When gc has just moved objects to a compacted
+        pack and deleted the old one, their lookup is repeated once.  Everything read is
+        held in the result at once: callers bound the batch."""
+        unique = list(dict.fromkeys(object_ids))
+        located = []
+        for object_id, loc in zip(unique, self.index.locations(unique, strict=True), strict=True):
+            if loc is None:
+                raise MissingObjectError(f"object {object_id.hex()} is not in the index")
+            located.append((object_id, loc))
+        found: dict[bytes, bytes] = {}
+        for extent in reads.plan(located):
+            try:
+                data = self.backend.get(pack_name(extent.pack), extent.offset, extent.length)
+            except MissingObjectError:
+                data = None  # handled below, so that what it raises does not chain to this
+            if data is None:
+                self._read_moved(extent, kind, found)
+            else:
+                self._decode_extent(extent, data, kind, found)
+        return found
+
+    def _read_moved(self, extent: reads.Extent, kind: int, found: dict[bytes, bytes]) -> None:
+        """Read an extent's records again where the index says they are now: its pack
+        was deleted after they were looked up.  A second miss is raised."""
+        ids = [object_id for object_id, _ in extent.records]
+        moved = []
+        for (object_id, loc), now in zip(
+            extent.records, self.index.locations(ids, strict=True), strict=True
+        ):
+            what = f"object {object_id.hex()}"
+            if now is None:
+                raise MissingObjectError(
+                    f"{what} was removed while being read (its snapshot was pruned)"
+                )
+            if now == loc:
+                raise MissingObjectError(f"{what}: pack {loc.pack.hex()} is missing")
+            moved.append((object_id, now))
+        for again in reads.plan(moved):
+            data = self.backend.get(pack_name(again.pack), again.offset, again.length)
+            self._decode_extent(again, data, kind, found)
+
+    def _decode_extent(
+        self, extent: reads.Extent, data: bytes, kind: int, found: dict[bytes, bytes]
+    ) -> None:
+        view = memoryview(data)
+        for object_id, loc in extent.records:
+            what = f"object {object_id.hex()}"
+            found[object_id] = self._decode(object_id, kind, loc, extent.record(view, loc), what)
 
     def read_at(self, object_id: bytes, loc: Location) -> bytes:
         """Read an object from a location given by the caller (no index lookup), checked."""
@@ -390,11 +421,14 @@ class Store:
         data = self.backend.get(pack_name(loc.pack), loc.offset, HEADER_SIZE + loc.stored_size)
         return self._decode(object_id, loc.kind, loc, data, what)
 
-    def _decode(self, object_id: bytes, kind: int, loc: Location, data: bytes, what: str) -> bytes:
+    def _decode(
+        self, object_id: bytes, kind: int, loc: Location, data: bytes | memoryview, what: str
+    ) -> bytes:
         where = f"{what} in pack {loc.pack.hex()} at offset {loc.offset}"
         if len(data) != HEADER_SIZE + loc.stored_size:
             raise IntegrityError(f"{where}: pack is truncated")
-        head = parse_header(data[:HEADER_SIZE], where)
+        header = bytes(data[:HEADER_SIZE])
+        head = parse_header(header, where)
         if (head.id, head.kind, head.stored_size, head.raw_size, head.codec) != (
             object_id,
             kind,
@@ -404,7 +438,7 @@ class Store:
         ):
             raise IntegrityError(f"{where}: record does not match the index")
         payload = memoryview(data)[HEADER_SIZE:]
-        check_record(data[:HEADER_SIZE], payload, where)
+        check_record(header, payload, where)
         raw = decompress(loc.codec, payload, loc.raw_size, where)
         if self.hash(raw) != object_id:
             raise IntegrityError(f"{where}: content does not match its id")
@@ -412,6 +446,11 @@ class Store:
 
     def read_block(self, block_id: bytes) -> bytes:
         return self.read_object(block_id, KIND_BLOCK)
+
+    def read_blocks(self, block_ids: Sequence[bytes]) -> list[bytes]:
+        """See BlockSource.read_blocks: one index read and one get per extent for all."""
+        found = self._read_objects([i for i in block_ids if i != ZERO_ID], KIND_BLOCK)
+        return [b"" if i == ZERO_ID else found[i] for i in block_ids]
 
     def read_node(self, node_id: bytes) -> bytes:
         return self.read_object(node_id, KIND_NODE)
