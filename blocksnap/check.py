@@ -196,7 +196,7 @@ def _settle(
     for _attempt in range(_ATTEMPTS):
         if not pending:
             break
-        present = dict(store.backend.list("packs/"))
+        present = {o.name: o.size for o in store.backend.list("packs/")}
         again: dict[bytes, str] = {}
         ids = list(pending)
         for object_id, loc in zip(ids, store.index.locations(ids), strict=True):
@@ -238,8 +238,8 @@ def verify(
     # 1. One view of the index; storage is listed after it, so everything the view names
     # was written before the listing, and what is missing was deleted since (or is lost).
     view = store.index.view(check_pages=True)  # LMDB reads damaged pages unchecked
-    present = dict(store.backend.list("packs/"))
-    snapshot_objects = {name.split("/", 1)[1] for name, _ in store.backend.list("snapshots/")}
+    present = {o.name: o.size for o in store.backend.list("packs/")}
+    snapshot_objects = {o.name.split("/", 1)[1] for o in store.backend.list("snapshots/")}
     # 2. Index entries: decodable, pointing into a pack that exists and is long enough.
     bad_objects: dict[bytes, str] = dict(view.damaged)
     suspects: dict[bytes, str] = {}  # pack missing: gc may have deleted it since the view
@@ -338,9 +338,7 @@ def verify(
     report.leftovers = sorted(
         f"snapshots/{s} (record of an uncommitted snapshot)" for s in uncommitted
     )
-    leftovers = getattr(store.backend, "leftovers", None)
-    if leftovers is not None:
-        report.leftovers += [f"{p} (unfinished write)" for p in leftovers()]
+    report.leftovers += [f"{p} (unfinished write)" for p in store.backend.leftovers()]
     report.problems = problems
     return report
 

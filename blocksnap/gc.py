@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blocksnap.blockmap import node_children
-from blocksnap.errors import BlocksnapError, UsageError
+from blocksnap.errors import BlocksnapError, MissingObjectError, UsageError
 from blocksnap.model import Progress, ProgressCallback
 from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, PACK_MAGIC, PackBuilder, iter_records
 from blocksnap.store.repository import Registration, Store, pack_name
@@ -90,7 +90,10 @@ def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None
         else:
             keep = False
         if not keep:
-            size = sum(s for n, s in store.backend.list(name) if n == name)
+            try:
+                size = store.backend.stat(name).size
+            except MissingObjectError:
+                size = 0
             store.backend.delete(name)
             report.leftovers_deleted += 1
             report.bytes_freed += size

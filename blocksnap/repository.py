@@ -363,7 +363,7 @@ class Repository:
             snapshots=len(snapshots),
             objects=self._store.index.object_count(),
             packs=len(packs),
-            stored_size=sum(size for _, size in packs),
+            stored_size=sum(p.size for p in packs),
             logical_size=sum(s.image_size for s in snapshots),
         )
 
