@@ -21,7 +21,12 @@ The contract (what a caller may rely on):
   processes or hosts, exactly one wins when capabilities.atomic_exclusive_create.
 - Read-after-write: once put() or commit() returned, every get() and stat() of the name,
   from any process, returns the new object; once delete() returned, they raise
-  MissingObjectError.
+  MissingObjectError.  One exception: a backend may keep an object it has read open
+  (the local backend keeps file descriptors), so a backend instance that read an object
+  before another process replaced or deleted it may go on returning the old object,
+  whole, until it is closed.  The repository never depends on that case: what it reads
+  through a long-lived backend (packs, snapshot records) is written once under a new
+  name, and a pack deleted by gc holds the same checked records as its new place.
 - Listing: list(prefix) yields every object whose put returned before the call and that
   was not deleted before it (list-after-write; both the local backend and S3 since 2020
   promise it), in no particular order.  Objects put or deleted while a listing runs may
@@ -88,7 +93,12 @@ class Capabilities:
 
 
 class ObjectWriter(Protocol):
-    """A new object being written in parts; invisible under its name until commit()."""
+    """A new object being written in parts; invisible under its name until commit().
+
+    A write, sync or commit that raises ends the writer: the object is discarded, and
+    every later write, sync or commit raises StoreError, so that an object missing a
+    part can never be committed.
+    """
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append data."""
