@@ -534,7 +534,14 @@ class Store:
         name = catalog.object_name(info.id)
         intent = writer.registration.intent(name)
         self.index.add_intent(intent)
-        self.backend.put(name, catalog.frame(body))
+        try:
+            self.backend.put(name, catalog.frame(body))
+        except BaseException:
+            # A put that raised may still have stored the record (its answer was lost):
+            # delete it, or leave its intent for gc, as for a failed commit below.
+            with contextlib.suppress(BlocksnapError):  # the first error is the one to tell
+                self._delete_or_leave_to_gc(name, writer.registration)
+            raise
         try:
             self.index.commit_snapshot(
                 info.volume,
