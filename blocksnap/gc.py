@@ -74,8 +74,15 @@ def collect_garbage(
         # registers later gets an epoch above `epoch`, so it revives (Index.claim) before
         # using anything collectable below, and collect re-checks that in its transaction.
         limit = min((int(w["epoch"]) for w in live.values()), default=epoch + 1)
-        _collect(store, limit, report, say)
-        _compact(store, me, compact_below, report, say)
+        try:
+            _collect(store, limit, report, say)
+            _compact(store, me, compact_below, report, say)
+        except BaseException:
+            # A pack put or deleted by a step that raised may still exist unindexed (a
+            # delete that failed, a put whose answer was lost): the intents stay, and the
+            # next gc finishes the work as for a writer that was killed.
+            me.keep_intents()
+            raise
         report.unreferenced_left = store.index.unreferenced_count()
     return report
 
