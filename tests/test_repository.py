@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,3 +87,30 @@ def test_repository_read_only_filesystem_refuses_writes_in_one_line(
         assert proc.returncode == blocksnap.StoreError.exit_code, (args, proc)
         assert proc.stderr.count("\n") == 1, (args, proc.stderr)
         assert "read-only filesystem" in proc.stderr, (args, proc.stderr)
+
+
+def test_repository_racing_inits_have_one_winner(tmp_path: Path) -> None:
+    """Eight processes init one path at once: one wins, each other one says why in one
+    line and changes nothing, and the repository the winner made is whole."""
+    for round_ in range(3):
+        path = tmp_path / f"repo{round_}"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "blocksnap", "init", str(path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(8)
+        ]
+        results = [
+            (proc.wait(timeout=120), proc.stderr.read() if proc.stderr else "") for proc in procs
+        ]
+        assert [rc for rc, _ in results].count(0) == 1, results
+        for rc, err in results:
+            if rc != 0:
+                assert rc in (blocksnap.UsageError.exit_code, blocksnap.LockedError.exit_code), err
+                assert err.count("\n") == 1, err
+        assert run_cli("verify", str(path)).returncode == 0
+        with blocksnap.Repository(path) as repo:
+            assert repo.volumes() == []
