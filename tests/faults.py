@@ -59,12 +59,14 @@ class FaultyBackend:
         self.stale_list = stale_list
         self.count = 0  # operations of the watched kinds so far
         self.injected: list[str] = []  # the operations that were made to fail
+        self.log: list[str] = []  # the kind of every operation counted, in order
 
     def _fails(self, kind: str, name: str) -> StoreError | None:
         """Count the operation; the error to raise if it is one that fails."""
         if kind not in self.kinds:
             return None
         self.count += 1
+        self.log.append(kind)
         if self.fail_at is None or not self.fail_at <= self.count < self.fail_at + self.fail_count:
             return None
         what = f"injected fault: {kind} {name} (operation {self.count})"

@@ -15,7 +15,7 @@ import blocksnap
 from blocksnap.errors import BlocksnapError
 from blocksnap.store.repository import local_backend
 from tests.conftest import debugfs
-from tests.faults import FaultyBackend
+from tests.faults import MUTATIONS, FaultyBackend
 
 SAMPLES = 30  # fault positions tried per mode, spread over a clean run's operations
 
@@ -37,8 +37,9 @@ def template(tmp_path_factory: pytest.TempPathFactory, ext4_base: Path) -> Templ
     image = base / "vol.img"
     shutil.copyfile(ext4_base, image)
     repo = base / "repo"
-    # Small packs: faults land between pack writes, index commits and the snapshot commit.
-    with blocksnap.Repository.init(repo, pack_target_size=1 << 20) as r:
+    # Packs of a few parts, synced once: faults land between parts, syncs, pack commits,
+    # index commits and the snapshot commit.
+    with blocksnap.Repository.init(repo, pack_target_size=5 << 20) as r:
         first = r.snapshot("vol", image).id
     images = {first: image.read_bytes()}
     # Enough new data for several packs in each faulted snapshot.
@@ -134,12 +135,16 @@ def _fresh(template: Template, tmp: Path) -> Path:
     return path
 
 
-def _positions(total: int, starts: dict[str, int]) -> list[int]:
-    """SAMPLES operations spread over the run, and the first and last of every step."""
+def _positions(log: list[str], starts: dict[str, int]) -> list[int]:
+    """SAMPLES operations spread over a clean run whose operations were log, and the
+    first and last of every step and of every kind of operation."""
+    total = len(log)
     if total <= SAMPLES:
         return list(range(1, total + 1))
     ends = sorted({*starts.values(), total})
-    edges = {n for start in ends[:-1] for n in (start + 1,)} | {end for end in ends[1:]}
+    edges = {start + 1 for start in ends[:-1]} | set(ends[1:])
+    for kind in set(log):
+        edges |= {log.index(kind) + 1, total - log[::-1].index(kind)}
     spread = {1 + (total - 1) * i // (SAMPLES - 1) for i in range(SAMPLES)}
     return sorted(n for n in edges | spread if 1 <= n <= total)
 
@@ -151,20 +156,22 @@ def test_engine_survives_a_fault_at_every_sampled_operation(
     clean = FaultyBackend(local_backend(str(_fresh(template, tmp_path))))
     outcome = _run(tmp_path / "repo", template, clean)
     assert outcome.error is None, outcome.error
-    total = clean.count
-    assert total > 20  # puts, parts, syncs, commits and deletes of the whole run
+    assert clean.count > 20 and set(clean.log) == MUTATIONS, clean.log
     failed_steps = set()
-    for n in _positions(total, outcome.starts):
+    failed_kinds = set()
+    for n in _positions(clean.log, outcome.starts):
         path = _fresh(template, tmp_path)
         faulty = FaultyBackend(local_backend(str(path)), fail_at=n, after=after)
         outcome = _run(path, template, faulty)
         assert faulty.injected, n
+        failed_kinds.add(faulty.log[n - 1])
         if outcome.error is not None:
             assert isinstance(outcome.error, BlocksnapError), (n, repr(outcome.error))
             failed_steps.add(outcome.failed_step)
         _check_intact(path, template, outcome, tmp_path)
     # The sample reached every step that writes.
     assert {"incremental", "prune", "gc", "full"} <= failed_steps, failed_steps
+    assert failed_kinds == MUTATIONS, failed_kinds
 
 
 def test_engine_with_stale_listings_loses_nothing(template: Template, tmp_path: Path) -> None:
