@@ -23,7 +23,6 @@ that names it is reported.
 
 from __future__ import annotations
 
-import os
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -291,7 +290,8 @@ def verify(
         by_pack: dict[bytes, dict[int, bytes]] = defaultdict(dict)
         for key, loc in view.locations.items():
             by_pack[loc.pack][loc.offset] = key
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
+        parallel = workers or store.backend.capabilities.max_parallelism
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
             results = pool.map(lambda item: (item[1], _read_pack(store, *item)), packs)
             for pack_id, read in results:
                 if read is None:  # deleted since the listing

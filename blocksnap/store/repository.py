@@ -320,7 +320,7 @@ class Store:
     the module doc), and with the default backend its objects too.  backend, locks and
     sessions are injected; each defaults to the local one on path.  A backend that is
     not local (capabilities.local false) needs locks and sessions that work across hosts,
-    so it is refused without them.
+    so it is refused without them.  The store owns the backend: close() closes it.
     """
 
     def __init__(
