@@ -23,7 +23,6 @@ that names it is reported.
 
 from __future__ import annotations
 
-import os
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -68,6 +67,30 @@ class VerifyReport:
     @property
     def damaged_snapshots(self) -> list[str]:
         return sorted({s for p in self.problems for s in p.snapshots})
+
+
+class _Listing:
+    """The sizes of the objects under a prefix: from one listing, and, since a listing
+    may lag behind writes (see store/backend.py), from a stat of each name it leaves
+    out, so that a stale listing never reads as a missing object."""
+
+    def __init__(self, store: Store, prefix: str) -> None:
+        self._store = store
+        self._sizes = {o.name: o.size for o in store.backend.list(prefix)}
+        self._absent: set[str] = set()
+
+    def size(self, name: str) -> int | None:
+        size = self._sizes.get(name)
+        if size is None and name not in self._absent:
+            try:
+                size = self._sizes[name] = self._store.backend.stat(name).size
+            except MissingObjectError:
+                self._absent.add(name)
+        return size
+
+    def names(self) -> set[str]:
+        """The names found to exist (a stale listing can only make this short)."""
+        return set(self._sizes)
 
 
 def _read_pack(
@@ -201,7 +224,7 @@ def _settle(
     for _attempt in range(_ATTEMPTS):
         if not pending:
             break
-        present = dict(store.backend.list("packs/"))
+        present = _Listing(store, "packs/")
         again: dict[bytes, str] = {}
         ids = list(pending)
         for object_id, loc in zip(ids, store.index.locations(ids), strict=True):
@@ -210,10 +233,10 @@ def _settle(
                 gone.add(object_id)
             elif loc == seen[object_id]:
                 bad[object_id] = message
-            elif pack_name(loc.pack) not in present:
+            elif (size := present.size(pack_name(loc.pack))) is None:
                 seen[object_id] = loc
                 again[object_id] = f"pack {loc.pack.hex()} is missing"
-            elif loc.offset + HEADER_SIZE + loc.stored_size > present[pack_name(loc.pack)]:
+            elif loc.offset + HEADER_SIZE + loc.stored_size > size:
                 bad[object_id] = f"pack {loc.pack.hex()} is truncated"
             elif read_data:
                 try:
@@ -243,33 +266,37 @@ def verify(
     # 1. One view of the index; storage is listed after it, so everything the view names
     # was written before the listing, and what is missing was deleted since (or is lost).
     view = store.index.view(check_pages=True)  # LMDB reads damaged pages unchecked
-    present = dict(store.backend.list("packs/"))
-    snapshot_objects = {name.split("/", 1)[1] for name, _ in store.backend.list("snapshots/")}
+    present = _Listing(store, "packs/")
+    records = _Listing(store, "snapshots/")
     # 2. Index entries: decodable, pointing into a pack that exists and is long enough.
     bad_objects: dict[bytes, str] = dict(view.damaged)
     suspects: dict[bytes, str] = {}  # pack missing: gc may have deleted it since the view
     report.objects_indexed = len(view.locations) + len(view.damaged)
     for key, loc in view.locations.items():
         name = pack_name(loc.pack)
-        if name not in present:
+        size = present.size(name)
+        if size is None:
             suspects[key] = f"pack {loc.pack.hex()} is missing"
-        elif loc.offset + HEADER_SIZE + loc.stored_size > present[name]:
+        elif loc.offset + HEADER_SIZE + loc.stored_size > size:
             bad_objects[key] = f"pack {loc.pack.hex()} is truncated"
     for pack_id, pack_info in view.packs.items():
         name = pack_name(pack_id)
-        if name in present and present[name] != pack_info.get("size"):
+        size = present.size(name)
+        if size is not None and size != pack_info.get("size"):
             recorded_size = pack_info.get("size")
-            msg = f"pack {pack_id.hex()} has {present[name]} bytes, index says {recorded_size}"
+            msg = f"pack {pack_id.hex()} has {size} bytes, index says {recorded_size}"
             damage.setdefault(msg, set())
 
     # 3. With read_data: every record of every pack, checked and re-hashed.
     if read_data:
-        packs = [(pack_name(p), p) for p in view.packs if pack_name(p) in present]
-        total = sum(present[n] for n, _ in packs)
+        sizes = {p: present.size(pack_name(p)) for p in view.packs}
+        packs = [(pack_name(p), p) for p, size in sizes.items() if size is not None]
+        total = sum(size or 0 for size in sizes.values())
         by_pack: dict[bytes, dict[int, bytes]] = defaultdict(dict)
         for key, loc in view.locations.items():
             by_pack[loc.pack][loc.offset] = key
-        with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:
+        parallel = workers or store.backend.capabilities.max_parallelism
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
             results = pool.map(lambda item: (item[1], _read_pack(store, *item)), packs)
             for pack_id, read in results:
                 if read is None:  # deleted since the listing
@@ -311,7 +338,7 @@ def verify(
                     "record; run repair --rebuild-index"
                 )
             info = catalog.decode(record, f"snapshot {snapshot_id}")
-            if snapshot_id not in snapshot_objects:
+            if records.size(catalog.object_name(snapshot_id)) is None:
                 damage[f"snapshot object {snapshot_id} is missing"].add(label)
             block_map = BlockMap(reader.node, info.map_root, info.map_height, info.block_count)
             for leaf_index in range(block_map.leaf_count()):
@@ -343,15 +370,13 @@ def verify(
         if alive or not snaps:
             problems.append(Problem(msg, alive))
     committed = {snapshot_id for _v, snapshot_id, _r in view.snapshots}
-    uncommitted = snapshot_objects - committed
+    uncommitted = {name.split("/", 1)[1] for name in records.names()} - committed
     if uncommitted:
         uncommitted -= _current_snapshots(store)  # committed since the view
     report.leftovers = sorted(
         f"snapshots/{s} (record of an uncommitted snapshot)" for s in uncommitted
     )
-    leftovers = getattr(store.backend, "leftovers", None)
-    if leftovers is not None:
-        report.leftovers += [f"{p} (unfinished write)" for p in leftovers()]
+    report.leftovers += [f"{p} (unfinished write)" for p in store.backend.leftovers()]
     report.problems = problems
     return report
 

@@ -48,6 +48,15 @@ class UnsupportedFormatError(StoreError):
     know: a newer blocksnap wrote it.  It is refused, never read as damage or guessed at."""
 
 
+class ObjectExistsError(StoreError):
+    """A create-if-absent put found an object under the name already (someone won the race)."""
+
+
+class TransientStoreError(StoreError):
+    """A storage failure that may pass if the same call is repeated (a timeout, a throttled
+    or interrupted request): RetryingBackend retries these, and only these."""
+
+
 class SourceError(BlocksnapError):
     """The volume being snapshotted could not be read, or changed size while being read."""
 

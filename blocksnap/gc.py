@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blocksnap.blockmap import node_children
-from blocksnap.errors import BlocksnapError, UsageError
+from blocksnap.errors import BlocksnapError, MissingObjectError, UsageError
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
 from blocksnap.store.packs import (
     KIND_BLOCK,
@@ -82,8 +82,15 @@ def collect_garbage(
         # registers later gets an epoch above `epoch`, so it revives (Index.claim) before
         # using anything collectable below, and collect re-checks that in its transaction.
         limit = min((int(w["epoch"]) for w in live.values()), default=epoch + 1)
-        _collect(store, limit, report, say)
-        _compact(store, me, compact_below, report, say)
+        try:
+            _collect(store, limit, report, say)
+            _compact(store, me, compact_below, report, say)
+        except BaseException:
+            # A pack put or deleted by a step that raised may still exist unindexed (a
+            # delete that failed, a put whose answer was lost): the intents stay, and the
+            # next gc finishes the work as for a writer that was killed.
+            me.keep_intents()
+            raise
         report.unreferenced_left = store.index.unreferenced_count()
     return report
 
@@ -98,7 +105,10 @@ def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None
         else:
             keep = False
         if not keep:
-            size = sum(s for n, s in store.backend.list(name) if n == name)
+            try:
+                size = store.backend.stat(name).size
+            except MissingObjectError:
+                size = 0
             store.backend.delete(name)
             report.leftovers_deleted += 1
             report.bytes_freed += size

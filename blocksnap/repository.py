@@ -19,6 +19,7 @@ from blocksnap.reader import DEFAULT_CACHE_SIZE, ImageReader
 from blocksnap.restore import RestoreResult, restore_image
 from blocksnap.retention import Decision, Policy, decide
 from blocksnap.snapshot import CHECKPOINT_SIZE, SourceArg, check_labels, take_snapshot
+from blocksnap.store.backend import ObjectStore
 from blocksnap.store.rebuild import RebuildReport, rebuild_index
 from blocksnap.store.repository import (
     DEFAULT_COMPRESSION_LEVEL,
@@ -62,9 +63,12 @@ class PruneReport:
 class Repository:
     """An open blocksnap repository.  Use as a context manager, or call close()."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, backend: ObjectStore | None = None) -> None:
+        """Open the repository at path.  backend: where its objects are, when not in the
+        directory itself (path then holds the index and host-local state); wrappers such
+        as RetryingBackend go here too."""
         self.path = os.fspath(path)
-        self._store = Store(self.path)
+        self._store = Store(self.path, backend=backend)
 
     @classmethod
     def init(
@@ -74,15 +78,17 @@ class Repository:
         block_id: str = blockid.DEFAULT_ALGORITHM,
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
         pack_target_size: int = DEFAULT_PACK_TARGET_SIZE,
+        backend: ObjectStore | None = None,
     ) -> Repository:
-        """Create a repository at path and open it."""
+        """Create a repository at path and open it (backend: as for Repository())."""
         init_repository(
             os.fspath(path),
             block_id=block_id,
             compression_level=compression_level,
             pack_target_size=pack_target_size,
+            backend=backend,
         )
-        return cls(path)
+        return cls(path, backend=backend)
 
     def close(self) -> None:
         self._store.close()
@@ -372,7 +378,7 @@ class Repository:
             snapshots=len(snapshots),
             objects=self._store.index.object_count(),
             packs=len(packs),
-            stored_size=sum(size for _, size in packs),
+            stored_size=sum(p.size for p in packs),
             logical_size=sum(s.image_size for s in snapshots),
         )
 

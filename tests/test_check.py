@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import blocksnap
-from blocksnap.store.backend import ObjectStore
+from blocksnap.store.backend import ObjectInfo, ObjectStore
 from tests.conftest import run_cli
 
 BLOCK = 4096
@@ -63,7 +63,7 @@ class _GcAt:
             self.fired = True
             _prune_and_gc(self._repo_path)
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
         found = list(self._backend.list(prefix))
         if self._point == "after-listing" and prefix == "packs/":
             self._fire()

@@ -51,7 +51,7 @@ def assert_clean(repo: blocksnap.Repository) -> None:
     assert report.ok, report.problems
     assert report.unreferenced_objects == 0
     assert repo.store.index.unreferenced_count() == 0
-    on_disk = {name for name, _ in repo.store.backend.list("packs/")}
+    on_disk = {o.name for o in repo.store.backend.list("packs/")}
     assert len(on_disk) == len(repo.store.index.pack_infos())
 
 

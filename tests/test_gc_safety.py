@@ -87,7 +87,7 @@ def check_after_crash(repo_path: Path, digests: dict[str, str], tmp: Path) -> No
         assert gc.unreferenced_left == 0 and not gc.problems
         final = repo.verify(read_data=True)
         assert final.ok and final.unreferenced_objects == 0, final.problems
-        on_disk = {n for n, _ in repo.store.backend.list("packs/")}
+        on_disk = {o.name for o in repo.store.backend.list("packs/")}
         assert on_disk == {f"packs/{p.hex()[:2]}/{p.hex()}" for p in repo.store.index.pack_infos()}
         assert not list((repo_path / "locks").glob("writer-*"))
         assert not list(repo_path.rglob("*.tmp-*"))

@@ -15,7 +15,7 @@ from blocksnap.store.index import Index
 
 
 def records(repo: blocksnap.Repository) -> set[str]:
-    return {name for name, _ in repo.store.backend.list("snapshots/")}
+    return {o.name for o in repo.store.backend.list("snapshots/")}
 
 
 def rebuilt_ids(path: Path) -> set[str]:

@@ -260,7 +260,7 @@ def test_snapshot_and_gc_write_packs_of_one_kind(tmp_path: Path, ext4_image: Pat
         assert repo.gc(compact_below=1.0).packs_compacted > 0
         kinds = _packs_by_kind(repo)
         assert all(len(k) == 1 for k in kinds.values()), kinds
-        for name, _size in repo.store.backend.list("packs/"):
+        for name in (o.name for o in repo.store.backend.list("packs/")):
             walk = walk_pack(repo.store.backend.get(name), name)
             assert walk.complete and not walk.problems
             assert len({rec.kind for rec, _ in walk.records}) == 1
@@ -276,7 +276,7 @@ def test_rebuild_reads_only_the_tails_of_data_packs(
     images = _two_snapshots(repo_path, ext4_image)
     with blocksnap.Repository(repo_path) as repo:
         kinds = _packs_by_kind(repo)
-        sizes = dict(repo.store.backend.list("packs/"))
+        sizes = {o.name: o.size for o in repo.store.backend.list("packs/")}
     reads: dict[str, list[int]] = defaultdict(list)
     real_get = LocalBackend.get
 
@@ -306,7 +306,7 @@ def test_rebuild_reads_only_the_tails_of_data_packs(
 def _pack_of(repo_path: Path, kind: int) -> Path:
     """The largest pack holding objects of a kind."""
     with blocksnap.Repository(repo_path) as repo:
-        sizes = dict(repo.store.backend.list("packs/"))
+        sizes = {o.name: o.size for o in repo.store.backend.list("packs/")}
         packs = [pack_name(p) for p, k in _packs_by_kind(repo).items() if k == {kind}]
     return repo_path / max(packs, key=lambda n: sizes[n])
 

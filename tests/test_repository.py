@@ -1,15 +1,21 @@
-"""The repository on disk: reading one that sits on a read-only filesystem."""
+"""The repository on disk: a read-only filesystem, racing inits, injected backends."""
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import blocksnap
+from blocksnap.store.backend import Capabilities
+from blocksnap.store.locks import LocalLocks, LocalSessions
+from blocksnap.store.repository import Store, local_backend
 from tests.conftest import debugfs, run_cli
+from tests.faults import FaultyBackend
 
 
 @pytest.fixture
@@ -86,3 +92,53 @@ def test_repository_read_only_filesystem_refuses_writes_in_one_line(
         assert proc.returncode == blocksnap.StoreError.exit_code, (args, proc)
         assert proc.stderr.count("\n") == 1, (args, proc.stderr)
         assert "read-only filesystem" in proc.stderr, (args, proc.stderr)
+
+
+def test_repository_racing_inits_have_one_winner(tmp_path: Path) -> None:
+    """Eight processes init one path at once: one wins, each other one says why in one
+    line and changes nothing, and the repository the winner made is whole."""
+    for round_ in range(3):
+        path = tmp_path / f"repo{round_}"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "blocksnap", "init", str(path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(8)
+        ]
+        results = [
+            (proc.wait(timeout=120), proc.stderr.read() if proc.stderr else "") for proc in procs
+        ]
+        assert [rc for rc, _ in results].count(0) == 1, results
+        for rc, err in results:
+            if rc != 0:
+                assert rc in (blocksnap.UsageError.exit_code, blocksnap.LockedError.exit_code), err
+                assert err.count("\n") == 1, err
+        assert run_cli("verify", str(path)).returncode == 0
+        with blocksnap.Repository(path) as repo:
+            assert repo.volumes() == []
+
+
+class _Remote(FaultyBackend):
+    """The local backend, declared as not local (as an object store would be)."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return dataclasses.replace(self.inner.capabilities, local=False)
+
+
+def test_repository_backend_not_local_needs_injected_locks_and_sessions(
+    repo: blocksnap.Repository,
+) -> None:
+    """flock and host-local writer sessions mean nothing to other hosts sharing an
+    object store: a backend that declares itself not local is refused without locks
+    and sessions that work across hosts, instead of silently racing."""
+    with pytest.raises(blocksnap.UsageError, match="needs locks and writer sessions"):
+        blocksnap.Repository(repo.path, backend=_Remote(local_backend(repo.path)))
+    remote = _Remote(local_backend(repo.path))
+    with Store(
+        repo.path, backend=remote, locks=LocalLocks(repo.path), sessions=LocalSessions(repo.path)
+    ) as store:
+        assert store.backend is remote and store.volumes() == []

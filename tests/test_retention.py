@@ -242,5 +242,5 @@ def test_sixty_days_of_four_snapshots_a_day_keep_exactly_fourteen_days(
         # Nothing but the 56 restore points stays referenced or stored.
         assert verified.unreferenced_objects == 0 and report.unreferenced_left == 0
         assert repo.store.index.unreferenced_count() == 0
-        packs = {name for name, _ in repo.store.backend.list("packs/")}
+        packs = {o.name for o in repo.store.backend.list("packs/")}
         assert len(packs) == len(repo.store.index.pack_infos())

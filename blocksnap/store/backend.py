@@ -1,12 +1,51 @@
-"""The storage seam: whole-object put, ranged get, list and delete, plus the local backend.
+"""The storage seam: the object-store contract every backend keeps, and the local backend.
 
-Everything the store keeps outside LMDB (packs, snapshot records) goes through ObjectStore,
-so an object-storage backend (S3) can stand in for a directory without the engine knowing.
-Names are '/'-separated relative paths such as "packs/ab/ab12...".
+Everything the repository keeps as truth (config, packs, snapshot records, settings) goes
+through ObjectStore, so an object store (S3) can stand in for a directory without the
+engine knowing.  The contract is written for object storage's semantics and the local
+backend keeps it too; tests/test_backend_conformance.py holds every backend and wrapper
+to it.
+
+The contract (what a caller may rely on):
+
+- Names are '/'-separated relative paths such as "packs/ab/ab12...": no empty segment,
+  no "." or "..", no leading "/", and never containing TMP_MARKER.  A name is an object
+  or nothing; there are no directories.
+- Atomic visibility: an object is either absent or whole.  Nothing is visible under a
+  name (to get, stat or list) until put() returns or commit() of a create() returns,
+  and by then it is durable.  Replacing an object swaps the whole of it: a reader sees
+  the old bytes or the new, never a mix or a prefix.
+- Create-if-absent: put(..., exclusive=True) (and create(..., exclusive=True)) stores
+  the object only if nothing exists under the name, else raises ObjectExistsError and
+  changes nothing.  Of any number of racing exclusive puts of a name, from any number of
+  processes or hosts, exactly one wins when capabilities.atomic_exclusive_create.
+- Read-after-write: once put() or commit() returned, every get() and stat() of the name,
+  from any process, returns the new object; once delete() returned, they raise
+  MissingObjectError.  One exception: a backend may keep an object it has read open
+  (the local backend keeps file descriptors), so a backend instance that read an object
+  before another process replaced or deleted it may go on returning the old object,
+  whole, until it is closed.  The repository never depends on that case: what it reads
+  through a long-lived backend (packs, snapshot records) is written once under a new
+  name, and a pack deleted by gc holds the same checked records as its new place.
+- Listing: list(prefix) yields every object whose put returned before the call and that
+  was not deleted before it (list-after-write; both the local backend and S3 since 2020
+  promise it), in no particular order.  Objects put or deleted while a listing runs may
+  or may not be in it.  A caller never treats a listing as proof that an object is gone
+  before acting on that (a stale listing must cost a retry or a report, never data):
+  stat() answers that for one name.
+- Ranged reads: get(name, offset, length) returns the bytes from offset, at most length
+  of them (to the end when None); past the end it returns fewer, or b"" when offset is at
+  or beyond the end.  A negative offset or length is a UsageError.
+- Deletes: delete(name) and delete_many(names) remove objects (and any unfinished write
+  of them); a missing name is not an error.
+- Errors are StoreError or its kinds: MissingObjectError for an absent object,
+  ObjectExistsError for a lost create-if-absent, TransientStoreError for a failure that
+  may pass when the same call is repeated (see store/retrying.py); never an OSError.
+- capabilities is declared by the backend, never probed: callers adapt to it.
+- close() releases what the backend holds (descriptors, connections); it is idempotent.
 
 An object can also be written in parts (create): a pack is written while it fills, so
-that sealing it waits only for what was written last, not for the whole pack.  Either
-way, nothing is visible under the name until the whole object is durable.
+that sealing it waits only for what was written last, not for the whole pack.
 """
 
 from __future__ import annotations
@@ -16,18 +55,50 @@ import contextlib
 import errno
 import os
 import secrets
+import stat
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
-from blocksnap.errors import MissingObjectError, StoreError
+from blocksnap.errors import (
+    MissingObjectError,
+    ObjectExistsError,
+    StoreError,
+    TransientStoreError,
+    UsageError,
+)
 
 TMP_MARKER = ".tmp-"
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One object as stat() and list() see it."""
+
+    name: str
+    size: int  # bytes
+    mtime: float  # seconds since the epoch, when the object was last written
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend offers, declared by it, so that callers adapt instead of probing."""
+
+    min_part_size: int  # bytes: every part of a create() but the last must be this big
+    max_parallelism: int  # concurrent requests worth issuing
+    atomic_exclusive_create: bool  # racing exclusive puts of a name: exactly one wins
+    local: bool  # a filesystem of this host (flock and host-local state are meaningful)
+
+
 class ObjectWriter(Protocol):
-    """A new object being written in parts; invisible under its name until commit()."""
+    """A new object being written in parts; invisible under its name until commit().
+
+    A write, sync or commit that raises ends the writer: the object is discarded, and
+    every later write, sync or commit raises StoreError, so that an object missing a
+    part can never be committed.
+    """
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append data."""
@@ -38,36 +109,83 @@ class ObjectWriter(Protocol):
         ...
 
     def commit(self) -> None:
-        """Make the whole object durable and visible under its name, atomically."""
+        """Make the whole object durable and visible under its name, atomically (an
+        exclusive one raises ObjectExistsError if the name was taken meanwhile)."""
         ...
 
     def abort(self) -> None:
-        """Discard the unfinished object; nothing appears under its name."""
+        """Discard the unfinished object; nothing appears under its name.  Idempotent."""
         ...
 
 
 class ObjectStore(Protocol):
-    """The narrow interface every storage backend implements."""
+    """The narrow interface every storage backend implements (the contract is above)."""
 
-    def create(self, name: str) -> ObjectWriter:
-        """Start writing a new object in parts; an existing one is replaced on commit."""
+    @property
+    def capabilities(self) -> Capabilities:
+        """What this backend offers."""
         ...
 
-    def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
-        """Store a whole object atomically and durably; an existing one is replaced."""
+    def create(self, name: str, *, exclusive: bool = False) -> ObjectWriter:
+        """Start writing a new object in parts; an existing one is replaced on commit,
+        or with exclusive, kept (commit raises ObjectExistsError)."""
+        ...
+
+    def put(
+        self, name: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False
+    ) -> None:
+        """Store a whole object atomically and durably; an existing one is replaced, or
+        with exclusive, kept and ObjectExistsError raised."""
         ...
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Read length bytes (all when None) from offset; fewer if the object is shorter."""
         ...
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
-        """Yield (name, size) for every complete object whose name starts with prefix."""
+    def stat(self, name: str) -> ObjectInfo:
+        """The object's size and time; MissingObjectError if there is none."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        """Every complete object whose name starts with prefix (a plain string prefix)."""
         ...
 
     def delete(self, name: str) -> None:
         """Remove an object and any unfinished write of it; a missing one is not an error."""
         ...
+
+    def delete_many(self, names: Iterable[str]) -> None:
+        """delete() for every name, in as few requests as the backend can."""
+        ...
+
+    def leftovers(self) -> builtins.list[str]:
+        """Unfinished writes of writers that died (temporary files, incomplete uploads),
+        described for a report; they are never part of the repository."""
+        ...
+
+    def close(self) -> None:
+        """Release descriptors and connections; idempotent."""
+        ...
+
+
+def check_name(name: str) -> None:
+    """Refuse a name outside the contract (see the module doc)."""
+    parts = name.split("/")
+    if (
+        not name
+        or "\x00" in name
+        or TMP_MARKER in name
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise StoreError(f"invalid object name {name!r}")
+
+
+def check_range(offset: int, length: int | None) -> None:
+    if offset < 0 or (length is not None and length < 0):
+        raise UsageError(f"invalid object range: offset {offset}, length {length}")
+
+
+_TRANSIENT = frozenset({errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.EINTR})
 
 
 def _os_error(action: str, name: str, exc: OSError) -> StoreError:
@@ -75,30 +193,66 @@ def _os_error(action: str, name: str, exc: OSError) -> StoreError:
         return StoreError(f"disk full while {action} {name}")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return StoreError(f"permission denied while {action} {name}")
+    if exc.errno in _TRANSIENT:
+        return TransientStoreError(f"{action} {name} failed for now: {exc.strerror or exc}")
     return StoreError(f"I/O error while {action} {name}: {exc.strerror or exc}")
 
 
-class LocalBackend:
-    """Objects as files below a directory: write to a temporary name, fsync, rename."""
+def _missing(name: str) -> MissingObjectError:
+    return MissingObjectError(f"object {name} is missing from the repository")
 
-    def __init__(self, root: str, fd_cache_size: int = 64) -> None:
+
+def _fsync_directory(path: str) -> None:
+    dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class LocalBackend:
+    """Objects as files below a directory: write to a temporary name, fsync, rename (or
+    link, for create-if-absent, which fails with EEXIST if the name exists).
+
+    private: top-level entries of root that hold host-local state (the repository's
+    index and locks), not objects: list() never yields them and no name may start there.
+    """
+
+    def __init__(self, root: str, fd_cache_size: int = 64, *, private: Iterable[str] = ()) -> None:
         self.root = root
+        self._private = frozenset(private)
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._fd_cache_size = fd_cache_size
         self._lock = threading.Lock()
+        self._capabilities = Capabilities(
+            min_part_size=1,
+            max_parallelism=os.cpu_count() or 2,
+            atomic_exclusive_create=True,
+            local=True,
+        )
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
 
     def _path(self, name: str) -> str:
-        if name.startswith("/") or ".." in name.split("/"):
-            raise StoreError(f"invalid object name {name!r}")
+        check_name(name)
+        if name.split("/", 1)[0] in self._private:
+            raise StoreError(f"invalid object name {name!r} (host-local state)")
         return os.path.join(self.root, *name.split("/"))
 
-    def create(self, name: str) -> _LocalWriter:
-        return _LocalWriter(self, name)
+    def create(self, name: str, *, exclusive: bool = False) -> _LocalWriter:
+        return _LocalWriter(self, name, exclusive)
 
-    def put(self, name: str, data: bytes | bytearray | memoryview) -> None:
-        out = self.create(name)
-        out.write(data)
-        out.commit()
+    def put(
+        self, name: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False
+    ) -> None:
+        out = self.create(name, exclusive=exclusive)
+        try:
+            out.write(data)
+            out.commit()
+        finally:
+            out.abort()  # a no-op once committed
 
     def _fd(self, name: str) -> int:
         with self._lock:
@@ -108,10 +262,13 @@ class LocalBackend:
                 return fd
         try:
             fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise MissingObjectError(f"object {name} is missing from the repository") from None
+        except (FileNotFoundError, NotADirectoryError):
+            raise _missing(name) from None
         except OSError as exc:
             raise _os_error("opening", name, exc) from exc
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory is no object
+            os.close(fd)
+            raise _missing(name)
         with self._lock:
             other = self._fds.get(name)
             if other is not None:  # another thread opened it meanwhile
@@ -130,6 +287,7 @@ class LocalBackend:
             os.close(fd)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        check_range(offset, length)
         fd = self._fd(name)
         try:
             if length is None:
@@ -138,19 +296,48 @@ class LocalBackend:
         except OSError as exc:
             raise _os_error("reading", name, exc) from exc
 
-    def list(self, prefix: str) -> Iterator[tuple[str, int]]:
-        top = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
-        for dirpath, _dirs, files in os.walk(top):
+    def stat(self, name: str) -> ObjectInfo:
+        try:
+            st = os.stat(self._path(name))
+        except (FileNotFoundError, NotADirectoryError):
+            raise _missing(name) from None
+        except OSError as exc:
+            raise _os_error("looking up", name, exc) from exc
+        if not stat.S_ISREG(st.st_mode):
+            raise _missing(name)
+        return ObjectInfo(name, st.st_size, st.st_mtime)
+
+    def list(self, prefix: str) -> Iterator[ObjectInfo]:
+        # Walk only the deepest directory the prefix names whole; filter the rest.
+        head = prefix.rpartition("/")[0]
+        if head:
+            check_name(head)
+        top = os.path.join(self.root, *head.split("/")) if head else self.root
+
+        def fail(exc: OSError) -> None:
+            if not isinstance(exc, (FileNotFoundError, NotADirectoryError)):
+                raise _os_error("listing", prefix or "the repository", exc) from exc
+
+        for dirpath, dirs, files in os.walk(top, onerror=fail):
+            rel_dir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            if rel_dir == ".":
+                rel_dir = ""
+                dirs[:] = [d for d in dirs if d not in self._private]
+                files = [f for f in files if f not in self._private]
             for filename in files:
                 if TMP_MARKER in filename:
                     continue  # an unfinished put: never part of the repository
-                path = os.path.join(dirpath, filename)
-                rel = os.path.relpath(path, self.root).replace(os.sep, "/")
-                try:
-                    size = os.stat(path).st_size
-                except FileNotFoundError:
+                rel = f"{rel_dir}/{filename}" if rel_dir else filename
+                if not rel.startswith(prefix):
                     continue
-                yield rel, size
+                try:
+                    st = os.stat(os.path.join(dirpath, filename))
+                except FileNotFoundError:
+                    continue  # deleted while listing
+                except OSError as exc:
+                    raise _os_error("listing", rel, exc) from exc
+                if stat.S_ISREG(st.st_mode):
+                    yield ObjectInfo(rel, st.st_size, st.st_mtime)
 
     def delete(self, name: str) -> None:
         self._forget(name)
@@ -158,17 +345,21 @@ class LocalBackend:
         directory, base = os.path.split(path)
         try:
             partial = [f for f in os.listdir(directory) if f.startswith(base + TMP_MARKER)]
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             partial = []
         except OSError as exc:
             raise _os_error("listing", name, exc) from exc
         for victim in [base, *partial]:
             try:
                 os.unlink(os.path.join(directory, victim))
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 pass
             except OSError as exc:
                 raise _os_error("deleting", name, exc) from exc
+
+    def delete_many(self, names: Iterable[str]) -> None:
+        for name in names:
+            self.delete(name)
 
     def leftovers(self) -> builtins.list[str]:
         """Temporary files of puts that never finished (a writer was killed mid-write)."""
@@ -185,11 +376,14 @@ class LocalBackend:
 
 
 class _LocalWriter:
-    """An object written to a temporary file beside its name, fsynced, then renamed."""
+    """An object written to a temporary file beside its name, fsynced, then renamed into
+    place, or for create-if-absent hard-linked (link fails if the name exists, atomically,
+    where a rename would replace it) and the temporary name removed."""
 
-    def __init__(self, backend: LocalBackend, name: str) -> None:
+    def __init__(self, backend: LocalBackend, name: str, exclusive: bool) -> None:
         self._backend = backend
         self.name = name
+        self._exclusive = exclusive
         self._path = backend._path(name)
         self._tmp = f"{self._path}{TMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}"
         try:
@@ -225,13 +419,17 @@ class _LocalWriter:
             os.fsync(fd)
             os.close(fd)
             self._fd = -1
-            os.rename(self._tmp, self._path)
-            # The rename is durable only once the directory entry is on disk.
-            dir_fd = os.open(os.path.dirname(self._path), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            if self._exclusive:
+                try:
+                    os.link(self._tmp, self._path)
+                except FileExistsError:
+                    self.abort()
+                    raise ObjectExistsError(f"object {self.name} exists already") from None
+                os.unlink(self._tmp)
+            else:
+                os.rename(self._tmp, self._path)
+            # The new name is durable only once the directory entry is on disk.
+            _fsync_directory(os.path.dirname(self._path))
         self._backend._forget(self.name)
 
     def abort(self) -> None:

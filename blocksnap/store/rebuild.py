@@ -73,7 +73,8 @@ def _restore_settings(
     store: Store, index: Index, snapshots: set[str], report: RebuildReport
 ) -> None:
     """Saved policies and protections, from their objects (see store/repository.py)."""
-    for name, _size in store.backend.list("settings/"):
+    for entry in store.backend.list("settings/"):
+        name = entry.name
         base = name.rsplit("/", 1)[1]
         if base.startswith("protected-"):
             snapshot_id = base[len("protected-") :]
@@ -156,9 +157,10 @@ def rebuild_index(path: str, progress: ProgressCallback | None = None) -> Rebuil
             index.initialize(store.config.id)
             packs = list(store.backend.list("packs/"))
             counts: Counter[bytes] = Counter()
-            total = sum(size for _, size in packs)
+            total = sum(p.size for p in packs)
             done = 0
-            for name, size in packs:
+            for entry in packs:
+                name, size = entry.name, entry.size
                 try:
                     pack_id = bytes.fromhex(name.rsplit("/", 1)[1])
                 except ValueError:
@@ -177,7 +179,8 @@ def rebuild_index(path: str, progress: ProgressCallback | None = None) -> Rebuil
             index.set_counts(counts)
             found: dict[str, list[SnapshotInfo]] = defaultdict(list)
             bodies: dict[str, bytes] = {}
-            for name, _size in store.backend.list("snapshots/"):
+            for entry in store.backend.list("snapshots/"):
+                name = entry.name
                 try:
                     body = catalog.unframe(store.backend.get(name), name)
                     info = catalog.decode(body, name)

@@ -14,6 +14,24 @@ Layout of a repository directory REPO/:
                   {"volume": name, "policy": {...}} (see retention.py), and an empty
                   object protected-<snapshot id> marks a protected snapshot
 
+Which state is what, as it stands (format 1):
+
+- Objects, through the storage seam (store/backend.py): config, packs/, snapshots/,
+  settings/.  They are meant to be the truth: everything in the index except the
+  host-local state below can be rebuilt from them (store/rebuild.py).  Today the commit
+  point of a snapshot, the order of a volume's snapshots and the reference counts are
+  still decided in the index's transactions, so the index is more than a cache until
+  format 2 moves those into the objects.
+- Cache, in index/ (LMDB): where each object lives, reference counts, the snapshot
+  catalog and the settings, all rebuilt by repair --rebuild-index.
+- Host-local, in this directory, never in the objects: the locks and writer sessions
+  (store/locks.py: lock, locks/), the writer registry with its epochs and intents, and
+  the checkpoints of interrupted runs (both in the index, not rebuilt).
+
+Store takes the backend, the locks and the writer sessions injected (the defaults are
+the local ones on this directory), so an object store can hold the objects while the
+index and host-local state stay in a local directory.
+
 Crash safety comes from ordering: a pack is durable (fsync of file and directory) before
 the index transaction that refers to it commits, and a snapshot's record object is durable
 before the transaction that makes the snapshot visible commits.  Anything a killed writer
@@ -38,15 +56,13 @@ such a case: its readers have no LMDB reader slot, so use a writable path for th
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import json
 import os
 import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -61,15 +77,25 @@ from blocksnap.errors import (
     LockedError,
     MissingObjectError,
     NotFoundError,
+    ObjectExistsError,
     StoreError,
     UsageError,
 )
 from blocksnap.model import Checkpoint, SnapshotInfo
 from blocksnap.store import catalog, reads
 from blocksnap.store import index as index_module
-from blocksnap.store.backend import LocalBackend, ObjectStore, ObjectWriter
+from blocksnap.store.backend import TMP_MARKER, LocalBackend, ObjectStore, ObjectWriter
 from blocksnap.store.codec import decompress
 from blocksnap.store.index import POLICY_PREFIX, PROTECTED_PREFIX, Index, Location, lmdb_errors
+from blocksnap.store.locks import (
+    GC_LOCK,
+    REPOSITORY_LOCK,
+    LocalLocks,
+    LocalSessions,
+    Locks,
+    Session,
+    WriterSessions,
+)
 from blocksnap.store.packs import (
     HEADER_SIZE,
     KIND_BLOCK,
@@ -117,18 +143,17 @@ def pack_name(pack_id: bytes) -> str:
     return f"packs/{h[:2]}/{h}"
 
 
-def _write_file_durably(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# Private top-level entries of the repository directory: host-local state, no objects.
+LOCAL_STATE = ("lock", "locks", "index", "index.rebuild", "index.old")
+
+
+def local_backend(path: str) -> LocalBackend:
+    """The backend of a repository whose objects are in its own directory."""
+    return LocalBackend(path, private=LOCAL_STATE)
+
+
+def _encode_config(config: RepositoryConfig) -> bytes:
+    return json.dumps(asdict(config), indent=2).encode()
 
 
 def init_repository(
@@ -137,8 +162,14 @@ def init_repository(
     block_id: str = blockid.DEFAULT_ALGORITHM,
     compression_level: int = DEFAULT_COMPRESSION_LEVEL,
     pack_target_size: int = DEFAULT_PACK_TARGET_SIZE,
+    backend: ObjectStore | None = None,
 ) -> RepositoryConfig:
-    """Create an empty repository at path (absent, or an empty directory)."""
+    """Create an empty repository at path (absent, or an empty directory), its objects in
+    backend (by default, the directory itself).
+
+    Two inits racing for one path cannot both win: the directory is set up under its
+    repository lock, and the config is put create-if-absent, so a loser changes nothing.
+    """
     blockid.hasher(block_id)
     if not 1 <= compression_level <= 19:
         raise UsageError(f"compression level {compression_level} is not in 1..19")
@@ -159,20 +190,20 @@ def init_repository(
         pack_target_size=pack_target_size,
     )
     try:
-        _remove_unfinished_init(path)
         os.makedirs(path, exist_ok=True)
-        for sub in _INIT_DIRS:
-            os.makedirs(os.path.join(path, sub), exist_ok=True)
-        open(os.path.join(path, "lock"), "ab").close()
-        index = Index(os.path.join(path, "index"), create=True)
-        try:
-            index.initialize(config.id)
-        finally:
-            index.close()
-        # The config is written last: a directory without one is not a repository.
-        _write_file_durably(
-            os.path.join(path, CONFIG_NAME), json.dumps(asdict(config), indent=2).encode()
+    except OSError as exc:
+        raise StoreError(f"cannot create repository at {path}: {exc.strerror or exc}") from exc
+    try:
+        lock = LocalLocks(path).hold(
+            REPOSITORY_LOCK, busy=f"{path} is being initialised by another process"
         )
+        with lock:
+            # Another init may have finished between the look above and the lock.
+            if not _is_unfinished_init(path):
+                raise UsageError(f"{path} exists and is not an empty directory")
+            _set_up(path, config, backend)
+    except (LockedError, UsageError):
+        raise  # another init's: its files stay
     except BaseException as exc:
         # Leave the directory as it was (absent or empty), so that init can be tried again.
         with contextlib.suppress(OSError):
@@ -185,15 +216,38 @@ def init_repository(
     return config
 
 
+def _set_up(path: str, config: RepositoryConfig, backend: ObjectStore | None) -> None:
+    """Everything init writes, under the repository lock, the config last."""
+    _remove_unfinished_init(path, keep_lock=True)
+    for sub in _INIT_DIRS:
+        os.makedirs(os.path.join(path, sub), exist_ok=True)
+    index = Index(os.path.join(path, "index"), create=True)
+    try:
+        index.initialize(config.id)
+    finally:
+        index.close()
+    # The config is written last: a directory without one is not a repository.
+    objects = backend if backend is not None else local_backend(path)
+    try:
+        objects.put(CONFIG_NAME, _encode_config(config), exclusive=True)
+    except ObjectExistsError:
+        raise UsageError(f"{path} holds a repository already") from None
+    finally:
+        if backend is None:
+            objects.close()
+
+
 _INIT_DIRS = ("locks", "packs", "snapshots")
-_INIT_FILES = ("lock", "index/data.mdb", "index/lock.mdb")
+_INIT_FILES = ("index/data.mdb", "index/lock.mdb")
 
 
 def _is_unfinished_init(path: str) -> bool:
     """Whether path is an empty directory, or holds only what an init killed before it wrote
-    the config leaves (its empty directories, the lock file and a fresh index)."""
+    the config leaves (its empty directories, the lock file, a fresh index and the
+    temporary file of the config)."""
     try:
         names = set(os.listdir(path))
+        names = {n for n in names if not n.startswith(CONFIG_NAME + TMP_MARKER)}
         if not names <= {*_INIT_DIRS, "lock", "index"}:
             return False
         if any(os.listdir(os.path.join(path, d)) for d in _INIT_DIRS if d in names):
@@ -206,8 +260,9 @@ def _is_unfinished_init(path: str) -> bool:
         return False
 
 
-def _remove_unfinished_init(path: str) -> None:
-    for name in _INIT_FILES:
+def _remove_unfinished_init(path: str, *, keep_lock: bool = False) -> None:
+    temporary = [n for n in os.listdir(path) if n.startswith(CONFIG_NAME + TMP_MARKER)]
+    for name in [*_INIT_FILES, *temporary, *([] if keep_lock else ["lock"])]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(path, name))
     for name in (*_INIT_DIRS, "index"):
@@ -215,29 +270,24 @@ def _remove_unfinished_init(path: str) -> None:
             os.rmdir(os.path.join(path, name))
 
 
-def read_config(path: str) -> RepositoryConfig:
-    config_path = os.path.join(path, CONFIG_NAME)
+def read_config(backend: ObjectStore, where: str) -> RepositoryConfig:
+    """The repository's config, read through the seam; where names it in messages."""
     try:
-        with open(config_path, "rb") as f:
-            raw = json.loads(f.read())
-    except FileNotFoundError:
-        if not os.path.exists(path):
-            raise NotFoundError(f"repository {path} does not exist") from None
-        raise NotFoundError(f"{path} is not a blocksnap repository (no config)") from None
-    except (NotADirectoryError, IsADirectoryError):
-        raise NotFoundError(f"{path} is not a blocksnap repository") from None
-    except PermissionError:
-        raise StoreError(f"permission denied reading {config_path}") from None
+        data = backend.get(CONFIG_NAME)
+    except MissingObjectError:
+        raise NotFoundError(f"{where} is not a blocksnap repository (no config)") from None
+    try:
+        raw = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise IntegrityError(f"{config_path} is damaged") from exc
+        raise IntegrityError(f"config of {where} is damaged") from exc
     if not isinstance(raw, dict) or raw.get("format") != REPOSITORY_FORMAT:
-        raise NotFoundError(f"{path} is not a blocksnap repository")
+        raise NotFoundError(f"{where} is not a blocksnap repository")
     if raw.get("version") != REPOSITORY_VERSION:
         raise StoreError(f"repository format version {raw.get('version')} is not supported")
     try:
         config = RepositoryConfig(**raw)
     except TypeError as exc:
-        raise IntegrityError(f"{config_path} is damaged ({exc})") from exc
+        raise IntegrityError(f"config of {where} is damaged ({exc})") from exc
     blockid.hasher(config.block_id)
     return config
 
@@ -256,30 +306,6 @@ def read_only_error(path: str) -> StoreError:
     )
 
 
-@contextlib.contextmanager
-def _flock(path: str, mode: int, busy: str, *, read_only: bool = False) -> Iterator[None]:
-    """Hold an flock on path for the duration.  read_only (a shared lock on a read-only
-    filesystem): the file is opened O_RDONLY, which flock accepts, and a missing one is
-    no lock at all, since nothing can take it exclusively there."""
-    flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
-    try:
-        fd = os.open(path, flags | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        if not (read_only and exc.errno == errno.ENOENT):
-            raise StoreError(f"cannot open lock {path}: {exc.strerror or exc}") from exc
-        fd = -1
-    try:
-        if fd >= 0:
-            try:
-                fcntl.flock(fd, mode | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise LockedError(busy) from None
-        yield
-    finally:
-        if fd >= 0:
-            os.close(fd)  # releases the lock; so does the death of the process
-
-
 def _finish_rebuild_swap(path: str) -> None:
     """If a rebuild was killed between its two renames, complete it (see store/rebuild.py)."""
     index = os.path.join(path, "index")
@@ -290,30 +316,57 @@ def _finish_rebuild_swap(path: str) -> None:
 
 
 class Store:
-    """An open repository: the BlockSource for readers and the target of writers."""
+    """An open repository: the BlockSource for readers and the target of writers.
 
-    def __init__(self, path: str, *, exclusive: bool = False) -> None:
+    path is the repository's local directory: the index and the host-local state (see
+    the module doc), and with the default backend its objects too.  backend, locks and
+    sessions are injected; each defaults to the local one on path.  A backend that is
+    not local (capabilities.local false) needs locks and sessions that work across hosts,
+    so it is refused without them.  The store owns the backend: close() closes it.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        exclusive: bool = False,
+        backend: ObjectStore | None = None,
+        locks: Locks | None = None,
+        sessions: WriterSessions | None = None,
+    ) -> None:
         self.path = path
-        self.config = read_config(path)
+        if not os.path.isdir(path):
+            if not os.path.exists(path):
+                raise NotFoundError(f"repository {path} does not exist")
+            raise NotFoundError(f"{path} is not a blocksnap repository")
+        if (
+            backend is not None
+            and not backend.capabilities.local
+            and (locks is None or sessions is None)
+        ):
+            raise UsageError("a backend that is not local needs locks and writer sessions")
         # On a read-only filesystem nothing can write, so every reader opens the index
         # read-only and without LMDB's lock file, and what would write says why it cannot.
         self.read_only = on_read_only_filesystem(path)
         if exclusive and self.read_only:
             raise read_only_error(path)
+        self.backend: ObjectStore = backend if backend is not None else local_backend(path)
+        self.locks: Locks = locks or LocalLocks(path, read_only=self.read_only)
+        self.sessions: WriterSessions = sessions or LocalSessions(path)
         self._stack = contextlib.ExitStack()
+        self._stack.callback(self.backend.close)
+        self._index: Index | None = None
         try:
+            self.config = read_config(self.backend, path)
             self._stack.enter_context(
-                _flock(
-                    os.path.join(path, "lock"),
-                    fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH,
-                    "repository is in use by another process"
+                self.locks.hold(
+                    REPOSITORY_LOCK,
+                    shared=not exclusive,
+                    busy="repository is in use by another process"
                     if exclusive
                     else "repository is locked by a repair in progress",
-                    read_only=self.read_only,
                 )
             )
-            self.backend: ObjectStore = LocalBackend(path)
-            self._index: Index | None = None
             if not exclusive:
                 if not self.read_only:
                     _finish_rebuild_swap(path)
@@ -346,10 +399,7 @@ class Store:
         if self._index is not None:
             index_module.release(self._index)
             self._index = None
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            close()
-        self._stack.close()
+        self._stack.close()  # the lock, then the backend
 
     def __enter__(self) -> Store:
         return self
@@ -502,19 +552,13 @@ class Store:
     def lock_volume(self, volume: str) -> contextlib.AbstractContextManager[None]:
         self.require_writable()
         key = blake3.blake3(volume.encode()).hexdigest()[:32]
-        return _flock(
-            os.path.join(self.path, "locks", f"volume-{key}.lock"),
-            fcntl.LOCK_EX,
-            f"a snapshot of volume {volume!r} is already running",
+        return self.locks.hold(
+            f"volume-{key}", busy=f"a snapshot of volume {volume!r} is already running"
         )
 
     def lock_gc(self) -> contextlib.AbstractContextManager[None]:
         self.require_writable()
-        return _flock(
-            os.path.join(self.path, "locks", "gc.lock"),
-            fcntl.LOCK_EX,
-            "garbage collection is already running",
-        )
+        return self.locks.hold(GC_LOCK, busy="garbage collection is already running")
 
     def writer(self) -> StoreWriter:
         return StoreWriter(self)
@@ -530,7 +574,14 @@ class Store:
         name = catalog.object_name(info.id)
         intent = writer.registration.intent(name)
         self.index.add_intent(intent)
-        self.backend.put(name, catalog.frame(body))
+        try:
+            self.backend.put(name, catalog.frame(body))
+        except BaseException:
+            # A put that raised may still have stored the record (its answer was lost):
+            # delete it, or leave its intent for gc, as for a failed commit below.
+            with contextlib.suppress(BlocksnapError):  # the first error is the one to tell
+                self._delete_or_leave_to_gc(name, writer.registration)
+            raise
         try:
             self.index.commit_snapshot(
                 info.volume,
@@ -641,70 +692,33 @@ class Store:
 
     # --- the writer registry -------------------------------------------------------------
 
-    def writer_lock_path(self, writer_id: bytes) -> str:
-        return os.path.join(self.path, "locks", f"writer-{writer_id.hex()}.lock")
-
     def writer_status(self) -> tuple[dict[bytes, dict[str, Any]], list[bytes]]:
         """(live writers with their entries, ids of registered writers that died).
 
-        A writer holds its lock file's flock while it runs, so a lock that can be taken,
-        or a lock file that is gone, means the writer ended without unregistering.
+        A writer's session is alive while it runs (see store/locks.py), so a registered
+        writer whose session is not alive ended without unregistering.
         """
         live, dead = {}, []
         for writer_id, entry in self.index.writers().items():
-            path = self.writer_lock_path(writer_id)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                dead.append(writer_id)
-                continue
-            except OSError as exc:
-                raise StoreError(f"cannot open lock {path}: {exc.strerror or exc}") from exc
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if self.sessions.alive(writer_id):
                 live[writer_id] = entry
             else:
                 dead.append(writer_id)
-            finally:
-                os.close(fd)  # also releases the lock just taken, if it was
         return live, dead
 
     def sweep_orphan_locks(self) -> int:
-        """Delete writer lock files with no registry entry (a writer killed while it
-        registered or unregistered) whose lock can be taken; return how many."""
-        registered = set(self.index.writers())
-        swept = 0
-        for name in os.listdir(os.path.join(self.path, "locks")):
-            match = re.fullmatch(r"writer-([0-9a-f]{32})\.lock", name)
-            if match is None or bytes.fromhex(match.group(1)) in registered:
-                continue
-            path = os.path.join(self.path, "locks", name)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            except FileNotFoundError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                # Held here, so no writer can register under this id meanwhile.
-                if bytes.fromhex(match.group(1)) not in self.index.writers():
-                    os.unlink(path)
-                    swept += 1
-            except (BlockingIOError, FileNotFoundError):
-                pass
-            finally:
-                os.close(fd)
-        return swept
+        """Remove what the sessions of writers killed while they registered or
+        unregistered left (no registry entry, not alive); return how many."""
+        return self.sessions.sweep(lambda writer_id: writer_id in self.index.writers())
 
     def forget_writer(self, writer_id: bytes) -> None:
-        """Remove a dead writer from the registry (its intents dealt with) and its lock."""
+        """Remove a dead writer from the registry (its intents dealt with) and its session."""
         self.index.unregister_writer(writer_id)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.writer_lock_path(writer_id))
+        self.sessions.forget(writer_id)
 
 
 class Registration:
-    """A place in the writer registry, held by an flock for as long as the process runs.
+    """A place in the writer registry, held by a live session for as long as it runs.
 
     Snapshots, synthesize, prune and gc register, so that gc knows which objects they may
     still refer to (by the epoch) and, once one of them dies, what it left (by its intents).
@@ -713,44 +727,19 @@ class Registration:
     def __init__(self, store: Store) -> None:
         store.require_writable()
         self.store = store
-        for _attempt in range(8):
-            self.id = secrets.token_bytes(16)
-            self._lock_path = store.writer_lock_path(self.id)
-            try:
-                self._lock_fd = os.open(
-                    self._lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
-                )
-            except OSError as exc:
-                raise StoreError(f"cannot create {self._lock_path}: {exc.strerror or exc}") from exc
-            # gc may take the lock of a file with no registry entry and unlink it (an
-            # orphan of a killed writer); if that happened to this new file before it was
-            # locked here, the path no longer names it, and registration starts again.
-            try:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                mine = os.stat(self._lock_path).st_ino == os.fstat(self._lock_fd).st_ino
-            except (BlockingIOError, FileNotFoundError):
-                mine = False
-            if not mine:
-                os.close(self._lock_fd)
-                continue
-            try:
-                self.epoch = store.index.register_writer(self.id, os.getpid())
-            except BaseException:
-                self._release_lock()
-                raise
-            self._closed = False
-            self._keep = False
-            return
-        raise LockedError("could not register as a writer: lock files keep disappearing")
+        self._session: Session = store.sessions.start()
+        self.id = self._session.id
+        try:
+            self.epoch = store.index.register_writer(self.id, os.getpid())
+        except BaseException:
+            self._session.end()
+            raise
+        self._closed = False
+        self._keep = False
 
     def intent(self, name: str) -> bytes:
         """The intent key for putting or deleting the object name."""
         return self.id + name.encode()
-
-    def _release_lock(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._lock_path)
-        os.close(self._lock_fd)
 
     def keep_intents(self) -> None:
         """An object this registration meant to delete may still exist: when it ends, it
@@ -765,14 +754,14 @@ class Registration:
             try:
                 self.store.index.unregister_writer(self.id)
             finally:
-                self._release_lock()
+                self._session.end()
 
     def abandon(self) -> None:
         """End without leaving the registry: gc then deletes what the intents name and
         the index lacks, as for a writer that was killed."""
         if not self._closed:
             self._closed = True
-            self._release_lock()
+            self._session.end()
 
     def __enter__(self) -> Registration:
         return self
