@@ -59,12 +59,17 @@ class RetryingBackend:
             try:
                 return fn()
             except TransientStoreError:
-                if attempt == self.attempts:
-                    raise
-                self.retries += 1
-                self._sleep(delay)
-                delay = min(delay * 2, self._max_delay)
+                delay = self._back_off(attempt, delay)
         raise AssertionError("unreachable")
+
+    def _back_off(self, attempt: int, delay: float) -> float:
+        """After a transient failure: re-raise it on the last attempt, else wait delay and
+        return the next one (called from inside the except clause)."""
+        if attempt == self.attempts:
+            raise  # the transient error being handled
+        self.retries += 1
+        self._sleep(delay)
+        return min(delay * 2, self._max_delay)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -118,11 +123,7 @@ class RetryingBackend:
                         yield info
                 return
             except TransientStoreError:
-                if attempt == self.attempts:
-                    raise
-                self.retries += 1
-                self._sleep(delay)
-                delay = min(delay * 2, self._max_delay)
+                delay = self._back_off(attempt, delay)
 
     def delete(self, name: str) -> None:
         self._call(lambda: self.inner.delete(name))
