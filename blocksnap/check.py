@@ -23,6 +23,7 @@ that names it is reported.
 
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,7 @@ from blocksnap.store.index import IndexView
 from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, walk_pack
 from blocksnap.store.repository import Store, pack_name
 
+INTERRUPTED_REPAIR = ("index.rebuild", "index.old")  # see store/rebuild.py
 _ATTEMPTS = 4  # looks again at what a concurrent gc moved, before calling it damage
 
 
@@ -338,8 +340,9 @@ def verify(
                     "record; run repair --rebuild-index"
                 )
             info = catalog.decode(record, f"snapshot {snapshot_id}")
-            if records.size(catalog.object_name(snapshot_id)) is None:
-                damage[f"snapshot object {snapshot_id} is missing"].add(label)
+            problem = _record_object_problem(store, records, snapshot_id, record)
+            if problem is not None:
+                damage[problem].add(label)
             block_map = BlockMap(reader.node, info.map_root, info.map_height, info.block_count)
             for leaf_index in range(block_map.leaf_count()):
                 _digests, ids = block_map.leaf(leaf_index)
@@ -369,16 +372,48 @@ def verify(
         alive = sorted(s for s in snaps if labels[s] in current)
         if alive or not snaps:
             problems.append(Problem(msg, alive))
-    committed = {snapshot_id for _v, snapshot_id, _r in view.snapshots}
-    uncommitted = {name.split("/", 1)[1] for name in records.names()} - committed
-    if uncommitted:
-        uncommitted -= _current_snapshots(store)  # committed since the view
+    cached = {snapshot_id for _v, snapshot_id, _r in view.snapshots}
+    removed = {catalog.id_of(o.name) for o in store.backend.list(catalog.TOMBSTONES)}
+    listed = {catalog.id_of(name) for name in records.names()}
+    uncached = {s for s in listed - cached - removed if s is not None}
+    if uncached:
+        uncached -= _current_snapshots(store)  # cached since the view
     report.leftovers = sorted(
-        f"snapshots/{s} (record of an uncommitted snapshot)" for s in uncommitted
+        f"snapshots/{s} (a committed snapshot the index lacks: gc indexes it)" for s in uncached
+    )
+    report.leftovers += sorted(
+        f"snapshots/{s} (record of a removed snapshot: gc deletes it)"
+        for s in listed & removed
+        if s is not None
     )
     report.leftovers += [f"{p} (unfinished write)" for p in store.backend.leftovers()]
+    report.leftovers += [
+        f"{name} (left by an interrupted repair; the next repair --rebuild-index removes it)"
+        for name in INTERRUPTED_REPAIR
+        if os.path.exists(os.path.join(store.path, name))
+    ]
     report.problems = problems
     return report
+
+
+def _record_object_problem(
+    store: Store, records: _Listing, snapshot_id: str, cached: bytes
+) -> str | None:
+    """What is wrong with a cached snapshot's record object, if anything: it must hold
+    the index's copy of the record, byte for byte."""
+    name = catalog.object_name(snapshot_id)
+    fix = "repair --rebuild-index writes it again from the index's copy"
+    if records.size(name) is None:
+        return f"snapshot record object {name} is missing; {fix}"
+    try:
+        body = catalog.unframe(catalog.SNAPSHOT_MAGIC, store.backend.get(name), name)
+    except MissingObjectError:
+        return None  # removed since the listing: decided with the snapshots that remain
+    except BlocksnapError as exc:
+        return f"{exc}; {fix}"
+    if body != cached:
+        return f"{name} differs from the index's copy of the record; {fix}"
+    return None
 
 
 def _current_snapshots(store: Store) -> set[str]:

@@ -2,10 +2,14 @@
 
 Three steps, each safe to interrupt at any instant (kill -9 included):
 
-1. Writers that died (their registry lock can be taken) are cleaned up exactly: every
-   object named by one of their intents that never became part of the index (a pack not
-   indexed, a snapshot record not committed, one a prune or compaction meant to delete)
-   is deleted, then the writer leaves the registry.
+1. The index's catalog is brought up to date with the snapshot records and tombstones
+   (Store.sync_catalog), so that a snapshot committed by a writer that died before its
+   index step counts its root before anything is collected.  Writers that died (their
+   session is not alive) are then cleaned up exactly: every object named by one of
+   their intents that is not part of the repository (a pack not indexed, a record a
+   tombstone names, one a compaction meant to delete) is deleted, a removal that never
+   wrote its tombstone is called off, and the writer leaves the registry.  Record
+   objects of removed snapshots that a prune could not delete go too.
 2. Objects whose reference count is 0 since before the start of every live writer (see
    store/index.py) are deleted from the index, in batches; a deleted map node decrements
    its children in the same transaction, so whole trees go in one run when no writer is
@@ -27,6 +31,7 @@ from dataclasses import dataclass, field
 from blocksnap.blockmap import node_children
 from blocksnap.errors import BlocksnapError, MissingObjectError, UsageError
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
+from blocksnap.store import catalog
 from blocksnap.store.packs import (
     KIND_BLOCK,
     KIND_NODE,
@@ -68,6 +73,7 @@ def collect_garbage(
     report = GcReport()
     say: Callable[[Progress], None] = progress or (lambda _p: None)
     with store.lock_gc(), store.register() as me:
+        report.problems += store.sync_catalog()
         # The epoch is read before the registry: a writer missing from the registry read
         # registered after it, so its epoch exceeds this one and the limit below.
         epoch = store.index.epoch()
@@ -78,6 +84,7 @@ def collect_garbage(
         for writer_id in dead:
             _clean_dead_writer(store, writer_id, report)
         store.sweep_orphan_locks()
+        _delete_removed_records(store, me, report)
         # Every live writer registered before the registry read is in live; any that
         # registers later gets an epoch above `epoch`, so it revives (Index.claim) before
         # using anything collectable below, and collect re-checks that in its transaction.
@@ -96,12 +103,22 @@ def collect_garbage(
 
 
 def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None:
+    removing = store.index.removing()
     for name in store.index.intents_of(writer_id):
-        base = name.rsplit("/", 1)[-1]
+        snapshot_id = catalog.id_of(name)
         if name.startswith("packs/"):
-            keep = store.index.has_pack(bytes.fromhex(base))
-        elif name.startswith("snapshots/"):
-            keep = store.index.snapshot_record(base) is not None
+            keep = store.index.has_pack(bytes.fromhex(name.rsplit("/", 1)[-1]))
+        elif name.startswith(catalog.SNAPSHOTS) and snapshot_id is not None:
+            # A record is the snapshot unless a tombstone names it (the sync above has
+            # cached every record that stands); one never written may have left an
+            # unfinished write, which the delete takes.
+            keep = _exists(store, name) and not _exists(store, catalog.tombstone_name(snapshot_id))
+        elif name.startswith(catalog.TOMBSTONES) and snapshot_id is not None:
+            # A removal: done if its tombstone exists (the sync above applied it),
+            # else it never happened and the snapshot stays.
+            keep = _exists(store, name)
+            if not keep and removing.get(snapshot_id) == writer_id:
+                store.index.unmark_removing(snapshot_id)
         else:
             keep = False
         if not keep:
@@ -113,6 +130,29 @@ def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None
             report.leftovers_deleted += 1
             report.bytes_freed += size
     store.forget_writer(writer_id)
+
+
+def _exists(store: Store, name: str) -> bool:
+    try:
+        store.backend.stat(name)
+    except MissingObjectError:
+        return False
+    return True
+
+
+def _delete_removed_records(store: Store, me: Registration, report: GcReport) -> None:
+    """Delete the record objects that tombstones name (a prune whose delete failed)."""
+    tombstones = {catalog.id_of(o.name) for o in store.backend.list(catalog.TOMBSTONES)}
+    for entry in store.backend.list(catalog.SNAPSHOTS):
+        snapshot_id = catalog.id_of(entry.name)
+        if snapshot_id is None or snapshot_id not in tombstones:
+            continue
+        intent = me.intent(entry.name)
+        store.index.add_intent(intent)
+        store.backend.delete(entry.name)
+        store.index.drop_intent(intent)
+        report.leftovers_deleted += 1
+        report.bytes_freed += entry.size
 
 
 def _collect(store: Store, limit: int, report: GcReport, say: Callable[[Progress], None]) -> None:

@@ -20,7 +20,7 @@ from blocksnap.restore import RestoreResult, restore_image
 from blocksnap.retention import Decision, Policy, decide
 from blocksnap.snapshot import CHECKPOINT_SIZE, SourceArg, check_labels, take_snapshot
 from blocksnap.store.backend import ObjectStore
-from blocksnap.store.rebuild import RebuildReport, rebuild_index
+from blocksnap.store.rebuild import RebuildReport, index_missing, rebuild_index
 from blocksnap.store.repository import (
     DEFAULT_COMPRESSION_LEVEL,
     DEFAULT_PACK_TARGET_SIZE,
@@ -68,6 +68,9 @@ class Repository:
         directory itself (path then holds the index and host-local state); wrappers such
         as RetryingBackend go here too."""
         self.path = os.fspath(path)
+        if backend is None and index_missing(self.path):
+            # The index is a cache of the objects: one that is gone is rebuilt from them.
+            rebuild_index(self.path)
         self._store = Store(self.path, backend=backend)
 
     @classmethod
@@ -341,6 +344,8 @@ class Repository:
                 chosen[name] = found
         if not chosen and volumes:
             raise UsageError("no retention policy given and none saved for these volumes")
+        if not dry_run:
+            self._store.sync_catalog()  # decide on what the objects say
         decisions: dict[str, list[Decision]] = {}
         removed: list[str] = []
         protected = self._store.protected()

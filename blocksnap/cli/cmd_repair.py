@@ -32,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         emit_json(asdict(report))
     else:
+        for item in report.restored:
+            print(f"restored: {shown(str(item))}")
         for item in report.damaged:
             print(f"left out: {shown(str(item))}")
         print(

@@ -1,43 +1,74 @@
-"""Snapshot records: their on-disk format, in the index and as objects in storage.
+"""The catalog's objects: snapshot records, tombstones and settings, and their formats.
 
-A snapshot record is UTF-8 JSON with these keys (format 1):
+These objects, with the packs, are the truth about a repository (see store/__init__.py):
+a snapshot exists from the moment its record object exists until a tombstone names it,
+and everything the index keeps about snapshots, their order and their settings is
+rebuilt from them.
 
-    format         1
+Every object here is framed the same way (format 2):
+
+    magic        6 bytes: b"BSSNAP" snapshot record, b"BSTOMB" tombstone, b"BSSETT" setting
+    version      u16 big-endian, the frame's format: 2
+    checksum     BLAKE3-256 of the body
+    body         UTF-8 JSON, an object with "format": 2 and the keys below
+
+Compatibility rule: a reader refuses (UnsupportedFormatError, never "damaged") a frame or
+body format above the one it knows; keys it does not know are ignored, so adding an
+optional key needs no new format.  A frame of version 1 is format 1's and is refused the
+same way.  The namespace key (a tenant's name, "" for the repository's own) is carried
+by every object now and scopes volumes once tenants land; a reader that does not know a
+namespace other than "" refuses the object.
+
+A snapshot record, snapshots/<id>, written create-if-absent (the commit point):
+
+    format         2
     id             32 lowercase hex digits, random
+    namespace      ""
     volume         the volume name
+    seq            its place in the volume's commit order: 1 + the highest seq among the
+                   volume's snapshots when it was committed (one writer per volume at a
+                   time); a volume's snapshots are ordered by (seq, id), so latest~N
+                   comes from the records alone
     time           ISO 8601 UTC, when the snapshot started reading
     kind           "full", "incremental", "differential" or "synthetic-full"
     parent         the id of the snapshot it was compared with (for a synthetic full, the
                    one it was made from), or null
     base           differential: the id of the full or synthetic full it is relative to,
-                   else null (optional; absent means null)
+                   else null
     changed_ranges differential: [[first block, count], ...], the ranges that differ
-                   from the base, sorted and disjoint (optional; absent means [])
+                   from the base, sorted and disjoint ([] otherwise)
     image_size     bytes; any value, the last block may be short
     block_size     bytes, a power of two from 4 KiB to 4 MiB, fixed per volume
     map            {"root": hex id of the block map's root node, "height": levels}
     counts         {"read", "changed", "hashed", "stored", "zero", "resumed"}: blocks
-                   ("resumed" optional; absent means 0)
     stored_size    bytes this snapshot added to the store, metadata included
     metadata_size  bytes of that which are new block-map nodes
     duration       seconds
     labels         {string: string}
     block_id, change_filter, compression: the algorithms in force (repository config)
 
-The same bytes are kept twice: in the index's snapshots database (the commit point: a
-snapshot exists once that transaction commits) and, written durably just before that
-commit, as the object snapshots/<id>, framed as b"BSSNAP\\x00\\x01" + BLAKE3-256(body) +
-body.  The object lets the index be rebuilt; one whose commit never happened is a
-leftover of an interrupted run, reported by verify.
+The index keeps the body as a cache (store/index.py).
 
-A checkpoint record (format 1), kept only in the index's checkpoints database, is UTF-8
-JSON with the keys format, volume, kind, parent, block_size, image_size, counts,
-stored_size, metadata_size, duration, time, labels, changed_ranges and map as above
-(describing the blocks it covers), and:
+A tombstone, tombstones/<id>, written create-if-absent before the index forgets the
+snapshot (the removal's commit point): {"format", "id", "namespace", "volume", "removed"
+(ISO 8601 UTC)}.  Tombstones stay; the record object is deleted after them.
+
+A setting, settings/<name>:
+
+    settings/policy-<first 32 hex digits of BLAKE3(volume)>
+                   {"format", "namespace", "kind": "policy", "volume", "policy": {...}}
+                   (the policy as retention.py writes it)
+    settings/protected-<snapshot id>
+                   {"format", "namespace", "kind": "protected", "snapshot": id}
+
+A checkpoint record (format 2), kept only in the index's checkpoints database (host-local
+state, not an object), is UTF-8 JSON with the keys format, volume, kind, parent,
+block_size, image_size, counts, stored_size, metadata_size, duration, time, labels,
+changed_ranges and map as above (describing the blocks it covers), and:
 
     mode           what the run was asked for: "full", "incremental" or "differential"
     parent_map     {"root", "height", "image_size"} of the parent's map, or null
-    source         {string: integer}: identity of the source (st_dev, st_ino, ...)
+    source         {string: integer or string}: identity of the source
     hints          fingerprint of the changed-extent runs (extents.py), or null
     block_count    the map covers blocks 0 .. block_count
     pinned         [hex root, ...]: the map and the parent's map, each holding a reference
@@ -47,21 +78,46 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict
+import struct
+import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import blake3
 
-from blocksnap.errors import IntegrityError
+from blocksnap.errors import IntegrityError, UnsupportedFormatError
 from blocksnap.model import Checkpoint, SnapshotCounts, SnapshotInfo, SnapshotKind
 
-RECORD_FORMAT = 1
-OBJECT_MAGIC = b"BSSNAP\x00\x01"
+RECORD_FORMAT = 2
+FRAME_VERSION = 2
+SNAPSHOT_MAGIC = b"BSSNAP"
+TOMBSTONE_MAGIC = b"BSTOMB"
+SETTING_MAGIC = b"BSSETT"
+NAMESPACE = ""  # the repository's own; tenants get their own names later
 SNAPSHOT_ID = re.compile(r"[0-9a-f]{32}")
+_FRAME = struct.Struct(">6sH32s")
+_NOUNS = {
+    SNAPSHOT_MAGIC: "snapshot record",
+    TOMBSTONE_MAGIC: "tombstone",
+    SETTING_MAGIC: "setting",
+}
+SNAPSHOTS = "snapshots/"
+TOMBSTONES = "tombstones/"
+SETTINGS = "settings/"
 
 
 def object_name(snapshot_id: str) -> str:
-    return f"snapshots/{snapshot_id}"
+    return f"{SNAPSHOTS}{snapshot_id}"
+
+
+def tombstone_name(snapshot_id: str) -> str:
+    return f"{TOMBSTONES}{snapshot_id}"
+
+
+def id_of(name: str) -> str | None:
+    """The snapshot id an object name under snapshots/ or tombstones/ ends in, or None."""
+    base = name.rsplit("/", 1)[-1]
+    return base if SNAPSHOT_ID.fullmatch(base) else None
 
 
 def fields(info: SnapshotInfo) -> dict[str, Any]:
@@ -85,20 +141,57 @@ def fields(info: SnapshotInfo) -> dict[str, Any]:
     }
 
 
-def encode(info: SnapshotInfo, algorithms: dict[str, str]) -> bytes:
-    record = {"format": RECORD_FORMAT, **fields(info), **algorithms}
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A decoded snapshot record: the snapshot, and its place in the volume's order."""
+
+    info: SnapshotInfo
+    seq: int
+
+    @property
+    def order(self) -> tuple[int, str]:
+        return self.seq, self.info.id
+
+
+def encode(info: SnapshotInfo, algorithms: dict[str, str], seq: int) -> bytes:
+    """The record body (see the module doc)."""
+    record = {
+        "format": RECORD_FORMAT,
+        "namespace": NAMESPACE,
+        "seq": seq,
+        **fields(info),
+        **algorithms,
+    }
     return json.dumps(record, sort_keys=True).encode()
 
 
-def _load(data: bytes, what: str, noun: str) -> dict[str, Any]:
-    """The JSON object of a record of this format (KeyError/ValueError when malformed)."""
-    r = json.loads(data)
-    if r["format"] != RECORD_FORMAT:
-        raise IntegrityError(f"{what}: unsupported {noun} format {r['format']}")
+def _load(data: bytes | memoryview, what: str, noun: str) -> dict[str, Any]:
+    """The JSON object of a body of this format (KeyError/ValueError when malformed)."""
+    r = json.loads(bytes(data))
+    if not isinstance(r, dict):
+        raise ValueError(f"{noun} is not a JSON object")
+    fmt = r["format"]
+    if not isinstance(fmt, int) or fmt < 1:
+        raise ValueError(f"format {fmt!r}")
+    if fmt != RECORD_FORMAT:
+        raise UnsupportedFormatError(
+            f"{what}: {noun} format {fmt} is not supported (this blocksnap reads format "
+            f"{RECORD_FORMAT}){_NEWER if fmt > RECORD_FORMAT else _OLDER}"
+        )
+    namespace = r.get("namespace", NAMESPACE)
+    if namespace != NAMESPACE:
+        raise UnsupportedFormatError(
+            f"{what}: {noun} of namespace {namespace!r}, which this blocksnap cannot read{_NEWER}"
+        )
     return dict(r)
 
 
-def decode(data: bytes, what: str) -> SnapshotInfo:
+_NEWER = "; a newer blocksnap wrote it"
+_OLDER = "; re-create the repository with this blocksnap"
+
+
+def decode_entry(data: bytes | memoryview, what: str) -> Entry:
+    """A record body, checked: IntegrityError when damaged."""
     try:
         r = _load(data, what, "snapshot record")
         counts = r["counts"]
@@ -107,7 +200,7 @@ def decode(data: bytes, what: str) -> SnapshotInfo:
             volume=str(r["volume"]),
             time=str(r["time"]),
             kind=SnapshotKind(r["kind"]),
-            parent=r["parent"],
+            parent=None if r["parent"] is None else str(r["parent"]),
             image_size=int(r["image_size"]),
             block_size=int(r["block_size"]),
             counts=_counts(counts),
@@ -117,16 +210,27 @@ def decode(data: bytes, what: str) -> SnapshotInfo:
             labels={str(k): str(v) for k, v in r["labels"].items()},
             map_root=bytes.fromhex(r["map"]["root"]),
             map_height=int(r["map"]["height"]),
-            base=None if r.get("base") is None else str(r["base"]),
-            changed_ranges=tuple((int(a), int(n)) for a, n in r.get("changed_ranges", [])),
+            base=None if r["base"] is None else str(r["base"]),
+            changed_ranges=tuple((int(a), int(n)) for a, n in r["changed_ranges"]),
         )
-    except IntegrityError:
+        seq = int(r["seq"])
+    except (IntegrityError, UnsupportedFormatError):
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise IntegrityError(f"{what}: damaged snapshot record ({exc!r})") from exc
-    if not SNAPSHOT_ID.fullmatch(info.id) or info.image_size < 0 or info.block_size <= 0:
+    if (
+        not SNAPSHOT_ID.fullmatch(info.id)
+        or info.image_size < 0
+        or info.block_size <= 0
+        or seq < 1
+        or len(info.map_root) != 32
+    ):
         raise IntegrityError(f"{what}: damaged snapshot record (invalid fields)")
-    return info
+    return Entry(info, seq)
+
+
+def decode(data: bytes | memoryview, what: str) -> SnapshotInfo:
+    return decode_entry(data, what).info
 
 
 def _counts(counts: dict[str, Any]) -> SnapshotCounts:
@@ -205,15 +309,115 @@ def decode_checkpoint(data: bytes, what: str) -> Checkpoint:
         raise IntegrityError(f"{what}: damaged checkpoint record ({exc!r})") from exc
 
 
-def frame(body: bytes) -> bytes:
-    return OBJECT_MAGIC + blake3.blake3(body).digest() + body
+def frame(magic: bytes, body: bytes) -> bytes:
+    """A catalog object: magic, frame version, BLAKE3-256 of the body, body."""
+    return _FRAME.pack(magic, FRAME_VERSION, blake3.blake3(body).digest()) + body
 
 
-def unframe(data: bytes, what: str) -> bytes:
-    head = len(OBJECT_MAGIC)
-    if data[:head] != OBJECT_MAGIC or len(data) < head + 32:
-        raise IntegrityError(f"{what}: not a snapshot object")
-    body = data[head + 32 :]
-    if blake3.blake3(body).digest() != data[head : head + 32]:
-        raise IntegrityError(f"{what}: snapshot object checksum mismatch")
+def unframe(magic: bytes, data: bytes, what: str) -> bytes:
+    """The body of a catalog object of this kind, checked (see the module doc)."""
+    noun = _NOUNS[magic]
+    if len(data) < _FRAME.size or data[: len(magic)] != magic:
+        raise IntegrityError(f"{what}: not a {noun} object")
+    _magic, version, digest = _FRAME.unpack_from(data)
+    if version != FRAME_VERSION:
+        raise UnsupportedFormatError(
+            f"{what}: {noun} object of format {version} is not supported (this blocksnap "
+            f"reads format {FRAME_VERSION}){_NEWER if version > FRAME_VERSION else _OLDER}"
+        )
+    body = data[_FRAME.size :]
+    if blake3.blake3(body).digest() != digest:
+        raise IntegrityError(f"{what}: {noun} object checksum mismatch")
     return body
+
+
+def encode_tombstone(info: SnapshotInfo) -> bytes:
+    body = {
+        "format": RECORD_FORMAT,
+        "namespace": NAMESPACE,
+        "id": info.id,
+        "volume": info.volume,
+        "removed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return frame(TOMBSTONE_MAGIC, json.dumps(body, sort_keys=True).encode())
+
+
+def decode_tombstone(data: bytes, what: str) -> str:
+    """The id of the snapshot a tombstone object removes."""
+    try:
+        r = _load(unframe(TOMBSTONE_MAGIC, data, what), what, "tombstone")
+        snapshot_id = str(r["id"])
+        str(r["volume"])
+    except (IntegrityError, UnsupportedFormatError):
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"{what}: damaged tombstone ({exc!r})") from exc
+    if not SNAPSHOT_ID.fullmatch(snapshot_id):
+        raise IntegrityError(f"{what}: damaged tombstone (invalid id)")
+    return snapshot_id
+
+
+def policy_name(volume: str) -> str:
+    return f"{SETTINGS}policy-{blake3.blake3(volume.encode()).hexdigest()[:32]}"
+
+
+def protected_name(snapshot_id: str) -> str:
+    return f"{SETTINGS}protected-{snapshot_id}"
+
+
+def encode_policy(volume: str, policy: dict[str, object]) -> bytes:
+    body = {
+        "format": RECORD_FORMAT,
+        "namespace": NAMESPACE,
+        "kind": "policy",
+        "volume": volume,
+        "policy": policy,
+    }
+    return frame(SETTING_MAGIC, json.dumps(body, sort_keys=True).encode())
+
+
+def encode_protected(snapshot_id: str) -> bytes:
+    body = {
+        "format": RECORD_FORMAT,
+        "namespace": NAMESPACE,
+        "kind": "protected",
+        "snapshot": snapshot_id,
+    }
+    return frame(SETTING_MAGIC, json.dumps(body, sort_keys=True).encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """A decoded setting: a volume's policy, or a snapshot's protection."""
+
+    kind: str  # "policy" or "protected"
+    volume: str | None = None
+    policy: dict[str, object] | None = None
+    snapshot: str | None = None
+
+
+def decode_setting(data: bytes, what: str) -> Setting:
+    try:
+        r = _load(unframe(SETTING_MAGIC, data, what), what, "setting")
+        kind = r["kind"]
+        if kind == "policy":
+            policy = r["policy"]
+            if not isinstance(policy, dict):
+                raise TypeError("policy is not an object")
+            setting = Setting(kind, volume=str(r["volume"]), policy=policy)
+            expected = policy_name(str(r["volume"]))
+        elif kind == "protected":
+            snapshot_id = str(r["snapshot"])
+            if not SNAPSHOT_ID.fullmatch(snapshot_id):
+                raise ValueError("invalid snapshot id")
+            setting = Setting(kind, snapshot=snapshot_id)
+            expected = protected_name(snapshot_id)
+        else:
+            raise UnsupportedFormatError(f"{what}: setting of unknown kind {kind!r}{_NEWER}")
+    except (IntegrityError, UnsupportedFormatError):
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"{what}: damaged setting ({exc!r})") from exc
+    if not what.endswith(expected):
+        raise IntegrityError(f"{what}: setting object names another setting ({expected})")
+    return setting

@@ -21,11 +21,14 @@ The environment is the directory REPO/index (data.mdb, lock.mdb).  Named databas
     intents    writer id + object name (UTF-8) -> b"": objects a writer is about to put
                or delete; the transaction that indexes (or unindexes) the object clears
                the entry, so what a killed writer left is known exactly
-    volumes    volume name (UTF-8) -> JSON {"block_size", "created", "next_seq"}
-    snapshots  snapshot id (32 ASCII hex digits) -> snapshot record (see store/catalog.py)
-    timeline   volume name (UTF-8) + b"\\x00" + sequence u64 big-endian -> snapshot id
+    volumes    volume name (UTF-8) -> JSON {"block_size"}, for every volume with snapshots
+    snapshots  snapshot id (32 ASCII hex digits) -> snapshot record body (store/catalog.py)
+    timeline   volume name (UTF-8) + b"\\x00" + seq u64 big-endian + snapshot id -> id:
+               the volume's snapshots in the order of their records' (seq, id)
     settings   b"policy\\x00" + volume -> JSON retention policy (see retention.py);
-               b"protected\\x00" + snapshot id -> b"" for a protected snapshot
+               b"protected\\x00" + snapshot id -> b"" for a protected snapshot;
+               b"removing\\x00" + snapshot id -> writer id, while a prune removes it
+               (host-local: protecting it is refused meanwhile)
     checkpoints volume name (UTF-8) -> checkpoint record of the volume's interrupted
                snapshot run (see store/catalog.py); each root in its "pinned" list holds
                one reference, so gc keeps what a resumed run will take from it.  The next
@@ -55,9 +58,12 @@ kill the process with SIGBUS.  verify also checks the structure of every page in
 truncated while a process has it mapped cannot be caught that way; one damaged before
 the open is (store/lmdbfile.py).
 
-Everything here can be rebuilt from the packs, the snapshot objects and the settings
-objects (store/rebuild.py).  Every value that the engine trusts carries its own check,
-so a damaged entry is reported as damage rather than followed.  Write transactions are
+Everything here but the writer registry, its intents, the removing marks and the
+checkpoints (host-local state) is a cache of the objects: it can be rebuilt from the
+packs, the snapshot records, the tombstones and the settings objects (store/rebuild.py),
+and Store.sync_catalog brings its catalog up to date with them.  Every value that the
+engine trusts carries its own check, so a damaged entry is reported as damage rather
+than followed.  Write transactions are
 short: one per sealed pack, per committed or removed snapshot, and per batch of gc.
 """
 
@@ -88,7 +94,7 @@ from blocksnap.errors import (
 from blocksnap.store import lmdbfile
 from blocksnap.store.packs import HEADER_SIZE, Record, overhead_size
 
-INDEX_FORMAT = b"2"
+INDEX_FORMAT = b"3"
 # The map is address space, not memory, but under an address-space limit (ulimit -v, on
 # batch systems) it counts: it starts at MAP_INITIAL_SIZE or twice the data file, capped
 # to what the limit leaves (less _reserve() for the rest of the process), and grows when
@@ -102,6 +108,7 @@ _SEQ = struct.Struct(">Q")
 _REF = struct.Struct("<IQ")
 POLICY_PREFIX = b"policy\x00"
 PROTECTED_PREFIX = b"protected\x00"
+REMOVING_PREFIX = b"removing\x00"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,8 +149,8 @@ class IndexView:
     pinned: list[bytes]  # the roots checkpoints hold references to
 
 
-def timeline_key(volume: str, seq: int) -> bytes:
-    return volume.encode() + b"\x00" + _SEQ.pack(seq)
+def timeline_key(volume: str, seq: int, snapshot_id: str) -> bytes:
+    return volume.encode() + b"\x00" + _SEQ.pack(seq) + snapshot_id.encode()
 
 
 @contextlib.contextmanager
@@ -653,6 +660,11 @@ class Index:
                 out.append((value.decode(), bytes(record)))
         return out
 
+    def cached_snapshot_ids(self) -> set[str]:
+        """The ids of every snapshot in the catalog."""
+        with lmdb_errors("reading index"), self._begin() as txn:
+            return {bytes(k).decode() for k, _ in txn.cursor(db=self.snapshots)}
+
     def snapshot_record(self, snapshot_id: str) -> bytes | None:
         with lmdb_errors("reading index"), self._begin() as txn:
             value = txn.get(snapshot_id.encode(), db=self.snapshots)
@@ -870,39 +882,50 @@ class Index:
         snapshot_id: str,
         record: bytes,
         root: bytes,
+        seq: int,
         intent: bytes | None = None,
         *,
         drop_checkpoint: bool = False,
-    ) -> None:
-        """Make a snapshot visible: catalog, timeline, volume and its root's count, at once.
+    ) -> bool:
+        """Cache a committed snapshot: catalog, timeline at (seq, id), volume and its
+        root's count, at once; False (and nothing changed) if it is cached already.
 
         drop_checkpoint: the snapshot supersedes the volume's interrupted run, whose
         checkpoint (and the references it pins) goes in the same transaction."""
 
-        def body(txn: _Txn) -> None:
-            raw = txn.get(volume.encode(), db=self.volumes)
-            if raw is None:
-                vol: dict[str, Any] = {
-                    "block_size": block_size,
-                    "created": time.time(),
-                    "next_seq": 0,
-                }
-            else:
-                vol = _json(raw, f"volume {volume}")
-                if vol["block_size"] != block_size:
-                    raise IntegrityError(f"volume {volume}: block size changed under a writer")
-            seq = int(vol["next_seq"])
-            vol["next_seq"] = seq + 1
-            self._incref(txn, root)
-            txn.put(volume.encode(), json.dumps(vol).encode(), db=self.volumes)
-            txn.put(snapshot_id.encode(), record, db=self.snapshots)
-            txn.put(timeline_key(volume, seq), snapshot_id.encode(), db=self.timeline)
-            if drop_checkpoint:
-                self._drop_checkpoint(txn, volume)
+        def body(txn: _Txn) -> bool:
             if intent is not None:
                 txn.delete(intent, db=self.intents)
+            if drop_checkpoint:
+                self._drop_checkpoint(txn, volume)
+            if txn.get(snapshot_id.encode(), db=self.snapshots) is not None:
+                return False  # a sync of the catalog got here first
+            raw = txn.get(volume.encode(), db=self.volumes)
+            if raw is not None:
+                vol = _json(raw, f"volume {volume}")
+                if vol["block_size"] != block_size:
+                    raise IntegrityError(
+                        f"snapshot {snapshot_id} has block size {block_size}, "
+                        f"volume {volume} {vol['block_size']}"
+                    )
+            self._incref(txn, root)
+            txn.put(
+                volume.encode(), json.dumps({"block_size": block_size}).encode(), db=self.volumes
+            )
+            txn.put(snapshot_id.encode(), record, db=self.snapshots)
+            txn.put(timeline_key(volume, seq, snapshot_id), snapshot_id.encode(), db=self.timeline)
+            return True
 
-        self._write("committing snapshot", body)
+        return self._write("committing snapshot", body)
+
+    def next_seq(self, volume: str) -> int:
+        """1 + the highest seq among the volume's cached snapshots (1 for none)."""
+        prefix = volume.encode() + b"\x00"
+        last = 0
+        with lmdb_errors("reading index"), self._begin() as txn:
+            for key, _ in _prefixed(txn, self.timeline, prefix):
+                last = max(last, int(_SEQ.unpack_from(key, len(prefix))[0]))
+        return last + 1
 
     def _drop_checkpoint(self, txn: lmdb.Transaction, volume: str) -> None:
         old = txn.get(volume.encode(), db=self.checkpoints)
@@ -933,40 +956,87 @@ class Index:
             value = txn.get(volume.encode(), db=self.checkpoints)
         return None if value is None else bytes(value)
 
-    def remove_snapshot(
-        self, snapshot_id: str, volume: str, root: bytes, intent: bytes | None = None
-    ) -> bool:
-        """Remove a committed snapshot and release its root; False if it is already gone.
-
-        A protected snapshot is refused (ProtectedError) inside the same transaction, so
-        protecting and pruning cannot race.  intent (for deleting the record object
-        afterwards) is recorded in the same transaction.
-        """
+    def mark_removing(self, snapshot_id: str, writer_id: bytes, intent: bytes) -> bool:
+        """Begin removing a snapshot: refuse a protected one (ProtectedError, in the same
+        transaction as protecting it would be), mark it as being removed by the writer,
+        so that protecting it is refused until the removal ends, and record the intent
+        (for its tombstone).  False if it is not (or no longer) cached."""
 
         def body(txn: _Txn) -> bool:
-            if txn.get(snapshot_id.encode(), db=self.snapshots) is None:
+            key = snapshot_id.encode()
+            if txn.get(key, db=self.snapshots) is None:
                 return False
-            if txn.get(PROTECTED_PREFIX + snapshot_id.encode(), db=self.settings) is not None:
+            if txn.get(PROTECTED_PREFIX + key, db=self.settings) is not None:
                 raise ProtectedError(f"snapshot {snapshot_id} is protected")
-            timeline = _prefixed(txn, self.timeline, volume.encode() + b"\x00")
-            found = next((k for k, v in timeline if v == snapshot_id.encode()), None)
-            if found is None:
-                raise IntegrityError(f"snapshot {snapshot_id} is not in volume {volume}'s timeline")
-            txn.delete(found, db=self.timeline)
-            txn.delete(snapshot_id.encode(), db=self.snapshots)
-            self._decref(txn, root, self._epoch(txn))
-            if intent is not None:
-                txn.put(intent, b"", db=self.intents)
+            txn.put(REMOVING_PREFIX + key, writer_id, db=self.settings)
+            txn.put(intent, b"", db=self.intents)
             return True
 
         return self._write("removing snapshot", body)
 
+    def unmark_removing(self, snapshot_id: str, intent: bytes | None = None) -> None:
+        """End a removal that did not happen (its tombstone was never written)."""
+
+        def body(txn: _Txn) -> None:
+            txn.delete(REMOVING_PREFIX + snapshot_id.encode(), db=self.settings)
+            if intent is not None:
+                txn.delete(intent, db=self.intents)
+
+        self._write("removing snapshot", body)
+
+    def remove_snapshot(
+        self,
+        snapshot_id: str,
+        intent: bytes | None = None,
+        done: bytes | None = None,
+    ) -> bool:
+        """Forget a snapshot whose tombstone exists, releasing its root; False if it is
+        not cached (any more).  Its protection and removing mark go too.  intent (for
+        deleting the record object afterwards) is recorded and done (the tombstone's
+        intent) cleared in the same transaction."""
+
+        def body(txn: _Txn) -> bool:
+            key = snapshot_id.encode()
+            txn.delete(REMOVING_PREFIX + key, db=self.settings)
+            txn.delete(PROTECTED_PREFIX + key, db=self.settings)
+            if done is not None:
+                txn.delete(done, db=self.intents)
+            if intent is not None:
+                txn.put(intent, b"", db=self.intents)
+            record = txn.get(key, db=self.snapshots)
+            if record is None:
+                return False
+            try:
+                doc = _json(bytes(record), f"snapshot {snapshot_id}")
+                volume = str(doc["volume"]).encode()
+                found = timeline_key(str(doc["volume"]), int(doc["seq"]), snapshot_id)
+                root = bytes.fromhex(doc["map"]["root"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise IntegrityError(f"index entry for snapshot {snapshot_id} is damaged") from exc
+            if txn.get(found, db=self.timeline) != key:
+                raise IntegrityError(f"snapshot {snapshot_id} is not in its volume's timeline")
+            txn.delete(found, db=self.timeline)
+            txn.delete(key, db=self.snapshots)
+            if next(_prefixed(txn, self.timeline, volume + b"\x00"), None) is None:
+                txn.delete(volume, db=self.volumes)  # a volume exists while it has snapshots
+            self._decref(txn, root, self._epoch(txn))
+            return True
+
+        return self._write("removing snapshot", body)
+
+    def removing(self) -> dict[str, bytes]:
+        """Snapshot id -> the writer removing it, for every removal under way."""
+        return {k.decode(): v for k, v in self.settings_with(REMOVING_PREFIX).items()}
+
     def put_setting(self, key: bytes, value: bytes, *, only_if: bytes | None = None) -> None:
-        """Set a setting; with only_if, only while that key exists in the snapshots db."""
+        """Set a setting; with only_if, only while that snapshot exists and no prune is
+        removing it."""
 
         def body(txn: _Txn) -> None:
             if only_if is not None and txn.get(only_if, db=self.snapshots) is None:
                 raise NotFoundError(f"snapshot {only_if.decode()} does not exist")
+            if only_if is not None and txn.get(REMOVING_PREFIX + only_if, db=self.settings):
+                raise NotFoundError(f"snapshot {only_if.decode()} is being removed")
             txn.put(key, value, db=self.settings)
 
         self._write("writing settings", body)
@@ -1112,6 +1182,38 @@ class Index:
         self._write("writing index", body)
 
     # --- rebuild -----------------------------------------------------------------------
+
+    def forget_objects(self, object_ids: Sequence[bytes]) -> None:
+        """Take objects out of the index, their records becoming dead bytes of their
+        packs (rebuild: map nodes that nothing can reach, whose children gc took)."""
+
+        def body(txn: _Txn) -> None:
+            deltas: dict[bytes, int] = {}
+            for object_id in object_ids:
+                raw = txn.get(object_id, db=self.objects)
+                if raw is None:
+                    continue
+                loc = decode_location(object_id, bytes(raw))
+                deltas[loc.pack] = deltas.get(loc.pack, 0) - (HEADER_SIZE + loc.stored_size)
+                ref = txn.get(object_id, db=self.refs)
+                if ref is not None:
+                    count, since = _REF.unpack(ref)
+                    if count == 0:
+                        txn.delete(_SEQ.pack(since) + object_id, db=self.unref)
+                    txn.delete(object_id, db=self.refs)
+                txn.delete(object_id, db=self.objects)
+            self._adjust_live(txn, deltas)
+
+        self._write("writing index", body)
+
+    def forget_unreferenced(self) -> int:
+        """forget_objects for every object whose count is 0; return how many (rebuild:
+        with nothing running, they are garbage)."""
+        with lmdb_errors("reading index"), self._begin() as txn:
+            ids = [bytes(k)[_SEQ.size :] for k, _ in txn.cursor(db=self.unref)]
+        for start in range(0, len(ids), 4096):
+            self.forget_objects(ids[start : start + 4096])
+        return len(ids)
 
     def set_counts(self, counts: dict[bytes, int]) -> None:
         """Set every object's count from a full recount (rebuild); the rest become 0."""

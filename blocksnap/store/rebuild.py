@@ -1,7 +1,18 @@
-"""Rebuilding the LMDB index from what storage holds: packs, snapshot and settings objects.
+"""Rebuilding the LMDB index from what storage holds: packs, snapshot records, tombstones
+and settings objects.
 
-Reference counts are recounted from scratch: every indexed map node counts its entries,
-and every snapshot its root.
+The snapshots are the records no tombstone names, in each volume's (seq, id) order, so
+the rebuilt catalog, latest~N and every parent are the ones the objects define.  A
+record object that is damaged or missing while the old index (if it still opens) holds
+an intact copy of a snapshot no tombstone names is written again from that copy and
+reported as restored; one with no intact copy is reported, never silently dropped.
+
+Reference counts are recounted from scratch: every map node counts its entries, and
+every snapshot its root.  Nothing can be running while the rebuild holds the repository
+(no writer, no checkpoint kept: both are host-local and start afresh), so what no
+snapshot reaches is garbage: map nodes no root reaches (gc may have taken their
+children already) and objects no one counts are left out of the new index, as gc
+would have collected them, and their records become dead bytes for gc's compaction.
 
 A pack is indexed from its table of contents, read from its tail (store/packs.py), so a
 pack of data blocks costs one or two small ranged reads, not a download.  Its blocks are
@@ -9,13 +20,14 @@ not read: a damaged one is found when it is read (restore, verify --read-data). 
 nodes are read and checked, since their children are counted; they live in packs of
 their own, each read in one range.  A pack whose trailer or TOC is damaged is read whole
 and scanned, every record in it checked, so the damage costs only the records it hit.
-A pack of a format this blocksnap does not know stops the rebuild (UnsupportedFormatError)
-before anything is swapped: leaving its records out would lose them.
+A pack, record or setting of a format this blocksnap does not know stops the rebuild
+(UnsupportedFormatError) before anything is swapped: leaving it out would lose it.
 
 The new index is built in REPO/index.rebuild, marked complete with a file named COMPLETE,
 and then swapped in with two renames.  A crash before COMPLETE leaves the old index in
-force; a crash between the renames is finished by the next open (see Store in repository.py).  The
-whole run holds the repository's lock exclusively, so no reader or writer sees the swap.
+force; a crash between the renames is finished by the next open (see Store in
+repository.py); verify reports what an interrupted rebuild left.  The whole run holds
+the repository's lock exclusively, so no reader or writer sees the swap.
 """
 
 from __future__ import annotations
@@ -27,8 +39,13 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from blocksnap.blockmap import node_children
-from blocksnap.errors import BlocksnapError, IntegrityError
-from blocksnap.model import Progress, ProgressCallback, ProgressUnit, SnapshotInfo
+from blocksnap.errors import (
+    BlocksnapError,
+    IntegrityError,
+    ObjectExistsError,
+    UnsupportedFormatError,
+)
+from blocksnap.model import Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog
 from blocksnap.store.codec import decompress
 from blocksnap.store.index import POLICY_PREFIX, PROTECTED_PREFIX, Index
@@ -40,7 +57,7 @@ from blocksnap.store.packs import (
     read_toc,
     walk_pack,
 )
-from blocksnap.store.repository import Store
+from blocksnap.store.repository import CONFIG_NAME, Store, on_read_only_filesystem
 
 REBUILD_DIR = "index.rebuild"
 COMPLETE_MARK = "COMPLETE"
@@ -52,46 +69,110 @@ class RebuildReport:
     objects: int = 0
     snapshots: int = 0
     damaged: list[str] = field(default_factory=list)  # records and objects left out
+    restored: list[str] = field(default_factory=list)  # record objects written again
+    garbage: int = 0  # objects left out as unreachable (gc would have collected them)
 
 
-def _chain_order(snapshots: list[SnapshotInfo]) -> list[SnapshotInfo]:
-    """Oldest first: by start time, and a parent always before its children."""
-    by_id = {s.id: s for s in snapshots}
+def _old_records(path: str) -> dict[str, bytes]:
+    """Snapshot id -> intact record body, from the index being replaced, if it opens."""
+    location = os.path.join(path, "index")
+    if not os.path.exists(os.path.join(location, "data.mdb")):
+        return {}
+    try:
+        old = Index(location, readonly=True)
+    except BlocksnapError:
+        return {}
+    try:
+        found = {}
+        for snapshot_id in old.cached_snapshot_ids():
+            body = old.snapshot_record(snapshot_id)
+            if body is None:
+                continue
+            try:
+                if catalog.decode(body, snapshot_id).id == snapshot_id:
+                    found[snapshot_id] = body
+            except BlocksnapError:
+                continue
+        return found
+    except BlocksnapError:
+        return {}
+    finally:
+        old.close()
 
-    def depth(s: SnapshotInfo) -> int:
-        d, seen = 0, set()
-        while s.parent in by_id and s.parent not in seen:
-            seen.add(s.parent)
-            s = by_id[s.parent]
-            d += 1
-        return d
 
-    return sorted(snapshots, key=lambda s: (s.time, depth(s), s.id))
+def _catalog(
+    store: Store, old: dict[str, bytes], report: RebuildReport
+) -> list[tuple[catalog.Entry, bytes]]:
+    """The snapshots the objects define (records less tombstones), damaged or missing
+    record objects written again from the old index's copies where it has them."""
+    removed = {catalog.id_of(o.name) for o in store.backend.list(catalog.TOMBSTONES)}
+    entries: list[tuple[catalog.Entry, bytes]] = []
+    seen: set[str] = set()
+    for listed in store.backend.list(catalog.SNAPSHOTS):
+        name = listed.name
+        snapshot_id = catalog.id_of(name)
+        if snapshot_id is None:
+            report.damaged.append(f"{name}: not a snapshot record name")
+            continue
+        if snapshot_id in removed:
+            continue
+        seen.add(snapshot_id)
+        try:
+            body = catalog.unframe(catalog.SNAPSHOT_MAGIC, store.backend.get(name), name)
+            entry = catalog.decode_entry(body, name)
+            if entry.info.id != snapshot_id:
+                raise IntegrityError(f"{name}: holds the record of snapshot {entry.info.id}")
+        except UnsupportedFormatError:
+            raise
+        except BlocksnapError as exc:
+            copy = old.get(snapshot_id)
+            if copy is None:
+                report.damaged.append(f"{exc}; snapshot {snapshot_id} left out (no intact copy)")
+                continue
+            store.backend.put(name, catalog.frame(catalog.SNAPSHOT_MAGIC, copy))
+            report.restored.append(f"{exc}; written again from the index's copy")
+            entry, body = catalog.decode_entry(copy, name), copy
+        entries.append((entry, bytes(body)))
+    for snapshot_id, copy in sorted(old.items()):
+        if snapshot_id in seen or snapshot_id in removed:
+            continue
+        name = catalog.object_name(snapshot_id)
+        try:
+            store.backend.put(name, catalog.frame(catalog.SNAPSHOT_MAGIC, copy), exclusive=True)
+        except ObjectExistsError:
+            continue  # the listing was behind: the object is there
+        report.restored.append(f"{name} was missing; written again from the index's copy")
+        entries.append((catalog.decode_entry(copy, name), copy))
+    return entries
 
 
 def _restore_settings(
     store: Store, index: Index, snapshots: set[str], report: RebuildReport
 ) -> None:
-    """Saved policies and protections, from their objects (see store/repository.py)."""
-    for entry in store.backend.list("settings/"):
+    """Saved policies and protections, from their objects (see store/catalog.py)."""
+    for entry in store.backend.list(catalog.SETTINGS):
         name = entry.name
-        base = name.rsplit("/", 1)[1]
-        if base.startswith("protected-"):
-            snapshot_id = base[len("protected-") :]
-            if snapshot_id in snapshots:
-                index.put_setting(PROTECTED_PREFIX + snapshot_id.encode(), b"")
-            continue
         try:
-            doc = json.loads(store.backend.get(name))
-            volume, policy = str(doc["volume"]), doc["policy"]
-            if not isinstance(policy, dict):
-                raise TypeError("policy is not an object")
-        except (ValueError, KeyError, TypeError) as exc:
-            report.damaged.append(f"{name}: damaged settings object ({exc})")
+            setting = catalog.decode_setting(store.backend.get(name), name)
+        except UnsupportedFormatError:
+            raise
+        except BlocksnapError as exc:
+            base = name.rsplit("/", 1)[-1]
+            snapshot_id = base.removeprefix("protected-")
+            if base.startswith("protected-") and snapshot_id in snapshots:
+                # A damaged protection still protects: the safe side.
+                index.put_setting(PROTECTED_PREFIX + snapshot_id.encode(), b"")
+                report.damaged.append(f"{exc}; snapshot {snapshot_id} kept protected")
+            else:
+                report.damaged.append(str(exc))
             continue
-        index.put_setting(
-            POLICY_PREFIX + volume.encode(), json.dumps(policy, sort_keys=True).encode()
-        )
+        if setting.kind == "protected" and setting.snapshot in snapshots:
+            index.put_setting(PROTECTED_PREFIX + str(setting.snapshot).encode(), b"")
+        elif setting.kind == "policy" and setting.volume is not None:
+            index.put_setting(
+                POLICY_PREFIX + setting.volume.encode(),
+                json.dumps(setting.policy, sort_keys=True).encode(),
+            )
 
 
 def _index_pack(
@@ -147,9 +228,62 @@ def _index_pack(
     return good, children
 
 
+def _read_node(store: Store, index: Index, node_id: bytes) -> bytes | None:
+    loc = index.location(node_id)
+    return None if loc is None else store.read_at(node_id, loc)
+
+
+def _drop_unreachable(
+    store: Store,
+    index: Index,
+    nodes: set[bytes],
+    entries: list[tuple[catalog.Entry, bytes]],
+    counts: Counter[bytes],
+    report: RebuildReport,
+) -> None:
+    """Leave out the map nodes no snapshot's root reaches, uncounting their children.
+
+    Such a node is garbage (nothing runs while the rebuild holds the repository), and
+    gc may have collected its children already: counting them would make gc and verify
+    fail on objects that are not there.  Only interior nodes are read for the walk
+    (a few per thousand leaves); the dead ones are read again to uncount them."""
+    reached: set[bytes] = set()
+    stack = [(e.info.map_root, e.info.map_height - 1) for e, _ in entries]
+    while stack:
+        node, level = stack.pop()
+        if node in reached or node not in nodes:
+            continue
+        reached.add(node)
+        if level > 0:
+            raw = _read_node(store, index, node)
+            if raw is not None:
+                stack.extend((child, level - 1) for child in node_children(raw))
+    dead = sorted(nodes - reached)
+    for node in dead:
+        raw = _read_node(store, index, node)
+        if raw is not None:
+            counts.subtract(node_children(raw))
+    for object_id in [k for k, n in counts.items() if n <= 0]:
+        del counts[object_id]
+    index.forget_objects(dead)
+    report.garbage += len(dead)
+
+
+def index_missing(path: str) -> bool:
+    """Whether path is a repository whose index directory is gone (deleted, or lost with
+    a host's disk) and not about to be swapped in: a rebuild brings it back."""
+    return (
+        os.path.isfile(os.path.join(path, CONFIG_NAME))
+        and not os.path.exists(os.path.join(path, "index", "data.mdb"))
+        and not os.path.exists(os.path.join(path, REBUILD_DIR, COMPLETE_MARK))
+        and not on_read_only_filesystem(path)
+    )
+
+
 def rebuild_index(path: str, progress: ProgressCallback | None = None) -> RebuildReport:
     report = RebuildReport()
     with Store(path, exclusive=True) as store:
+        old = _old_records(path)
         new_path = os.path.join(path, REBUILD_DIR)
         shutil.rmtree(new_path, ignore_errors=True)
         index = Index(new_path, create=True)
@@ -157,6 +291,7 @@ def rebuild_index(path: str, progress: ProgressCallback | None = None) -> Rebuil
             index.initialize(store.config.id)
             packs = list(store.backend.list("packs/"))
             counts: Counter[bytes] = Counter()
+            nodes: set[bytes] = set()
             total = sum(p.size for p in packs)
             done = 0
             for entry in packs:
@@ -169,45 +304,51 @@ def rebuild_index(path: str, progress: ProgressCallback | None = None) -> Rebuil
                 good, children = _index_pack(store, name, size, report)
                 # Counted only for nodes indexed from this pack, not for duplicate copies.
                 for added in index.add_pack(pack_id, size, good):
-                    for child in children.get(added, ()):
-                        counts[child] += 1
+                    kids = children.get(added)
+                    if kids is not None:
+                        nodes.add(added)
+                        counts.update(kids)
                 report.packs += 1
                 report.objects += len(good)
                 done += size
                 if progress:  # bytes of packs read: packs differ widely in size
                     progress(Progress("packs", done, total, ProgressUnit.BYTES))
+            entries = _catalog(store, old, report)
+            _drop_unreachable(store, index, nodes, entries, counts, report)
             index.set_counts(counts)
-            found: dict[str, list[SnapshotInfo]] = defaultdict(list)
+            committed: set[str] = set()
+            by_volume: dict[str, list[catalog.Entry]] = defaultdict(list)
             bodies: dict[str, bytes] = {}
-            for entry in store.backend.list("snapshots/"):
-                name = entry.name
-                try:
-                    body = catalog.unframe(store.backend.get(name), name)
-                    info = catalog.decode(body, name)
-                except BlocksnapError as exc:
-                    report.damaged.append(str(exc))
-                    continue
-                found[info.volume].append(info)
-                bodies[info.id] = body
-            for volume, snaps in found.items():
-                for info in _chain_order(snaps):
+            for found, body in entries:
+                by_volume[found.info.volume].append(found)
+                bodies[found.info.id] = body
+            for volume, snaps in by_volume.items():
+                for found in sorted(snaps, key=lambda e: e.order):
+                    info = found.info
                     try:
                         index.commit_snapshot(
-                            volume, info.block_size, info.id, bodies[info.id], info.map_root
+                            volume,
+                            info.block_size,
+                            info.id,
+                            bodies[info.id],
+                            info.map_root,
+                            found.seq,
                         )
                     except IntegrityError as exc:
                         report.damaged.append(f"snapshot {info.id} left out: {exc}")
                         continue
+                    committed.add(info.id)
                     report.snapshots += 1
-            _restore_settings(store, index, set(bodies), report)
+            _restore_settings(store, index, committed, report)
+            report.garbage += index.forget_unreferenced()
         finally:
             index.close()
         open(os.path.join(new_path, COMPLETE_MARK), "wb").close()
-        old = os.path.join(path, "index")
+        old_path = os.path.join(path, "index")
         trash = os.path.join(path, "index.old")
         shutil.rmtree(trash, ignore_errors=True)
-        if os.path.exists(old):
-            os.rename(old, trash)
-        os.rename(new_path, old)
+        if os.path.exists(old_path):
+            os.rename(old_path, trash)
+        os.rename(new_path, old_path)
         shutil.rmtree(trash, ignore_errors=True)
     return report

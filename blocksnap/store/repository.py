@@ -78,6 +78,7 @@ from blocksnap.errors import (
     MissingObjectError,
     NotFoundError,
     ObjectExistsError,
+    ProtectedError,
     StoreError,
     UsageError,
 )
@@ -561,27 +562,40 @@ class Store:
         return self.locks.hold(GC_LOCK, busy="garbage collection is already running")
 
     def writer(self) -> StoreWriter:
-        return StoreWriter(self)
+        """A registered writer, the catalog synced first (the writer then chooses a
+        parent and a place in the volume's order from what the objects say)."""
+        writer = StoreWriter(self)
+        try:
+            self.sync_catalog()
+        except BaseException:
+            writer.close()
+            raise
+        return writer
 
     def commit_snapshot(
         self, info: SnapshotInfo, writer: StoreWriter, *, drop_checkpoint: bool = False
     ) -> None:
-        """Make every written object durable, then the snapshot visible, in that order.
+        """Make every written object durable, then commit the snapshot by creating its
+        record object, then cache it in the index, in that order.
 
+        The record's create-if-absent put is the commit point: from then on the snapshot
+        exists, whatever happens to the index transaction that follows.  Should that
+        fail, the writer keeps its intents and gc indexes the snapshot (as for a writer
+        killed at that moment); the error says that the snapshot is committed.
         drop_checkpoint: this snapshot supersedes the volume's interrupted run."""
         writer.flush()
-        body = catalog.encode(info, self.config.algorithms())
+        seq = self.index.next_seq(info.volume)
+        body = catalog.encode(info, self.config.algorithms(), seq)
+        data = catalog.frame(catalog.SNAPSHOT_MAGIC, body)
         name = catalog.object_name(info.id)
         intent = writer.registration.intent(name)
         self.index.add_intent(intent)
         try:
-            self.backend.put(name, catalog.frame(body))
+            self.backend.put(name, data, exclusive=True)
         except BaseException:
-            # A put that raised may still have stored the record (its answer was lost):
-            # delete it, or leave its intent for gc, as for a failed commit below.
-            with contextlib.suppress(BlocksnapError):  # the first error is the one to tell
-                self._delete_or_leave_to_gc(name, writer.registration)
-            raise
+            if not self._landed(name, data, writer.registration):
+                raise
+            # The put's answer was lost, but the record is there: the snapshot is committed.
         try:
             self.index.commit_snapshot(
                 info.volume,
@@ -589,22 +603,32 @@ class Store:
                 info.id,
                 body,
                 info.map_root,
+                seq,
                 intent,
                 drop_checkpoint=drop_checkpoint,
             )
-        except BaseException:
-            # A record of a snapshot that never became visible goes now, or its intent
-            # stays for gc: never an object that nothing names.  (An interrupt may also
-            # come just after the commit: then the record is the snapshot's, and stays.)
-            try:
-                committed = self.index.snapshot_record(info.id) is not None
-            except BlocksnapError:
-                committed = True  # cannot tell: gc decides, by the index it will see
-                writer.registration.keep_intents()
-            if not committed:
-                with contextlib.suppress(BlocksnapError):  # the first error is the one to tell
-                    self._delete_or_leave_to_gc(name, writer.registration)
+        except BaseException as exc:
+            writer.registration.keep_intents()  # gc indexes the snapshot
+            if isinstance(exc, BlocksnapError):
+                raise StoreError(
+                    f"snapshot {info.id} is committed, but the index could not record it "
+                    f"({exc}); the next gc or repair --rebuild-index does"
+                ) from exc
             raise
+
+    def _landed(self, name: str, data: bytes, registration: Registration) -> bool:
+        """After a create-if-absent put of data raised: whether the object is there with
+        those bytes (its answer was lost).  When that cannot be told, the object is
+        deleted, so that the put did not happen, or, if that fails too, the
+        registration keeps its intents and gc decides by what it then finds."""
+        try:
+            return self.backend.get(name) == data
+        except MissingObjectError:
+            return False
+        except BaseException:
+            with contextlib.suppress(BlocksnapError):  # the put's error is the one to tell
+                self._delete_or_leave_to_gc(name, registration)
+            return False
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Record the checkpoint; the caller flushed its writer, so its map is durable."""
@@ -620,13 +644,78 @@ class Store:
     def remove_snapshot(self, info: SnapshotInfo, registration: Registration) -> bool:
         """Remove a committed snapshot (refused if protected); False if it was gone already.
 
-        Its blocks stay until gc finds them unreferenced.
+        The tombstone object, created before the index forgets the snapshot, is the
+        removal's commit point; the record object is deleted after.  Its blocks stay
+        until gc finds them unreferenced.
         """
+        tombstone = catalog.tombstone_name(info.id)
+        marked = registration.intent(tombstone)
+        if not self.index.mark_removing(info.id, registration.id, marked):
+            return False
+        try:
+            # The protection's object is the truth: a protect whose index step did not
+            # happen (killed after its put) still protects.
+            if self._exists(catalog.protected_name(info.id)):
+                raise ProtectedError(f"snapshot {info.id} is protected")
+            data = catalog.encode_tombstone(info)
+            try:
+                self.backend.put(tombstone, data, exclusive=True)
+                removed = True
+            except ObjectExistsError:
+                removed = False  # another process removed it first
+            except BaseException:
+                if not self._landed(tombstone, data, registration):
+                    raise
+                removed = True
+        except BaseException:
+            with contextlib.suppress(BlocksnapError):  # the first error is the one to tell
+                if not self._exists(tombstone):
+                    self.index.unmark_removing(info.id, marked)
+            raise
         name = catalog.object_name(info.id)
-        intent = registration.intent(name)
-        removed = self.index.remove_snapshot(info.id, info.volume, info.map_root, intent)
+        self.index.remove_snapshot(info.id, intent=registration.intent(name), done=marked)
         self._delete_or_leave_to_gc(name, registration)
         return removed
+
+    def _exists(self, name: str) -> bool:
+        try:
+            self.backend.stat(name)
+        except MissingObjectError:
+            return False
+        return True
+
+    def sync_catalog(self) -> list[str]:
+        """Bring the index's catalog up to date with the objects, and return what could
+        not be brought in: snapshots whose record exists and is not cached are cached
+        (a commit whose index step failed or was killed, or, later, another host's),
+        and snapshots with a tombstone are forgotten (a removal killed after its
+        tombstone).  A record object a tombstone names is deleted by gc, not here."""
+        if self.read_only:
+            return []
+        records = {catalog.id_of(o.name) for o in self.backend.list(catalog.SNAPSHOTS)}
+        tombstones = {catalog.id_of(o.name) for o in self.backend.list(catalog.TOMBSTONES)}
+        records.discard(None)
+        tombstones.discard(None)
+        cached = self.index.cached_snapshot_ids()
+        for snapshot_id in sorted(s for s in tombstones & cached if s is not None):
+            self.index.remove_snapshot(snapshot_id)
+        problems = []
+        for snapshot_id in sorted(s for s in records - tombstones - cached if s is not None):
+            name = catalog.object_name(snapshot_id)
+            try:
+                body = catalog.unframe(catalog.SNAPSHOT_MAGIC, self.backend.get(name), name)
+                entry = catalog.decode_entry(body, name)
+                if entry.info.id != snapshot_id:
+                    raise IntegrityError(f"{name}: record of snapshot {entry.info.id}")
+                info = entry.info
+                self.index.commit_snapshot(
+                    info.volume, info.block_size, info.id, bytes(body), info.map_root, entry.seq
+                )
+            except MissingObjectError:
+                continue  # removed since the listing
+            except BlocksnapError as exc:
+                problems.append(f"snapshot {snapshot_id} cannot be indexed: {exc}")
+        return problems
 
     def _delete_or_leave_to_gc(self, name: str, registration: Registration) -> None:
         """Delete an object named by this registration's intent, dropping the intent; if
@@ -643,24 +732,18 @@ class Store:
     def register(self) -> Registration:
         return Registration(self)
 
-    # --- settings: kept in the index and mirrored as objects for rebuild ----------------
-
-    def _setting_object(self, key: bytes) -> str:
-        if key.startswith(POLICY_PREFIX):
-            volume = key[len(POLICY_PREFIX) :]
-            return f"settings/policy-{blake3.blake3(volume).hexdigest()[:32]}"
-        return f"settings/protected-{key[len(PROTECTED_PREFIX) :].decode()}"
+    # --- settings: objects (the truth), cached in the index ------------------------------
 
     def save_policy(self, volume: str, policy: dict[str, object] | None) -> None:
-        """Save (or with None, clear) the volume's retention policy."""
+        """Save (or with None, clear) the volume's retention policy: its object first."""
         self.require_writable()
         key = POLICY_PREFIX + volume.encode()
+        name = catalog.policy_name(volume)
         if policy is None:
+            self.backend.delete(name)
             self.index.delete_setting(key)
-            self.backend.delete(self._setting_object(key))
             return
-        doc = json.dumps({"volume": volume, "policy": policy}, sort_keys=True).encode()
-        self.backend.put(self._setting_object(key), doc)
+        self.backend.put(name, catalog.encode_policy(volume, policy))
         self.index.put_setting(key, json.dumps(policy, sort_keys=True).encode())
 
     def policy(self, volume: str) -> dict[str, object] | None:
@@ -677,15 +760,25 @@ class Store:
 
     def set_protected(self, snapshot_id: str, protected: bool) -> None:
         """Protect a snapshot from pruning, or lift that.  The object is written first and
-        removed last, so a crash leaves the snapshot protected rather than not."""
+        removed first: it is the truth, and prune looks at it as well as at the index,
+        so a crash leaves the snapshot protected or not, never half."""
         self.require_writable()
         key = PROTECTED_PREFIX + snapshot_id.encode()
-        if protected:
-            self.backend.put(self._setting_object(key), b"")
-            self.index.put_setting(key, b"", only_if=snapshot_id.encode())
-        else:
+        name = catalog.protected_name(snapshot_id)
+        if not protected:
+            self.backend.delete(name)
             self.index.delete_setting(key)
-            self.backend.delete(self._setting_object(key))
+            return
+        self.backend.put(name, catalog.encode_protected(snapshot_id))
+        try:
+            self.index.put_setting(key, b"", only_if=snapshot_id.encode())
+            if self._exists(catalog.tombstone_name(snapshot_id)):  # removed, not yet synced
+                self.index.delete_setting(key)
+                raise NotFoundError(f"snapshot {snapshot_id} does not exist")
+        except BaseException:
+            with contextlib.suppress(BlocksnapError):
+                self.backend.delete(name)
+            raise
 
     def protected(self) -> set[str]:
         return {k.decode() for k in self.index.settings_with(PROTECTED_PREFIX)}

@@ -1,0 +1,350 @@
+"""The objects are the truth: a snapshot exists from its record object's creation until its
+tombstone, whatever the index says or misses, and a rebuilt index answers as the old one."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import multiprocessing
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import blocksnap
+from blocksnap.store import catalog
+from blocksnap.store.backend import LocalBackend
+from blocksnap.store.index import Index
+
+from .conftest import debugfs, flip, run_cli
+
+PAST = (
+    datetime.datetime(2020, 1, 1, tzinfo=datetime.UTC),
+    datetime.datetime(2019, 6, 1, tzinfo=datetime.UTC),
+)
+
+
+def _die(*_args: Any, **_kwargs: Any) -> None:
+    os._exit(137)  # as kill -9 would: no cleanup, no unwinding
+
+
+def _child(path: str, image: str, action: str) -> None:
+    patch = pytest.MonkeyPatch()
+    if action == "commit-after-record":
+        patch.setattr(Index, "commit_snapshot", _die)
+    elif action == "commit-before-record":
+        real_put = LocalBackend.put
+
+        def put(self: LocalBackend, name: str, data: bytes, **kw: Any) -> None:
+            if name.startswith("snapshots/"):
+                _die()
+            real_put(self, name, data, **kw)
+
+        patch.setattr(LocalBackend, "put", put)
+    elif action == "prune-after-tombstone":
+        patch.setattr(Index, "remove_snapshot", _die)
+    with blocksnap.Repository(path) as repo:
+        if action.startswith("commit"):
+            repo.snapshot("vol", image)
+        else:
+            repo.prune(policy=blocksnap.Policy(keep_last=1))
+    os._exit(0)
+
+
+def killed(path: Path, image: Path, action: str) -> None:
+    """Run one operation in a child process that dies at the named moment."""
+    proc = multiprocessing.get_context("fork").Process(
+        target=_child, args=(str(path), str(image), action)
+    )
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 137
+
+
+def ids(repo: blocksnap.Repository) -> list[str]:
+    return [s.id for s in repo.snapshots("vol")]
+
+
+def records(path: Path) -> set[str]:
+    return {p.name for p in (path / "snapshots").iterdir()}
+
+
+def rebuilt(path: Path) -> list[str]:
+    shutil.rmtree(path / "index")
+    with blocksnap.Repository(path) as repo:  # rebuilt automatically
+        report = repo.verify()
+        assert report.ok, report.problems
+        return ids(repo)
+
+
+def test_a_snapshot_killed_after_its_record_is_committed(tmp_path: Path, ext4_image: Path) -> None:
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        first = repo.snapshot("vol", ext4_image)
+    debugfs(ext4_image, "mkdir killed-after-record")
+    killed(path, ext4_image, "commit-after-record")
+    (second,) = records(path) - {first.id}
+    with blocksnap.Repository(path) as repo:
+        assert ids(repo) == [first.id]  # the index lags behind the objects ...
+        assert any("the index lacks" in item for item in repo.verify().leftovers)
+        third = repo.snapshot("vol", ext4_image)  # ... until a writer syncs it
+        assert ids(repo) == [first.id, second, third.id]
+        assert third.parent == second  # the next incremental compares with it
+        assert repo.gc().dead_writers == 1
+        report = repo.verify(read_data=True)
+        assert report.ok and not report.leftovers, (report.problems, report.leftovers)
+        latest = repo.resolve("vol", "latest~1").id
+    assert latest == second
+    assert rebuilt(path) == [first.id, second, third.id]
+
+
+def test_a_snapshot_killed_before_its_record_never_appears(
+    tmp_path: Path, ext4_image: Path
+) -> None:
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        first = repo.snapshot("vol", ext4_image)
+    killed(path, ext4_image, "commit-before-record")
+    assert records(path) == {first.id}
+    with blocksnap.Repository(path) as repo:
+        assert repo.gc().dead_writers == 1
+    blocksnap.repair_index(path)
+    assert rebuilt(path) == [first.id]
+
+
+def test_a_prune_killed_after_its_tombstone_never_comes_back(
+    tmp_path: Path, ext4_image: Path
+) -> None:
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        old = repo.snapshot("vol", ext4_image)
+        new = repo.snapshot("vol", ext4_image, full=True)
+    killed(path, ext4_image, "prune-after-tombstone")
+    assert (path / "tombstones" / old.id).exists()
+    # A rebuild straight away (the index still names the snapshot) leaves it out.
+    blocksnap.repair_index(path)
+    with blocksnap.Repository(path) as repo:
+        assert ids(repo) == [new.id]
+        repo.gc()
+        assert records(path) == {new.id}
+        report = repo.verify()
+        assert report.ok and not report.leftovers, (report.problems, report.leftovers)
+    assert rebuilt(path) == [new.id]
+
+
+def test_a_prune_killed_after_its_tombstone_is_finished_by_gc(
+    tmp_path: Path, ext4_image: Path
+) -> None:
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        old = repo.snapshot("vol", ext4_image)
+        new = repo.snapshot("vol", ext4_image, full=True)
+    killed(path, ext4_image, "prune-after-tombstone")
+    with blocksnap.Repository(path) as repo:
+        with pytest.raises(blocksnap.errors.NotFoundError):
+            repo.protect("vol", old.id)  # removed, though the index did not hear of it
+        report = repo.gc()
+        assert report.dead_writers == 1
+        assert ids(repo) == [new.id]
+        assert records(path) == {new.id}
+        assert repo.verify().ok
+    assert rebuilt(path) == [new.id]
+
+
+def test_a_protection_whose_index_step_was_lost_still_protects(
+    tmp_path: Path, ext4_image: Path
+) -> None:
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        old = repo.snapshot("vol", ext4_image)
+        repo.snapshot("vol", ext4_image, full=True)
+        # protect killed between its object and its index step
+        repo.store.backend.put(catalog.protected_name(old.id), catalog.encode_protected(old.id))
+        assert old.id not in repo.protected()
+        report = repo.prune(policy=blocksnap.Policy(keep_last=1))
+        assert report.removed == []
+        assert old.id in ids(repo)
+    blocksnap.repair_index(path)
+    with blocksnap.Repository(path) as repo:
+        assert old.id in repo.protected()
+
+
+def test_snapshot_order_comes_from_the_records(tmp_path: Path, ext4_image: Path) -> None:
+    """An import stamped in the past is still the latest: order is commit order, kept in
+    the records, not start time."""
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        a = repo.snapshot("vol", ext4_image)
+        debugfs(ext4_image, "mkdir b")
+        b = repo.snapshot("vol", ext4_image, taken_at=PAST[0])
+        debugfs(ext4_image, "mkdir c")
+        c = repo.snapshot("vol", ext4_image, taken_at=PAST[1])
+        assert ids(repo) == [a.id, b.id, c.id]
+        seqs = [
+            json.loads(
+                catalog.unframe(catalog.SNAPSHOT_MAGIC, (path / "snapshots" / s).read_bytes(), s)
+            )["seq"]
+            for s in ids(repo)
+        ]
+        assert seqs == [1, 2, 3]
+    assert rebuilt(path) == [a.id, b.id, c.id]
+    with blocksnap.Repository(path) as repo:
+        assert repo.resolve("vol", "latest").id == c.id
+        d = repo.snapshot("vol", ext4_image)
+        assert d.parent == c.id
+
+
+def _flip_record(path: Path, snapshot_id: str) -> None:
+    flip(path / "snapshots" / snapshot_id, 60)
+
+
+def _delete_record(path: Path, snapshot_id: str) -> None:
+    (path / "snapshots" / snapshot_id).unlink()
+
+
+@pytest.mark.parametrize("damage", [_flip_record, _delete_record], ids=["flipped", "deleted"])
+def test_a_damaged_record_object_is_reported_and_written_again_by_repair(
+    tmp_path: Path, ext4_image: Path, damage: Callable[[Path, str], None]
+) -> None:
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        first = repo.snapshot("vol", ext4_image)
+        second = repo.snapshot("vol", ext4_image)
+    original = (path / "snapshots" / first.id).read_bytes()
+    damage(path, first.id)
+    proc = run_cli("verify", str(path), "--read-data")
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert f"snapshots/{first.id}" in proc.stdout + proc.stderr
+    proc = run_cli("repair", str(path), "--rebuild-index")
+    assert proc.returncode == 0, proc.stderr
+    assert "restored:" in proc.stdout
+    assert (path / "snapshots" / first.id).read_bytes() == original
+    with blocksnap.Repository(path) as repo:
+        assert ids(repo) == [first.id, second.id]
+        assert repo.verify(read_data=True).ok
+
+
+def test_a_damaged_record_with_no_other_copy_is_reported_by_repair(
+    tmp_path: Path, ext4_image: Path
+) -> None:
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        first = repo.snapshot("vol", ext4_image)
+        second = repo.snapshot("vol", ext4_image)
+    _flip_record(path, first.id)
+    shutil.rmtree(path / "index")
+    proc = run_cli("repair", str(path), "--rebuild-index")
+    assert proc.returncode == 0, proc.stderr
+    assert f"left out: snapshots/{first.id}" in proc.stdout
+    with blocksnap.Repository(path) as repo:
+        assert ids(repo) == [second.id]
+
+
+def test_gc_and_verify_work_after_a_repair_that_follows_prune_and_gc(tmp_path: Path) -> None:
+    """A map node gc collected stays in its pack until compaction; a rebuild must not
+    index it again, or count the children gc took with it."""
+    path = tmp_path / "repo"
+    image = tmp_path / "disk.img"
+    image.write_bytes(os.urandom(64 << 20))  # four leaves under one interior node
+    with blocksnap.Repository.init(path) as repo:
+        repo.snapshot("vol", image)
+        with open(image, "r+b") as f:
+            f.write(os.urandom(4 << 20))  # a new first leaf and root
+        keep = repo.snapshot("vol", image)
+        repo.prune(policy=blocksnap.Policy(keep_last=1))
+        collected = repo.gc(compact_below=0.0)  # nothing compacted: dead records stay
+        assert collected.objects_deleted > 64 and collected.packs_deleted == 0
+    blocksnap.repair_index(path)
+    with blocksnap.Repository(path) as repo:
+        report = repo.verify(read_data=True)
+        assert report.ok, report.problems
+        repo.gc()
+        repo.gc(compact_below=1.0)
+        report = repo.verify(read_data=True)
+        assert report.ok, report.problems
+        assert ids(repo) == [keep.id]
+    blocksnap.repair_index(path)
+    with blocksnap.Repository(path) as repo:
+        assert repo.verify(read_data=True).ok
+        assert repo.restore("vol", "latest", tmp_path / "out.img").image_size == 64 << 20
+    assert (tmp_path / "out.img").read_bytes() == image.read_bytes()
+
+
+@pytest.mark.parametrize("left", ["index.rebuild", "index.old"])
+def test_verify_reports_what_an_interrupted_repair_left(tmp_path: Path, left: str) -> None:
+    path = tmp_path / "repo"
+    blocksnap.Repository.init(path).close()
+    (path / left).mkdir()
+    (path / left / "data.mdb").write_bytes(b"")
+    with blocksnap.Repository(path) as repo:
+        report = repo.verify()
+    assert report.ok
+    assert any(item.startswith(left) for item in report.leftovers), report.leftovers
+    blocksnap.repair_index(path)
+    assert not (path / left).exists()
+
+
+def _answers(path: Path) -> dict[str, Any]:
+    """What the reading commands say about a repository, as a user sees it."""
+
+    def cli(*args: str) -> Any:
+        proc = run_cli(*args)
+        assert proc.returncode == 0, (args, proc.stderr)
+        return json.loads(proc.stdout) if "--json" in args else proc.stdout
+
+    out: dict[str, Any] = {}
+    repo = str(path)
+    for volume in ("vol", "other"):
+        out[f"list {volume}"] = cli("list", "--json", repo, volume)
+        count = len(out[f"list {volume}"][volume])
+        for back in range(count):
+            out[f"info {volume} latest~{back}"] = cli(
+                "info", "--json", repo, volume, f"latest~{back}"
+            )
+        out[f"policy {volume}"] = cli("policy", "--json", repo, volume)
+    out["stats"] = cli("stats", "--json", repo)
+    verify = cli("verify", "--json", "--read-data", repo)
+    verify.pop("bytes_read", None)
+    out["verify"] = verify
+    return out
+
+
+def test_a_rebuilt_index_answers_as_the_one_it_replaces(tmp_path: Path, ext4_image: Path) -> None:
+    """Snapshots, imports stamped in the past, differentials, a synthetic full, prunes,
+    protections, policies and gc; then the index is deleted (rebuilt automatically by
+    the next command) and rebuilt explicitly: every answer is the same."""
+    path = tmp_path / "repo"
+    repo = str(path)
+
+    def cli(*args: str) -> None:
+        proc = run_cli(*args)
+        assert proc.returncode == 0, (args, proc.stderr)
+
+    cli("init", repo)
+    cli("snapshot", repo, "vol", str(ext4_image))
+    for day in range(1, 7):
+        debugfs(ext4_image, f"mkdir day{day}")
+        when = ["--time", f"2026-0{1 + day % 3}-1{day}T06:00:00Z"] if day % 2 else []
+        kind = ["--differential"] if day == 3 else ["--full"] if day == 5 else []
+        cli("snapshot", repo, "vol", str(ext4_image), *when, *kind)
+    cli("synthesize", repo, "vol", "latest~2")
+    cli("snapshot", repo, "other", str(ext4_image), "--label", "site=b")
+    cli("snapshot", repo, "other", str(ext4_image), "--time", "2025-12-24T00:00:00Z")
+    cli("protect", repo, "vol", "latest~6")
+    cli("policy", repo, "vol", "--keep-last", "4")
+    cli("policy", repo, "other", "--keep-within", "14d")
+    cli("prune", repo)
+    cli("gc", repo)
+    cli("snapshot", repo, "vol", str(ext4_image))
+    before = _answers(path)
+    assert len(before["list vol"]["vol"]) == 6  # 4 kept, 1 protected, 1 new
+    shutil.rmtree(path / "index")
+    assert _answers(path) == before
+    cli("repair", repo, "--rebuild-index")
+    assert _answers(path) == before
+    cli("gc", repo)
+    cli("snapshot", repo, "vol", str(ext4_image))
+    cli("verify", repo, "--read-data")
