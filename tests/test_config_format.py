@@ -197,6 +197,7 @@ def test_config_unknown_write_feature_reads_but_refuses_writes(
     words = f"repository {repo_path} needs blocksnap >= 0.3.0 to be written"
     for command in (
         ["snapshot", str(repo_path), "vol", str(ext4_image)],
+        ["synthesize", str(repo_path), "vol"],
         ["gc", str(repo_path)],
         ["protect", str(repo_path), "vol", "latest"],
         ["repair", str(repo_path), "--rebuild-index"],
