@@ -150,6 +150,9 @@ def test_config_truncated_is_integrity_error(repo_path: Path) -> None:
 
 def _newer_format(body: dict[str, Any]) -> None:
     body.update(version=3, min_reader_version=3, min_reader_release="0.3.0")
+    # A newer format may change anything but the reader's compatibility fields.
+    for key in ("min_writer_release", "write_features", "content", "writer"):
+        del body[key]
 
 
 def _unknown_feature(body: dict[str, Any]) -> None:
@@ -195,6 +198,10 @@ def test_config_unknown_write_feature_reads_but_refuses_writes(
     run_cli("verify", str(repo_path), check=True)
     run_cli("info", str(repo_path), "vol", "latest", check=True)
     words = f"repository {repo_path} needs blocksnap >= 0.3.0 to be written"
+    with blocksnap.Repository(repo_path) as repo:
+        assert [s.volume for s in repo.store.snapshots("vol")] == ["vol"]
+        with pytest.raises(UnsupportedFormatError, match=words):
+            repo.snapshot("vol", str(ext4_image))
     for command in (
         ["snapshot", str(repo_path), "vol", str(ext4_image)],
         ["synthesize", str(repo_path), "vol"],
@@ -269,8 +276,8 @@ def _no_content(body: dict[str, Any]) -> None:
     del body["content"]
 
 
-def _reader_above_version(body: dict[str, Any]) -> None:
-    body["min_reader_version"] = 3
+def _framed_version_1(body: dict[str, Any]) -> None:
+    body["version"] = 1  # format 1 was never framed
 
 
 @pytest.mark.parametrize(
@@ -278,7 +285,7 @@ def _reader_above_version(body: dict[str, Any]) -> None:
     [
         (_seed_as_text, "content.filter_seed is not an integer"),
         (_no_content, "content missing"),
-        (_reader_above_version, "min_reader_version 3 is above version 2"),
+        (_framed_version_1, "version is not an integer in 2..65536"),
     ],
 )
 def test_config_malformed_body_is_integrity_error(

@@ -350,32 +350,32 @@ def _refuse_format_1(data: bytes, where: str) -> None:
 
 
 def _compatibility(body: _Body, where: str) -> Compatibility:
-    """The compatibility fields, checked before anything a newer format may change."""
-    c = Compatibility(
-        version=body.integer("version", 2, 1 << 16),
-        min_reader_version=body.integer("min_reader_version", 2, 1 << 16),
-        min_reader_release=body.text("min_reader_release"),
-        min_writer_release=body.text("min_writer_release"),
-        features=body.names("features"),
-        write_features=body.names("write_features"),
-    )
-    if c.min_reader_version > c.version:
-        raise IntegrityError(
-            f"config of {where} is malformed (min_reader_version {c.min_reader_version} "
-            f"is above version {c.version})"
-        )
-    if c.min_reader_version > REPOSITORY_VERSION:
+    """The compatibility fields, the reader's checked before anything else: a newer format
+    may change every other field, and must only keep version, min_reader_version,
+    min_reader_release and features."""
+    version = body.integer("version", 2, 1 << 16)
+    min_reader_version = body.integer("min_reader_version", 2, 1 << 16)
+    min_reader_release = body.text("min_reader_release")
+    if min_reader_version > REPOSITORY_VERSION:
         raise UnsupportedFormatError(
-            f"repository {where} needs blocksnap >= {c.min_reader_release} (it is format "
-            f"{c.min_reader_version}; this blocksnap reads format {REPOSITORY_VERSION})"
+            f"repository {where} needs blocksnap >= {min_reader_release} (it is format "
+            f"{min_reader_version}; this blocksnap reads format {REPOSITORY_VERSION})"
         )
-    unknown = sorted(set(c.features) - KNOWN_FEATURES)
+    features = body.names("features")
+    unknown = sorted(set(features) - KNOWN_FEATURES)
     if unknown:
         raise UnsupportedFormatError(
-            f"repository {where} needs blocksnap >= {c.min_reader_release} (features "
+            f"repository {where} needs blocksnap >= {min_reader_release} (features "
             f"unknown here: {', '.join(unknown)})"
         )
-    return c
+    return Compatibility(
+        version=version,
+        min_reader_version=min_reader_version,
+        min_reader_release=min_reader_release,
+        min_writer_release=body.text("min_writer_release"),
+        features=features,
+        write_features=body.names("write_features"),
+    )
 
 
 def _check_implemented(config: RepositoryConfig, where: str) -> None:
