@@ -20,13 +20,9 @@ from blocksnap.restore import RestoreResult, restore_image
 from blocksnap.retention import Decision, Policy, decide
 from blocksnap.snapshot import CHECKPOINT_SIZE, SourceArg, check_labels, take_snapshot
 from blocksnap.store.backend import ObjectStore
+from blocksnap.store.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_TARGET_SIZE
 from blocksnap.store.rebuild import RebuildReport, index_missing, rebuild_index
-from blocksnap.store.repository import (
-    DEFAULT_COMPRESSION_LEVEL,
-    DEFAULT_PACK_TARGET_SIZE,
-    Store,
-    init_repository,
-)
+from blocksnap.store.repository import Store, init_repository
 from blocksnap.synthesize import synthesize
 
 if TYPE_CHECKING:

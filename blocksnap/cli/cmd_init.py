@@ -7,7 +7,8 @@ from typing import Any
 
 from blocksnap import blockid
 from blocksnap.cli.output import emit_json, shown
-from blocksnap.store.repository import DEFAULT_COMPRESSION_LEVEL, init_repository
+from blocksnap.store.config import DEFAULT_COMPRESSION_LEVEL
+from blocksnap.store.repository import init_repository
 
 
 def add_parser(sub: Any) -> None:
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
             {
                 "repository": args.repo,
                 "id": config.id,
+                "content_id": config.content_id,
+                "format": config.version,
                 "block_id": config.block_id,
                 "compression_level": config.compression_level,
             }

@@ -2,7 +2,7 @@
 
 Layout of a repository directory REPO/:
 
-    config        JSON format header, written once by init (see RepositoryConfig)
+    config        framed format header, written once by init (see store/config.py)
     lock          flock: shared by every operation, exclusive for repair --rebuild-index
     locks/        flock files: volume-<hash>.lock per volume being snapshotted,
                   writer-<id>.lock per registered writer (see store/index.py), gc.lock
@@ -60,11 +60,9 @@ import json
 import os
 import re
 import secrets
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import blake3
@@ -87,6 +85,15 @@ from blocksnap.store import catalog, reads
 from blocksnap.store import index as index_module
 from blocksnap.store.backend import TMP_MARKER, LocalBackend, ObjectStore, ObjectWriter
 from blocksnap.store.codec import decompress
+from blocksnap.store.config import (
+    CONFIG_NAME,
+    DEFAULT_COMPRESSION_LEVEL,
+    DEFAULT_PACK_TARGET_SIZE,
+    RepositoryConfig,
+    new_config,
+    read_config,
+)
+from blocksnap.store.config import encode as encode_config
 from blocksnap.store.index import POLICY_PREFIX, PROTECTED_PREFIX, Index, Location, lmdb_errors
 from blocksnap.store.locks import (
     GC_LOCK,
@@ -107,36 +114,7 @@ from blocksnap.store.packs import (
     record_kind,
 )
 
-CONFIG_NAME = "config"
-REPOSITORY_FORMAT = "blocksnap-repository"
-REPOSITORY_VERSION = 1
-DEFAULT_COMPRESSION_LEVEL = 1
-DEFAULT_PACK_TARGET_SIZE = 16 << 20
 _SNAPSHOT_NAME = re.compile(r"latest(?:~(\d+))?")
-
-
-@dataclass(frozen=True, slots=True)
-class RepositoryConfig:
-    """The format header.  Fields are fixed at init; readers refuse versions they lack."""
-
-    format: str
-    version: int
-    id: str
-    created: str
-    block_id: str  # strong block identity, see blockid.py
-    change_filter: str  # always "xxh3-128" in version 1
-    filter_seed: int  # secret per repository: nobody outside it can precompute collisions
-    compression: str  # "zstd"
-    compression_level: int
-    encryption: str  # "none"; room for keyed IDs and authenticated records later
-    pack_target_size: int
-
-    def algorithms(self) -> dict[str, str]:
-        return {
-            "block_id": self.block_id,
-            "change_filter": self.change_filter,
-            "compression": self.compression,
-        }
 
 
 def pack_name(pack_id: bytes) -> str:
@@ -153,10 +131,6 @@ def local_backend(path: str) -> LocalBackend:
     return LocalBackend(path, private=LOCAL_STATE)
 
 
-def _encode_config(config: RepositoryConfig) -> bytes:
-    return json.dumps(asdict(config), indent=2).encode()
-
-
 def init_repository(
     path: str,
     *,
@@ -171,25 +145,12 @@ def init_repository(
     Two inits racing for one path cannot both win: the directory is set up under its
     repository lock, and the config is put create-if-absent, so a loser changes nothing.
     """
-    blockid.hasher(block_id)
-    if not 1 <= compression_level <= 19:
-        raise UsageError(f"compression level {compression_level} is not in 1..19")
+    config = new_config(
+        block_id=block_id, compression_level=compression_level, pack_target_size=pack_target_size
+    )
     created = not os.path.exists(path)
     if not created and not _is_unfinished_init(path):
         raise UsageError(f"{path} exists and is not an empty directory")
-    config = RepositoryConfig(
-        format=REPOSITORY_FORMAT,
-        version=REPOSITORY_VERSION,
-        id=secrets.token_hex(16),
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        block_id=block_id,
-        change_filter="xxh3-128",
-        filter_seed=secrets.randbits(64),
-        compression="zstd",
-        compression_level=compression_level,
-        encryption="none",
-        pack_target_size=pack_target_size,
-    )
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
@@ -230,7 +191,7 @@ def _set_up(path: str, config: RepositoryConfig, backend: ObjectStore | None) ->
     # The config is written last: a directory without one is not a repository.
     objects = backend if backend is not None else local_backend(path)
     try:
-        objects.put(CONFIG_NAME, _encode_config(config), exclusive=True)
+        objects.put(CONFIG_NAME, encode_config(config), exclusive=True)
     except ObjectExistsError:
         raise UsageError(f"{path} holds a repository already") from None
     finally:
@@ -269,28 +230,6 @@ def _remove_unfinished_init(path: str, *, keep_lock: bool = False) -> None:
     for name in (*_INIT_DIRS, "index"):
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(os.path.join(path, name))
-
-
-def read_config(backend: ObjectStore, where: str) -> RepositoryConfig:
-    """The repository's config, read through the seam; where names it in messages."""
-    try:
-        data = backend.get(CONFIG_NAME)
-    except MissingObjectError:
-        raise NotFoundError(f"{where} is not a blocksnap repository (no config)") from None
-    try:
-        raw = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IntegrityError(f"config of {where} is damaged") from exc
-    if not isinstance(raw, dict) or raw.get("format") != REPOSITORY_FORMAT:
-        raise NotFoundError(f"{where} is not a blocksnap repository")
-    if raw.get("version") != REPOSITORY_VERSION:
-        raise StoreError(f"repository format version {raw.get('version')} is not supported")
-    try:
-        config = RepositoryConfig(**raw)
-    except TypeError as exc:
-        raise IntegrityError(f"config of {where} is damaged ({exc})") from exc
-    blockid.hasher(config.block_id)
-    return config
 
 
 def on_read_only_filesystem(path: str) -> bool:
@@ -359,6 +298,8 @@ class Store:
         self._index: Index | None = None
         try:
             self.config = read_config(self.backend, path)
+            if exclusive:  # a repair rewrites the index and deletes: it writes
+                self.config.check_writable(path)
             self._stack.enter_context(
                 self.locks.hold(
                     REPOSITORY_LOCK,
@@ -389,6 +330,7 @@ class Store:
         """Raise the one-line StoreError of a repository that cannot be written."""
         if self.read_only:
             raise read_only_error(self.path)
+        self.config.check_writable(self.path)
 
     @property
     def index(self) -> Index:
