@@ -182,11 +182,6 @@ def encode_record(
     return b"".join((head, _CHECK.pack(_xxh3(head, payload)), payload))
 
 
-def record_kind(record: bytes | memoryview) -> int:
-    """The kind of a record made by encode_record."""
-    return int(record[4])
-
-
 def parse_header(header: bytes | memoryview, where: str) -> Record:
     """Validate a record header's structure (not its payload) and return its fields
     (offset 0: the caller knows where it read it)."""
