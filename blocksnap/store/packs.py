@@ -196,10 +196,17 @@ def parse_header(header: bytes | memoryview, where: str) -> Record:
 
 
 def _check_fields(kind: int, flags: int, stored_size: int, raw_size: int, where: str) -> None:
-    if kind not in KINDS or flags != 0 or raw_size > MAX_RAW_SIZE:
-        raise IntegrityError(f"{where}: invalid record header")
+    # Each message names the field, so that a report says what was damaged.
+    if kind not in KINDS:
+        raise IntegrityError(f"{where}: invalid record header (kind {kind})")
+    if flags != 0:
+        raise IntegrityError(f"{where}: invalid record header (flags {flags:#x})")
+    if raw_size > MAX_RAW_SIZE:
+        raise IntegrityError(f"{where}: invalid record header (raw size {raw_size} > maximum)")
     if stored_size > raw_size + 1024:  # zstd never expands a block by more than this
-        raise IntegrityError(f"{where}: invalid record header")
+        raise IntegrityError(
+            f"{where}: invalid record header (stored size {stored_size} for raw size {raw_size})"
+        )
 
 
 def check_record(header: bytes | memoryview, payload: bytes | memoryview, where: str) -> None:
