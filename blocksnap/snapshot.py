@@ -3,10 +3,11 @@
 The pipeline: the calling thread reads the source in buffers of whole blocks; a pool of
 worker threads scans each buffer natively (zero flags, XXH3-128 compared with the parent's
 digests), strong-hashes only the blocks that changed, asks the index which of those are
-new, and compresses just those; the calling thread takes results in order, appends new
-records to packs and builds the new map's leaves.  Every stage that does real work
-releases the GIL, so reading, hashing and compressing overlap on all cores, and at most
-a few buffers are in flight, so memory does not grow with the image.
+new, and has the store writer seal (compress) just those; the calling thread takes
+results in order, hands the sealed records to the writer and builds the new map's
+leaves.  Every stage that does real work releases the GIL, so reading, hashing and
+compressing overlap on all cores, and at most a few buffers are in flight, so memory does
+not grow with the image.
 """
 
 from __future__ import annotations

@@ -177,7 +177,8 @@ def overhead_size(record_count: int) -> int:
 def encode_record(
     kind: int, codec: int, raw_size: int, object_id: bytes, payload: bytes | memoryview
 ) -> bytes:
-    """Return a whole record: its header (with the check) followed by the payload."""
+    """Return a whole record: its header (with the check) followed by the payload (which
+    store/records.py, the only caller that makes records, has compressed)."""
     head = _HEAD.pack(RECORD_MAGIC, kind, codec, 0, len(payload), raw_size, object_id)
     return b"".join((head, _CHECK.pack(_xxh3(head, payload)), payload))
 
@@ -340,7 +341,8 @@ class PackBuilder:
         self.sealed = False
 
     def add(self, record: bytes) -> Record:
-        """Append a record made by encode_record and return where it sits."""
+        """Append a whole record (sealed by store/records.py, or copied verbatim from
+        another pack) and return where it sits."""
         if self.sealed:
             raise ValueError("pack is sealed")
         head = parse_header(record, "new record")

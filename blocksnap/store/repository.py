@@ -779,6 +779,10 @@ class StoreWriter:
     block pack, so a node is never indexed before the blocks it names.  flush() returns
     once everything added is durable and indexed; a failure in the background is raised
     by the next add() or flush().
+
+    The engine hands raw blocks and nodes over and never builds a record: seal() (on any
+    thread: the snapshot's workers compress in parallel) makes the record as the config
+    says, and add() (on the calling thread) queues it.
     """
 
     WRITE_PART = 1 << 20
