@@ -16,6 +16,11 @@ the repository's block ID of their bytes; integers little-endian:
             (32 bytes each); an all-zero digest and ID mean an all-zero block
             interior: count child node IDs (32 bytes each)
 
+Compatibility: readers accept version 1 only and refuse any other as damage ("not a
+block map node"); reserved is written 0 and not read.  Any change to this layout bumps
+the version, and with it the repository format.
+tests/test_records.py holds golden bytes of a leaf and an interior node.
+
 Shape: a leaf covers LEAF_SPAN consecutive blocks; an interior node has up to FANOUT
 children.  For B blocks there are max(1, ceil(B / LEAF_SPAN)) leaves, and every level is
 filled from the left, so the path to block i follows from i alone.  The root's level is

@@ -33,9 +33,9 @@ from blocksnap.blockmap import ZERO_ID, BlockMap, node_children
 from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError
 from blocksnap.model import BLOCK_ID_SIZE, Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog
-from blocksnap.store.codec import decompress
 from blocksnap.store.index import IndexView
 from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, walk_pack
+from blocksnap.store.records import open_checked
 from blocksnap.store.repository import Store, pack_name
 
 INTERRUPTED_REPAIR = ("index.rebuild", "index.old")  # see store/rebuild.py
@@ -114,12 +114,11 @@ def _read_pack(
     good: set[int] = set()
     bad: dict[int, str] = {}
     for rec, error in walk.records:
-        if error is None:
+        if error is None:  # walk_pack checked header and check: decode and verify the id
             payload = memoryview(data)[rec.offset + HEADER_SIZE : rec.end]
+            where = f"pack {pack_id.hex()} at offset {rec.offset}: record {rec.id.hex()}"
             try:
-                raw = decompress(rec.codec, payload, rec.raw_size, f"pack {pack_id.hex()}")
-                if store.hash(raw) != rec.id:
-                    error = IntegrityError(f"record {rec.id.hex()}: content does not match its id")
+                open_checked(rec, payload, store.hash, where)
             except IntegrityError as exc:
                 error = exc
         if error is None:

@@ -3,10 +3,11 @@
 The pipeline: the calling thread reads the source in buffers of whole blocks; a pool of
 worker threads scans each buffer natively (zero flags, XXH3-128 compared with the parent's
 digests), strong-hashes only the blocks that changed, asks the index which of those are
-new, and compresses just those; the calling thread takes results in order, appends new
-records to packs and builds the new map's leaves.  Every stage that does real work
-releases the GIL, so reading, hashing and compressing overlap on all cores, and at most
-a few buffers are in flight, so memory does not grow with the image.
+new, and has the store writer seal (compress) just those; the calling thread takes
+results in order, hands the sealed records to the writer and builds the new map's
+leaves.  Every stage that does real work releases the GIL, so reading, hashing and
+compressing overlap on all cores, and at most a few buffers are in flight, so memory does
+not grow with the image.
 """
 
 from __future__ import annotations
@@ -44,8 +45,7 @@ from blocksnap.model import (
     SnapshotInfo,
     SnapshotKind,
 )
-from blocksnap.store.codec import compress
-from blocksnap.store.packs import KIND_BLOCK, KIND_NODE, encode_record
+from blocksnap.store.records import Sealed
 from blocksnap.store.repository import Store, StoreWriter
 from blocksnap.workers import worker_pool
 
@@ -106,7 +106,7 @@ class _Scanned:
     count: int
     digests: bytearray
     ids: bytearray
-    new: list[tuple[bytes, bytes]]  # (id, encoded record) for blocks the index lacked
+    new: list[Sealed]  # records of the blocks the index lacked, sealed by the worker
     zero: int
     changed: list[int]  # indices, within the buffer, of blocks that differ from the parent
     hashed: int
@@ -277,11 +277,10 @@ class _Source:
 class _Scanner:
     """The per-buffer work that runs on worker threads."""
 
-    def __init__(self, store: Store, writer: StoreWriter, block_size: int, level: int) -> None:
+    def __init__(self, store: Store, writer: StoreWriter, block_size: int) -> None:
         self.store = store
         self.writer = writer
         self.block_size = block_size
-        self.level = level
         self.seed = store.config.filter_seed
         self.hash = store.hash
 
@@ -331,16 +330,12 @@ class _Scanner:
                 block_id = self.hash(buf[i * bs : (i + 1) * bs])
                 ids[i * BLOCK_ID_SIZE : (i + 1) * BLOCK_ID_SIZE] = block_id
                 hashed.append((i, block_id))
-        new: list[tuple[bytes, bytes]] = []
+        new: list[Sealed] = []
         if hashed:
             missing = self.writer.missing([block_id for _, block_id in hashed])
             for (i, block_id), absent in zip(hashed, missing, strict=True):
-                if absent:
-                    block = buf[i * bs : (i + 1) * bs]
-                    codec, payload = compress(block, self.level)
-                    new.append(
-                        (block_id, encode_record(KIND_BLOCK, codec, len(block), block_id, payload))
-                    )
+                if absent:  # sealed (compressed) here, on the worker thread
+                    new.append(self.writer.seal_block(buf[i * bs : (i + 1) * bs], block_id))
         return _Scanned(count, digests, ids, new, zero, changed, len(hashed))
 
 
@@ -362,10 +357,8 @@ class _MapWriter:
             return self._last[1]
         node_id = self.store.hash(node)
         if not self.writer.has(node_id):
-            codec, payload = compress(node, self.store.config.compression_level)
-            record = encode_record(KIND_NODE, codec, len(node), node_id, payload)
             self.metadata_size += self.writer.add(
-                record, node_id, checked=True, children=node_children(node)
+                self.writer.seal_node(node, node_id), checked=True, children=node_children(node)
             )
         self._last = (node, node_id)
         return node_id
@@ -749,8 +742,8 @@ class _Run:
             for i in res.changed:
                 self._changed(item.first + i)
             self.counts["hashed"] += res.hashed
-            for block_id, record in res.new:
-                if self.writer.add(record, block_id, checked=True):
+            for sealed in res.new:
+                if self.writer.add(sealed, checked=True):
                     self.counts["stored"] += 1
             self.map_writer.extend(res.digests, res.ids)
         elif item.kind == _ZERO:
@@ -815,7 +808,7 @@ class _Run:
     def execute(self, progress: ProgressCallback | None, workers: int | None) -> SnapshotInfo:
         self._clock = time.perf_counter()
         src, bs = self.src, self.bs
-        scanner = _Scanner(self.store, self.writer, bs, self.store.config.compression_level)
+        scanner = _Scanner(self.store, self.writer, bs)
         # Hinted runs read little and compress most of it: smaller steps spread that work
         # over every worker instead of leaving one extent's 8 MiB to a single thread.
         step_size = BUFFER_SIZE if self.hints is None else READ_PART

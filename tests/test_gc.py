@@ -16,8 +16,6 @@ import blocksnap
 from blocksnap.blockmap import BlockMap
 from blocksnap.retention import Policy
 from blocksnap.store.backend import LocalBackend
-from blocksnap.store.codec import compress
-from blocksnap.store.packs import KIND_BLOCK, encode_record
 from tests.conftest import debugfs, run_cli
 
 EDITS = [
@@ -145,13 +143,11 @@ def test_a_running_writer_keeps_what_it_may_refer_to(tmp_path: Path, ext4_image:
         chain(repo, ext4_image)
         block = os.urandom(64 << 10)
         block_id = store.hash(block)
-        codec, payload = compress(block, 1)
-        record = encode_record(KIND_BLOCK, codec, len(block), block_id, payload)
         old = repo.snapshots("vol")[0]
         old_root = old.map_root
 
         with store.writer() as writer:
-            writer.add(record, block_id)
+            writer.add(writer.seal_block(block, block_id))
             writer.flush()  # stored and indexed, not referred to by any snapshot
             repo.prune(policy=Policy(keep_last=1))  # the old root's count falls to 0 now
             report = repo.gc()

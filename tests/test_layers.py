@@ -108,6 +108,12 @@ EXCLUSIVE = [
         id="only blocksnap.store.codec imports zstandard (and fs.btrfs, for btrfs extents)",
     ),
     pytest.param(
+        # The record codec is the one place that compresses, frames and opens records.
+        ("blocksnap.store.codec",),
+        {"blocksnap.store.records"},
+        id="only blocksnap.store.records imports blocksnap.store.codec",
+    ),
+    pytest.param(
         ("blocksnap._native",),
         {"blocksnap.native._cffi"},
         id="only blocksnap.native._cffi imports blocksnap._native",
@@ -121,6 +127,27 @@ def test_layers_exclusive_import(
 ) -> None:
     assert set(allowed) <= set(MODULES), "a module named by the rule no longer exists"
     _hold(request.node.callspec.id, _breaking(allowed, imported))
+
+
+# The engine hands raw blocks and map nodes to a StoreWriter, which seals them
+# (store/records.py): it neither compresses nor lays out records or packs.  gc and check
+# work on packs themselves (compaction copies records, verify walks packs): they belong
+# beside the store, not to the engine.
+PACK_LEVEL = ("blocksnap.store", "blocksnap.gc", "blocksnap.check")
+
+
+def test_layers_the_engine_imports_neither_the_codec_nor_the_packs() -> None:
+    engine = [m for m in MODULES if not _is(m, *PACK_LEVEL)]
+    assert "blocksnap.snapshot" in engine and "blocksnap.synthesize" in engine
+    _hold(
+        "the engine imports neither blocksnap.store.codec nor blocksnap.store.packs",
+        [
+            str(imp)
+            for imp in IMPORTS
+            if imp.module in engine
+            and _is(imp.target, "blocksnap.store.codec", "blocksnap.store.packs")
+        ],
+    )
 
 
 # The reader, restore and filesystem side gets blocks through model.BlockSource, so a

@@ -31,12 +31,13 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     return dctx
 
 
-def compress(raw: bytes | memoryview, level: int) -> tuple[int, bytes]:
-    """Return (codec, payload); data that zstd does not shrink is kept raw."""
+def compress(raw: bytes | memoryview, level: int) -> tuple[int, bytes | memoryview]:
+    """Return (codec, payload); data that zstd does not shrink is kept raw, and then the
+    payload is raw itself (not a copy: the record that frames it copies it once)."""
     packed = _compressor(level).compress(raw)
     if len(packed) < len(raw):
         return CODEC_ZSTD, packed
-    return CODEC_RAW, bytes(raw)
+    return CODEC_RAW, raw
 
 
 def decompress(codec: int, payload: bytes | memoryview, raw_size: int, what: str) -> bytes:

@@ -177,14 +177,10 @@ def overhead_size(record_count: int) -> int:
 def encode_record(
     kind: int, codec: int, raw_size: int, object_id: bytes, payload: bytes | memoryview
 ) -> bytes:
-    """Return a whole record: its header (with the check) followed by the payload."""
+    """Return a whole record: its header (with the check) followed by the payload (which
+    store/records.py, the only caller that makes records, has compressed)."""
     head = _HEAD.pack(RECORD_MAGIC, kind, codec, 0, len(payload), raw_size, object_id)
     return b"".join((head, _CHECK.pack(_xxh3(head, payload)), payload))
-
-
-def record_kind(record: bytes | memoryview) -> int:
-    """The kind of a record made by encode_record."""
-    return int(record[4])
 
 
 def parse_header(header: bytes | memoryview, where: str) -> Record:
@@ -201,10 +197,17 @@ def parse_header(header: bytes | memoryview, where: str) -> Record:
 
 
 def _check_fields(kind: int, flags: int, stored_size: int, raw_size: int, where: str) -> None:
-    if kind not in KINDS or flags != 0 or raw_size > MAX_RAW_SIZE:
-        raise IntegrityError(f"{where}: invalid record header")
+    # Each message names the field, so that a report says what was damaged.
+    if kind not in KINDS:
+        raise IntegrityError(f"{where}: invalid record header (kind {kind})")
+    if flags != 0:
+        raise IntegrityError(f"{where}: invalid record header (flags {flags:#x})")
+    if raw_size > MAX_RAW_SIZE:
+        raise IntegrityError(f"{where}: invalid record header (raw size {raw_size} > maximum)")
     if stored_size > raw_size + 1024:  # zstd never expands a block by more than this
-        raise IntegrityError(f"{where}: invalid record header")
+        raise IntegrityError(
+            f"{where}: invalid record header (stored size {stored_size} for raw size {raw_size})"
+        )
 
 
 def check_record(header: bytes | memoryview, payload: bytes | memoryview, where: str) -> None:
@@ -338,7 +341,8 @@ class PackBuilder:
         self.sealed = False
 
     def add(self, record: bytes) -> Record:
-        """Append a record made by encode_record and return where it sits."""
+        """Append a whole record (sealed by store/records.py, or copied verbatim from
+        another pack) and return where it sits."""
         if self.sealed:
             raise ValueError("pack is sealed")
         head = parse_header(record, "new record")

@@ -47,17 +47,17 @@ from blocksnap.errors import (
 )
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog
-from blocksnap.store.codec import decompress
+from blocksnap.store.config import CONFIG_NAME
 from blocksnap.store.index import POLICY_PREFIX, PROTECTED_PREFIX, Index
 from blocksnap.store.packs import (
     HEADER_SIZE,
     KIND_NODE,
     Record,
-    check_listed,
     read_toc,
     walk_pack,
 )
-from blocksnap.store.repository import CONFIG_NAME, Store, on_read_only_filesystem
+from blocksnap.store.records import open_checked, open_record
+from blocksnap.store.repository import Store, on_read_only_filesystem
 
 REBUILD_DIR = "index.rebuild"
 COMPLETE_MARK = "COMPLETE"
@@ -207,15 +207,21 @@ def _index_pack(
     children: dict[bytes, list[bytes]] = {}
     view = memoryview(data)
     for rec, error in candidates:
-        if error is None and not check_all and rec.kind == KIND_NODE:
-            error = check_listed(data, rec, where, base)
         if error is None and (check_all or rec.kind == KIND_NODE):
-            start = rec.offset - base + HEADER_SIZE
+            at = f"{where} at offset {rec.offset}"
+            record = view[rec.offset - base : rec.end - base]
             try:
-                raw = decompress(rec.codec, view[start : rec.end - base], rec.raw_size, where)
-                if store.hash(raw) != rec.id:
-                    raise IntegrityError(
-                        f"{where}: record {rec.id.hex()} content does not match its id"
+                if check_all:  # walk_pack checked header and check already
+                    raw = open_checked(rec, record[HEADER_SIZE:], store.hash, at)
+                else:
+                    raw = open_record(
+                        record,
+                        rec.id,
+                        rec,
+                        store.hash,
+                        at,
+                        listed_check=rec.check,
+                        against="the table of contents",
                     )
                 if rec.kind == KIND_NODE:
                     children[rec.id] = node_children(raw)

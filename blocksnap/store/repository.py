@@ -81,10 +81,9 @@ from blocksnap.errors import (
     UsageError,
 )
 from blocksnap.model import Checkpoint, SnapshotInfo
-from blocksnap.store import catalog, reads
+from blocksnap.store import catalog, reads, records
 from blocksnap.store import index as index_module
 from blocksnap.store.backend import TMP_MARKER, LocalBackend, ObjectStore, ObjectWriter
-from blocksnap.store.codec import decompress
 from blocksnap.store.config import (
     CONFIG_NAME,
     DEFAULT_COMPRESSION_LEVEL,
@@ -104,15 +103,7 @@ from blocksnap.store.locks import (
     Session,
     WriterSessions,
 )
-from blocksnap.store.packs import (
-    HEADER_SIZE,
-    KIND_BLOCK,
-    KIND_NODE,
-    PackBuilder,
-    check_record,
-    parse_header,
-    record_kind,
-)
+from blocksnap.store.packs import HEADER_SIZE, KIND_BLOCK, KIND_NODE, PackBuilder
 
 _SNAPSHOT_NAME = re.compile(r"latest(?:~(\d+))?")
 
@@ -418,24 +409,9 @@ class Store:
         self, object_id: bytes, kind: int, loc: Location, data: bytes | memoryview, what: str
     ) -> bytes:
         where = f"{what} in pack {loc.pack.hex()} at offset {loc.offset}"
-        if len(data) != HEADER_SIZE + loc.stored_size:
-            raise IntegrityError(f"{where}: pack is truncated")
-        header = bytes(data[:HEADER_SIZE])
-        head = parse_header(header, where)
-        if (head.id, head.kind, head.stored_size, head.raw_size, head.codec) != (
-            object_id,
-            kind,
-            loc.stored_size,
-            loc.raw_size,
-            loc.codec,
-        ):
-            raise IntegrityError(f"{where}: record does not match the index")
-        payload = memoryview(data)[HEADER_SIZE:]
-        check_record(header, payload, where)
-        raw = decompress(loc.codec, payload, loc.raw_size, where)
-        if self.hash(raw) != object_id:
-            raise IntegrityError(f"{where}: content does not match its id")
-        return raw
+        if loc.kind != kind:
+            raise IntegrityError(f"{where}: the index holds it as another kind of object")
+        return records.open_record(data, object_id, loc, self.hash, where)
 
     def read_block(self, block_id: bytes) -> bytes:
         return self.read_object(block_id, KIND_BLOCK)
@@ -838,6 +814,10 @@ class StoreWriter:
     block pack, so a node is never indexed before the blocks it names.  flush() returns
     once everything added is durable and indexed; a failure in the background is raised
     by the next add() or flush().
+
+    The engine hands raw blocks and nodes over and never builds a record: seal() (on any
+    thread: the snapshot's workers compress in parallel) makes the record as the config
+    says, and add() (on the calling thread) queues it.
     """
 
     WRITE_PART = 1 << 20
@@ -867,34 +847,47 @@ class StoreWriter:
         """Whether the object may be referred to: usable in the index, or queued here."""
         return self._queued(object_id) or self.store.index.claim([object_id], self.epoch)[0]
 
+    def seal(self, kind: int, raw: bytes | memoryview, object_id: bytes) -> records.Sealed:
+        """Seal raw bytes (kind KIND_BLOCK or KIND_NODE, object_id their strong hash) into
+        a record for add(), as the repository's config says (compression level, later the
+        key).  Thread-safe, and touches no state of the writer: the engine's worker
+        threads seal in parallel while the calling thread adds."""
+        return records.seal(kind, raw, object_id, self.store.config.compression_level)
+
+    def seal_block(self, raw: bytes | memoryview, block_id: bytes) -> records.Sealed:
+        return self.seal(KIND_BLOCK, raw, block_id)
+
+    def seal_node(self, raw: bytes | memoryview, node_id: bytes) -> records.Sealed:
+        return self.seal(KIND_NODE, raw, node_id)
+
     def add(
         self,
-        record: bytes,
-        object_id: bytes,
+        sealed: records.Sealed,
         *,
         checked: bool = False,
         children: list[bytes] | None = None,
     ) -> int:
-        """Queue a record (from encode_record) unless the object exists; return bytes added.
+        """Queue a sealed record (from seal()) unless the object exists; return bytes added.
 
         children: for a map node, the ids its entries name (counted when it is indexed).
         checked=True means the caller asked missing() moments ago and the object was
         absent; only this writer's own queue is consulted then.  Should another writer
         store the same object meanwhile, the index keeps one copy and the other is garbage.
         """
+        object_id = sealed.id
         if self._queued(object_id):
             return 0
         if not checked and not self.missing([object_id])[0]:
             return 0
         self._reap()
-        kind = record_kind(record)
+        kind = sealed.kind
         pack = self._open.get(kind)
         if pack is None:
             pack = self._open[kind] = _OpenPack(self.registration, kind)
             self._started = [p for p in self._started if not p.indexed]
             self._started.append(pack)
             self._submit(self._begin, pack)
-        pack.builder.add(record)
+        pack.builder.add(sealed.data)
         pack.pending.add(object_id)
         if children:
             pack.children[object_id] = children
@@ -902,7 +895,7 @@ class StoreWriter:
             self._seal(kind)
         elif len(pack.builder.buffer) >= self.WRITE_PART:
             self._submit(self._write, pack, pack.builder.take())
-        return len(record)
+        return sealed.size
 
     # --- on the pack thread ----------------------------------------------------------------
 
