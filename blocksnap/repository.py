@@ -68,6 +68,14 @@ class Repository:
             # The index is a cache of the objects: one that is gone is rebuilt from them.
             rebuild_index(self.path)
         self._store = Store(self.path, backend=backend)
+        if not self._store.read_only:
+            try:
+                # What writers elsewhere committed or removed without caching it (they
+                # died, or their index step failed) is what every command then sees.
+                self._store.sync_catalog()
+            except BaseException:
+                self._store.close()
+                raise
 
     @classmethod
     def init(

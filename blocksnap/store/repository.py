@@ -1,48 +1,20 @@
-"""A repository on disk: its config (the format header), locks, verified reads and writes.
+"""The open repository: verified reads, the catalog and settings, and writers' packs.
 
-Layout of a repository directory REPO/:
+The package doc (store/__init__.py) gives the layout and which state is truth, cache and
+host-local.  Store takes the backend, the locks and the writer sessions injected (the
+defaults are the local ones on this directory), so an object store can hold the
+objects while the index and host-local state stay in a local directory.
 
-    config        framed format header, written once by init (see store/config.py)
-    lock          flock: shared by every operation, exclusive for repair --rebuild-index
-    locks/        flock files: volume-<hash>.lock per volume being snapshotted,
-                  writer-<id>.lock per registered writer (see store/index.py), gc.lock
-    index/        the LMDB index (store/index.py)
-    packs/XX/ID   pack objects (store/packs.py), ID = 32 hex digits, XX = its first two
-    snapshots/ID  snapshot record objects (store/catalog.py)
-    settings/     what the index keeps besides objects and snapshots, so that a rebuild
-                  keeps it too: policy-<hash of the volume name> holds JSON
-                  {"volume": name, "policy": {...}} (see retention.py), and an empty
-                  object protected-<snapshot id> marks a protected snapshot
-
-Which state is what, as it stands (format 1):
-
-- Objects, through the storage seam (store/backend.py): config, packs/, snapshots/,
-  settings/.  They are meant to be the truth: everything in the index except the
-  host-local state below can be rebuilt from them (store/rebuild.py).  Today the commit
-  point of a snapshot, the order of a volume's snapshots and the reference counts are
-  still decided in the index's transactions, so the index is more than a cache until
-  format 2 moves those into the objects.
-- Cache, in index/ (LMDB): where each object lives, reference counts, the snapshot
-  catalog and the settings, all rebuilt by repair --rebuild-index.
-- Host-local, in this directory, never in the objects: the locks and writer sessions
-  (store/locks.py: lock, locks/), the writer registry with its epochs and intents, and
-  the checkpoints of interrupted runs (both in the index, not rebuilt).
-
-Store takes the backend, the locks and the writer sessions injected (the defaults are
-the local ones on this directory), so an object store can hold the objects while the
-index and host-local state stay in a local directory.
-
-Crash safety comes from ordering: a pack is durable (fsync of file and directory) before
-the index transaction that refers to it commits, and a snapshot's record object is durable
-before the transaction that makes the snapshot visible commits.  Anything a killed writer
-leaves (temporary files, packs or records that no committed snapshot refers to) is
-ignored by readers, reported by verify and reclaimed by gc.  Removing a snapshot commits
-its index transaction first and deletes its record object after, so a crash between the
-two leaves an uncommitted record, which gc deletes; a rebuild never brings back a
-snapshot whose blocks may be gone.  The same holds when the step after the put fails
-rather than the process: a commit whose index transaction raises deletes its record, and
-a record whose delete fails (commit or prune) keeps its writer's intents, which gc then
-deals with as for a killed writer.
+Crash safety comes from ordering.  A pack is durable (fsync of file and directory)
+before the index transaction that refers to it commits.  A snapshot's packs are durable
+and indexed before its record object is created, and that creation (create-if-absent)
+commits the snapshot; the index transaction after it only caches it.  Removing a
+snapshot creates its tombstone first, then uncaches it, then deletes its record.
+Anything a killed writer leaves (temporary files, packs no committed snapshot refers
+to, a record a tombstone names) is ignored by readers, reported by verify and reclaimed
+by gc, which also caches what a writer committed and could not cache.  The same holds
+when the step after an object's put fails rather than the process: the writer keeps its
+intents, and gc deals with them as for a killed writer.
 
 A repository on a read-only filesystem (an off-site copy, a filesystem snapshot) is
 opened for reading only: the shared lock is taken on an O_RDONLY descriptor, the index
