@@ -391,6 +391,14 @@ def verify(
         for name in INTERRUPTED_REPAIR
         if os.path.exists(os.path.join(store.path, name))
     ]
+    if read_data:  # tombstones only accumulate: read them with the rest of the data
+        for tombstone in store.backend.list(catalog.TOMBSTONES):
+            try:
+                catalog.decode_tombstone(store.backend.get(tombstone.name), tombstone.name)
+            except MissingObjectError:
+                continue
+            except BlocksnapError as exc:
+                problems.append(Problem(f"{exc}; the removal stands"))
     report.problems = problems
     return report
 

@@ -5,19 +5,16 @@ a snapshot exists from the moment its record object exists until a tombstone nam
 and everything the index keeps about snapshots, their order and their settings is
 rebuilt from them.
 
-Every object here is framed the same way (format 2):
+Every object here is framed as store/frames.py describes, with magic b"BSSNAP"
+(snapshot record), b"BSTOMB" (tombstone) or b"BSSETT" (setting), frame version 2, and a
+body of UTF-8 JSON: an object with "format": 2 and the keys below.
 
-    magic        6 bytes: b"BSSNAP" snapshot record, b"BSTOMB" tombstone, b"BSSETT" setting
-    version      u16 big-endian, the frame's format: 2
-    checksum     BLAKE3-256 of the body
-    body         UTF-8 JSON, an object with "format": 2 and the keys below
-
-Compatibility rule: a reader refuses (UnsupportedFormatError, never "damaged") a frame or
-body format above the one it knows; keys it does not know are ignored, so adding an
-optional key needs no new format.  A frame of version 1 is format 1's and is refused the
-same way.  The namespace key (a tenant's name, "" for the repository's own) is carried
-by every object now and scopes volumes once tenants land; a reader that does not know a
-namespace other than "" refuses the object.
+Compatibility rule: a reader refuses (UnsupportedFormatError, never "damaged") an
+intact frame or a body of a format above the one it knows; keys it does not know are
+ignored, so adding an optional key needs no new format.  A frame of version 1 is format
+1's and is refused the same way.  The namespace key (a tenant's name, "" for the
+repository's own) is carried by every object now and scopes volumes once tenants land;
+a reader that does not know a namespace other than "" refuses the object.
 
 A snapshot record, snapshots/<id>, written create-if-absent (the commit point):
 
@@ -78,7 +75,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -87,6 +83,7 @@ import blake3
 
 from blocksnap.errors import IntegrityError, UnsupportedFormatError
 from blocksnap.model import Checkpoint, SnapshotCounts, SnapshotInfo, SnapshotKind
+from blocksnap.store import frames
 
 RECORD_FORMAT = 2
 FRAME_VERSION = 2
@@ -95,7 +92,6 @@ TOMBSTONE_MAGIC = b"BSTOMB"
 SETTING_MAGIC = b"BSSETT"
 NAMESPACE = ""  # the repository's own; tenants get their own names later
 SNAPSHOT_ID = re.compile(r"[0-9a-f]{32}")
-_FRAME = struct.Struct(">6sH32s")
 _NOUNS = {
     SNAPSHOT_MAGIC: "snapshot record",
     TOMBSTONE_MAGIC: "tombstone",
@@ -310,51 +306,59 @@ def decode_checkpoint(data: bytes, what: str) -> Checkpoint:
 
 
 def frame(magic: bytes, body: bytes) -> bytes:
-    """A catalog object: magic, frame version, BLAKE3-256 of the body, body."""
-    return _FRAME.pack(magic, FRAME_VERSION, blake3.blake3(body).digest()) + body
+    """A catalog object (store/frames.py), of frame version 2."""
+    return frames.frame(magic, FRAME_VERSION, body)
 
 
 def unframe(magic: bytes, data: bytes, what: str) -> bytes:
-    """The body of a catalog object of this kind, checked (see the module doc)."""
+    """The body of an intact catalog object of this kind and version."""
     noun = _NOUNS[magic]
-    if len(data) < _FRAME.size or data[: len(magic)] != magic:
-        raise IntegrityError(f"{what}: not a {noun} object")
-    _magic, version, digest = _FRAME.unpack_from(data)
+    version, body = frames.unframe(data, magic, f"{what} ({noun} object)")
     if version != FRAME_VERSION:
         raise UnsupportedFormatError(
             f"{what}: {noun} object of format {version} is not supported (this blocksnap "
             f"reads format {FRAME_VERSION}){_NEWER if version > FRAME_VERSION else _OLDER}"
         )
-    body = data[_FRAME.size :]
-    if blake3.blake3(body).digest() != digest:
-        raise IntegrityError(f"{what}: {noun} object checksum mismatch")
     return body
 
 
+@dataclass(frozen=True, slots=True)
+class Tombstone:
+    """A removal: which snapshot, of which volume, and when."""
+
+    id: str
+    volume: str
+    removed: str  # ISO 8601 UTC
+
+    def encode(self) -> bytes:
+        body = {
+            "format": RECORD_FORMAT,
+            "namespace": NAMESPACE,
+            "id": self.id,
+            "volume": self.volume,
+            "removed": self.removed,
+        }
+        return frame(TOMBSTONE_MAGIC, json.dumps(body, sort_keys=True).encode())
+
+
 def encode_tombstone(info: SnapshotInfo) -> bytes:
-    body = {
-        "format": RECORD_FORMAT,
-        "namespace": NAMESPACE,
-        "id": info.id,
-        "volume": info.volume,
-        "removed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    return frame(TOMBSTONE_MAGIC, json.dumps(body, sort_keys=True).encode())
+    """The tombstone of a snapshot removed now."""
+    return Tombstone(
+        info.id, info.volume, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    ).encode()
 
 
-def decode_tombstone(data: bytes, what: str) -> str:
-    """The id of the snapshot a tombstone object removes."""
+def decode_tombstone(data: bytes, what: str) -> Tombstone:
     try:
         r = _load(unframe(TOMBSTONE_MAGIC, data, what), what, "tombstone")
-        snapshot_id = str(r["id"])
-        str(r["volume"])
+        tombstone = Tombstone(str(r["id"]), str(r["volume"]), str(r["removed"]))
     except (IntegrityError, UnsupportedFormatError):
         raise
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(f"{what}: damaged tombstone ({exc!r})") from exc
-    if not SNAPSHOT_ID.fullmatch(snapshot_id):
-        raise IntegrityError(f"{what}: damaged tombstone (invalid id)")
-    return snapshot_id
+    if not SNAPSHOT_ID.fullmatch(tombstone.id) or not what.endswith(tombstone.id):
+        raise IntegrityError(f"{what}: damaged tombstone (names another snapshot)")
+    return tombstone
 
 
 def policy_name(volume: str) -> str:

@@ -3,14 +3,9 @@
 The object `config` is written once, create-if-absent, by init (store/repository.py) and
 read first, through the storage seam, by everything that opens the repository.
 
-Frame (every frame version keeps these first 40 bytes, so any reader can tell damage
-from a newer format):
-
-    magic          6 bytes  b"BSCONF"
-    frame_version  u16, big-endian: 1
-    checksum       32 bytes: BLAKE3-256 of magic + frame_version + body, so that a
-                   flipped byte anywhere, the version included, reads as damage
-    body           UTF-8 JSON object (frame version 1)
+Frame (store/frames.py, whose 40 bytes every frame version keeps, so any reader can
+tell damage from a newer format): magic b"BSCONF", frame version 1, BLAKE3-256 of magic
++ version + body, then the body, a UTF-8 JSON object.
 
 Body (repository format 2), in this key order:
 
@@ -54,12 +49,9 @@ from __future__ import annotations
 
 import json
 import secrets
-import struct
 import time
 from dataclasses import dataclass
 from typing import Any, NoReturn
-
-import blake3
 
 from blocksnap import blockid
 from blocksnap.errors import (
@@ -69,6 +61,7 @@ from blocksnap.errors import (
     UnsupportedFormatError,
     UsageError,
 )
+from blocksnap.store import frames
 from blocksnap.store.backend import ObjectStore
 
 CONFIG_NAME = "config"
@@ -81,9 +74,7 @@ KNOWN_FEATURES: frozenset[str] = frozenset()
 KNOWN_WRITE_FEATURES: frozenset[str] = frozenset()
 MAGIC = b"BSCONF"
 FRAME_VERSION = 1
-_FRAME_HEAD = struct.Struct(">6sH")
-_CHECKSUM_SIZE = 32
-HEADER_SIZE = _FRAME_HEAD.size + _CHECKSUM_SIZE
+HEADER_SIZE = frames.HEADER_SIZE
 
 DEFAULT_COMPRESSION_LEVEL = 1
 DEFAULT_PACK_TARGET_SIZE = 16 << 20
@@ -266,8 +257,7 @@ def encode(config: RepositoryConfig) -> bytes:
 
 
 def frame(body: bytes) -> bytes:
-    head = _FRAME_HEAD.pack(MAGIC, FRAME_VERSION)
-    return head + blake3.blake3(head + body).digest() + body
+    return frames.frame(MAGIC, FRAME_VERSION, body)
 
 
 def read_config(backend: ObjectStore, where: str) -> RepositoryConfig:
@@ -314,13 +304,7 @@ def _unframe(data: bytes, where: str) -> dict[str, Any]:
     if not data.startswith(MAGIC):
         _refuse_format_1(data, where)
         raise IntegrityError(f"config of {where} is damaged (no {MAGIC.decode()} magic)")
-    if len(data) < HEADER_SIZE:
-        raise IntegrityError(f"config of {where} is damaged (truncated)")
-    head = data[: _FRAME_HEAD.size]
-    body = data[HEADER_SIZE:]
-    if blake3.blake3(head + body).digest() != data[_FRAME_HEAD.size : HEADER_SIZE]:
-        raise IntegrityError(f"config of {where} is damaged (checksum mismatch)")
-    _, frame_version = _FRAME_HEAD.unpack(head)
+    frame_version, body = frames.unframe(data, MAGIC, f"config of {where}")
     if frame_version != FRAME_VERSION:
         raise UnsupportedFormatError(
             f"repository {where} needs a newer blocksnap (config frame version "
