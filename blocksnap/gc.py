@@ -112,11 +112,11 @@ def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None
             # A record is the snapshot unless a tombstone names it (the sync above has
             # cached every record that stands); one never written may have left an
             # unfinished write, which the delete takes.
-            keep = _exists(store, name) and not _exists(store, catalog.tombstone_name(snapshot_id))
+            keep = store.exists(name) and not store.exists(catalog.tombstone_name(snapshot_id))
         elif name.startswith(catalog.TOMBSTONES) and snapshot_id is not None:
             # A removal: done if its tombstone exists (the sync above applied it),
             # else it never happened and the snapshot stays.
-            keep = _exists(store, name)
+            keep = store.exists(name)
             if not keep and removing.get(snapshot_id) == writer_id:
                 store.index.unmark_removing(snapshot_id)
         else:
@@ -130,14 +130,6 @@ def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None
             report.leftovers_deleted += 1
             report.bytes_freed += size
     store.forget_writer(writer_id)
-
-
-def _exists(store: Store, name: str) -> bool:
-    try:
-        store.backend.stat(name)
-    except MissingObjectError:
-        return False
-    return True
 
 
 def _delete_removed_records(store: Store, me: Registration, report: GcReport) -> None:

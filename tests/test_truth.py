@@ -18,6 +18,8 @@ import blocksnap
 from blocksnap.store import catalog
 from blocksnap.store.backend import LocalBackend
 from blocksnap.store.index import Index
+from blocksnap.store.repository import local_backend
+from tests.faults import FaultyBackend
 
 from .conftest import debugfs, flip, run_cli
 
@@ -46,6 +48,15 @@ def _child(path: str, image: str, action: str) -> None:
         patch.setattr(LocalBackend, "put", put)
     elif action == "prune-after-tombstone":
         patch.setattr(Index, "remove_snapshot", _die)
+    elif action == "prune-before-record-delete":
+        real_delete = LocalBackend.delete
+
+        def delete(self: LocalBackend, name: str) -> None:
+            if name.startswith("snapshots/"):
+                _die()
+            real_delete(self, name)
+
+        patch.setattr(LocalBackend, "delete", delete)
     with blocksnap.Repository(path) as repo:
         if action.startswith("commit"):
             repo.snapshot("vol", image)
@@ -156,6 +167,30 @@ def test_a_prune_killed_after_its_tombstone_is_finished_by_gc(
         assert records(path) == {new.id}
         assert repo.verify().ok
     assert rebuilt(path) == [new.id]
+
+
+def test_a_listing_that_lags_behind_a_removal_brings_nothing_back(
+    tmp_path: Path, ext4_image: Path
+) -> None:
+    """The prune died after uncaching the snapshot, before deleting its record; the
+    listing the next sync sees does not show the tombstone yet."""
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        old = repo.snapshot("vol", ext4_image)
+        new = repo.snapshot("vol", ext4_image, full=True)
+    killed(path, ext4_image, "prune-before-record-delete")
+    assert records(path) == {old.id, new.id}
+    lagging = FaultyBackend(local_backend(str(path)), stale_list=1)  # hides the tombstone
+    assert [o.name for o in lagging.list("tombstones/")] == []
+    with blocksnap.Repository(path, backend=lagging) as repo:
+        assert ids(repo) == [new.id]
+        repo.store.sync_catalog()
+        assert ids(repo) == [new.id]
+    blocksnap.repair_index(path)
+    with blocksnap.Repository(path) as repo:
+        assert ids(repo) == [new.id]
+        repo.gc()
+    assert records(path) == {new.id}
 
 
 def test_a_protection_whose_index_step_was_lost_still_protects(

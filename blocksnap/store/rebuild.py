@@ -114,8 +114,8 @@ def _catalog(
         if snapshot_id is None:
             report.damaged.append(f"{name}: not a snapshot record name")
             continue
-        if snapshot_id in removed:
-            continue
+        if snapshot_id in removed or store.exists(catalog.tombstone_name(snapshot_id)):
+            continue  # (a listing may lag behind a removal: never bring one back)
         seen.add(snapshot_id)
         try:
             body = catalog.unframe(catalog.SNAPSHOT_MAGIC, store.backend.get(name), name)
@@ -135,6 +135,8 @@ def _catalog(
         entries.append((entry, bytes(body)))
     for snapshot_id, copy in sorted(old.items()):
         if snapshot_id in seen or snapshot_id in removed:
+            continue
+        if store.exists(catalog.tombstone_name(snapshot_id)):
             continue
         name = catalog.object_name(snapshot_id)
         try:

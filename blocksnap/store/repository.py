@@ -545,7 +545,7 @@ class Store:
         try:
             # The protection's object is the truth: a protect whose index step did not
             # happen (killed after its put) still protects.
-            if self._exists(catalog.protected_name(info.id)):
+            if self.exists(catalog.protected_name(info.id)):
                 raise ProtectedError(f"snapshot {info.id} is protected")
             data = catalog.encode_tombstone(info)
             try:
@@ -559,7 +559,7 @@ class Store:
                 removed = True
         except BaseException:
             with contextlib.suppress(BlocksnapError):  # the first error is the one to tell
-                if not self._exists(tombstone):
+                if not self.exists(tombstone):
                     self.index.unmark_removing(info.id, marked)
             raise
         name = catalog.object_name(info.id)
@@ -567,7 +567,8 @@ class Store:
         self._delete_or_leave_to_gc(name, registration)
         return removed
 
-    def _exists(self, name: str) -> bool:
+    def exists(self, name: str) -> bool:
+        """Whether the object is there (a stat, not a listing, which may lag)."""
         try:
             self.backend.stat(name)
         except MissingObjectError:
@@ -592,6 +593,8 @@ class Store:
         problems = []
         for snapshot_id in sorted(s for s in records - tombstones - cached if s is not None):
             name = catalog.object_name(snapshot_id)
+            if self.exists(catalog.tombstone_name(snapshot_id)):
+                continue  # a listing may lag behind a removal: never bring one back
             try:
                 body = catalog.unframe(catalog.SNAPSHOT_MAGIC, self.backend.get(name), name)
                 entry = catalog.decode_entry(body, name)
@@ -662,7 +665,7 @@ class Store:
         self.backend.put(name, catalog.encode_protected(snapshot_id))
         try:
             self.index.put_setting(key, b"", only_if=snapshot_id.encode())
-            if self._exists(catalog.tombstone_name(snapshot_id)):  # removed, not yet synced
+            if self.exists(catalog.tombstone_name(snapshot_id)):  # removed, not yet synced
                 self.index.delete_setting(key)
                 raise NotFoundError(f"snapshot {snapshot_id} does not exist")
         except BaseException:
