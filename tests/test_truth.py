@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import blocksnap
+from blocksnap.model import SnapshotInfo
 from blocksnap.store import catalog
 from blocksnap.store.backend import LocalBackend
 from blocksnap.store.index import Index
@@ -83,6 +84,13 @@ def records(path: Path) -> set[str]:
     return {p.name for p in (path / "snapshots").iterdir()}
 
 
+def two_snapshots(tmp_path: Path, image: Path) -> tuple[Path, SnapshotInfo, SnapshotInfo]:
+    """A repository holding an incremental and a full of the image, oldest first."""
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        return path, repo.snapshot("vol", image), repo.snapshot("vol", image, full=True)
+
+
 def rebuilt(path: Path) -> list[str]:
     shutil.rmtree(path / "index")
     with blocksnap.Repository(path) as repo:  # rebuilt automatically
@@ -133,10 +141,7 @@ def test_a_snapshot_killed_before_its_record_never_appears(
 def test_a_prune_killed_after_its_tombstone_never_comes_back(
     tmp_path: Path, ext4_image: Path
 ) -> None:
-    path = tmp_path / "repo"
-    with blocksnap.Repository.init(path) as repo:
-        old = repo.snapshot("vol", ext4_image)
-        new = repo.snapshot("vol", ext4_image, full=True)
+    path, old, new = two_snapshots(tmp_path, ext4_image)
     killed(path, ext4_image, "prune-after-tombstone")
     assert (path / "tombstones" / old.id).exists()
     # A rebuild straight away (the index still names the snapshot) leaves it out.
@@ -153,10 +158,7 @@ def test_a_prune_killed_after_its_tombstone_never_comes_back(
 def test_a_prune_killed_after_its_tombstone_is_finished_by_gc(
     tmp_path: Path, ext4_image: Path
 ) -> None:
-    path = tmp_path / "repo"
-    with blocksnap.Repository.init(path) as repo:
-        old = repo.snapshot("vol", ext4_image)
-        new = repo.snapshot("vol", ext4_image, full=True)
+    path, old, new = two_snapshots(tmp_path, ext4_image)
     killed(path, ext4_image, "prune-after-tombstone")
     with blocksnap.Repository(path) as repo:
         with pytest.raises(blocksnap.errors.NotFoundError):
@@ -174,10 +176,7 @@ def test_a_listing_that_lags_behind_a_removal_brings_nothing_back(
 ) -> None:
     """The prune died after uncaching the snapshot, before deleting its record; the
     listing the next sync sees does not show the tombstone yet."""
-    path = tmp_path / "repo"
-    with blocksnap.Repository.init(path) as repo:
-        old = repo.snapshot("vol", ext4_image)
-        new = repo.snapshot("vol", ext4_image, full=True)
+    path, old, new = two_snapshots(tmp_path, ext4_image)
     killed(path, ext4_image, "prune-before-record-delete")
     assert records(path) == {old.id, new.id}
     lagging = FaultyBackend(local_backend(str(path)), stale_list=1)  # hides the tombstone
