@@ -377,9 +377,19 @@ def verify(
     uncached = {s for s in listed - cached - removed if s is not None}
     if uncached:
         uncached -= _current_snapshots(store)  # cached since the view
-    report.leftovers = sorted(
-        f"snapshots/{s} (a committed snapshot the index lacks: gc indexes it)" for s in uncached
-    )
+    report.leftovers = []
+    for snapshot_id in sorted(uncached):
+        name = catalog.object_name(snapshot_id)
+        try:  # a record the index lacks commits a snapshot: it must be readable
+            catalog.decode(
+                catalog.unframe(catalog.SNAPSHOT_MAGIC, store.backend.get(name), name), name
+            )
+        except MissingObjectError:
+            continue
+        except BlocksnapError as exc:
+            problems.append(Problem(f"{exc}; the snapshot it commits is not in the index"))
+            continue
+        report.leftovers.append(f"{name} (a committed snapshot the index lacks: gc indexes it)")
     report.leftovers += sorted(
         f"snapshots/{s} (record of a removed snapshot: gc deletes it)"
         for s in listed & removed

@@ -388,3 +388,19 @@ def test_a_rebuilt_index_answers_as_the_one_it_replaces(tmp_path: Path, ext4_ima
     cli("gc", repo)
     cli("snapshot", repo, "vol", str(ext4_image))
     cli("verify", repo, "--read-data")
+
+
+def test_a_damaged_record_the_index_lacks_is_damage(tmp_path: Path, ext4_image: Path) -> None:
+    """A record that commits a snapshot no index knows, damaged before any sync read it:
+    the snapshot cannot be listed, and verify says so (exit 5) rather than nothing."""
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        first = repo.snapshot("vol", ext4_image)
+    killed(path, ext4_image, "commit-after-record")
+    (second,) = records(path) - {first.id}
+    _flip_record(path, second)
+    proc = run_cli("verify", str(path))
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert f"snapshots/{second}" in proc.stdout
+    proc = run_cli("gc", str(path))
+    assert proc.returncode == 5 and f"snapshot {second} cannot be indexed" in proc.stdout
