@@ -130,10 +130,10 @@ def test_layers_exclusive_import(
 
 
 # The engine hands raw blocks and map nodes to a StoreWriter, which seals them
-# (store/records.py): it neither compresses nor lays out records or packs.  gc and check
-# work on packs themselves (compaction copies records, verify walks packs): they belong
-# beside the store, not to the engine.
-PACK_LEVEL = ("blocksnap.store", "blocksnap.gc", "blocksnap.check")
+# (store/records.py): it neither compresses nor lays out records or packs.  gc and verify
+# work on packs themselves (compaction copies records, verify walks packs): they live
+# beside the store, in blocksnap.store, not in the engine.
+PACK_LEVEL = ("blocksnap.store",)
 
 
 def test_layers_the_engine_imports_neither_the_codec_nor_the_packs() -> None:

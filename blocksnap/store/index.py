@@ -590,7 +590,7 @@ class Index:
 
     def view(self, *, check_pages: bool = False) -> IndexView:
         """Everything verify checks, copied out of one read transaction, so that it sees
-        one consistent state however long it then takes (see check.py).  check_pages:
+        one consistent state however long it then takes (see store/verify.py).  check_pages:
         first check the structure of every page of that state (store/lmdbfile.py), which
         LMDB would read unchecked."""
         for _attempt in range(8):
