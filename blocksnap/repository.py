@@ -20,8 +20,9 @@ from blocksnap.snapshot import CHECKPOINT_SIZE, SourceArg, check_labels, take_sn
 from blocksnap.store.backend import ObjectStore
 from blocksnap.store.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_TARGET_SIZE
 from blocksnap.store.gc import DEFAULT_COMPACT_BELOW, GcReport, collect_garbage
+from blocksnap.store.init import init_repository
 from blocksnap.store.rebuild import RebuildReport, index_missing, rebuild_index
-from blocksnap.store.repository import Store, init_repository
+from blocksnap.store.repository import Store
 from blocksnap.store.verify import VerifyReport, verify
 from blocksnap.synthesize import synthesize
 

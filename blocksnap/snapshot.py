@@ -46,7 +46,8 @@ from blocksnap.model import (
     SnapshotKind,
 )
 from blocksnap.store.records import Sealed
-from blocksnap.store.repository import Store, StoreWriter
+from blocksnap.store.repository import Store
+from blocksnap.store.writer import StoreWriter
 from blocksnap.workers import worker_pool
 
 BUFFER_SIZE = 8 << 20

@@ -31,10 +31,10 @@ from blocksnap.store.packs import (
     KIND_NODE,
     MAX_RAW_SIZE,
     encode_record,
+    pack_name,
     parse_header,
 )
 from blocksnap.store.records import check, open_checked, open_record, seal
-from blocksnap.store.repository import pack_name
 
 # A leaf of three entries (the middle one an all-zero block) and an interior node over that
 # leaf and one other, as blockmap.encode_leaf / encode_interior write them.

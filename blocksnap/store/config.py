@@ -1,6 +1,6 @@
 """The repository config: its framed, versioned format and the rule for who may read or write.
 
-The object `config` is written once, create-if-absent, by init (store/repository.py) and
+The object `config` is written once, create-if-absent, by init (store/init.py) and
 read first, through the storage seam, by everything that opens the repository.
 
 Frame (every frame version keeps these first 40 bytes, so any reader can tell damage
