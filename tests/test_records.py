@@ -24,7 +24,7 @@ from blocksnap.blockmap import (
     node_children,
 )
 from blocksnap.errors import IntegrityError
-from blocksnap.store.index import Location
+from blocksnap.store.entries import Location
 from blocksnap.store.packs import (
     HEADER_SIZE,
     KIND_BLOCK,

@@ -53,7 +53,8 @@ from blocksnap.store import catalog, reads, records
 from blocksnap.store import index as index_module
 from blocksnap.store.backend import LocalBackend, ObjectStore
 from blocksnap.store.config import read_config
-from blocksnap.store.index import POLICY_PREFIX, PROTECTED_PREFIX, Index, Location
+from blocksnap.store.entries import POLICY_PREFIX, PROTECTED_PREFIX, Location
+from blocksnap.store.index import Index
 from blocksnap.store.locks import (
     GC_LOCK,
     REPOSITORY_LOCK,

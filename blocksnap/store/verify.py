@@ -33,7 +33,7 @@ from blocksnap.blockmap import ZERO_ID, BlockMap, node_children
 from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError
 from blocksnap.model import BLOCK_ID_SIZE, Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog
-from blocksnap.store.index import IndexView
+from blocksnap.store.entries import IndexView
 from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, pack_name, walk_pack
 from blocksnap.store.records import open_checked
 from blocksnap.store.repository import Store

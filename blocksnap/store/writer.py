@@ -14,7 +14,8 @@ from blocksnap.errors import BlocksnapError, StoreError
 from blocksnap.store import records
 from blocksnap.store.backend import ObjectStore, ObjectWriter
 from blocksnap.store.config import RepositoryConfig
-from blocksnap.store.index import Index, lmdb_errors
+from blocksnap.store.index import Index
+from blocksnap.store.lmdbenv import lmdb_errors
 from blocksnap.store.locks import Session, WriterSessions
 from blocksnap.store.packs import KIND_BLOCK, KIND_NODE, PackBuilder, pack_name
 
