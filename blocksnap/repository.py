@@ -16,7 +16,8 @@ from blocksnap.model import Checkpoint, ProgressCallback, SnapshotDiff, Snapshot
 from blocksnap.reader import DEFAULT_CACHE_SIZE, ImageReader
 from blocksnap.restore import RestoreResult, restore_image
 from blocksnap.retention import Decision, Policy, decide
-from blocksnap.snapshot import CHECKPOINT_SIZE, SourceArg, check_labels, take_snapshot
+from blocksnap.snapshot import CHECKPOINT_SIZE, check_labels, take_snapshot
+from blocksnap.source import SourceArg
 from blocksnap.store.backend import ObjectStore
 from blocksnap.store.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_TARGET_SIZE
 from blocksnap.store.gc import DEFAULT_COMPACT_BELOW, GcReport, collect_garbage
