@@ -28,10 +28,8 @@ from blocksnap.errors import (
 )
 
 if TYPE_CHECKING:
-    from blocksnap.check import Problem, VerifyReport
     from blocksnap.extract import Conflict, ExtractReport
     from blocksnap.fs import Entry, FileKind, FileStat, FileSystem, Partition
-    from blocksnap.gc import GcReport
     from blocksnap.history import Version, VersionState
     from blocksnap.model import (
         Checkpoint,
@@ -53,13 +51,13 @@ if TYPE_CHECKING:
     )
     from blocksnap.restore import RestoreResult
     from blocksnap.retention import Decision, Policy
+    from blocksnap.store.gc import GcReport
     from blocksnap.store.rebuild import RebuildReport
+    from blocksnap.store.verify import Problem, VerifyReport
 
 # The rest of the API is imported on first use (PEP 562), so that `python -m blocksnap`
 # starts fast and a Ctrl-C during start-up meets the CLI's handler, not a traceback.
 _LAZY = {
-    "Problem": "blocksnap.check",
-    "VerifyReport": "blocksnap.check",
     "Conflict": "blocksnap.extract",
     "ExtractReport": "blocksnap.extract",
     "Entry": "blocksnap.fs",
@@ -67,7 +65,6 @@ _LAZY = {
     "FileStat": "blocksnap.fs",
     "FileSystem": "blocksnap.fs",
     "Partition": "blocksnap.fs",
-    "GcReport": "blocksnap.gc",
     "Version": "blocksnap.history",
     "VersionState": "blocksnap.history",
     "Checkpoint": "blocksnap.model",
@@ -88,7 +85,10 @@ _LAZY = {
     "RestoreResult": "blocksnap.restore",
     "Decision": "blocksnap.retention",
     "Policy": "blocksnap.retention",
+    "GcReport": "blocksnap.store.gc",
     "RebuildReport": "blocksnap.store.rebuild",
+    "Problem": "blocksnap.store.verify",
+    "VerifyReport": "blocksnap.store.verify",
 }
 
 

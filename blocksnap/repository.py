@@ -11,18 +11,20 @@ from typing import TYPE_CHECKING
 
 from blocksnap import blockid, blockmap
 from blocksnap.blockmap import BlockMap
-from blocksnap.check import VerifyReport, verify
 from blocksnap.errors import NotFoundError, ProtectedError, UsageError
-from blocksnap.gc import DEFAULT_COMPACT_BELOW, GcReport, collect_garbage
 from blocksnap.model import Checkpoint, ProgressCallback, SnapshotDiff, SnapshotInfo
 from blocksnap.reader import DEFAULT_CACHE_SIZE, ImageReader
 from blocksnap.restore import RestoreResult, restore_image
 from blocksnap.retention import Decision, Policy, decide
-from blocksnap.snapshot import CHECKPOINT_SIZE, SourceArg, check_labels, take_snapshot
+from blocksnap.snapshot import CHECKPOINT_SIZE, check_labels, take_snapshot
+from blocksnap.source import SourceArg
 from blocksnap.store.backend import ObjectStore
 from blocksnap.store.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_TARGET_SIZE
+from blocksnap.store.gc import DEFAULT_COMPACT_BELOW, GcReport, collect_garbage
+from blocksnap.store.init import init_repository
 from blocksnap.store.rebuild import RebuildReport, index_missing, rebuild_index
-from blocksnap.store.repository import Store, init_repository
+from blocksnap.store.repository import Store
+from blocksnap.store.verify import VerifyReport, verify
 from blocksnap.synthesize import synthesize
 
 if TYPE_CHECKING:

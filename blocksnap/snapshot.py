@@ -7,28 +7,25 @@ new, and has the store writer seal (compress) just those; the calling thread tak
 results in order, hands the sealed records to the writer and builds the new map's
 leaves.  Every stage that does real work releases the GIL, so reading, hashing and
 compressing overlap on all cores, and at most a few buffers are in flight, so memory does
-not grow with the image.
+not grow with the image.  The workers' scan and the map writer are in scanner.py, the
+source and its identity in source.py; here are the run that drives them, its resume and
+checkpoints, and the commit.
 """
 
 from __future__ import annotations
 
 import datetime
-import io
 import os
 import random
-import re
 import secrets
-import stat
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, fields
-from typing import BinaryIO
 
-from blocksnap import native
-from blocksnap.blockmap import LEAF_SPAN, ZERO_ID, BlockMap, MapBuilder, node_children
-from blocksnap.errors import Interrupted, SourceError, UsageError
+from blocksnap.blockmap import LEAF_SPAN, ZERO_ID, BlockMap
+from blocksnap.errors import Interrupted, UsageError
 from blocksnap.extents import DataRuns, hint_runs, runs_fingerprint
 from blocksnap.model import (
     BLOCK_ID_SIZE,
@@ -45,18 +42,15 @@ from blocksnap.model import (
     SnapshotInfo,
     SnapshotKind,
 )
-from blocksnap.store.records import Sealed
-from blocksnap.store.repository import Store, StoreWriter
+from blocksnap.scanner import READ_PART, MapWriter, Scanned, Scanner
+from blocksnap.source import Source, SourceArg
+from blocksnap.store.repository import Store
+from blocksnap.store.writer import StoreWriter
 from blocksnap.workers import worker_pool
 
 BUFFER_SIZE = 8 << 20
 CHECKPOINT_SIZE = 2 << 30  # bytes of the volume between checkpoints, by default
 RESUME_SAMPLE_COUNT = 30  # checkpointed blocks read again to check a resume's source
-READ_PART = 1 << 20  # read and scan in parts that stay in a core's L2 cache
-# Flags worth a look in Python: zero, changed, or both; most blocks of an incremental have 0.
-_INTERESTING = re.compile(b"[\x01-\x03]")
-# What a snapshot reads: a path (image file or block device) or a readable binary stream.
-SourceArg = str | os.PathLike[str] | BinaryIO | io.RawIOBase | io.BufferedIOBase
 MAX_VOLUME_NAME_SIZE = 200
 
 
@@ -97,311 +91,6 @@ def check_block_size(block_size: int) -> None:
             f"block size {block_size} is not a power of two from {MIN_BLOCK_SIZE} "
             f"to {MAX_BLOCK_SIZE}"
         )
-
-
-@dataclass(slots=True)
-class _Scanned:
-    """A worker's result for one buffer: the map entries, the new records and the counts."""
-
-    count: int
-    digests: bytearray
-    ids: bytearray
-    new: list[Sealed]  # records of the blocks the index lacked, sealed by the worker
-    zero: int
-    changed: list[int]  # indices, within the buffer, of blocks that differ from the parent
-    hashed: int
-
-
-def _disk_sequence(st: os.stat_result) -> int | None:
-    """The block device's diskseq (Linux 5.15 and later): a number the kernel never gives
-    twice until reboot, new each time a medium is attached (a loop device set up again on
-    another file, a device-mapper device made again under the same name).  For a partition,
-    its disk's.  None where the kernel has none."""
-    base = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    place = f"{base}/../diskseq" if os.path.exists(f"{base}/partition") else f"{base}/diskseq"
-    try:
-        with open(place, encoding="ascii") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return None
-
-
-class _Source:
-    """A readable volume: exact size when known, detection of size changes, and an
-    identity that tells whether a later run reads the same medium (see resume_from)."""
-
-    def __init__(self, source: SourceArg, source_id: str | None = None) -> None:
-        self._owned = False
-        self.size: int | None = None
-        self.regular = False
-        self._base = 0  # a stream's position when handed over: its offset 0
-        if isinstance(source, (str, os.PathLike)):
-            path = os.fspath(source)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                raise SourceError(f"source {path} does not exist") from None
-            except PermissionError:
-                raise SourceError(f"permission denied reading {path}") from None
-            except OSError as exc:
-                raise SourceError(f"cannot open {path}: {exc.strerror or exc}") from exc
-            st = os.fstat(fd)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-                os.close(fd)
-                raise SourceError(f"source {path} is not a regular file or block device")
-            self.regular = stat.S_ISREG(st.st_mode)
-            self.size = os.lseek(fd, 0, os.SEEK_END)
-            os.lseek(fd, 0, os.SEEK_SET)
-            self.fd: int | None = fd
-            self.file: BinaryIO | io.RawIOBase | io.BufferedIOBase = os.fdopen(
-                fd, "rb", buffering=0
-            )
-            self.name = path
-            self._owned = True
-            self.identity: dict[str, int | str]
-            if self.regular:
-                # Any write or replacement in place sets ctime, which no caller can set
-                # back (unlike mtime, which touch -r restores).
-                self.identity = {
-                    "dev": st.st_dev,
-                    "ino": st.st_ino,
-                    "mtime_ns": st.st_mtime_ns,
-                    "ctime_ns": st.st_ctime_ns,
-                    "size": self.size,
-                }
-            else:
-                self.identity = {"rdev": st.st_rdev, "size": self.size}
-                if (seq := _disk_sequence(st)) is not None:
-                    self.identity["diskseq"] = seq
-        else:
-            self.fd = None
-            self.file = source
-            self.name = getattr(source, "name", "<stream>")
-            try:
-                if source.seekable():
-                    self._base = source.tell()
-                    self.size = source.seek(0, os.SEEK_END) - self._base
-                    source.seek(self._base)
-            except OSError:
-                self.size = None
-            self.identity = {} if self.size is None else {"size": self.size}
-        if source_id is not None:
-            if not source_id or not source_id.isprintable():
-                raise UsageError("the source id must be printable text")
-            # The caller's name for the medium stands in for the kernel's: the same
-            # image attached again is the same medium to it (its content is compared).
-            self.identity.pop("diskseq", None)
-            self.identity["source_id"] = source_id
-        self.done = 0
-
-    @property
-    def identified(self) -> bool:
-        """Whether the identity changes when the medium does: a regular file (its inode
-        and ctime), a block device with a diskseq, or a source id the caller vouches for."""
-        return self.regular or "diskseq" in self.identity or "source_id" in self.identity
-
-    def read_at(self, offset: int, size: int) -> bytes:
-        """size bytes at offset (fewer at the end), for checks outside the scan."""
-        if self.fd is not None:
-            try:
-                return os.pread(self.fd, size, offset)
-            except OSError as exc:
-                raise SourceError(f"error reading {self.name}: {exc.strerror or exc}") from exc
-        view = memoryview(bytearray(size))
-        got = self.read_into(view, offset)
-        return bytes(view[:got])
-
-    def _read_into(self, view: memoryview) -> int:
-        readinto = getattr(self.file, "readinto", None)
-        try:
-            if readinto is not None:
-                got = readinto(view)
-                return got or 0
-            data = self.file.read(len(view))
-        except OSError as exc:
-            raise SourceError(f"error reading {self.name}: {exc.strerror or exc}") from exc
-        view[: len(data)] = data
-        return len(data)
-
-    def read_into(self, view: memoryview, offset: int) -> int:
-        """Fill view from offset of a stream (seeking if needed); fewer bytes only at the
-        end of the volume, 0 after it."""
-        if offset != self.done:
-            try:
-                self.file.seek(self._base + offset)
-            except OSError as exc:
-                raise SourceError(f"cannot seek in {self.name}: {exc.strerror or exc}") from exc
-            self.done = offset
-        want = len(view) if self.size is None else min(len(view), self.size - self.done)
-        got = 0
-        while got < want:
-            n = self._read_into(view[got:want])
-            if n == 0:
-                break
-            got += n
-        self.done += got
-        if self.size is not None and got < want:
-            raise SourceError(
-                f"{self.name} shrank while being read ({self.size} bytes expected, "
-                f"ended at {self.done})"
-            )
-        if (
-            self.size is not None
-            and self.done == self.size
-            and got > 0
-            and self._read_into(memoryview(bytearray(1)))
-        ):
-            raise SourceError(f"{self.name} grew while being read (past {self.size} bytes)")
-        return got
-
-    def check_end(self) -> None:
-        """For a path source read by the workers: refuse it if its size changed meanwhile."""
-        assert self.fd is not None and self.size is not None
-        try:
-            end = os.lseek(self.fd, 0, os.SEEK_END)
-            grew = os.pread(self.fd, 1, self.size)
-        except OSError as exc:
-            raise SourceError(f"error reading {self.name}: {exc.strerror or exc}") from exc
-        if grew or end > self.size:
-            raise SourceError(f"{self.name} grew while being read (past {self.size} bytes)")
-        if end < self.size:
-            raise SourceError(
-                f"{self.name} shrank while being read ({self.size} bytes expected, now {end})"
-            )
-
-    def close(self) -> None:
-        if self._owned:
-            self.file.close()
-
-
-class _Scanner:
-    """The per-buffer work that runs on worker threads."""
-
-    def __init__(self, store: Store, writer: StoreWriter, block_size: int) -> None:
-        self.store = store
-        self.writer = writer
-        self.block_size = block_size
-        self.seed = store.config.filter_seed
-        self.hash = store.hash
-
-    def __call__(
-        self,
-        buf: memoryview,
-        parent_digests: bytes | None,
-        parent_ids: bytes,
-        read_at: tuple[int, int, str] | None = None,
-    ) -> _Scanned:
-        """Scan buf against the parent's entries; with read_at=(fd, offset, name), first
-        fill buf from that file (natively, each part scanned while still in cache)."""
-        bs = self.block_size
-        count = -(-len(buf) // bs)
-        flags = bytearray(count)
-        digests = bytearray(count * FILTER_DIGEST_SIZE)
-        if read_at is None:
-            native.scan(buf, bs, self.seed, parent_digests, flags, digests)
-        else:
-            fd, offset, name = read_at
-            part = max(bs, READ_PART // bs * bs)
-            try:
-                got = native.read_scan(
-                    fd, offset, buf, part, bs, self.seed, parent_digests, flags, digests
-                )
-            except OSError as exc:
-                raise SourceError(f"error reading {name}: {exc.strerror or exc}") from exc
-            if got < len(buf):
-                raise SourceError(
-                    f"{name} shrank while being read (ended at {offset + got}, "
-                    f"{offset + len(buf)} bytes expected at least)"
-                )
-        ids = bytearray(parent_ids)
-        zero = 0
-        changed: list[int] = []
-        hashed: list[tuple[int, bytes]] = []
-        zero_id = bytes(BLOCK_ID_SIZE)
-        for match in _INTERESTING.finditer(flags):
-            i = match.start()
-            f = flags[i]
-            if f & native.FLAG_CHANGED:
-                changed.append(i)
-            if f & native.FLAG_ZERO:
-                zero += 1
-                ids[i * BLOCK_ID_SIZE : (i + 1) * BLOCK_ID_SIZE] = zero_id
-            elif f & native.FLAG_CHANGED:
-                block_id = self.hash(buf[i * bs : (i + 1) * bs])
-                ids[i * BLOCK_ID_SIZE : (i + 1) * BLOCK_ID_SIZE] = block_id
-                hashed.append((i, block_id))
-        new: list[Sealed] = []
-        if hashed:
-            missing = self.writer.missing([block_id for _, block_id in hashed])
-            for (i, block_id), absent in zip(hashed, missing, strict=True):
-                if absent:  # sealed (compressed) here, on the worker thread
-                    new.append(self.writer.seal_block(buf[i * bs : (i + 1) * bs], block_id))
-        return _Scanned(count, digests, ids, new, zero, changed, len(hashed))
-
-
-class _MapWriter:
-    """Collects entries block by block and emits leaves to a MapBuilder."""
-
-    def __init__(self, writer: StoreWriter, store: Store) -> None:
-        self.writer = writer
-        self.store = store
-        self.metadata_size = 0
-        self.builder = MapBuilder(self._put_node)
-        self.digests = bytearray()
-        self.ids = bytearray()
-        self.block_count = 0  # entries taken so far
-        self._last: tuple[bytes, bytes] = (b"", b"")  # (node, id): runs of equal leaves
-
-    def _put_node(self, node: bytes) -> bytes:
-        if node == self._last[0]:
-            return self._last[1]
-        node_id = self.store.hash(node)
-        if not self.writer.has(node_id):
-            self.metadata_size += self.writer.add(
-                self.writer.seal_node(node, node_id), checked=True, children=node_children(node)
-            )
-        self._last = (node, node_id)
-        return node_id
-
-    def extend(self, digests: bytes | bytearray, ids: bytes | bytearray) -> None:
-        self.block_count += len(digests) // FILTER_DIGEST_SIZE
-        self.digests += digests
-        self.ids += ids
-        leaf_digests = LEAF_SPAN * FILTER_DIGEST_SIZE
-        while len(self.digests) >= leaf_digests:
-            self.builder.add_leaf(
-                self.digests[:leaf_digests], self.ids[: LEAF_SPAN * BLOCK_ID_SIZE]
-            )
-            del self.digests[:leaf_digests]
-            del self.ids[: LEAF_SPAN * BLOCK_ID_SIZE]
-
-    def copy(self, source: BlockMap, end: int, total: int) -> None:
-        """Take the entries up to block end from source, whose blocks are known to be the
-        same; whole leaves by id, unread.  total: the new map's block count."""
-        while self.block_count < end:
-            leaf = self.block_count // LEAF_SPAN
-            leaf_end = min((leaf + 1) * LEAF_SPAN, total)
-            if (
-                not self.digests
-                and end >= leaf_end
-                and leaf < source.leaf_count()
-                and source.leaf_size(leaf) == leaf_end - leaf * LEAF_SPAN
-            ):
-                self.builder.add_leaf_id(source.leaf_id(leaf))
-                self.block_count = leaf_end
-            else:
-                stop = min(end, leaf_end)
-                self.extend(*source.entries(self.block_count, stop - self.block_count))
-
-    def close_copy(self) -> tuple[bytes, int]:
-        """(root, height) of a map of the entries so far; the map goes on growing."""
-        return self.builder.close_copy(self.block_count, self.digests, self.ids)
-
-    def finish(self) -> tuple[bytes, int]:
-        if self.digests:
-            self.builder.add_leaf(self.digests, self.ids)
-            self.digests, self.ids = bytearray(), bytearray()
-        return self.builder.finish(self.block_count)
 
 
 def take_snapshot(
@@ -468,7 +157,7 @@ def take_snapshot(
             raise UsageError(f"volume {volume!r} has block size {fixed}, not {block_size}")
         bs = fixed or block_size or DEFAULT_BLOCK_SIZE
         check_block_size(bs)
-        src = _Source(source, source_id)
+        src = Source(source, source_id)
         run: _Run | None = None
         try:
             hints = None
@@ -526,7 +215,7 @@ class _Item:
     kind: int
     first: int
     end: int
-    future: Future[_Scanned] | None = None
+    future: Future[Scanned] | None = None
     buf: bytearray | None = None
 
 
@@ -541,7 +230,7 @@ class _Run:
         store: Store,
         writer: StoreWriter,
         volume: str,
-        src: _Source,
+        src: Source,
         bs: int,
         mode: str,
         hints: list[tuple[int, int]] | None,
@@ -567,7 +256,7 @@ class _Run:
         self.resumed: Checkpoint | None = None
         self.resume_map: BlockMap | None = None
         self.checkpointed = 0  # blocks covered by this run's last checkpoint
-        self.map_writer = _MapWriter(writer, store)
+        self.map_writer = MapWriter(writer, store)
         self._clock = time.perf_counter()
 
     def _open_parent(self, root: bytes, height: int, image_size: int) -> None:
@@ -808,7 +497,7 @@ class _Run:
     def execute(self, progress: ProgressCallback | None, workers: int | None) -> SnapshotInfo:
         self._clock = time.perf_counter()
         src, bs = self.src, self.bs
-        scanner = _Scanner(self.store, self.writer, bs)
+        scanner = Scanner(self.store, self.writer, bs)
         # Hinted runs read little and compress most of it: smaller steps spread that work
         # over every worker instead of leaving one extent's 8 MiB to a single thread.
         step_size = BUFFER_SIZE if self.hints is None else READ_PART

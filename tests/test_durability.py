@@ -13,7 +13,7 @@ import lmdb
 import pytest
 
 import blocksnap
-from blocksnap.store.repository import pack_name
+from blocksnap.store.packs import pack_name
 from tests.conftest import debugfs, run_cli
 
 CHILD = """

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 import blocksnap
-from blocksnap.store import index as index_module
-from blocksnap.store import lmdbfile
+from blocksnap.store import lmdbfile, mapsize
 from tests.conftest import debugfs, run_cli
 
 PAGE = 4096
@@ -159,8 +158,8 @@ def test_index_address_space_too_small_names_the_limit(tmp_path: Path) -> None:
 @pytest.fixture
 def small_map(monkeypatch: pytest.MonkeyPatch) -> None:
     """Maps that start at 1 MiB, so that a small repository makes them grow."""
-    monkeypatch.setattr(index_module, "MAP_INITIAL_SIZE", 1 << 20)
-    monkeypatch.setattr(index_module, "MAP_MIN_SIZE", 1 << 20)
+    monkeypatch.setattr(mapsize, "MAP_INITIAL_SIZE", 1 << 20)
+    monkeypatch.setattr(mapsize, "MAP_MIN_SIZE", 1 << 20)
 
 
 def _grow(repo: blocksnap.Repository, image: Path, rounds: int, seed: int) -> None:
@@ -192,7 +191,7 @@ def test_index_map_grows_past_its_initial_size(
 
 _READER = """
 import sys
-import blocksnap, blocksnap.store.index as i
+import blocksnap, blocksnap.store.mapsize as i
 i.MAP_INITIAL_SIZE = i.MAP_MIN_SIZE = 1 << 20
 with blocksnap.Repository(sys.argv[1]) as repo:
     print(len(repo.snapshots("vol")), repo.store.index.env.info()["map_size"], flush=True)

@@ -26,10 +26,10 @@ from blocksnap.store.packs import (
     decode_header,
     decode_trailer,
     encode_record,
+    pack_name,
     read_toc,
     walk_pack,
 )
-from blocksnap.store.repository import pack_name
 from tests.conftest import debugfs, run_cli
 
 # A pack of two data blocks (raw, then zstd) and one of two map nodes (raw, then zstd), as

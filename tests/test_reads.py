@@ -14,10 +14,10 @@ from blocksnap.blockmap import ZERO_ID, BlockMap
 from blocksnap.errors import IntegrityError, MissingObjectError
 from blocksnap.restore import CHUNK_SIZE, READ_BUDGET, restore_image
 from blocksnap.retention import Policy
-from blocksnap.store.index import Location
-from blocksnap.store.packs import HEADER_SIZE
+from blocksnap.store.entries import Location
+from blocksnap.store.packs import HEADER_SIZE, pack_name
 from blocksnap.store.reads import MAX_READ_SIZE
-from blocksnap.store.repository import Store, pack_name
+from blocksnap.store.repository import Store
 from tests.conftest import debugfs, flip
 
 

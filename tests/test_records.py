@@ -24,17 +24,17 @@ from blocksnap.blockmap import (
     node_children,
 )
 from blocksnap.errors import IntegrityError
-from blocksnap.store.index import Location
+from blocksnap.store.entries import Location
 from blocksnap.store.packs import (
     HEADER_SIZE,
     KIND_BLOCK,
     KIND_NODE,
     MAX_RAW_SIZE,
     encode_record,
+    pack_name,
     parse_header,
 )
 from blocksnap.store.records import check, open_checked, open_record, seal
-from blocksnap.store.repository import pack_name
 
 # A leaf of three entries (the middle one an all-zero block) and an interior node over that
 # leaf and one other, as blockmap.encode_leaf / encode_interior write them.

@@ -7,8 +7,8 @@ from dataclasses import asdict
 from typing import Any
 
 from blocksnap.cli.output import ProgressBar, emit_json, human_size
-from blocksnap.gc import DEFAULT_COMPACT_BELOW
 from blocksnap.repository import Repository
+from blocksnap.store.gc import DEFAULT_COMPACT_BELOW
 
 
 def add_parser(sub: Any) -> None:

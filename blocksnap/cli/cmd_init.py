@@ -8,7 +8,7 @@ from typing import Any
 from blocksnap import blockid
 from blocksnap.cli.output import emit_json, shown
 from blocksnap.store.config import DEFAULT_COMPRESSION_LEVEL
-from blocksnap.store.repository import init_repository
+from blocksnap.store.init import init_repository
 
 
 def add_parser(sub: Any) -> None:

@@ -41,4 +41,11 @@ before its record is created; a tombstone is created before the index forgets th
 snapshot and the record is deleted after.  An index step that fails after its object
 was written leaves the writer's intents behind, so gc finishes it as for a writer that
 was killed.
+
+The modules, each opening with its job: repository.py (Store, the open repository),
+init.py (creating one), writer.py (writers: their registration and packs), gc.py and
+verify.py (collecting garbage, verifying), rebuild.py (repair --rebuild-index);
+catalog.py, config.py, packs.py and records.py (with codec.py) own the object formats;
+reads.py plans ranged reads; backend.py (with retrying.py) and locks.py are the seams.
+The index is index.py, which documents its LMDB layout and names its parts.
 """

@@ -1,6 +1,6 @@
 """The repository config: its framed, versioned format and the rule for who may read or write.
 
-The object `config` is written once, create-if-absent, by init (store/repository.py) and
+The object `config` is written once, create-if-absent, by init (store/init.py) and
 read first, through the storage seam, by everything that opens the repository.
 
 Frame (store/frames.py, whose 40 bytes every frame version keeps, so any reader can

@@ -133,6 +133,12 @@ _TRAILER = struct.Struct("<QIIQHHI16s")
 TRAILER_SIZE = _TRAILER.size + _CHECK.size + len(TRAILER_MAGIC)  # 64
 
 
+def pack_name(pack_id: bytes) -> str:
+    """The object name of the pack with this id: packs/XX/ID (see store/__init__.py)."""
+    h = pack_id.hex()
+    return f"packs/{h[:2]}/{h}"
+
+
 def _xxh3(*parts: bytes | bytearray | memoryview) -> int:
     hasher = xxhash.xxh3_64()
     for part in parts:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from blocksnap.store.index import Location
+from blocksnap.store.entries import Location
 from blocksnap.store.packs import HEADER_SIZE
 
 MAX_GAP_SIZE = 256 << 10

@@ -48,7 +48,8 @@ from blocksnap.errors import (
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog
 from blocksnap.store.config import CONFIG_NAME
-from blocksnap.store.index import POLICY_PREFIX, PROTECTED_PREFIX, Index
+from blocksnap.store.entries import POLICY_PREFIX, PROTECTED_PREFIX
+from blocksnap.store.index import Index
 from blocksnap.store.packs import (
     HEADER_SIZE,
     KIND_NODE,

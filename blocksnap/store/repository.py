@@ -1,4 +1,4 @@
-"""The open repository: verified reads, the catalog and settings, and writers' packs.
+"""The open repository: verified reads, the catalog and settings, and its writers.
 
 The package doc (store/__init__.py) gives the layout and which state is truth, cache and
 host-local.  Store takes the backend, the locks and the writer sessions injected (the
@@ -31,10 +31,7 @@ import contextlib
 import json
 import os
 import re
-import secrets
-from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import blake3
@@ -44,7 +41,6 @@ from blocksnap.blockmap import ZERO_ID
 from blocksnap.errors import (
     BlocksnapError,
     IntegrityError,
-    LockedError,
     MissingObjectError,
     NotFoundError,
     ObjectExistsError,
@@ -55,35 +51,22 @@ from blocksnap.errors import (
 from blocksnap.model import Checkpoint, SnapshotInfo
 from blocksnap.store import catalog, reads, records
 from blocksnap.store import index as index_module
-from blocksnap.store.backend import TMP_MARKER, LocalBackend, ObjectStore, ObjectWriter
-from blocksnap.store.config import (
-    CONFIG_NAME,
-    DEFAULT_COMPRESSION_LEVEL,
-    DEFAULT_PACK_TARGET_SIZE,
-    RepositoryConfig,
-    new_config,
-    read_config,
-)
-from blocksnap.store.config import encode as encode_config
-from blocksnap.store.index import POLICY_PREFIX, PROTECTED_PREFIX, Index, Location, lmdb_errors
+from blocksnap.store.backend import LocalBackend, ObjectStore
+from blocksnap.store.config import read_config
+from blocksnap.store.entries import POLICY_PREFIX, PROTECTED_PREFIX, Location
+from blocksnap.store.index import Index
 from blocksnap.store.locks import (
     GC_LOCK,
     REPOSITORY_LOCK,
     LocalLocks,
     LocalSessions,
     Locks,
-    Session,
     WriterSessions,
 )
-from blocksnap.store.packs import HEADER_SIZE, KIND_BLOCK, KIND_NODE, PackBuilder
+from blocksnap.store.packs import HEADER_SIZE, KIND_BLOCK, KIND_NODE, pack_name
+from blocksnap.store.writer import Registration, StoreWriter
 
 _SNAPSHOT_NAME = re.compile(r"latest(?:~(\d+))?")
-
-
-def pack_name(pack_id: bytes) -> str:
-    h = pack_id.hex()
-    return f"packs/{h[:2]}/{h}"
-
 
 # Private top-level entries of the repository directory: host-local state, no objects.
 LOCAL_STATE = ("lock", "locks", "index", "index.rebuild", "index.old")
@@ -92,107 +75,6 @@ LOCAL_STATE = ("lock", "locks", "index", "index.rebuild", "index.old")
 def local_backend(path: str) -> LocalBackend:
     """The backend of a repository whose objects are in its own directory."""
     return LocalBackend(path, private=LOCAL_STATE)
-
-
-def init_repository(
-    path: str,
-    *,
-    block_id: str = blockid.DEFAULT_ALGORITHM,
-    compression_level: int = DEFAULT_COMPRESSION_LEVEL,
-    pack_target_size: int = DEFAULT_PACK_TARGET_SIZE,
-    backend: ObjectStore | None = None,
-) -> RepositoryConfig:
-    """Create an empty repository at path (absent, or an empty directory), its objects in
-    backend (by default, the directory itself).
-
-    Two inits racing for one path cannot both win: the directory is set up under its
-    repository lock, and the config is put create-if-absent, so a loser changes nothing.
-    """
-    config = new_config(
-        block_id=block_id, compression_level=compression_level, pack_target_size=pack_target_size
-    )
-    created = not os.path.exists(path)
-    if not created and not _is_unfinished_init(path):
-        raise UsageError(f"{path} exists and is not an empty directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"cannot create repository at {path}: {exc.strerror or exc}") from exc
-    try:
-        lock = LocalLocks(path).hold(
-            REPOSITORY_LOCK, busy=f"{path} is being initialised by another process"
-        )
-        with lock:
-            # Another init may have finished between the look above and the lock.
-            if not _is_unfinished_init(path):
-                raise UsageError(f"{path} exists and is not an empty directory")
-            _set_up(path, config, backend)
-    except (LockedError, UsageError):
-        raise  # another init's: its files stay
-    except BaseException as exc:
-        # Leave the directory as it was (absent or empty), so that init can be tried again.
-        with contextlib.suppress(OSError):
-            _remove_unfinished_init(path)
-            if created:
-                os.rmdir(path)
-        if isinstance(exc, OSError):
-            raise StoreError(f"cannot create repository at {path}: {exc.strerror or exc}") from exc
-        raise
-    return config
-
-
-def _set_up(path: str, config: RepositoryConfig, backend: ObjectStore | None) -> None:
-    """Everything init writes, under the repository lock, the config last."""
-    _remove_unfinished_init(path, keep_lock=True)
-    for sub in _INIT_DIRS:
-        os.makedirs(os.path.join(path, sub), exist_ok=True)
-    index = Index(os.path.join(path, "index"), create=True)
-    try:
-        index.initialize(config.id)
-    finally:
-        index.close()
-    # The config is written last: a directory without one is not a repository.
-    objects = backend if backend is not None else local_backend(path)
-    try:
-        objects.put(CONFIG_NAME, encode_config(config), exclusive=True)
-    except ObjectExistsError:
-        raise UsageError(f"{path} holds a repository already") from None
-    finally:
-        if backend is None:
-            objects.close()
-
-
-_INIT_DIRS = ("locks", "packs", "snapshots")
-_INIT_FILES = ("index/data.mdb", "index/lock.mdb")
-
-
-def _is_unfinished_init(path: str) -> bool:
-    """Whether path is an empty directory, or holds only what an init killed before it wrote
-    the config leaves (its empty directories, the lock file, a fresh index and the
-    temporary file of the config)."""
-    try:
-        names = set(os.listdir(path))
-        names = {n for n in names if not n.startswith(CONFIG_NAME + TMP_MARKER)}
-        if not names <= {*_INIT_DIRS, "lock", "index"}:
-            return False
-        if any(os.listdir(os.path.join(path, d)) for d in _INIT_DIRS if d in names):
-            return False
-        return "index" not in names or set(os.listdir(os.path.join(path, "index"))) <= {
-            "data.mdb",
-            "lock.mdb",
-        }
-    except OSError:
-        return False
-
-
-def _remove_unfinished_init(path: str, *, keep_lock: bool = False) -> None:
-    temporary = [n for n in os.listdir(path) if n.startswith(CONFIG_NAME + TMP_MARKER)]
-    for name in [*_INIT_FILES, *temporary, *([] if keep_lock else ["lock"])]:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(os.path.join(path, name))
-    for name in (*_INIT_DIRS, "index"):
-        with contextlib.suppress(FileNotFoundError):
-            os.rmdir(os.path.join(path, name))
 
 
 def on_read_only_filesystem(path: str) -> bool:
@@ -701,267 +583,3 @@ class Store:
         """Remove a dead writer from the registry (its intents dealt with) and its session."""
         self.index.unregister_writer(writer_id)
         self.sessions.forget(writer_id)
-
-
-class Registration:
-    """A place in the writer registry, held by a live session for as long as it runs.
-
-    Snapshots, synthesize, prune and gc register, so that gc knows which objects they may
-    still refer to (by the epoch) and, once one of them dies, what it left (by its intents).
-    """
-
-    def __init__(self, store: Store) -> None:
-        store.require_writable()
-        self.store = store
-        self._session: Session = store.sessions.start()
-        self.id = self._session.id
-        try:
-            self.epoch = store.index.register_writer(self.id, os.getpid())
-        except BaseException:
-            self._session.end()
-            raise
-        self._closed = False
-        self._keep = False
-
-    def intent(self, name: str) -> bytes:
-        """The intent key for putting or deleting the object name."""
-        return self.id + name.encode()
-
-    def keep_intents(self) -> None:
-        """An object this registration meant to delete may still exist: when it ends, it
-        stays in the registry with its intents (as abandon), for gc to finish the work."""
-        self._keep = True
-
-    def close(self) -> None:
-        if self._keep:
-            self.abandon()
-        elif not self._closed:
-            self._closed = True
-            try:
-                self.store.index.unregister_writer(self.id)
-            finally:
-                self._session.end()
-
-    def abandon(self) -> None:
-        """End without leaving the registry: gc then deletes what the intents name and
-        the index lacks, as for a writer that was killed."""
-        if not self._closed:
-            self._closed = True
-            self._session.end()
-
-    def __enter__(self) -> Registration:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _OpenPack:
-    """A pack being written: its name and intent, its layout, the ids and node children
-    it holds, and its writer once the pack thread has opened it."""
-
-    def __init__(self, registration: Registration, kind: int) -> None:
-        self.id = secrets.token_bytes(16)
-        self.name = pack_name(self.id)
-        self.intent = registration.intent(self.name)
-        self.kind = kind
-        self.builder = PackBuilder()
-        self.pending: set[bytes] = set()  # ids in the pack
-        self.children: dict[bytes, list[bytes]] = {}  # of the nodes in the pack
-        self.out: ObjectWriter | None = None
-        self.unsynced = 0  # bytes written since the last sync
-        self.indexed = False
-
-
-class StoreWriter:
-    """A registered writer: packs new records, writing each pack while it fills and
-    indexing it once sealed, on a background thread.
-
-    Registration (see store/index.py) gives the writer a start epoch; until it closes, gc
-    keeps every object the writer may refer to, and the writer asks claim() rather than
-    "is it indexed" before referring to an object.  Map nodes and data blocks fill two
-    packs apart (one open pack per kind), so that metadata stays in small packs of its
-    own.  Records go to the pack thread in parts of WRITE_PART bytes, which it writes and,
-    every SYNC_EVERY bytes, syncs, so writing and fsync overlap with reading and
-    compressing and sealing a pack waits only for its last part and its table of
-    contents.  At most one sealed pack is being finished while the next fills.  Packs are
-    indexed in the order they are sealed, and a node pack is sealed only after the open
-    block pack, so a node is never indexed before the blocks it names.  flush() returns
-    once everything added is durable and indexed; a failure in the background is raised
-    by the next add() or flush().
-
-    The engine hands raw blocks and nodes over and never builds a record: seal() (on any
-    thread: the snapshot's workers compress in parallel) makes the record as the config
-    says, and add() (on the calling thread) queues it.
-    """
-
-    WRITE_PART = 1 << 20
-    SYNC_EVERY = 4 << 20
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.registration = Registration(store)
-        self.epoch = self.registration.epoch
-        self._open: dict[int, _OpenPack] = {}  # kind -> its open pack, once it has a record
-        self._sealed: deque[tuple[Future[int], set[bytes]]] = deque()  # not yet indexed
-        self._tasks: deque[Future[int]] = deque()  # on the pack thread, in order
-        self._started: list[_OpenPack] = []  # packs begun and not yet indexed
-        self.written_size = 0  # bytes of stored packs, this session
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksnap-pack")
-
-    def missing(self, object_ids: list[bytes]) -> list[bool]:
-        """For each id, whether this writer must store the object (see Index.claim)."""
-        return [not ok for ok in self.store.index.claim(object_ids, self.epoch)]
-
-    def _queued(self, object_id: bytes) -> bool:
-        return any(object_id in pack.pending for pack in self._open.values()) or any(
-            object_id in ids for _, ids in self._sealed
-        )
-
-    def has(self, object_id: bytes) -> bool:
-        """Whether the object may be referred to: usable in the index, or queued here."""
-        return self._queued(object_id) or self.store.index.claim([object_id], self.epoch)[0]
-
-    def seal(self, kind: int, raw: bytes | memoryview, object_id: bytes) -> records.Sealed:
-        """Seal raw bytes (kind KIND_BLOCK or KIND_NODE, object_id their strong hash) into
-        a record for add(), as the repository's config says (compression level, later the
-        key).  Thread-safe, and touches no state of the writer: the engine's worker
-        threads seal in parallel while the calling thread adds."""
-        return records.seal(kind, raw, object_id, self.store.config.compression_level)
-
-    def seal_block(self, raw: bytes | memoryview, block_id: bytes) -> records.Sealed:
-        return self.seal(KIND_BLOCK, raw, block_id)
-
-    def seal_node(self, raw: bytes | memoryview, node_id: bytes) -> records.Sealed:
-        return self.seal(KIND_NODE, raw, node_id)
-
-    def add(
-        self,
-        sealed: records.Sealed,
-        *,
-        checked: bool = False,
-        children: list[bytes] | None = None,
-    ) -> int:
-        """Queue a sealed record (from seal()) unless the object exists; return bytes added.
-
-        children: for a map node, the ids its entries name (counted when it is indexed).
-        checked=True means the caller asked missing() moments ago and the object was
-        absent; only this writer's own queue is consulted then.  Should another writer
-        store the same object meanwhile, the index keeps one copy and the other is garbage.
-        """
-        object_id = sealed.id
-        if self._queued(object_id):
-            return 0
-        if not checked and not self.missing([object_id])[0]:
-            return 0
-        self._reap()
-        kind = sealed.kind
-        pack = self._open.get(kind)
-        if pack is None:
-            pack = self._open[kind] = _OpenPack(self.registration, kind)
-            self._started = [p for p in self._started if not p.indexed]
-            self._started.append(pack)
-            self._submit(self._begin, pack)
-        pack.builder.add(sealed.data)
-        pack.pending.add(object_id)
-        if children:
-            pack.children[object_id] = children
-        if pack.builder.size >= self.store.config.pack_target_size:
-            self._seal(kind)
-        elif len(pack.builder.buffer) >= self.WRITE_PART:
-            self._submit(self._write, pack, pack.builder.take())
-        return sealed.size
-
-    # --- on the pack thread ----------------------------------------------------------------
-
-    def _begin(self, pack: _OpenPack) -> int:
-        self.store.index.add_intent(pack.intent)
-        pack.out = self.store.backend.create(pack.name)
-        return 0
-
-    def _write(self, pack: _OpenPack, data: bytearray) -> int:
-        if pack.out is None:
-            raise StoreError(f"pack {pack.name} was not opened")
-        pack.out.write(data)
-        pack.unsynced += len(data)
-        if pack.unsynced >= self.SYNC_EVERY:
-            pack.out.sync()
-            pack.unsynced = 0
-        return 0
-
-    def _finish(self, pack: _OpenPack) -> int:
-        if pack.out is None:
-            raise StoreError(f"pack {pack.name} was not opened")
-        pack.out.commit()
-        builder = pack.builder
-        with lmdb_errors("indexing pack"):
-            self.store.index.add_pack(
-                pack.id, builder.size, builder.records, pack.children, pack.intent
-            )
-        pack.indexed = True
-        return builder.size
-
-    # --- on the calling thread -------------------------------------------------------------
-
-    def _submit(self, fn: Callable[..., int], *args: Any) -> None:
-        self._tasks.append(self._pool.submit(fn, *args))
-
-    def _reap(self, until: Future[int] | None = None, wait: bool = False) -> None:
-        """Collect background work in order, raising the first failure: what has finished,
-        and everything up to the task until (to the end when wait)."""
-        while self._tasks and (wait or until is not None or self._tasks[0].done()):
-            task = self._tasks.popleft()
-            self.written_size += task.result()
-            if task is until:
-                break
-        while self._sealed and self._sealed[0][0].done():
-            self._sealed.popleft()
-
-    def _seal(self, kind: int) -> None:
-        """Seal the open pack of a kind (a node pack after the block pack: see above)."""
-        if kind == KIND_NODE and KIND_BLOCK in self._open:
-            self._seal(KIND_BLOCK)
-        pack = self._open.pop(kind, None)
-        if pack is None:
-            return
-        pack.builder.seal()  # the table of contents and trailer: the pack's last part
-        self._submit(self._write, pack, pack.builder.take())
-        if self._sealed:  # at most one sealed pack being finished while the next fills
-            self._reap(until=self._sealed[0][0])
-        self._submit(self._finish, pack)
-        self._sealed.append((self._tasks[-1], pack.pending))
-
-    def flush(self) -> None:
-        """Store and index everything added so far; return when it is durable."""
-        self._seal(KIND_NODE)  # and the block pack before it
-        self._seal(KIND_BLOCK)
-        self._reap(wait=True)
-
-    def close(self) -> None:
-        """Wait for the background thread and leave the registry.  A pack begun and not
-        indexed (the run failed or was interrupted) is deleted; what was indexed and not
-        committed stays unreferenced, for gc."""
-        cleaned = True
-        try:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            for pack in self._started:
-                # Only a failed or interrupted run gets here, and its own error is the one
-                # to report: a pack that cannot be deleted now is left to gc (below).
-                try:
-                    if pack.out is not None:
-                        pack.out.abort()
-                    if not pack.indexed and not self.store.index.has_pack(pack.id):
-                        self.store.backend.delete(pack.name)
-                except (BlocksnapError, OSError):
-                    cleaned = False
-        finally:
-            if cleaned:
-                self.registration.close()
-            else:  # the intents stay, and gc deletes what the index lacks
-                self.registration.abandon()
-
-    def __enter__(self) -> StoreWriter:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

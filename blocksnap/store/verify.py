@@ -33,10 +33,10 @@ from blocksnap.blockmap import ZERO_ID, BlockMap, node_children
 from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError
 from blocksnap.model import BLOCK_ID_SIZE, Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog
-from blocksnap.store.index import IndexView
-from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, walk_pack
+from blocksnap.store.entries import IndexView
+from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, pack_name, walk_pack
 from blocksnap.store.records import open_checked
-from blocksnap.store.repository import Store, pack_name
+from blocksnap.store.repository import Store
 
 INTERRUPTED_REPAIR = ("index.rebuild", "index.old")  # see store/rebuild.py
 _ATTEMPTS = 4  # looks again at what a concurrent gc moved, before calling it damage

@@ -38,9 +38,11 @@ from blocksnap.store.packs import (
     KINDS,
     PackBuilder,
     overhead_size,
+    pack_name,
     walk_pack,
 )
-from blocksnap.store.repository import Registration, Store, pack_name
+from blocksnap.store.repository import Store
+from blocksnap.store.writer import Registration
 
 DEFAULT_COMPACT_BELOW = 0.8  # compact a pack once more than a fifth of it is garbage
 _BATCH = 512

@@ -1,0 +1,248 @@
+"""The index's objects, reference counts and packs: where each object's record is, how
+many refer to it (and since when none does), and each pack's size and live bytes.
+
+The counting here (exact, in the transaction of the change) is what the writer registry,
+the catalog, gc and rebuild build on; the layout is documented in store/index.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from blocksnap.errors import IntegrityError
+from blocksnap.store.entries import (
+    CRC,
+    LOC,
+    REF,
+    SEQ,
+    Location,
+    decode_location,
+    encode_location,
+    json_entry,
+    not_indexed,
+    refs_value,
+)
+from blocksnap.store.lmdbenv import IndexEnv, lmdb_errors
+from blocksnap.store.packs import HEADER_SIZE, Record, overhead_size
+
+if TYPE_CHECKING:
+    from blocksnap.store.lmdbenv import Txn
+
+
+class ObjectIndex(IndexEnv):
+    """The objects, refs, unref, packs and sparse databases of an Index."""
+
+    def location(self, object_id: bytes) -> Location | None:
+        with lmdb_errors("reading index"), self._begin_buffers() as txn:
+            value = txn.get(object_id, db=self.objects)
+            return decode_location(object_id, bytes(value)) if value is not None else None
+
+    def locations(
+        self, object_ids: Sequence[bytes], *, strict: bool = False
+    ) -> list[Location | None]:
+        """Each id's location (None when absent or damaged), in one read transaction.
+        strict: a damaged entry raises IntegrityError, as location() does."""
+        out: list[Location | None] = []
+        with lmdb_errors("reading index"), self._begin_buffers() as txn:
+            for i in object_ids:
+                value = txn.get(i, db=self.objects)
+                try:
+                    out.append(None if value is None else decode_location(i, bytes(value)))
+                except IntegrityError:
+                    if strict:
+                        raise
+                    out.append(None)
+        return out
+
+    def first_missing(self, ids: bytes) -> tuple[bytes | None, int]:
+        """Check a run of 32-byte ids (all-zero ids, zero blocks, are skipped and counted):
+        (the first id without an intact index entry or None, the number of zero ids).
+
+        decode_location's checks, without building a Location: synthesize runs this over
+        every block of a volume."""
+        size = LOC.size
+        crc = CRC.unpack_from
+        crc32 = zlib.crc32
+        zero_id = bytes(32)
+        zeros = 0
+        with lmdb_errors("reading index"), self._begin_buffers() as txn:
+            get = txn.get
+            db = self.objects
+            for k in range(0, len(ids), 32):
+                object_id = ids[k : k + 32]
+                if object_id == zero_id:
+                    zeros += 1
+                    continue
+                value = get(object_id, None, db)
+                if (
+                    value is None
+                    or len(value) != size + CRC.size
+                    or crc(value, size)[0] != crc32(value[:size], crc32(object_id))
+                ):
+                    return bytes(object_id), zeros
+        return None, zeros
+
+    def iter_objects(self) -> Iterator[tuple[bytes, Location | IntegrityError]]:
+        with lmdb_errors("reading index"), self._begin() as txn:
+            for key, value in txn.cursor(db=self.objects):
+                try:
+                    yield key, decode_location(key, value)
+                except IntegrityError as exc:
+                    yield key, exc
+
+    def unreferenced_count(self) -> int:
+        with lmdb_errors("reading index"), self._begin() as txn:
+            return int(txn.stat(self.unref)["entries"])
+
+    def object_count(self) -> int:
+        with lmdb_errors("reading index"), self._begin() as txn:
+            return int(txn.stat(self.objects)["entries"])
+
+    def pack_infos(self) -> dict[bytes, dict[str, Any]]:
+        with lmdb_errors("reading index"), self._begin() as txn:
+            return {
+                bytes(k): json_entry(v, f"pack {bytes(k).hex()}")
+                for k, v in txn.cursor(db=self.packs)
+            }
+
+    def sparse_packs(self) -> dict[bytes, dict[str, Any]]:
+        """The packs that lost live bytes since gc last looked, with their pack entries."""
+        out = {}
+        with lmdb_errors("reading index"), self._begin() as txn:
+            for key, _ in txn.cursor(db=self.sparse):
+                value = txn.get(key, db=self.packs)
+                if value is not None:
+                    out[bytes(key)] = json_entry(value, f"pack {bytes(key).hex()}")
+        return out
+
+    def has_pack(self, pack_id: bytes) -> bool:
+        with lmdb_errors("reading index"), self._begin() as txn:
+            return txn.get(pack_id, db=self.packs) is not None
+
+    # --- counting, in the caller's write transaction ---------------------------------
+
+    def _epoch(self, txn: Txn) -> int:
+        value = txn.get(b"epoch", db=self.meta)
+        return 0 if value is None else int(SEQ.unpack(value)[0])
+
+    def _ref(self, txn: Txn, object_id: bytes) -> tuple[int, int]:
+        value = txn.get(object_id, db=self.refs)
+        if value is None:
+            raise not_indexed(object_id)
+        count, since = REF.unpack(value)
+        return int(count), int(since)
+
+    def _set_unreferenced(self, txn: Txn, object_id: bytes, epoch: int) -> None:
+        txn.put(object_id, refs_value(0, epoch), db=self.refs)
+        txn.put(SEQ.pack(epoch) + object_id, b"", db=self.unref)
+
+    def _incref(self, txn: Txn, object_id: bytes) -> None:
+        count, since = self._ref(txn, object_id)
+        if count == 0:
+            txn.delete(SEQ.pack(since) + object_id, db=self.unref)
+        txn.put(object_id, refs_value(count + 1, 0), db=self.refs)
+
+    def _incref_many(self, txn: Txn, increments: Counter[bytes]) -> None:
+        """_incref each id by its count: the thousands of children of a pack's new map
+        nodes, in key order, each read and written once."""
+        refs, unref, unpack = self.refs, self.unref, REF.unpack
+        for object_id in sorted(increments):
+            value = txn.get(object_id, db=refs)
+            if value is None:
+                raise not_indexed(object_id)
+            count, since = unpack(value)
+            if count == 0:
+                txn.delete(SEQ.pack(since) + object_id, db=unref)
+            txn.put(object_id, refs_value(count + increments[object_id], 0), db=refs)
+
+    def _decref(self, txn: Txn, object_id: bytes, epoch: int) -> None:
+        count, _since = self._ref(txn, object_id)
+        if count == 0:
+            raise IntegrityError(
+                f"reference count of object {object_id.hex()} would fall below zero; "
+                "run verify, then repair --rebuild-index"
+            )
+        if count == 1:
+            self._set_unreferenced(txn, object_id, epoch)
+        else:
+            txn.put(object_id, refs_value(count - 1, 0), db=self.refs)
+
+    def _adjust_live(self, txn: Txn, deltas: dict[bytes, int]) -> None:
+        for pack_id, delta in deltas.items():
+            value = txn.get(pack_id, db=self.packs)
+            if value is None or not delta:
+                continue
+            info = json_entry(bytes(value), f"pack {pack_id.hex()}")
+            info["live"] = int(info.get("live", 0)) + delta
+            txn.put(pack_id, json.dumps(info).encode(), db=self.packs)
+            if delta < 0:
+                txn.put(pack_id, b"", db=self.sparse)
+
+    # --- writes ------------------------------------------------------------------------
+
+    def add_pack(
+        self,
+        pack_id: bytes,
+        size: int,
+        records: list[Record],
+        children: dict[bytes, list[bytes]] | None = None,
+        intent: bytes | None = None,
+    ) -> list[bytes]:
+        """Register a sealed, durable pack and its records in one transaction.
+
+        children maps a node's id to the ids its entries name; a newly indexed node
+        increments each of them.  An object indexed already keeps its entry when its count
+        is positive (this copy is dead weight for compaction).  When its count is 0, this
+        copy replaces it and counts as new at the current epoch: the writer that stored it
+        again found it unreferenced since before its start.  intent (a key from
+        add_intent) is cleared in the same transaction.  Returns the ids newly indexed.
+        """
+        known = children or {}
+
+        def body(txn: Txn) -> list[bytes]:
+            added: list[bytes] = []
+            deltas: dict[bytes, int] = {}
+            increments: Counter[bytes] = Counter()
+            live = 0
+            epoch = self._epoch(txn)
+            for rec in records:
+                loc = Location(
+                    pack_id, rec.offset, rec.stored_size, rec.raw_size, rec.kind, rec.codec
+                )
+                old = txn.get(rec.id, db=self.objects)
+                if old is None:
+                    self._set_unreferenced(txn, rec.id, epoch)
+                    increments.update(known.get(rec.id, ()))
+                    added.append(rec.id)
+                else:
+                    try:
+                        old_loc: Location | None = decode_location(rec.id, bytes(old))
+                    except IntegrityError:
+                        old_loc = None  # a damaged entry: this intact copy repairs it
+                    if old_loc is not None:
+                        count, since = self._ref(txn, rec.id)
+                        if count or old_loc.pack == pack_id:
+                            continue
+                        txn.delete(SEQ.pack(since) + rec.id, db=self.unref)
+                        self._set_unreferenced(txn, rec.id, epoch)
+                        deltas[old_loc.pack] = deltas.get(old_loc.pack, 0) - (
+                            HEADER_SIZE + old_loc.stored_size
+                        )
+                txn.put(rec.id, encode_location(rec.id, loc), db=self.objects)
+                live += HEADER_SIZE + rec.stored_size
+            self._incref_many(txn, increments)
+            info = {"size": size, "records": len(records), "time": time.time(), "live": live}
+            txn.put(pack_id, json.dumps(info).encode(), db=self.packs)
+            if live < size - overhead_size(len(records)):
+                txn.put(pack_id, b"", db=self.sparse)
+            self._adjust_live(txn, deltas)
+            if intent is not None:
+                txn.delete(intent, db=self.intents)
+            return added
+
+        return self._write("indexing pack", body)
