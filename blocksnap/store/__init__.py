@@ -45,7 +45,8 @@ was killed.
 The modules, each opening with its job: repository.py (Store, the open repository),
 init.py (creating one), writer.py (writers: their registration and packs), gc.py and
 verify.py (collecting garbage, verifying), rebuild.py (repair --rebuild-index);
-catalog.py, config.py, packs.py and records.py (with codec.py) own the object formats;
+catalog.py, config.py, packs.py and records.py (with codec.py) own the object formats,
+frames.py the frame they share with the config;
 reads.py plans ranged reads; backend.py (with retrying.py) and locks.py are the seams.
 The index is index.py, which documents its LMDB layout and names its parts.
 """
