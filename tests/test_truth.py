@@ -404,3 +404,19 @@ def test_a_damaged_record_the_index_lacks_is_damage(tmp_path: Path, ext4_image: 
     assert f"snapshots/{second}" in proc.stdout
     proc = run_cli("gc", str(path))
     assert proc.returncode == 5 and f"snapshot {second} cannot be indexed" in proc.stdout
+
+
+def test_gc_ends_a_removal_whose_writer_left_without_its_intents(
+    tmp_path: Path, ext4_image: Path
+) -> None:
+    """A removal mark that outlived its writer (its tombstone never written, its intents
+    gone) would make the snapshot unprotectable for ever: gc calls it off."""
+    path, old, new = two_snapshots(tmp_path, ext4_image)
+    with blocksnap.Repository(path) as repo:
+        gone = bytes(16)  # a writer that is not registered (any more)
+        assert repo.store.index.mark_removing(old.id, gone, gone + b"tombstones/" + old.id.encode())
+        with pytest.raises(blocksnap.errors.NotFoundError, match="being removed"):
+            repo.protect("vol", old.id)
+        repo.gc()
+        repo.protect("vol", old.id)
+        assert ids(repo) == [old.id, new.id] and old.id in repo.protected()

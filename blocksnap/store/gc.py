@@ -27,6 +27,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from blocksnap.blockmap import node_children
 from blocksnap.errors import BlocksnapError, MissingObjectError, UsageError
@@ -86,6 +87,7 @@ def collect_garbage(
         for writer_id in dead:
             _clean_dead_writer(store, writer_id, report)
         store.sweep_orphan_locks()
+        _end_abandoned_removals(store, live)
         _delete_removed_records(store, me, report)
         # Every live writer registered before the registry read is in live; any that
         # registers later gets an epoch above `epoch`, so it revives (Index.claim) before
@@ -132,6 +134,20 @@ def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None
             report.leftovers_deleted += 1
             report.bytes_freed += size
     store.forget_writer(writer_id)
+
+
+def _end_abandoned_removals(store: Store, live: dict[bytes, Any]) -> None:
+    """Removal marks whose writer is gone without its intents (its step after the
+    tombstone's put failed in a way it could not tell): done if the tombstone exists,
+    called off if not, so that nothing stays unprotectable."""
+    registered = store.index.writers()
+    for snapshot_id, writer_id in store.index.removing().items():
+        if writer_id in live or writer_id in registered:
+            continue
+        if store.exists(catalog.tombstone_name(snapshot_id)):
+            store.index.remove_snapshot(snapshot_id)
+        else:
+            store.index.unmark_removing(snapshot_id)
 
 
 def _delete_removed_records(store: Store, me: Registration, report: GcReport) -> None:

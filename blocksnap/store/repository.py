@@ -394,8 +394,10 @@ class Store:
         deleted, so that the put did not happen, or, if that fails too, the
         registration keeps its intents and gc decides by what it then finds."""
         try:
-            return self.backend.get(name) == data
+            return self.backend.get(name) == data  # (another's bytes are not ours to delete)
         except MissingObjectError:
+            with contextlib.suppress(BlocksnapError):  # what an unfinished write left
+                self.backend.delete(name)
             return False
         except BaseException:
             with contextlib.suppress(BlocksnapError):  # the put's error is the one to tell
