@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from blocksnap import blockid, blockmap
 from blocksnap.blockmap import BlockMap
-from blocksnap.errors import NotFoundError, ProtectedError, UsageError
+from blocksnap.errors import BlocksnapError, NotFoundError, ProtectedError, UsageError
 from blocksnap.model import Checkpoint, ProgressCallback, SnapshotDiff, SnapshotInfo
 from blocksnap.reader import DEFAULT_CACHE_SIZE, ImageReader
 from blocksnap.restore import RestoreResult, restore_image
@@ -70,11 +70,16 @@ class Repository:
             # The index is a cache of the objects: one that is gone is rebuilt from them.
             rebuild_index(self.path)
         self._store = Store(self.path, backend=backend)
+        # What writers elsewhere committed or removed without caching it (they died, or
+        # their index step failed) is what every command then sees.  A sync that fails
+        # (storage unreachable, the index damaged) leaves the cache as it was: reading
+        # commands answer from it, and writers, which sync again, report the failure.
+        self.sync_problems: list[str] = []
         if not self._store.read_only:
             try:
-                # What writers elsewhere committed or removed without caching it (they
-                # died, or their index step failed) is what every command then sees.
-                self._store.sync_catalog()
+                self.sync_problems = self._store.sync_catalog().problems
+            except BlocksnapError as exc:
+                self.sync_problems = [f"the index could not be brought up to date: {exc}"]
             except BaseException:
                 self._store.close()
                 raise

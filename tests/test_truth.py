@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 import blocksnap
+from blocksnap.errors import TransientStoreError
 from blocksnap.model import SnapshotInfo
 from blocksnap.store import catalog
 from blocksnap.store.backend import LocalBackend
@@ -60,7 +61,7 @@ def _child(path: str, image: str, action: str) -> None:
         patch.setattr(LocalBackend, "delete", delete)
     with blocksnap.Repository(path) as repo:
         if action.startswith("commit"):
-            repo.snapshot("vol", image)
+            repo.snapshot("vol", image, checkpoint_size=8 << 20)
         else:
             repo.prune(policy=blocksnap.Policy(keep_last=1))
     os._exit(0)
@@ -406,17 +407,144 @@ def test_a_damaged_record_the_index_lacks_is_damage(tmp_path: Path, ext4_image: 
     assert proc.returncode == 5 and f"snapshot {second} cannot be indexed" in proc.stdout
 
 
-def test_gc_ends_a_removal_whose_writer_left_without_its_intents(
+def test_a_removal_whose_writer_left_without_its_intents_is_ended(
     tmp_path: Path, ext4_image: Path
 ) -> None:
     """A removal mark that outlived its writer (its tombstone never written, its intents
-    gone) would make the snapshot unprotectable for ever: gc calls it off."""
+    gone) would make the snapshot unprotectable for ever: gc calls it off, and so does a
+    protect that finds the writer's session dead."""
     path, old, new = two_snapshots(tmp_path, ext4_image)
+    gone = bytes(16)  # a writer that is not registered, and not alive
     with blocksnap.Repository(path) as repo:
-        gone = bytes(16)  # a writer that is not registered (any more)
-        assert repo.store.index.mark_removing(old.id, gone, gone + b"tombstones/" + old.id.encode())
-        with pytest.raises(blocksnap.errors.NotFoundError, match="being removed"):
-            repo.protect("vol", old.id)
+        index = repo.store.index
+        assert index.mark_removing(old.id, gone, gone + b"tombstones/" + old.id.encode())
         repo.gc()
+        assert index.removing() == {}
+        assert index.mark_removing(old.id, gone, gone + b"tombstones/" + old.id.encode())
         repo.protect("vol", old.id)
+        assert index.removing() == {}
         assert ids(repo) == [old.id, new.id] and old.id in repo.protected()
+        with repo.store.register() as prune:  # a live prune's mark is left alone
+            assert index.mark_removing(new.id, prune.id, prune.intent("tombstones/x"))
+            with pytest.raises(blocksnap.errors.LockedError, match="being removed"):
+                repo.protect("vol", new.id)
+            repo.gc()
+            assert index.removing() == {new.id: prune.id}
+
+
+def test_a_commit_killed_after_its_record_drops_its_runs_checkpoint(
+    tmp_path: Path, ext4_image: Path
+) -> None:
+    """The run checkpointed, committed and died before its index step: once its snapshot
+    is taken in, its checkpoint is gone too, so --resume cannot commit the run twice."""
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        first = repo.snapshot("vol", ext4_image)
+    debugfs(ext4_image, "mkdir again")
+    killed(path, ext4_image, "commit-after-record")
+    index = Index(str(path / "index"), readonly=True)
+    try:
+        assert index.checkpoint("vol") is not None  # the run's, left by the kill
+    finally:
+        index.close()
+    with blocksnap.Repository(path) as repo:
+        (second,) = set(ids(repo)) - {first.id}
+        assert repo.checkpoint("vol") is None
+        again = repo.snapshot("vol", ext4_image, resume=True)
+        assert again.parent == second and again.counts.resumed == 0
+
+
+def test_gc_collects_nothing_while_a_committed_snapshot_cannot_be_indexed(
+    tmp_path: Path, ext4_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer died after its record; storage fails each read of that record for a
+    while.  Its blocks are at count 0 in the index meanwhile: gc must keep them (and the
+    dead writer, whose epoch protects them) until the snapshot is indexed."""
+    path = tmp_path / "repo"
+    with blocksnap.Repository.init(path) as repo:
+        first = repo.snapshot("vol", ext4_image)
+    debugfs(ext4_image, "mkdir changed")
+    image = ext4_image.read_bytes()
+    killed(path, ext4_image, "commit-after-record")
+    (second,) = records(path) - {first.id}
+    real_get = LocalBackend.get
+
+    def failing_get(self: LocalBackend, name: str, *args: Any) -> bytes:
+        if name == f"snapshots/{second}":
+            raise TransientStoreError(f"{name}: connection reset")
+        return real_get(self, name, *args)
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalBackend, "get", failing_get)
+        with blocksnap.Repository(path) as repo:
+            assert ids(repo) == [first.id]
+            report = repo.gc()
+            assert report.objects_deleted == 0
+            assert any("nothing was collected" in p for p in report.problems), report.problems
+            assert repo.gc().dead_writers == 1  # still registered
+    with blocksnap.Repository(path) as repo:
+        assert ids(repo) == [first.id, second]
+        report = repo.gc()
+        assert not report.problems and report.dead_writers == 1
+        repo.restore("vol", second, tmp_path / "out.img")
+        assert repo.verify(read_data=True).ok
+    assert (tmp_path / "out.img").read_bytes() == image
+
+
+def test_repair_takes_nothing_from_another_repositorys_index(
+    tmp_path: Path, ext4_image: Path
+) -> None:
+    path, _old, _new = two_snapshots(tmp_path, ext4_image)
+    other = tmp_path / "other"
+    with blocksnap.Repository.init(other) as repo:
+        foreign = repo.snapshot("vol", ext4_image)
+    shutil.rmtree(path / "index")
+    shutil.copytree(other / "index", path / "index")
+    proc = run_cli("list", str(path))
+    assert proc.returncode == 5 and "another repository" in proc.stderr
+    report = blocksnap.repair_index(path)
+    assert not report.restored
+    assert foreign.id not in records(path)
+    with blocksnap.Repository(path) as repo:
+        assert foreign.id not in ids(repo) and len(ids(repo)) == 2
+        assert repo.verify().ok
+
+
+def test_repair_with_a_listing_that_misses_a_record_keeps_the_snapshot(
+    tmp_path: Path, ext4_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, old, new = two_snapshots(tmp_path, ext4_image)
+    real_list = LocalBackend.list
+
+    def lagging(self: LocalBackend, prefix: str = "") -> Any:
+        return [o for o in real_list(self, prefix) if not o.name.endswith(new.id)]
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalBackend, "list", lagging)
+        report = blocksnap.repair_index(path)
+    assert report.snapshots == 2 and not report.restored, report
+    with blocksnap.Repository(path) as repo:
+        assert ids(repo) == [old.id, new.id]
+        repo.gc()
+        assert repo.verify(read_data=True).ok
+
+
+def test_settings_follow_their_objects(tmp_path: Path, ext4_image: Path) -> None:
+    """A policy or protection change killed between its object and its index step: the
+    object wins when the repository is next opened, and after a rebuild the same."""
+    path, old, _new = two_snapshots(tmp_path, ext4_image)
+    backend = local_backend(str(path))
+    policy: dict[str, object] = {"keep_last": 9}
+    backend.put(catalog.policy_name("vol"), catalog.encode_policy("vol", policy))
+    backend.put(catalog.protected_name(old.id), catalog.encode_protected(old.id))
+    with blocksnap.Repository(path) as repo:
+        saved = repo.policy("vol")
+        assert saved is not None and saved.to_dict() == blocksnap.Policy(keep_last=9).to_dict()
+        assert old.id in repo.protected()
+    backend.delete(catalog.policy_name("vol"))
+    backend.delete(catalog.protected_name(old.id))
+    with blocksnap.Repository(path) as repo:
+        assert repo.policy("vol") is None and not repo.protected()
+    shutil.rmtree(path / "index")
+    with blocksnap.Repository(path) as repo:
+        assert repo.policy("vol") is None and not repo.protected()

@@ -76,6 +76,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -227,6 +228,17 @@ def decode_entry(data: bytes | memoryview, what: str) -> Entry:
 
 def decode(data: bytes | memoryview, what: str) -> SnapshotInfo:
     return decode_entry(data, what).info
+
+
+def read_record(get: Callable[[str], bytes], snapshot_id: str) -> tuple[Entry, bytes]:
+    """A snapshot's record object, fetched with get and checked (frame, body, and that
+    it is the record of that snapshot): its entry and body."""
+    name = object_name(snapshot_id)
+    body = bytes(unframe(SNAPSHOT_MAGIC, get(name), name))
+    entry = decode_entry(body, name)
+    if entry.info.id != snapshot_id:
+        raise IntegrityError(f"{name}: holds the record of snapshot {entry.info.id}")
+    return entry, body
 
 
 def _counts(counts: dict[str, Any]) -> SnapshotCounts:

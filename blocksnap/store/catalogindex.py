@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from blocksnap.errors import IntegrityError, NotFoundError, ProtectedError
+from blocksnap.errors import IntegrityError, LockedError, NotFoundError, ProtectedError
 from blocksnap.store.entries import (
     PROTECTED_PREFIX,
     REMOVING_PREFIX,
@@ -179,15 +179,35 @@ class CatalogIndex(ObjectIndex):
 
         return self._write("removing snapshot", body)
 
-    def unmark_removing(self, snapshot_id: str, intent: bytes | None = None) -> None:
-        """End a removal that did not happen (its tombstone was never written)."""
+    def unmark_removing(
+        self,
+        snapshot_id: str,
+        intent: bytes | None = None,
+        *,
+        marked_by: bytes | None = None,
+        unregistered: bool = False,
+    ) -> bool:
+        """End a removal that did not happen (its tombstone was never written); False if
+        it is not marked (so).  marked_by: only if that writer's mark it still is;
+        unregistered: only if that writer has left the registry.  Both are checked in
+        the same transaction, so a prune that registers and marks meanwhile keeps its
+        mark."""
 
-        def body(txn: Txn) -> None:
-            txn.delete(REMOVING_PREFIX + snapshot_id.encode(), db=self.settings)
+        def body(txn: Txn) -> bool:
+            key = REMOVING_PREFIX + snapshot_id.encode()
+            marker = txn.get(key, db=self.settings)
+            if marker is None:
+                return False
+            if marked_by is not None and bytes(marker) != marked_by:
+                return False
+            if unregistered and txn.get(bytes(marker), db=self.writers_db) is not None:
+                return False
+            txn.delete(key, db=self.settings)
             if intent is not None:
                 txn.delete(intent, db=self.intents)
+            return True
 
-        self._write("removing snapshot", body)
+        return self._write("removing snapshot", body)
 
     def remove_snapshot(
         self,
@@ -241,7 +261,7 @@ class CatalogIndex(ObjectIndex):
             if only_if is not None and txn.get(only_if, db=self.snapshots) is None:
                 raise NotFoundError(f"snapshot {only_if.decode()} does not exist")
             if only_if is not None and txn.get(REMOVING_PREFIX + only_if, db=self.settings):
-                raise NotFoundError(f"snapshot {only_if.decode()} is being removed")
+                raise LockedError(f"snapshot {only_if.decode()} is being removed by a prune")
             txn.put(key, value, db=self.settings)
 
         self._write("writing settings", body)

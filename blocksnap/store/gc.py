@@ -27,12 +27,11 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from blocksnap.blockmap import node_children
-from blocksnap.errors import BlocksnapError, MissingObjectError, UsageError
+from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError, UsageError
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
-from blocksnap.store import catalog
+from blocksnap.store import catalog, sync
 from blocksnap.store.packs import (
     KIND_BLOCK,
     KIND_NODE,
@@ -76,7 +75,9 @@ def collect_garbage(
     report = GcReport()
     say: Callable[[Progress], None] = progress or (lambda _p: None)
     with store.lock_gc(), store.register() as me:
-        report.problems += store.sync_catalog()
+        synced = store.sync_catalog()
+        report.problems += synced.problems
+        blocking = [f"snapshot {s}" for s in synced.blocking]
         # The epoch is read before the registry: a writer missing from the registry read
         # registered after it, so its epoch exceeds this one and the limit below.
         epoch = store.index.epoch()
@@ -85,10 +86,24 @@ def collect_garbage(
         report.live_writers = len(live)
         report.dead_writers = len(dead)
         for writer_id in dead:
-            _clean_dead_writer(store, writer_id, report)
+            try:
+                _clean_dead_writer(store, writer_id, report)
+            except BlocksnapError as exc:  # it stays registered, its epoch in the limit
+                report.problems.append(f"a writer that died stays registered: {exc}")
+                blocking.append(f"writer {writer_id.hex()}")
         store.sweep_orphan_locks()
-        _end_abandoned_removals(store, live)
+        _end_abandoned_removals(store)
         _delete_removed_records(store, me, report)
+        if blocking:
+            # A committed snapshot the index could not take in may have its blocks at
+            # count 0: collecting anything now could delete them.
+            report.problems.append(
+                "nothing was collected while these stand unindexed: "
+                + ", ".join(blocking)
+                + " (see above); gc collects once they are indexed"
+            )
+            report.unreferenced_left = store.index.unreferenced_count()
+            return report
         # Every live writer registered before the registry read is in live; any that
         # registers later gets an epoch above `epoch`, so it revives (Index.claim) before
         # using anything collectable below, and collect re-checks that in its transaction.
@@ -113,16 +128,17 @@ def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None
         if name.startswith("packs/"):
             keep = store.index.has_pack(bytes.fromhex(name.rsplit("/", 1)[-1]))
         elif name.startswith(catalog.SNAPSHOTS) and snapshot_id is not None:
-            # A record is the snapshot unless a tombstone names it (the sync above has
-            # cached every record that stands); one never written may have left an
-            # unfinished write, which the delete takes.
+            # A record is the snapshot unless a tombstone names it; one never written
+            # may have left an unfinished write, which the delete takes.
             keep = store.exists(name) and not store.exists(catalog.tombstone_name(snapshot_id))
+            if keep and store.index.snapshot_record(snapshot_id) is None:
+                _cache_before_forgetting(store, snapshot_id, report)
         elif name.startswith(catalog.TOMBSTONES) and snapshot_id is not None:
             # A removal: done if its tombstone exists (the sync above applied it),
             # else it never happened and the snapshot stays.
             keep = store.exists(name)
             if not keep and removing.get(snapshot_id) == writer_id:
-                store.index.unmark_removing(snapshot_id)
+                store.index.unmark_removing(snapshot_id, marked_by=writer_id)
         else:
             keep = False
         if not keep:
@@ -136,18 +152,34 @@ def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None
     store.forget_writer(writer_id)
 
 
-def _end_abandoned_removals(store: Store, live: dict[bytes, Any]) -> None:
-    """Removal marks whose writer is gone without its intents (its step after the
-    tombstone's put failed in a way it could not tell): done if the tombstone exists,
-    called off if not, so that nothing stays unprotectable."""
+def _cache_before_forgetting(store: Store, snapshot_id: str, report: GcReport) -> None:
+    """A dead writer's record that stands and that the sync above did not cache (it
+    appeared after the listing): cached now, before the writer's epoch stops keeping
+    its blocks.  One that cannot be cached raises, so the writer stays registered."""
+    try:
+        entry, body = catalog.read_record(store.backend.get, snapshot_id)
+    except IntegrityError as exc:  # damaged: no one can read that snapshot
+        report.problems.append(f"snapshot {snapshot_id} cannot be indexed: {exc}")
+        return
+    sync.cache_entry(store.index, entry, body)
+
+
+def _end_abandoned_removals(store: Store) -> None:
+    """Removal marks whose writer left the registry without its intents (its step after
+    the tombstone's put failed in a way it could not tell): done if the tombstone
+    exists, called off if not, so that nothing stays unprotectable.  The marks are read
+    before the registry, and the mark goes only if its writer is still unregistered in
+    the transaction that removes it: a prune that registers and marks meanwhile keeps
+    its mark."""
+    marks = store.index.removing()
     registered = store.index.writers()
-    for snapshot_id, writer_id in store.index.removing().items():
-        if writer_id in live or writer_id in registered:
+    for snapshot_id, writer_id in marks.items():
+        if writer_id in registered:
             continue
         if store.exists(catalog.tombstone_name(snapshot_id)):
             store.index.remove_snapshot(snapshot_id)
         else:
-            store.index.unmark_removing(snapshot_id)
+            store.index.unmark_removing(snapshot_id, marked_by=writer_id, unregistered=True)
 
 
 def _delete_removed_records(store: Store, me: Registration, report: GcReport) -> None:

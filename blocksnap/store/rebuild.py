@@ -35,14 +35,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 
 from blocksnap.blockmap import node_children
 from blocksnap.errors import (
     BlocksnapError,
     IntegrityError,
-    ObjectExistsError,
+    MissingObjectError,
     UnsupportedFormatError,
 )
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
@@ -74,8 +74,9 @@ class RebuildReport:
     garbage: int = 0  # objects left out as unreachable (gc would have collected them)
 
 
-def _old_records(path: str) -> dict[str, bytes]:
-    """Snapshot id -> intact record body, from the index being replaced, if it opens."""
+def _old_records(path: str, repository_id: str) -> dict[str, bytes]:
+    """Snapshot id -> intact record body, from the index being replaced, if it opens and
+    is this repository's (an index copied in from elsewhere lends nothing)."""
     location = os.path.join(path, "index")
     if not os.path.exists(os.path.join(location, "data.mdb")):
         return {}
@@ -84,6 +85,7 @@ def _old_records(path: str) -> dict[str, bytes]:
     except BlocksnapError:
         return {}
     try:
+        old.check_identity(repository_id)
         found = {}
         for snapshot_id in old.cached_snapshot_ids():
             body = old.snapshot_record(snapshot_id)
@@ -101,52 +103,69 @@ def _old_records(path: str) -> dict[str, bytes]:
         old.close()
 
 
-def _catalog(
-    store: Store, old: dict[str, bytes], report: RebuildReport
-) -> list[tuple[catalog.Entry, bytes]]:
-    """The snapshots the objects define (records less tombstones), damaged or missing
-    record objects written again from the old index's copies where it has them."""
+@dataclass(frozen=True, slots=True)
+class _Found:
+    """A snapshot the objects define, and why its record must be written again, if so."""
+
+    entry: catalog.Entry
+    body: bytes
+    restore: str | None = None
+
+
+def _catalog(store: Store, old: dict[str, bytes], report: RebuildReport) -> list[_Found]:
+    """The snapshots the objects define: records that no tombstone names.  One whose
+    record object is damaged or missing is taken from the old index's copy (to be
+    written again once it is indexed); one with no intact copy is reported."""
     removed = {catalog.id_of(o.name) for o in store.backend.list(catalog.TOMBSTONES)}
-    entries: list[tuple[catalog.Entry, bytes]] = []
-    seen: set[str] = set()
-    for listed in store.backend.list(catalog.SNAPSHOTS):
-        name = listed.name
-        snapshot_id = catalog.id_of(name)
-        if snapshot_id is None:
+    found: list[_Found] = []
+    listed = {o.name for o in store.backend.list(catalog.SNAPSHOTS)}
+    ids = {catalog.id_of(name) for name in listed}
+    for name in sorted(listed):
+        if catalog.id_of(name) is None:
             report.damaged.append(f"{name}: not a snapshot record name")
-            continue
+    for snapshot_id in sorted({i for i in ids | set(old) if i is not None}):
         if snapshot_id in removed or store.exists(catalog.tombstone_name(snapshot_id)):
             continue  # (a listing may lag behind a removal: never bring one back)
-        seen.add(snapshot_id)
-        try:
-            body = catalog.unframe(catalog.SNAPSHOT_MAGIC, store.backend.get(name), name)
-            entry = catalog.decode_entry(body, name)
-            if entry.info.id != snapshot_id:
-                raise IntegrityError(f"{name}: holds the record of snapshot {entry.info.id}")
-        except UnsupportedFormatError:
-            raise
-        except BlocksnapError as exc:
-            copy = old.get(snapshot_id)
-            if copy is None:
-                report.damaged.append(f"{exc}; snapshot {snapshot_id} left out (no intact copy)")
-                continue
-            store.backend.put(name, catalog.frame(catalog.SNAPSHOT_MAGIC, copy))
-            report.restored.append(f"{exc}; written again from the index's copy")
-            entry, body = catalog.decode_entry(copy, name), copy
-        entries.append((entry, bytes(body)))
-    for snapshot_id, copy in sorted(old.items()):
-        if snapshot_id in seen or snapshot_id in removed:
-            continue
-        if store.exists(catalog.tombstone_name(snapshot_id)):
-            continue
         name = catalog.object_name(snapshot_id)
         try:
-            store.backend.put(name, catalog.frame(catalog.SNAPSHOT_MAGIC, copy), exclusive=True)
-        except ObjectExistsError:
-            continue  # the listing was behind: the object is there
-        report.restored.append(f"{name} was missing; written again from the index's copy")
-        entries.append((catalog.decode_entry(copy, name), copy))
-    return entries
+            entry, body = catalog.read_record(store.backend.get, snapshot_id)
+        except UnsupportedFormatError:
+            raise
+        except MissingObjectError:
+            why = f"{name} was missing"
+        except BlocksnapError as exc:
+            why = str(exc)
+        else:
+            found.append(_Found(entry, body))
+            continue
+        copy = old.get(snapshot_id)
+        if copy is None:
+            report.damaged.append(f"{why}; snapshot {snapshot_id} left out (no intact copy)")
+            continue
+        found.append(_Found(catalog.decode_entry(copy, name), copy, why))
+    return found
+
+
+def _valid(found: list[_Found], nodes: set[bytes], report: RebuildReport) -> list[_Found]:
+    """The snapshots that can be indexed, in each volume's order: the root of each is an
+    indexed map node, and a volume's block size is its first snapshot's."""
+    valid = []
+    block_sizes: dict[str, int] = {}
+    for item in sorted(found, key=lambda f: (f.entry.info.volume, f.entry.order)):
+        info = item.entry.info
+        size = block_sizes.setdefault(info.volume, info.block_size)
+        if info.map_root not in nodes:
+            report.damaged.append(
+                f"snapshot {info.id} left out: its map root {info.map_root.hex()} is in no pack"
+            )
+        elif info.block_size != size:
+            report.damaged.append(
+                f"snapshot {info.id} left out: block size {info.block_size}, volume "
+                f"{info.volume} {size}"
+            )
+        else:
+            valid.append(item)
+    return valid
 
 
 def _restore_settings(
@@ -246,7 +265,7 @@ def _drop_unreachable(
     store: Store,
     index: Index,
     nodes: set[bytes],
-    entries: list[tuple[catalog.Entry, bytes]],
+    entries: list[catalog.Entry],
     counts: Counter[bytes],
     report: RebuildReport,
 ) -> None:
@@ -257,7 +276,7 @@ def _drop_unreachable(
     fail on objects that are not there.  Only interior nodes are read for the walk
     (a few per thousand leaves); the dead ones are read again to uncount them."""
     reached: set[bytes] = set()
-    stack = [(e.info.map_root, e.info.map_height - 1) for e, _ in entries]
+    stack = [(e.info.map_root, e.info.map_height - 1) for e in entries]
     while stack:
         node, level = stack.pop()
         if node in reached or node not in nodes:
@@ -292,7 +311,7 @@ def index_missing(path: str) -> bool:
 def rebuild_index(path: str, progress: ProgressCallback | None = None) -> RebuildReport:
     report = RebuildReport()
     with Store(path, exclusive=True) as store:
-        old = _old_records(path)
+        old = _old_records(path, store.config.id)
         new_path = os.path.join(path, REBUILD_DIR)
         shutil.rmtree(new_path, ignore_errors=True)
         index = Index(new_path, create=True)
@@ -322,32 +341,28 @@ def rebuild_index(path: str, progress: ProgressCallback | None = None) -> Rebuil
                 done += size
                 if progress:  # bytes of packs read: packs differ widely in size
                     progress(Progress("packs", done, total, ProgressUnit.BYTES))
-            entries = _catalog(store, old, report)
-            _drop_unreachable(store, index, nodes, entries, counts, report)
+            entries = _valid(_catalog(store, old, report), nodes, report)
+            _drop_unreachable(store, index, nodes, [f.entry for f in entries], counts, report)
             index.set_counts(counts)
             committed: set[str] = set()
-            by_volume: dict[str, list[catalog.Entry]] = defaultdict(list)
-            bodies: dict[str, bytes] = {}
-            for found, body in entries:
-                by_volume[found.info.volume].append(found)
-                bodies[found.info.id] = body
-            for volume, snaps in by_volume.items():
-                for found in sorted(snaps, key=lambda e: e.order):
-                    info = found.info
-                    try:
-                        index.commit_snapshot(
-                            volume,
-                            info.block_size,
-                            info.id,
-                            bodies[info.id],
-                            info.map_root,
-                            found.seq,
-                        )
-                    except IntegrityError as exc:
-                        report.damaged.append(f"snapshot {info.id} left out: {exc}")
-                        continue
-                    committed.add(info.id)
-                    report.snapshots += 1
+            for item in entries:  # in each volume's order
+                info = item.entry.info
+                index.commit_snapshot(
+                    info.volume,
+                    info.block_size,
+                    info.id,
+                    item.body,
+                    info.map_root,
+                    item.entry.seq,
+                )
+                committed.add(info.id)
+                report.snapshots += 1
+                if item.restore is not None:
+                    store.backend.put(
+                        catalog.object_name(info.id),
+                        catalog.frame(catalog.SNAPSHOT_MAGIC, item.body),
+                    )
+                    report.restored.append(f"{item.restore}; written again from the index's copy")
             _restore_settings(store, index, committed, report)
             report.garbage += index.forget_unreferenced()
         finally:

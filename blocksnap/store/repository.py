@@ -41,6 +41,7 @@ from blocksnap.blockmap import ZERO_ID
 from blocksnap.errors import (
     BlocksnapError,
     IntegrityError,
+    Interrupted,
     MissingObjectError,
     NotFoundError,
     ObjectExistsError,
@@ -49,7 +50,7 @@ from blocksnap.errors import (
     UsageError,
 )
 from blocksnap.model import Checkpoint, SnapshotInfo
-from blocksnap.store import catalog, reads, records
+from blocksnap.store import catalog, reads, records, sync
 from blocksnap.store import index as index_module
 from blocksnap.store.backend import LocalBackend, ObjectStore
 from blocksnap.store.config import read_config
@@ -141,6 +142,8 @@ class Store:
         self._stack = contextlib.ExitStack()
         self._stack.callback(self.backend.close)
         self._index: Index | None = None
+        # volume -> the highest seq of a record that stands and could not be cached
+        self._pending_seq: dict[str, int] = {}
         try:
             self.config = read_config(self.backend, path)
             if exclusive:  # a repair rewrites the index and deletes: it writes
@@ -356,7 +359,7 @@ class Store:
         killed at that moment); the error says that the snapshot is committed.
         drop_checkpoint: this snapshot supersedes the volume's interrupted run."""
         writer.flush()
-        seq = self.index.next_seq(info.volume)
+        seq = max(self.index.next_seq(info.volume), self._pending_seq.get(info.volume, 0) + 1)
         body = catalog.encode(info, self.config.algorithms(), seq)
         data = catalog.frame(catalog.SNAPSHOT_MAGIC, body)
         name = catalog.object_name(info.id)
@@ -364,8 +367,14 @@ class Store:
         self.index.add_intent(intent)
         try:
             self.backend.put(name, data, exclusive=True)
-        except BaseException:
-            if not self._landed(name, data, writer.registration):
+        except BaseException as exc:
+            landed = self._landed(name, data, writer.registration)
+            if landed is None:
+                raise StoreError(
+                    f"cannot tell whether snapshot {info.id} was committed ({exc}): it was "
+                    "if its record exists; the next command that opens the repository sees"
+                ) from exc
+            if not landed:
                 raise
             # The put's answer was lost, but the record is there: the snapshot is committed.
         try:
@@ -380,19 +389,22 @@ class Store:
                 drop_checkpoint=drop_checkpoint,
             )
         except BaseException as exc:
-            writer.registration.keep_intents()  # gc indexes the snapshot
+            writer.registration.keep_intents()  # the next sync or gc caches the snapshot
+            committed = (
+                f"snapshot {info.id} is committed, but the index could not record it yet; "
+                "the next command that opens the repository does"
+            )
+            if isinstance(exc, KeyboardInterrupt):
+                raise Interrupted(f"interrupted: {committed}") from None
             if isinstance(exc, BlocksnapError):
-                raise StoreError(
-                    f"snapshot {info.id} is committed, but the index could not record it "
-                    f"({exc}); the next gc or repair --rebuild-index does"
-                ) from exc
+                raise StoreError(f"{committed} ({exc})") from exc
             raise
 
-    def _landed(self, name: str, data: bytes, registration: Registration) -> bool:
+    def _landed(self, name: str, data: bytes, registration: Registration) -> bool | None:
         """After a create-if-absent put of data raised: whether the object is there with
-        those bytes (its answer was lost).  When that cannot be told, the object is
-        deleted, so that the put did not happen, or, if that fails too, the
-        registration keeps its intents and gc decides by what it then finds."""
+        those bytes (its answer was lost), or None when that cannot be told: then the
+        registration keeps its intents, and what exists decides (for a record or a
+        tombstone: the next sync, or gc, goes by whether it is there)."""
         try:
             return self.backend.get(name) == data  # (another's bytes are not ours to delete)
         except MissingObjectError:
@@ -400,9 +412,8 @@ class Store:
                 self.backend.delete(name)
             return False
         except BaseException:
-            with contextlib.suppress(BlocksnapError):  # the put's error is the one to tell
-                self._delete_or_leave_to_gc(name, registration)
-            return False
+            registration.keep_intents()
+            return None
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Record the checkpoint; the caller flushed its writer, so its map is durable."""
@@ -437,8 +448,14 @@ class Store:
                 removed = True
             except ObjectExistsError:
                 removed = False  # another process removed it first
-            except BaseException:
-                if not self._landed(tombstone, data, registration):
+            except BaseException as exc:
+                landed = self._landed(tombstone, data, registration)
+                if landed is None:
+                    raise StoreError(
+                        f"cannot tell whether snapshot {info.id} was removed ({exc}): it was "
+                        "if its tombstone exists; the next gc settles it"
+                    ) from exc
+                if not landed:
                     raise
                 removed = True
         except BaseException:
@@ -453,46 +470,17 @@ class Store:
 
     def exists(self, name: str) -> bool:
         """Whether the object is there (a stat, not a listing, which may lag)."""
-        try:
-            self.backend.stat(name)
-        except MissingObjectError:
-            return False
-        return True
+        return sync.exists(self.backend, name)
 
-    def sync_catalog(self) -> list[str]:
-        """Bring the index's catalog up to date with the objects, and return what could
-        not be brought in: snapshots whose record exists and is not cached are cached
-        (a commit whose index step failed or was killed, or, later, another host's),
-        and snapshots with a tombstone are forgotten (a removal killed after its
-        tombstone).  A record object a tombstone names is deleted by gc, not here."""
+    def sync_catalog(self) -> sync.SyncReport:
+        """Bring the index up to date with the objects (store/sync.py); nothing on a
+        read-only filesystem, whose index no process writes."""
         if self.read_only:
-            return []
-        records = {catalog.id_of(o.name) for o in self.backend.list(catalog.SNAPSHOTS)}
-        tombstones = {catalog.id_of(o.name) for o in self.backend.list(catalog.TOMBSTONES)}
-        records.discard(None)
-        tombstones.discard(None)
-        cached = self.index.cached_snapshot_ids()
-        for snapshot_id in sorted(s for s in tombstones & cached if s is not None):
-            self.index.remove_snapshot(snapshot_id)
-        problems = []
-        for snapshot_id in sorted(s for s in records - tombstones - cached if s is not None):
-            name = catalog.object_name(snapshot_id)
-            if self.exists(catalog.tombstone_name(snapshot_id)):
-                continue  # a listing may lag behind a removal: never bring one back
-            try:
-                body = catalog.unframe(catalog.SNAPSHOT_MAGIC, self.backend.get(name), name)
-                entry = catalog.decode_entry(body, name)
-                if entry.info.id != snapshot_id:
-                    raise IntegrityError(f"{name}: record of snapshot {entry.info.id}")
-                info = entry.info
-                self.index.commit_snapshot(
-                    info.volume, info.block_size, info.id, bytes(body), info.map_root, entry.seq
-                )
-            except MissingObjectError:
-                continue  # removed since the listing
-            except BlocksnapError as exc:
-                problems.append(f"snapshot {snapshot_id} cannot be indexed: {exc}")
-        return problems
+            return sync.SyncReport()
+        report = sync.sync(self.backend, self.index)
+        for volume, seq in report.pending_seq.items():
+            self._pending_seq[volume] = max(self._pending_seq.get(volume, 0), seq)
+        return report
 
     def _delete_or_leave_to_gc(self, name: str, registration: Registration) -> None:
         """Delete an object named by this registration's intent, dropping the intent; if
@@ -546,6 +534,14 @@ class Store:
             self.backend.delete(name)
             self.index.delete_setting(key)
             return
+        marker = self.index.removing().get(snapshot_id)
+        if marker is not None and not self.sessions.alive(marker):
+            # A prune that died removing it: finished if its tombstone is there, else
+            # called off (the mark only if it is still that prune's).
+            if self.exists(catalog.tombstone_name(snapshot_id)):
+                self.index.remove_snapshot(snapshot_id)
+            else:
+                self.index.unmark_removing(snapshot_id, marked_by=marker)
         self.backend.put(name, catalog.encode_protected(snapshot_id))
         try:
             self.index.put_setting(key, b"", only_if=snapshot_id.encode())

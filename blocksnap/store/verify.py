@@ -381,15 +381,31 @@ def verify(
     for snapshot_id in sorted(uncached):
         name = catalog.object_name(snapshot_id)
         try:  # a record the index lacks commits a snapshot: it must be readable
-            catalog.decode(
-                catalog.unframe(catalog.SNAPSHOT_MAGIC, store.backend.get(name), name), name
-            )
+            entry, _body = catalog.read_record(store.backend.get, snapshot_id)
         except MissingObjectError:
             continue
         except BlocksnapError as exc:
             problems.append(Problem(f"{exc}; the snapshot it commits is not in the index"))
             continue
-        report.leftovers.append(f"{name} (a committed snapshot the index lacks: gc indexes it)")
+        root = entry.info.map_root
+        if root not in view.locations:  # its blocks are not kept for it
+            problems.append(
+                Problem(
+                    f"snapshot {snapshot_id} is committed and not in the index, and its map "
+                    f"root {root.hex()} is not in the index either"
+                )
+            )
+            continue
+        report.leftovers.append(
+            f"{name} (a committed snapshot the index lacks: the next command that opens "
+            "the repository for writing indexes it)"
+        )
+    report.leftovers += sorted(
+        f"snapshot {s} (removed, its tombstone exists, and still in the index: the next "
+        "command that opens the repository for writing forgets it)"
+        for s in cached & removed
+        if s is not None
+    )
     report.leftovers += sorted(
         f"snapshots/{s} (record of a removed snapshot: gc deletes it)"
         for s in listed & removed
