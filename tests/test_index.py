@@ -280,3 +280,27 @@ def test_index_nodes_past_their_page_are_damage_for_verify(
         assert "out of bounds" in proc.stderr and "--rebuild-index" in proc.stderr
     run_cli("repair", str(repo), "--rebuild-index", check=True)
     run_cli("verify", str(repo), "--read-data", check=True)
+
+
+def test_an_index_growing_while_it_is_opened_is_not_called_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer in another process commits between the open's look at the data file's
+    size and its read of the meta pages: the newer meta names pages past the size seen
+    first, which is growth, not truncation."""
+    path = tmp_path / "repo"
+    blocksnap.Repository.init(path).close()
+    image = tmp_path / "random.img"
+    image.write_bytes(random.Random(5).randbytes(24 << 20))
+    real = lmdbfile._parse_meta
+    grown: list[int] = []
+
+    def parse(data: bytes, which: int) -> lmdbfile.Meta | None:
+        if not grown:  # between the first meta read and the rest: another process commits
+            grown.append(os.path.getsize(path / "index" / "data.mdb"))
+            run_cli("snapshot", str(path), "vol", str(image), check=True)
+        return real(data, which)
+
+    monkeypatch.setattr(lmdbfile, "_parse_meta", parse)
+    lmdbfile.check_data_file(str(path / "index"))
+    assert os.path.getsize(path / "index" / "data.mdb") > grown[0]

@@ -91,10 +91,13 @@ def read_metas(path: str) -> tuple[int, Meta, Meta]:
     length = _PAGE_HEADER.size + _META.size
     try:
         with open(data_path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
             meta0 = _parse_meta(f.read(length), 0)
             page_size = meta0.page_size if meta0 is not None else os.sysconf("SC_PAGE_SIZE")
             meta1 = _parse_meta(os.pread(f.fileno(), length, page_size), 1)
+            # The size after the metas: a writer committing meanwhile has written the pages
+            # a newer meta names before that meta, and LMDB never shrinks the file, so the
+            # size then covers what the metas read say is in use.
+            size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         raise damaged(path, "data.mdb is missing") from None
     except OSError as exc:
