@@ -320,10 +320,12 @@ class Campaign:
                 args = ["repair", str(repo), "--rebuild-index"]
             else:
                 args = ["verify", str(repo)]
-            # Killed anywhere from start-up to just past its usual end.
+            # Killed anywhere from start-up to just past its usual end; half of the
+            # trials past start-up (the interpreter's start is most of a short command).
             usual = self.durations.get(f"{args[0]}-{op}", self.durations.get(args[0], 1.0))
+            earliest = 0.02 if trial % 2 else 0.4 * usual
             started = time.monotonic()
-            proc = self.cli(*args, kill_after=self.rng.uniform(0.02, 1.1 * usual))
+            proc = self.cli(*args, kill_after=self.rng.uniform(earliest, 1.1 * usual))
             if proc.returncode >= 0:
                 self.durations[f"{args[0]}-{op}"] = time.monotonic() - started
             self.count("kill_trials")
@@ -353,7 +355,9 @@ class Campaign:
             verify = self.cli("verify", str(repo))
             if verify.returncode != 0:
                 self.count("false_damage")
-                self.failures.append(f"verify after killed {op}: {verify.stdout[-800:]}")
+                self.failures.append(
+                    f"verify after killed {op}: {verify.stdout[-800:]} {verify.stderr[-400:]}"
+                )
             if trial % 25 == 24:
                 self.check_restores(repo, digests, allowed_gone)
                 self.check_rebuilds(repo, f"kill trial {trial}")
@@ -380,6 +384,7 @@ class Campaign:
                 proc = self.cli("snapshot", str(repo), volume, str(image), "--json")
                 self.count("concurrent_ops")
                 if proc.returncode == 0:
+                    self.count("concurrent_snapshots")
                     with self.lock:
                         sid = json.loads(proc.stdout)["id"]
                         digests[sid], volumes[sid] = state, volume
@@ -405,7 +410,10 @@ class Campaign:
                 self.count("concurrent_verifies")
                 if proc.returncode != 0 and "does not exist" not in proc.stderr:
                     self.count("false_damage")
-                    self.failures.append(f"concurrent verify: {proc.stdout[-800:]}")
+                    self.failures.append(
+                        f"concurrent verify {' '.join(extra)} exited {proc.returncode}: "
+                        f"{proc.stdout[-800:]} {proc.stderr[-800:]}"
+                    )
 
         def restore_loop() -> None:
             target = self.root / "conc-restore.img"
