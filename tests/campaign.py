@@ -12,7 +12,8 @@ format 2's (store/__init__.py): the objects are the truth, the index a cache of 
   --rebuild-index) killed with SIGKILL at a random moment.  After each: every snapshot
   whose record object exists and no tombstone names is listed (and nothing else is), a
   snapshot is listed as protected exactly when its protection object exists, a new
-  incremental's parent is the volume's previous latest, no snapshot that was removed
+  incremental's parent is the volume's previous latest, each volume's policy is its
+  policy object's, no snapshot that was removed
   comes back, and verify passes.  Every few trials every snapshot is restored and
   compared with the image it was taken of, and the rebuild equivalence is checked: a
   copy with index/ deleted and the repository after repair --rebuild-index answer list,
@@ -34,7 +35,8 @@ format 2's (store/__init__.py): the objects are the truth, the index a cache of 
   written outside its target.
 
 It prints one JSON document of counts; "lost", "wrong_bytes", "crashes", "false_damage",
-"resurrected", "drift", "rebuild_mismatch", "repair_lost" and "failures" must all be 0,
+"resurrected", "invented", "drift", "rebuild_mismatch", "repair_lost" and "failures"
+must all be 0,
 and the exit status is 1 if any is not.
 """
 
@@ -55,8 +57,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from blocksnap.errors import IntegrityError
+from blocksnap.store import catalog
 from blocksnap.store.backend import TMP_MARKER
-from blocksnap.store.catalog import SNAPSHOT_ID
 from tests.conftest import debugfs, make_tree, mkfs_ext4
 
 TIMEOUT = 300
@@ -199,6 +202,27 @@ class Campaign:
             )
         gone |= tombstones
 
+    def check_policies(self, repo: Path, volumes: list[str], where: str) -> None:
+        """Each volume's policy, as the policy command shows it, is its policy object's."""
+        saved: dict[str, object] = {}
+        for name in object_names(repo / "settings"):
+            if name.startswith("policy-"):
+                data = (repo / "settings" / name).read_bytes()
+                try:
+                    setting = catalog.decode_setting(data, f"settings/{name}")
+                except IntegrityError as exc:  # the kills damage nothing
+                    self.fail(f"{where}: {exc}")
+                    continue
+                saved[str(setting.volume)] = setting.policy
+        for volume in volumes:
+            proc = self.cli("policy", str(repo), volume, "--json")
+            shown = json.loads(proc.stdout)["policy"] if proc.returncode == 0 else "failed"
+            if shown != saved.get(volume):
+                self.count("drift")
+                self.failures.append(
+                    f"{where}: policy of {volume} shows {shown}, its object {saved.get(volume)}"
+                )
+
     def state(self, repo: Path) -> dict[str, Any] | None:
         """What list, info latest / latest~1 and policy answer, per volume (None when
         list fails)."""
@@ -335,6 +359,7 @@ class Campaign:
                 continue
             after = listed
             self.check_objects(repo, after, gone, f"after killed {op}")
+            self.check_policies(repo, sorted(images), f"after killed {op}")
             gone |= set(before) - set(after)
             # A synthetic full holds what the volume's latest snapshot held.
             source = mine[-1]["id"] if mine else None
@@ -633,7 +658,7 @@ def object_names(directory: Path) -> set[str]:
 
 def snapshot_ids(directory: Path) -> set[str]:
     """The snapshot ids that name objects under snapshots/ or tombstones/."""
-    return {name for name in object_names(directory) if SNAPSHOT_ID.fullmatch(name)}
+    return {name for name in object_names(directory) if catalog.SNAPSHOT_ID.fullmatch(name)}
 
 
 def digest(path: Path) -> str:
