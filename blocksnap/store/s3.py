@@ -38,6 +38,7 @@ import contextlib
 import hashlib
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -60,7 +61,7 @@ MIN_PART_SIZE = 5 << 20  # bytes: S3's smallest part but the last
 DEFAULT_PART_SIZE = 8 << 20  # bytes
 DELETE_BATCH_COUNT = 1000  # keys per DeleteObjects: S3's limit
 DEFAULT_PARALLELISM = 8
-RETRY_ATTEMPTS = 5  # botocore's attempts in all, first included
+RETRY_ATTEMPTS = 5  # botocore's attempts in all, first included (backoff up to 20 s)
 CONNECT_TIMEOUT = 10.0  # seconds
 READ_TIMEOUT = 60.0  # seconds: a 8 MiB part on a slow link still fits
 
@@ -104,6 +105,7 @@ class S3Backend:
         region: str | None = None,
         part_size: int = DEFAULT_PART_SIZE,
         max_parallelism: int = DEFAULT_PARALLELISM,
+        retry_attempts: int = RETRY_ATTEMPTS,
     ) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes")
@@ -129,7 +131,7 @@ class S3Backend:
         )
         config = Config(
             region_name=region,
-            retries={"mode": "standard", "max_attempts": RETRY_ATTEMPTS},
+            retries={"mode": "standard", "max_attempts": retry_attempts},
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=READ_TIMEOUT,
             # Each worker thread holds a connection; a few more for list and delete.
@@ -147,9 +149,17 @@ class S3Backend:
             )
         except (botocore.exceptions.BotoCoreError, ValueError) as exc:
             raise StoreError(f"cannot open S3 bucket {bucket}: {exc}") from exc
-        self._closed = False
-        self._lock = threading.Lock()
+        # Operation name -> HTTP requests sent (botocore's retries included): what a
+        # command costs on a metered store, and what tests count.
+        self.requests: Counter[str] = Counter()
+        self._requests_lock = threading.Lock()
+        self._client.meta.events.register("before-send.s3", self._count)
         self._call("opening", "", lambda: self._client.head_bucket(Bucket=bucket))
+
+    def _count(self, *, event_name: str, **_kwargs: object) -> None:
+        operation = event_name.rsplit(".", 1)[-1]
+        with self._requests_lock:
+            self.requests[operation] += 1
 
     @property
     def capabilities(self) -> Capabilities:
@@ -351,10 +361,9 @@ class S3Backend:
         return [f"{key} (upload {upload_id})" for key, upload_id in self._uploads("")]
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
+        """Release the pooled connections.  Idempotent; like the local backend, which
+        reopens its files, a later call opens new connections (a Repository hands one
+        backend to the rebuild of its index and then to its own store)."""
         self._client.close()
 
 
