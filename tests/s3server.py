@@ -99,11 +99,19 @@ def _args(weed: str, scratch: Path, port: int) -> list[str]:
         "-s3.port.iceberg=0",
         "-s3.port.lance=0",
         f"-s3.config={scratch / 's3.json'}",
+        *_socket(scratch),
         "-webdav=false",
         "-admin.ui=false",
         # The maintenance worker dials admin.port+10000, whatever -admin.port.grpc says.
         f"-admin.port={port + 8}",
     ]
+
+
+def _socket(scratch: Path) -> list[str]:
+    """The S3 gateway's unix socket in scratch, where it fits a socket path (108 bytes),
+    since the gateway leaves it behind even on a clean stop; else weed's default in /tmp."""
+    path = scratch / "s3.sock"
+    return [f"-s3.localSocket={path}"] if len(str(path)) <= 100 else []
 
 
 def _ready(server: S3Server, master_port: int) -> bool:

@@ -75,7 +75,6 @@ _TRANSIENT_CODES = frozenset(
         "Throttling",
         "ThrottlingException",
         "RequestTimeout",
-        "RequestTimeTooSkewed",
         "ServiceUnavailable",
         "InternalError",
         "503",
@@ -189,6 +188,10 @@ class S3Backend:
                 return StoreError(f"S3 bucket {self.bucket} does not exist")
             if code in _MISSING_CODES or status == 404:
                 return MissingObjectError(f"object {name} is missing from the repository")
+            if code == "RequestTimeTooSkewed":  # a retry will not mend it
+                return StoreError(
+                    f"S3 bucket {self.bucket} refused the request: this host's clock is off"
+                )
             if code == "PreconditionFailed" or status == 412:
                 return ObjectExistsError(f"object {name} exists already")
             if code in _DENIED_CODES or status == 403:
@@ -209,6 +212,7 @@ class S3Backend:
             (
                 botocore.exceptions.ConnectionError,  # refused, reset, connect timeout
                 botocore.exceptions.HTTPClientError,  # read timeout, broken stream
+                botocore.exceptions.IncompleteReadError,  # a body cut short
                 ConnectionError,
                 TimeoutError,
             ),
