@@ -11,17 +11,19 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import blocksnap
-from blocksnap.errors import StoreError, TransientStoreError
+from blocksnap.errors import ObjectExistsError, StoreError, TransientStoreError
 from blocksnap.extract import extract
 from blocksnap.retention import Policy
 from blocksnap.store.locks import LocalLocks, LocalSessions
 from blocksnap.store.s3 import S3Backend
 from tests.conftest import debugfs
+from tests.s3proxy import FaultProxy, Match, fault_proxy
 from tests.s3server import S3_BUCKET, S3Server
 
 PACK_TARGET_SIZE = 12 << 20  # bytes: packs of a full 8 MiB part and a shorter last one
@@ -179,3 +181,74 @@ def test_s3_credentials_from_the_environment(
         assert backend.get("config") == b"x"
     finally:
         backend.close()
+
+
+# --- faults between the backend and the server ------------------------------------------
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
+    with fault_proxy(s3_server.endpoint) as found:
+        yield found
+
+
+def _via(proxy: FaultProxy, server: S3Server, prefix: str, **kwargs: int) -> S3Backend:
+    return S3Backend(
+        S3_BUCKET,
+        prefix,
+        endpoint_url=proxy.endpoint,
+        access_key=server.access_key,
+        secret_key=server.secret_key,
+        region=server.region,
+        **kwargs,
+    )
+
+
+def _is(method: str, fragment: str) -> Match:
+    return lambda m, path: m == method and fragment in path
+
+
+def test_s3_slow_down_is_retried_then_transient(
+    proxy: FaultProxy, s3_server: S3Server, s3_prefix: str
+) -> None:
+    backend = _via(proxy, s3_server, s3_prefix)
+    rule = proxy.inject("slow-down", _is("PUT", "/config"), count=2)
+    backend.put("config", b"data")  # botocore's own retries absorb two 503s
+    assert rule.hits == 2 and backend.requests["PutObject"] == 3
+    assert backend.get("config") == b"data"
+    once = _via(proxy, s3_server, s3_prefix, retry_attempts=1)
+    proxy.inject("slow-down", _is("GET", "/config"))
+    with pytest.raises(TransientStoreError, match="failed for now: SlowDown"):
+        once.get("config")
+    assert once.get("config") == b"data"
+
+
+def test_s3_exclusive_put_whose_answer_was_lost_is_not_a_lost_race(
+    proxy: FaultProxy, s3_server: S3Server, s3_prefix: str
+) -> None:
+    """The first attempt stores the object and its answer is lost; botocore's retry
+    then meets a 412 from our own object, which must not read as a race lost."""
+    backend = _via(proxy, s3_server, s3_prefix)
+    rule = proxy.inject("lose-answer", _is("PUT", "/snapshots/s1"))
+    backend.put("snapshots/s1", b"record", exclusive=True)
+    assert rule.hits == 1 and backend.requests["PutObject"] == 2
+    assert backend.get("snapshots/s1") == b"record"
+    with pytest.raises(ObjectExistsError):  # another writer's bytes: a race lost
+        backend.put("snapshots/s1", b"other", exclusive=True)
+    proxy.inject("lose-answer", _is("PUT", "/snapshots/s1"))
+    with pytest.raises(ObjectExistsError):  # lost answer, but the object is not ours
+        backend.put("snapshots/s1", b"other", exclusive=True)
+
+
+def test_s3_exclusive_multipart_commit_whose_answer_was_lost_is_committed(
+    proxy: FaultProxy, s3_server: S3Server, s3_prefix: str
+) -> None:
+    backend = _via(proxy, s3_server, s3_prefix)
+    data = os.urandom(backend.part_size + 1000)
+    rule = proxy.inject("lose-answer", _is("POST", "uploadId="))  # CompleteMultipartUpload
+    out = backend.create("packs/ab/ab01", exclusive=True)
+    out.write(data)
+    out.commit()
+    assert rule.hits == 1 and backend.requests["CompleteMultipartUpload"] >= 2
+    assert backend.get("packs/ab/ab01") == data
+    assert backend.leftovers() == []

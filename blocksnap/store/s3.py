@@ -130,7 +130,7 @@ class S3Backend:
         )
         config = Config(
             region_name=region,
-            retries={"mode": "standard", "max_attempts": retry_attempts},
+            retries={"mode": "standard", "total_max_attempts": retry_attempts},
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=READ_TIMEOUT,
             # Each worker thread holds a connection; a few more for list and delete.
