@@ -130,7 +130,8 @@ def test_s3_repository_life_and_rebuild_from_the_bucket(
     assert read_size < sum(packs.values()) // 10, (read_size, sum(packs.values()))
     # At most a few ranged reads per pack, plus the config, records and settings.
     assert rebuild_gets.get("GetObject", 0) <= 3 * len(packs) + 10, (rebuild_gets, len(packs))
-    print(f"rebuild: {len(packs)} packs, requests {rebuild_gets}, {read_size} bytes of packs")
+    print(f"rebuild: {len(packs)} packs of {sum(packs.values())} bytes, {read_size} read")
+    print(f"rebuild requests: {rebuild_gets}")
 
 
 def test_s3_unknown_bucket_is_one_clear_error(s3_server: S3Server) -> None:
