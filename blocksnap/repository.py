@@ -22,6 +22,7 @@ from blocksnap.store.backend import ObjectStore
 from blocksnap.store.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_TARGET_SIZE
 from blocksnap.store.gc import DEFAULT_COMPACT_BELOW, GcReport, collect_garbage
 from blocksnap.store.init import init_repository
+from blocksnap.store.locks import Locks, WriterSessions
 from blocksnap.store.rebuild import RebuildReport, index_missing, rebuild_index
 from blocksnap.store.repository import Store
 from blocksnap.store.verify import VerifyReport, verify
@@ -61,15 +62,23 @@ class PruneReport:
 class Repository:
     """An open blocksnap repository.  Use as a context manager, or call close()."""
 
-    def __init__(self, path: str | os.PathLike[str], *, backend: ObjectStore | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        backend: ObjectStore | None = None,
+        locks: Locks | None = None,
+        sessions: WriterSessions | None = None,
+    ) -> None:
         """Open the repository at path.  backend: where its objects are, when not in the
         directory itself (path then holds the index and host-local state); wrappers such
-        as RetryingBackend go here too."""
+        as RetryingBackend go here too.  locks and sessions: as for Store (a backend that
+        is not local needs them)."""
         self.path = os.fspath(path)
-        if backend is None and index_missing(self.path):
+        if index_missing(self.path, objects_elsewhere=backend is not None):
             # The index is a cache of the objects: one that is gone is rebuilt from them.
-            rebuild_index(self.path)
-        self._store = Store(self.path, backend=backend)
+            rebuild_index(self.path, backend=backend, locks=locks, sessions=sessions)
+        self._store = Store(self.path, backend=backend, locks=locks, sessions=sessions)
         # What writers elsewhere committed or removed without caching it (they died, or
         # their index step failed) is what every command then sees.  A sync that fails
         # (storage unreachable, the index damaged) leaves the cache as it was: reading
@@ -93,8 +102,11 @@ class Repository:
         compression_level: int = DEFAULT_COMPRESSION_LEVEL,
         pack_target_size: int = DEFAULT_PACK_TARGET_SIZE,
         backend: ObjectStore | None = None,
+        locks: Locks | None = None,
+        sessions: WriterSessions | None = None,
     ) -> Repository:
-        """Create a repository at path and open it (backend: as for Repository())."""
+        """Create a repository at path and open it (backend, locks and sessions: as for
+        Repository())."""
         init_repository(
             os.fspath(path),
             block_id=block_id,
@@ -102,7 +114,7 @@ class Repository:
             pack_target_size=pack_target_size,
             backend=backend,
         )
-        return cls(path, backend=backend)
+        return cls(path, backend=backend, locks=locks, sessions=sessions)
 
     def close(self) -> None:
         self._store.close()

@@ -7,13 +7,16 @@ import random
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import pytest
 
 import blocksnap
 from tests.fsimages import CAPS, KINDS, build, lvm_physical_volumes, make_files, partitioned
+from tests.s3server import S3_BUCKET, S3Server, seaweed
 
 MKFS = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
 DEBUGFS = shutil.which("debugfs") or "/sbin/debugfs"
@@ -230,3 +233,26 @@ def lvm_disk(tmp_path_factory: pytest.TempPathFactory, fs_images: dict[str, Path
     base = tmp_path_factory.mktemp("lvm")
     pvs = lvm_physical_volumes(base, "vgtest", fs_images["ext4"], fs_images["fat32"])
     return partitioned(base / "disk.img", "gpt", [fs_images["exfat"], *pvs])
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 server (SeaweedFS `weed mini`) for the whole session, with one bucket."""
+    with seaweed(tmp_path_factory.mktemp("seaweed")) as server:
+        client = boto3.client(
+            "s3",
+            endpoint_url=server.endpoint,
+            aws_access_key_id=server.access_key,
+            aws_secret_access_key=server.secret_key,
+            region_name=server.region,
+        )
+        client.create_bucket(Bucket=S3_BUCKET)
+        client.close()
+        yield server
+
+
+@pytest.fixture
+def s3_prefix() -> str:
+    """A fresh prefix in S3_BUCKET: every test sees an empty repository location (a bucket
+    per test would cost SeaweedFS a volume collection each)."""
+    return f"t-{uuid.uuid4().hex}"

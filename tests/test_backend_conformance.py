@@ -24,9 +24,18 @@ from blocksnap.errors import (
 )
 from blocksnap.store.backend import Capabilities, LocalBackend, ObjectInfo, ObjectStore
 from blocksnap.store.retrying import RetryingBackend
+from blocksnap.store.s3 import S3Backend
 from tests.faults import FaultyBackend
+from tests.s3server import ACCESS_KEY, REGION, S3_BUCKET, SECRET_KEY, S3Server
 
-BACKEND_KINDS = ["local", "retrying-local", "faulty-local"]
+BACKEND_KINDS = [
+    "local",
+    "retrying-local",
+    "faulty-local",
+    "s3",
+    "retrying-s3",
+    "faulty-s3",
+]
 RACERS = 8
 
 
@@ -35,7 +44,8 @@ class BackendSpec:
     """Enough to open the same backend in another process (picklable)."""
 
     kind: str
-    root: str
+    root: str  # a directory, or for S3 the prefix in S3_BUCKET
+    endpoint: str = ""  # of the S3 server
 
 
 def open_backend(spec: BackendSpec) -> ObjectStore:
@@ -45,11 +55,28 @@ def open_backend(spec: BackendSpec) -> ObjectStore:
         return RetryingBackend(LocalBackend(spec.root), sleep=lambda _s: None)
     if spec.kind == "faulty-local":
         return FaultyBackend(LocalBackend(spec.root))  # no faults configured: faithful
+    if spec.kind.endswith("s3"):
+        s3 = S3Backend(
+            S3_BUCKET,
+            spec.root,
+            endpoint_url=spec.endpoint,
+            access_key=ACCESS_KEY,
+            secret_key=SECRET_KEY,
+            region=REGION,
+        )
+        if spec.kind == "retrying-s3":
+            return RetryingBackend(s3, sleep=lambda _s: None)
+        if spec.kind == "faulty-s3":
+            return FaultyBackend(s3)
+        return s3
     raise AssertionError(f"unknown backend kind {spec.kind}")
 
 
 @pytest.fixture(params=BACKEND_KINDS)
 def backend_spec(request: pytest.FixtureRequest, tmp_path: Path) -> BackendSpec:
+    if request.param.endswith("s3"):  # the server starts only when an S3 kind runs
+        server: S3Server = request.getfixturevalue("s3_server")
+        return BackendSpec(request.param, request.getfixturevalue("s3_prefix"), server.endpoint)
     root = tmp_path / "objects"
     root.mkdir()
     return BackendSpec(request.param, str(root))

@@ -47,6 +47,7 @@ init.py (creating one), writer.py (writers: their registration and packs), gc.py
 verify.py (collecting garbage, verifying), rebuild.py (repair --rebuild-index);
 catalog.py, config.py, packs.py and records.py (with codec.py) own the object formats,
 frames.py the frame they share with the config;
-reads.py plans ranged reads; backend.py (with retrying.py) and locks.py are the seams.
+reads.py plans ranged reads; backend.py (with retrying.py, and s3.py, the backend on an
+S3 bucket) and locks.py are the seams.
 The index is index.py, which documents its LMDB layout and names its parts.
 """

@@ -90,6 +90,9 @@ class Capabilities:
     max_parallelism: int  # concurrent requests worth issuing
     atomic_exclusive_create: bool  # racing exclusive puts of a name: exactly one wins
     local: bool  # a filesystem of this host (flock and host-local state are meaningful)
+    # ObjectWriter.sync() makes everything written so far durable; when false (S3: less
+    # than a part cannot be sent before commit), it is a hint and only commit() is durable.
+    sync_durable: bool = True
 
 
 class ObjectWriter(Protocol):

