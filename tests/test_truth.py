@@ -548,3 +548,24 @@ def test_settings_follow_their_objects(tmp_path: Path, ext4_image: Path) -> None
     shutil.rmtree(path / "index")
     with blocksnap.Repository(path) as repo:
         assert repo.policy("vol") is None and not repo.protected()
+
+
+def test_damaged_settings_are_reported_and_written_again(tmp_path: Path, ext4_image: Path) -> None:
+    path, old, _new = two_snapshots(tmp_path, ext4_image)
+    assert run_cli("policy", str(path), "vol", "--keep-last", "3").returncode == 0
+    assert run_cli("protect", str(path), "vol", old.id).returncode == 0
+    settings = sorted((path / "settings").iterdir())
+    originals = {p: p.read_bytes() for p in settings}
+    for p in settings:
+        flip(p, p.stat().st_size - 3)
+    proc = run_cli("verify", str(path))
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert proc.stdout.count("setting object) is damaged") == 2, proc.stdout
+    proc = run_cli("repair", str(path), "--rebuild-index")
+    assert proc.returncode == 0 and proc.stdout.count("restored:") == 2, proc.stdout
+    assert {p: p.read_bytes() for p in settings} == originals
+    with blocksnap.Repository(path) as repo:
+        saved = repo.policy("vol")
+        assert saved is not None and saved.to_dict() == blocksnap.Policy(keep_last=3).to_dict()
+        assert repo.protected() == {old.id}
+        assert repo.verify().ok

@@ -76,33 +76,49 @@ class RebuildReport:
     garbage: int = 0  # objects left out as unreachable (gc would have collected them)
 
 
-def _old_records(path: str, repository_id: str) -> dict[str, bytes]:
-    """Snapshot id -> intact record body, from the index being replaced, if it opens and
-    is this repository's (an index copied in from elsewhere lends nothing)."""
+@dataclass(slots=True)
+class _Old:
+    """What the index being replaced still holds intact, to write lost objects again."""
+
+    records: dict[str, bytes] = field(default_factory=dict)  # snapshot id -> body
+    policies: dict[str, tuple[str, dict[str, object]]] = field(default_factory=dict)
+    # (policy object name -> (volume, policy))
+
+
+def _old_index(path: str, repository_id: str) -> _Old:
+    """The old index's intact records and policies, if it opens and is this
+    repository's (an index copied in from elsewhere lends nothing)."""
+    found = _Old()
     location = os.path.join(path, "index")
     if not os.path.exists(os.path.join(location, "data.mdb")):
-        return {}
+        return found
     try:
         old = Index(location, readonly=True)
     except BlocksnapError:
-        return {}
+        return found
     try:
         old.check_identity(repository_id)
-        found = {}
         for snapshot_id in old.cached_snapshot_ids():
             body = old.snapshot_record(snapshot_id)
             if body is None:
                 continue
             try:
                 if catalog.decode(body, snapshot_id).id == snapshot_id:
-                    found[snapshot_id] = body
+                    found.records[snapshot_id] = body
             except BlocksnapError:
                 continue
-        return found
+        for key, value in old.settings_with(POLICY_PREFIX).items():
+            try:
+                volume, policy = key.decode(), json.loads(value)
+            except ValueError:
+                continue
+            if isinstance(policy, dict):
+                found.policies[catalog.policy_name(volume)] = (volume, policy)
     except BlocksnapError:
-        return {}
+        return _Old()
     finally:
         old.close()
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,9 +187,14 @@ def _valid(found: list[_Found], nodes: set[bytes], report: RebuildReport) -> lis
 
 
 def _restore_settings(
-    store: Store, index: Index, snapshots: set[str], report: RebuildReport
+    store: Store,
+    index: Index,
+    snapshots: set[str],
+    old_policies: dict[str, tuple[str, dict[str, object]]],
+    report: RebuildReport,
 ) -> None:
-    """Saved policies and protections, from their objects (see store/catalog.py)."""
+    """Saved policies and protections, from their objects (see store/catalog.py); a
+    damaged one is written again (a policy from the old index's copy)."""
     for entry in store.backend.list(catalog.SETTINGS):
         name = entry.name
         try:
@@ -184,9 +205,17 @@ def _restore_settings(
             base = name.rsplit("/", 1)[-1]
             snapshot_id = base.removeprefix("protected-")
             if base.startswith("protected-") and snapshot_id in snapshots:
-                # A damaged protection still protects: the safe side.
+                # A damaged protection still protects (the safe side): written again.
+                store.backend.put(name, catalog.encode_protected(snapshot_id))
                 index.put_setting(PROTECTED_PREFIX + snapshot_id.encode(), b"")
-                report.damaged.append(f"{exc}; snapshot {snapshot_id} kept protected")
+                report.restored.append(f"{exc}; snapshot {snapshot_id} kept protected")
+            elif name in old_policies:
+                volume, policy = old_policies[name]
+                store.backend.put(name, catalog.encode_policy(volume, policy))
+                index.put_setting(
+                    POLICY_PREFIX + volume.encode(), json.dumps(policy, sort_keys=True).encode()
+                )
+                report.restored.append(f"{exc}; written again from the index's copy")
             else:
                 report.damaged.append(str(exc))
             continue
@@ -325,7 +354,7 @@ def rebuild_index(
     for Store; the store closes the backend when done)."""
     report = RebuildReport()
     with Store(path, exclusive=True, backend=backend, locks=locks, sessions=sessions) as store:
-        old = _old_records(path, store.config.id)
+        old = _old_index(path, store.config.id)
         new_path = os.path.join(path, REBUILD_DIR)
         shutil.rmtree(new_path, ignore_errors=True)
         index = Index(new_path, create=True)
@@ -355,7 +384,7 @@ def rebuild_index(
                 done += size
                 if progress:  # bytes of packs read: packs differ widely in size
                     progress(Progress("packs", done, total, ProgressUnit.BYTES))
-            entries = _valid(_catalog(store, old, report), nodes, report)
+            entries = _valid(_catalog(store, old.records, report), nodes, report)
             _drop_unreachable(store, index, nodes, [f.entry for f in entries], counts, report)
             index.set_counts(counts)
             committed: set[str] = set()
@@ -377,7 +406,7 @@ def rebuild_index(
                         catalog.frame(catalog.SNAPSHOT_MAGIC, item.body),
                     )
                     report.restored.append(f"{item.restore}; written again from the index's copy")
-            _restore_settings(store, index, committed, report)
+            _restore_settings(store, index, committed, old.policies, report)
             report.garbage += index.forget_unreferenced()
         finally:
             index.close()

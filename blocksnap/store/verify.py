@@ -417,6 +417,13 @@ def verify(
         for name in INTERRUPTED_REPAIR
         if os.path.exists(os.path.join(store.path, name))
     ]
+    for setting in store.backend.list(catalog.SETTINGS):  # few: a volume's or snapshot's
+        try:
+            catalog.decode_setting(store.backend.get(setting.name), setting.name)
+        except MissingObjectError:
+            continue
+        except BlocksnapError as exc:
+            problems.append(Problem(f"{exc}; repair --rebuild-index writes it again where it can"))
     if read_data:  # tombstones only accumulate: read them with the rest of the data
         for tombstone in store.backend.list(catalog.TOMBSTONES):
             try:
