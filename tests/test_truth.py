@@ -3,6 +3,7 @@ tombstone, whatever the index says or misses, and a rebuilt index answers as the
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import multiprocessing
@@ -569,3 +570,26 @@ def test_damaged_settings_are_reported_and_written_again(tmp_path: Path, ext4_im
         assert saved is not None and saved.to_dict() == blocksnap.Policy(keep_last=3).to_dict()
         assert repo.protected() == {old.id}
         assert repo.verify().ok
+
+
+def test_a_record_whose_root_is_gone_is_reported_and_does_not_stop_gc(
+    tmp_path: Path, ext4_image: Path
+) -> None:
+    """Keeping every block would not mend a record that names a map root no pack holds:
+    gc says so and collects as usual (a transient fault, by contrast, stops it)."""
+    path, old, _new = two_snapshots(tmp_path, ext4_image)
+    debugfs(ext4_image, "rm /docs/note1.txt", "mkdir gone")
+    with blocksnap.Repository(path) as repo:
+        new = repo.snapshot("vol", ext4_image)
+        repo.prune(policy=blocksnap.Policy(keep_last=1))
+        stray = dataclasses.replace(old, id="ab" * 16, map_root=bytes(32))
+        body = catalog.encode(stray, repo.store.config.algorithms(), 9)
+        repo.store.backend.put(
+            catalog.object_name(stray.id), catalog.frame(catalog.SNAPSHOT_MAGIC, body)
+        )
+        report = repo.gc()
+        assert any(f"snapshot {stray.id} cannot be indexed" in p for p in report.problems)
+        assert not any("nothing was collected" in p for p in report.problems), report.problems
+        assert report.objects_deleted > 0
+        assert ids(repo) == [new.id]
+        assert not repo.verify().ok  # and verify names it

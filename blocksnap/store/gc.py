@@ -161,7 +161,12 @@ def _cache_before_forgetting(store: Store, snapshot_id: str, report: GcReport) -
     except IntegrityError as exc:  # damaged: no one can read that snapshot
         report.problems.append(f"snapshot {snapshot_id} cannot be indexed: {exc}")
         return
-    sync.cache_entry(store.index, entry, body)
+    try:
+        sync.cache_entry(store.index, entry, body)
+    except BlocksnapError as exc:
+        if not sync.lasting_fault(store.index, entry):
+            raise
+        report.problems.append(f"snapshot {snapshot_id} cannot be indexed: {exc}")
 
 
 def _end_abandoned_removals(store: Store) -> None:

@@ -16,10 +16,13 @@ a place in the volume's order, and first in gc.  It
   policy change killed between its object and its index step).
 
 What it cannot do is reported, never raised, so that one bad object does not stop every
-command.  A record that exists and could not be cached is also named in `blocking`
-unless it is itself damaged beyond reading: gc collects nothing while there is one,
-since the blocks of that snapshot may be unreferenced in the index, and the next commit
-of its volume is ordered after it (`pending_seq`).
+command.  A record that exists and could not be cached for a passing reason (storage
+unreachable, a format this blocksnap does not read) is also named in `blocking`: gc
+collects nothing while there is one, since the blocks of that snapshot may be
+unreferenced in the index.  One that is damaged, or names a root that is not there or a
+block size its volume does not have, is only reported: keeping every block would not
+mend it.  The next commit of a volume is ordered after every record of it that could
+be read (`pending_seq`).
 """
 
 from __future__ import annotations
@@ -83,11 +86,26 @@ def sync(backend: ObjectStore, index: Index) -> SyncReport:
                 report.cached.append(snapshot_id)
         except BlocksnapError as exc:
             report.problems.append(f"snapshot {snapshot_id} cannot be indexed: {exc}")
-            report.blocking.append(snapshot_id)
+            if not lasting_fault(index, entry):
+                report.blocking.append(snapshot_id)
             volume = entry.info.volume
             report.pending_seq[volume] = max(report.pending_seq.get(volume, 0), entry.seq)
     _sync_settings(backend, index, report)
     return report
+
+
+def lasting_fault(index: Index, entry: catalog.Entry) -> bool:
+    """Whether a readable record cannot be cached for a fault of its own, which keeping
+    every block would not mend: its map root is not in the index, or its volume has
+    another block size.  Anything else (the index failing, say) may pass."""
+    info = entry.info
+    try:
+        volume = index.volume(info.volume)
+        return index.location(info.map_root) is None or (
+            volume is not None and volume["block_size"] != info.block_size
+        )
+    except BlocksnapError:
+        return False
 
 
 def _ids(backend: ObjectStore, prefix: str) -> set[str]:
