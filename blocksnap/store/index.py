@@ -2,7 +2,7 @@
 
 The environment is the directory REPO/index (data.mdb, lock.mdb).  Named databases:
 
-    meta       b"format" -> b"2"; b"repository" -> the repository id (ASCII hex);
+    meta       b"format" -> b"3"; b"repository" -> the repository id (ASCII hex);
                b"epoch" -> u64 big-endian, the logical clock of the writer registry
     objects    object id (32 bytes) -> location, 38 bytes little-endian:
                  pack id (16 bytes), offset u64 (of the record header), stored_size u32,

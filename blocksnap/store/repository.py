@@ -355,7 +355,7 @@ class Store:
 
         The record's create-if-absent put is the commit point: from then on the snapshot
         exists, whatever happens to the index transaction that follows.  Should that
-        fail, the writer keeps its intents and gc indexes the snapshot (as for a writer
+        fail, the writer keeps its intents and the next sync caches it (as for a writer
         killed at that moment); the error says that the snapshot is committed.
         drop_checkpoint: this snapshot supersedes the volume's interrupted run."""
         writer.flush()
