@@ -140,16 +140,20 @@ def damaged_setup(tmp_path: Path, ext4_image: Path) -> tuple[Path, list[str]]:
 
 
 def _data_pack(repo_path: Path) -> tuple[Path, bytes]:
-    """A pack that holds data blocks of the first snapshot, and one block id in it."""
+    """A pack that holds data blocks of the first snapshot, and one block id in it: the
+    fullest data pack (the second snapshot's few new blocks fill one small pack)."""
     env = lmdb.open(str(repo_path / "index"), max_dbs=8, readonly=True, lock=False)
     objects = env.open_db(b"objects", create=False)
+    blocks: dict[bytes, list[bytes]] = {}
     with env.begin() as txn:
         for key, value in txn.cursor(db=objects):
             if value[32] == 1:  # kind byte: a data block
-                pack = bytes(value[:16])
-                env.close()
-                return repo_path / pack_name(pack), bytes(key)
-    raise AssertionError("no data pack")
+                blocks.setdefault(bytes(value[:16]), []).append(bytes(key))
+    env.close()
+    if not blocks:
+        raise AssertionError("no data pack")
+    pack = max(blocks, key=lambda p: len(blocks[p]))
+    return repo_path / pack_name(pack), blocks[pack][0]
 
 
 def _verify_cli(repo_path: Path, *extra: str) -> tuple[int, str]:
