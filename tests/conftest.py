@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 
 import blocksnap
@@ -239,13 +238,7 @@ def lvm_disk(tmp_path_factory: pytest.TempPathFactory, fs_images: dict[str, Path
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A real S3 server (SeaweedFS `weed mini`) for the whole session, with one bucket."""
     with seaweed(tmp_path_factory.mktemp("seaweed")) as server:
-        client = boto3.client(
-            "s3",
-            endpoint_url=server.endpoint,
-            aws_access_key_id=server.access_key,
-            aws_secret_access_key=server.secret_key,
-            region_name=server.region,
-        )
+        client = server.client()
         client.create_bucket(Bucket=S3_BUCKET)
         client.close()
         yield server

@@ -20,6 +20,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from blocksnap.store.s3 import S3Backend
 
@@ -38,15 +39,39 @@ class S3Server:
     secret_key: str
     region: str
 
-    def backend(self, prefix: str, bucket: str = S3_BUCKET) -> S3Backend:
-        """An S3Backend on this server."""
-        return S3Backend(
+    def backend(
+        self,
+        prefix: str,
+        bucket: str = S3_BUCKET,
+        *,
+        kind: type[S3Backend] = S3Backend,
+        endpoint: str | None = None,
+        **options: int,
+    ) -> S3Backend:
+        """An S3Backend (or subclass) on this server; endpoint: reached through another
+        address (a fault proxy in front of it)."""
+        return kind(
             bucket,
             prefix,
-            endpoint_url=self.endpoint,
+            endpoint_url=endpoint or self.endpoint,
             access_key=self.access_key,
             secret_key=self.secret_key,
             region=self.region,
+            **options,
+        )
+
+    def client(self, **config: Any) -> Any:
+        """A plain boto3 S3 client on this server (for what the tests set up around it)."""
+        import boto3  # the test extra has it; imported here so that collection stays light
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.region,
+            config=Config(**config) if config else None,
         )
 
 
@@ -117,21 +142,11 @@ def _socket(scratch: Path) -> list[str]:
 def _ready(server: S3Server, master_port: int) -> bool:
     """S3 answers a signed request and the master knows a volume server (before that, a
     PUT stalls while the master retries volume growth)."""
-    import boto3  # the test extra has it; imported here so that collection stays light
-    from botocore.config import Config
-
     try:
         with urllib.request.urlopen(f"{server.endpoint}/healthz", timeout=2) as resp:
             if resp.status != 200:
                 return False
-        client = boto3.client(
-            "s3",
-            endpoint_url=server.endpoint,
-            aws_access_key_id=server.access_key,
-            aws_secret_access_key=server.secret_key,
-            region_name=server.region,
-            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=2),
-        )
+        client = server.client(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=2)
         client.list_buckets()
         url = f"http://127.0.0.1:{master_port}/dir/status"
         with urllib.request.urlopen(url, timeout=2) as resp:

@@ -42,14 +42,9 @@ class _ReadLog(S3Backend):
 
 
 def _backend(server: S3Server, prefix: str) -> _ReadLog:
-    return _ReadLog(
-        S3_BUCKET,
-        prefix,
-        endpoint_url=server.endpoint,
-        access_key=server.access_key,
-        secret_key=server.secret_key,
-        region=server.region,
-    )
+    backend = server.backend(prefix, kind=_ReadLog)
+    assert isinstance(backend, _ReadLog)
+    return backend
 
 
 def _open(path: Path, backend: S3Backend, *, init: bool = False) -> blocksnap.Repository:
@@ -194,15 +189,7 @@ def proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
 
 
 def _via(proxy: FaultProxy, server: S3Server, prefix: str, **kwargs: int) -> S3Backend:
-    return S3Backend(
-        S3_BUCKET,
-        prefix,
-        endpoint_url=proxy.endpoint,
-        access_key=server.access_key,
-        secret_key=server.secret_key,
-        region=server.region,
-        **kwargs,
-    )
+    return server.backend(prefix, S3_BUCKET, kind=S3Backend, endpoint=proxy.endpoint, **kwargs)
 
 
 def _is(method: str, fragment: str) -> Match:

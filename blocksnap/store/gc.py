@@ -189,7 +189,7 @@ def _end_abandoned_removals(store: Store) -> None:
 
 def _delete_removed_records(store: Store, me: Registration, report: GcReport) -> None:
     """Delete the record objects that tombstones name (a prune whose delete failed)."""
-    tombstones = {catalog.id_of(o.name) for o in store.backend.list(catalog.TOMBSTONES)}
+    tombstones = sync.listed_ids(store.backend, catalog.TOMBSTONES)
     for entry in store.backend.list(catalog.SNAPSHOTS):
         snapshot_id = catalog.id_of(entry.name)
         if snapshot_id is None or snapshot_id not in tombstones:

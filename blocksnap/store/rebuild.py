@@ -46,7 +46,7 @@ from blocksnap.errors import (
     UnsupportedFormatError,
 )
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
-from blocksnap.store import catalog
+from blocksnap.store import catalog, sync
 from blocksnap.store.backend import ObjectStore
 from blocksnap.store.config import CONFIG_NAME
 from blocksnap.store.entries import POLICY_PREFIX, PROTECTED_PREFIX
@@ -134,7 +134,7 @@ def _catalog(store: Store, old: dict[str, bytes], report: RebuildReport) -> list
     """The snapshots the objects define: records that no tombstone names.  One whose
     record object is damaged or missing is taken from the old index's copy (to be
     written again once it is indexed); one with no intact copy is reported."""
-    removed = {catalog.id_of(o.name) for o in store.backend.list(catalog.TOMBSTONES)}
+    removed = sync.listed_ids(store.backend, catalog.TOMBSTONES)
     found: list[_Found] = []
     listed = {o.name for o in store.backend.list(catalog.SNAPSHOTS)}
     ids = {catalog.id_of(name) for name in listed}

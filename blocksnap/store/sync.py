@@ -58,8 +58,8 @@ def exists(backend: ObjectStore, name: str) -> bool:
 
 def sync(backend: ObjectStore, index: Index) -> SyncReport:
     report = SyncReport()
-    records = _ids(backend, catalog.SNAPSHOTS)
-    tombstones = _ids(backend, catalog.TOMBSTONES)
+    records = listed_ids(backend, catalog.SNAPSHOTS)
+    tombstones = listed_ids(backend, catalog.TOMBSTONES)
     cached = index.cached_snapshot_ids()
     for snapshot_id in sorted(tombstones & cached):
         try:
@@ -108,7 +108,8 @@ def lasting_fault(index: Index, entry: catalog.Entry) -> bool:
         return False
 
 
-def _ids(backend: ObjectStore, prefix: str) -> set[str]:
+def listed_ids(backend: ObjectStore, prefix: str) -> set[str]:
+    """The snapshot ids that the objects listed under snapshots/ or tombstones/ name."""
     return {i for o in backend.list(prefix) if (i := catalog.id_of(o.name)) is not None}
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from blocksnap.blockmap import ZERO_ID, BlockMap, node_children
 from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError
 from blocksnap.model import BLOCK_ID_SIZE, Progress, ProgressCallback, ProgressUnit
-from blocksnap.store import catalog
+from blocksnap.store import catalog, sync
 from blocksnap.store.entries import IndexView
 from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, pack_name, walk_pack
 from blocksnap.store.records import open_checked
@@ -372,7 +372,7 @@ def verify(
         if alive or not snaps:
             problems.append(Problem(msg, alive))
     cached = {snapshot_id for _v, snapshot_id, _r in view.snapshots}
-    removed = {catalog.id_of(o.name) for o in store.backend.list(catalog.TOMBSTONES)}
+    removed = sync.listed_ids(store.backend, catalog.TOMBSTONES)
     listed = {catalog.id_of(name) for name in records.names()}
     uncached = {s for s in listed - cached - removed if s is not None}
     if uncached:
@@ -417,23 +417,33 @@ def verify(
         for name in INTERRUPTED_REPAIR
         if os.path.exists(os.path.join(store.path, name))
     ]
-    for setting in store.backend.list(catalog.SETTINGS):  # few: a volume's or snapshot's
-        try:
-            catalog.decode_setting(store.backend.get(setting.name), setting.name)
-        except MissingObjectError:
-            continue
-        except BlocksnapError as exc:
-            problems.append(Problem(f"{exc}; repair --rebuild-index writes it again where it can"))
-    if read_data:  # tombstones only accumulate: read them with the rest of the data
-        for tombstone in store.backend.list(catalog.TOMBSTONES):
-            try:
-                catalog.decode_tombstone(store.backend.get(tombstone.name), tombstone.name)
-            except MissingObjectError:
-                continue
-            except BlocksnapError as exc:
-                problems.append(Problem(f"{exc}; the removal stands"))
+    # Settings are few (a volume's or a snapshot's); tombstones only accumulate, so they
+    # are read with the rest of the data.
+    problems += _undecodable(store, catalog.SETTINGS, catalog.decode_setting, _REWRITTEN)
+    if read_data:
+        problems += _undecodable(
+            store, catalog.TOMBSTONES, catalog.decode_tombstone, "the removal stands"
+        )
     report.problems = problems
     return report
+
+
+_REWRITTEN = "repair --rebuild-index writes it again where it can"
+
+
+def _undecodable(
+    store: Store, prefix: str, decode: Callable[[bytes, str], object], advice: str
+) -> list[Problem]:
+    """A problem for every object under prefix that decode refuses."""
+    found = []
+    for listed in store.backend.list(prefix):
+        try:
+            decode(store.backend.get(listed.name), listed.name)
+        except MissingObjectError:
+            continue  # removed since the listing
+        except BlocksnapError as exc:
+            found.append(Problem(f"{exc}; {advice}"))
+    return found
 
 
 def _record_object_problem(
