@@ -18,10 +18,17 @@ from blocksnap.restore import RestoreResult, restore_image
 from blocksnap.retention import Decision, Policy, decide
 from blocksnap.snapshot import CHECKPOINT_SIZE, check_labels, take_snapshot
 from blocksnap.source import SourceArg
+from blocksnap.store import location, sync
 from blocksnap.store.backend import ObjectStore
-from blocksnap.store.config import DEFAULT_COMPRESSION_LEVEL, DEFAULT_PACK_TARGET_SIZE
+from blocksnap.store.config import (
+    CONFIG_NAME,
+    DEFAULT_COMPRESSION_LEVEL,
+    DEFAULT_PACK_TARGET_SIZE,
+    RepositoryConfig,
+)
 from blocksnap.store.gc import DEFAULT_COMPACT_BELOW, GcReport, collect_garbage
-from blocksnap.store.init import init_repository
+from blocksnap.store.init import init_repository, probe_create_if_absent
+from blocksnap.store.location import S3Options
 from blocksnap.store.locks import Locks, WriterSessions
 from blocksnap.store.rebuild import RebuildReport, index_missing, rebuild_index
 from blocksnap.store.repository import Store
@@ -69,12 +76,21 @@ class Repository:
         backend: ObjectStore | None = None,
         locks: Locks | None = None,
         sessions: WriterSessions | None = None,
+        s3: S3Options | None = None,
     ) -> None:
-        """Open the repository at path.  backend: where its objects are, when not in the
-        directory itself (path then holds the index and host-local state); wrappers such
-        as RetryingBackend go here too.  locks and sessions: as for Store (a backend that
-        is not local needs them)."""
-        self.path = os.fspath(path)
+        """Open the repository at path, a directory or s3://BUCKET/PREFIX (store/location.py:
+        s3 says how to reach the bucket and where this host's cache is).  backend: where
+        its objects are, when not in the directory itself (path then holds the index and
+        host-local state); wrappers such as RetryingBackend go here too.  locks and
+        sessions: as for Store."""
+        name = os.fspath(path)
+        self.url: str | None = None
+        if location.is_url(name):
+            if backend is not None:
+                raise UsageError("an s3:// repository brings its own backend")
+            self.url = name
+            name, backend = _s3_cache(name, s3 or S3Options())
+        self.path = name
         if index_missing(self.path, objects_elsewhere=backend is not None):
             # The index is a cache of the objects: one that is gone is rebuilt from them.
             rebuild_index(self.path, backend=backend, locks=locks, sessions=sessions)
@@ -104,17 +120,19 @@ class Repository:
         backend: ObjectStore | None = None,
         locks: Locks | None = None,
         sessions: WriterSessions | None = None,
+        s3: S3Options | None = None,
     ) -> Repository:
-        """Create a repository at path and open it (backend, locks and sessions: as for
-        Repository())."""
-        init_repository(
-            os.fspath(path),
+        """Create a repository at path and open it (backend, locks, sessions and s3: as
+        for Repository())."""
+        init_location(
+            path,
             block_id=block_id,
             compression_level=compression_level,
             pack_target_size=pack_target_size,
             backend=backend,
+            s3=s3,
         )
-        return cls(path, backend=backend, locks=locks, sessions=sessions)
+        return cls(path, backend=backend, locks=locks, sessions=sessions, s3=s3)
 
     def close(self) -> None:
         self._store.close()
@@ -367,12 +385,13 @@ class Repository:
                 chosen[name] = found
         if not chosen and volumes:
             raise UsageError("no retention policy given and none saved for these volumes")
-        if not dry_run:
-            self._store.sync_catalog()  # decide on what the objects say
         decisions: dict[str, list[Decision]] = {}
         removed: list[str] = []
-        protected = self._store.protected()
         with contextlib.ExitStack() as stack:
+            if not dry_run:
+                stack.enter_context(self._store.lock_prune())
+                self._store.sync_catalog()  # decide on what the objects say
+            protected = self._store.protected()
             registration = None if dry_run else stack.enter_context(self._store.register())
             for name, rules in chosen.items():
                 found_decisions = decide(self._store.snapshots(name), rules, protected)
@@ -441,7 +460,71 @@ def open_image(
 
 
 def repair_index(
-    repository: str | os.PathLike[str], progress: ProgressCallback | None = None
+    repository: str | os.PathLike[str],
+    progress: ProgressCallback | None = None,
+    *,
+    s3: S3Options | None = None,
 ) -> RebuildReport:
-    """Rebuild the index from packs and snapshot objects (needs the repository to itself)."""
-    return rebuild_index(os.fspath(repository), progress)
+    """Rebuild the index from packs and snapshot objects (needs the repository to itself;
+    for an s3:// one, this host's cache of it)."""
+    name = os.fspath(repository)
+    if location.is_url(name):
+        path, backend = _s3_cache(name, s3 or S3Options())
+        return rebuild_index(path, progress, backend=backend)
+    return rebuild_index(name, progress)
+
+
+def init_location(
+    path: str | os.PathLike[str],
+    *,
+    block_id: str = blockid.DEFAULT_ALGORITHM,
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+    pack_target_size: int = DEFAULT_PACK_TARGET_SIZE,
+    backend: ObjectStore | None = None,
+    s3: S3Options | None = None,
+) -> RepositoryConfig:
+    """Create an empty repository at path, a directory or s3://BUCKET/PREFIX.  On S3 the
+    bucket's create-if-absent is probed first (store/init.py): many hosts write one
+    repository only where it holds."""
+    name = os.fspath(path)
+    if not location.is_url(name):
+        return init_repository(
+            name,
+            block_id=block_id,
+            compression_level=compression_level,
+            pack_target_size=pack_target_size,
+            backend=backend,
+        )
+    options = s3 or S3Options()
+    where = location.parse(name)
+    objects = location.s3_backend(where, options)
+    try:
+        if sync.exists(objects, CONFIG_NAME):
+            raise UsageError(f"{name} holds a repository already")
+        probe_create_if_absent(objects, name)
+        cache = location.cache_path(where, options)
+        location.discard_cache(cache)  # a cache of nothing: no repository was there
+        config = init_repository(
+            cache,
+            block_id=block_id,
+            compression_level=compression_level,
+            pack_target_size=pack_target_size,
+            backend=objects,
+        )
+        location.prepare_cache(cache, objects, name)
+        return config
+    finally:
+        objects.close()
+
+
+def _s3_cache(url: str, options: S3Options) -> tuple[str, ObjectStore]:
+    """This host's cache directory for the repository at url, ready, and its backend."""
+    where = location.parse(url)
+    objects = location.s3_backend(where, options)
+    try:
+        cache = location.cache_path(where, options)
+        location.prepare_cache(cache, objects, url)
+    except BaseException:
+        objects.close()
+        raise
+    return cache, objects

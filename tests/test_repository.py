@@ -13,6 +13,7 @@ import pytest
 import blocksnap
 from blocksnap.store.backend import Capabilities
 from blocksnap.store.locks import LocalLocks, LocalSessions
+from blocksnap.store.objectlocks import ObjectLocks, ObjectSessions
 from blocksnap.store.repository import Store, local_backend
 from tests.conftest import debugfs, run_cli
 from tests.faults import FaultyBackend
@@ -129,14 +130,22 @@ class _Remote(FaultyBackend):
         return dataclasses.replace(self.inner.capabilities, local=False)
 
 
-def test_repository_backend_not_local_needs_injected_locks_and_sessions(
+def test_repository_backend_not_local_gets_locks_and_sessions_on_the_objects(
     repo: blocksnap.Repository,
 ) -> None:
     """flock and host-local writer sessions mean nothing to other hosts sharing an
-    object store: a backend that declares itself not local is refused without locks
-    and sessions that work across hosts, instead of silently racing."""
-    with pytest.raises(blocksnap.UsageError, match="needs locks and writer sessions"):
-        blocksnap.Repository(repo.path, backend=_Remote(local_backend(repo.path)))
+    object store: a backend that declares itself not local gets the locks and sessions
+    kept as objects in it (store/objectlocks.py), and injected locks without their
+    sessions are refused instead of silently racing."""
+    with Store(repo.path, backend=_Remote(local_backend(repo.path))) as store:
+        assert isinstance(store.locks, ObjectLocks)
+        assert isinstance(store.sessions, ObjectSessions)
+        with store.register() as registration:  # a session object while it runs
+            assert store.sessions.alive(registration.id)
+            assert store.backend.stat(f"sessions/{registration.id.hex()}").size > 0
+        assert not store.sessions.alive(registration.id)
+    with pytest.raises(blocksnap.UsageError, match="go together"):
+        Store(repo.path, backend=_Remote(local_backend(repo.path)), locks=LocalLocks(repo.path))
     remote = _Remote(local_backend(repo.path))
     with Store(
         repo.path, backend=remote, locks=LocalLocks(repo.path), sessions=LocalSessions(repo.path)

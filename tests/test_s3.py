@@ -20,7 +20,6 @@ import blocksnap
 from blocksnap.errors import ObjectExistsError, StoreError, TransientStoreError
 from blocksnap.extract import extract
 from blocksnap.retention import Policy
-from blocksnap.store.locks import LocalLocks, LocalSessions
 from blocksnap.store.s3 import S3Backend
 from tests.conftest import debugfs
 from tests.s3proxy import FaultProxy, Match, fault_proxy
@@ -48,18 +47,11 @@ def _backend(server: S3Server, prefix: str) -> _ReadLog:
 
 
 def _open(path: Path, backend: S3Backend, *, init: bool = False) -> blocksnap.Repository:
-    # One host writes: the local flock locks and sessions of the cache directory serve
-    # until the S3 locks and sessions of issue 17 exist.
-    locks, sessions = LocalLocks(str(path)), LocalSessions(str(path))
+    # The locks and writer sessions are the store's default for a backend that is not
+    # local: objects in the bucket (store/objectlocks.py).
     if init:
-        return blocksnap.Repository.init(
-            path,
-            backend=backend,
-            pack_target_size=PACK_TARGET_SIZE,
-            locks=locks,
-            sessions=sessions,
-        )
-    return blocksnap.Repository(path, backend=backend, locks=locks, sessions=sessions)
+        return blocksnap.Repository.init(path, backend=backend, pack_target_size=PACK_TARGET_SIZE)
+    return blocksnap.Repository(path, backend=backend)
 
 
 def test_s3_repository_life_and_rebuild_from_the_bucket(

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from blocksnap.cli.output import emit_json, human_size
-from blocksnap.repository import Repository
+from blocksnap.cli.repo import add_repository, open_repository
 
 
 def add_parser(sub: Any) -> None:
@@ -17,7 +17,7 @@ def add_parser(sub: Any) -> None:
         "from their block maps alone (no block data is read).  The plain output is one "
         "'OFFSET LENGTH' line per range in bytes, the format snapshot --changed-extents reads.",
     )
-    p.add_argument("repo", metavar="REPO")
+    add_repository(p)
     p.add_argument("volume", metavar="VOLUME")
     p.add_argument("a", metavar="A")
     p.add_argument("b", metavar="B")
@@ -26,7 +26,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with Repository(args.repo) as repo:
+    with open_repository(args) as repo:
         diff = repo.diff(args.volume, args.a, args.b)
     byte_ranges = diff.byte_ranges(diff.image_size)
     changed_bytes = sum(length for _, length in byte_ranges)

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from blocksnap.cli.output import ProgressBar, emit_json, human_size
-from blocksnap.repository import Repository
+from blocksnap.cli.repo import add_repository, open_repository
 from blocksnap.store.gc import DEFAULT_COMPACT_BELOW
 
 
@@ -19,7 +19,7 @@ def add_parser(sub: Any) -> None:
         "live fraction fell below a threshold, and clean up after writers that were killed. "
         "Safe while snapshots, restores and verifies run.",
     )
-    p.add_argument("repo", metavar="REPO")
+    add_repository(p)
     p.add_argument(
         "--compact-below",
         type=float,
@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with Repository(args.repo) as repo, ProgressBar() as bar:
+    with open_repository(args) as repo, ProgressBar() as bar:
         report = repo.gc(compact_below=args.compact_below, progress=bar)
     if args.json:
         emit_json(asdict(report))

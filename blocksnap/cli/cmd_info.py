@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from blocksnap.cli.output import emit_json, labels_text, shown, snapshot_document
-from blocksnap.repository import Repository
+from blocksnap.cli.repo import add_repository, open_repository
 
 
 def add_parser(sub: Any) -> None:
@@ -15,7 +15,7 @@ def add_parser(sub: Any) -> None:
         help="show one snapshot",
         description="Show one snapshot (ID, unique prefix, latest or latest~N).",
     )
-    p.add_argument("repo", metavar="REPO")
+    add_repository(p)
     p.add_argument("volume", metavar="VOLUME")
     p.add_argument("snapshot", metavar="SNAPSHOT")
     p.add_argument("--json", action="store_true", help="print a JSON document")
@@ -23,7 +23,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with Repository(args.repo) as repo:
+    with open_repository(args) as repo:
         doc = snapshot_document(repo.resolve(args.volume, args.snapshot))
     if args.json:
         emit_json(doc)

@@ -7,15 +7,16 @@ from typing import Any
 
 from blocksnap import blockid
 from blocksnap.cli.output import emit_json, shown
+from blocksnap.cli.repo import add_repository, s3_options
+from blocksnap.repository import init_location
 from blocksnap.store.config import DEFAULT_COMPRESSION_LEVEL
-from blocksnap.store.init import init_repository
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "init", help="create a repository", description="Create an empty repository."
     )
-    p.add_argument("repo", metavar="REPO")
+    add_repository(p)
     p.add_argument(
         "--block-id",
         choices=sorted(blockid.ALGORITHMS),
@@ -33,8 +34,11 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    config = init_repository(
-        args.repo, block_id=args.block_id, compression_level=args.compression_level
+    config = init_location(
+        args.repo,
+        block_id=args.block_id,
+        compression_level=args.compression_level,
+        s3=s3_options(args),
     )
     if args.json:
         emit_json(

@@ -6,8 +6,8 @@ import argparse
 from typing import Any
 
 from blocksnap.cli.output import emit_json, human_size, labels_text, shown, snapshot_document
+from blocksnap.cli.repo import add_repository, open_repository
 from blocksnap.errors import NotFoundError
-from blocksnap.repository import Repository
 
 
 def add_parser(sub: Any) -> None:
@@ -16,14 +16,14 @@ def add_parser(sub: Any) -> None:
         help="list volumes or snapshots",
         description="List every volume with its snapshots, or one volume's snapshots.",
     )
-    p.add_argument("repo", metavar="REPO")
+    add_repository(p)
     p.add_argument("volume", metavar="VOLUME", nargs="?")
     p.add_argument("--json", action="store_true", help="print a JSON document")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    with Repository(args.repo) as repo:
+    with open_repository(args) as repo:
         volumes = [args.volume] if args.volume else repo.volumes()
         listing = {v: repo.snapshots(v) for v in volumes}
         protected = repo.protected()

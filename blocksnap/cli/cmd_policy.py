@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from blocksnap.cli.output import add_policy_options, emit_json, policy_from_args
-from blocksnap.repository import Repository
+from blocksnap.cli.repo import add_repository, open_repository
 
 
 def add_parser(sub: Any) -> None:
@@ -16,7 +16,7 @@ def add_parser(sub: Any) -> None:
         description="With --keep options, save them as the volume's policy, which prune "
         "applies when run without options; with --clear, remove it; else show it.",
     )
-    p.add_argument("repo", metavar="REPO")
+    add_repository(p)
     p.add_argument("volume", metavar="VOLUME")
     add_policy_options(p)
     p.add_argument("--clear", action="store_true", help="remove the saved policy")
@@ -26,7 +26,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     policy = policy_from_args(args)
-    with Repository(args.repo) as repo:
+    with open_repository(args) as repo:
         if args.clear:
             repo.set_policy(args.volume, None)
         elif policy is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from blocksnap.repository import Repository
+from blocksnap.cli.repo import add_repository, open_repository
 
 
 def add_parser(sub: Any) -> None:
@@ -17,14 +17,14 @@ def add_parser(sub: Any) -> None:
             if protect
             else "Let prune remove the snapshot again when its policy says so.",
         )
-        p.add_argument("repo", metavar="REPO")
+        add_repository(p)
         p.add_argument("volume", metavar="VOLUME")
         p.add_argument("snapshot", metavar="SNAPSHOT")
         p.set_defaults(run=run, protect=protect)
 
 
 def run(args: argparse.Namespace) -> int:
-    with Repository(args.repo) as repo:
+    with open_repository(args) as repo:
         info = repo.protect(args.volume, args.snapshot, args.protect)
     state = "protected" if args.protect else "no longer protected"
     print(f"snapshot {info.id[:12]} of {args.volume} is {state}")

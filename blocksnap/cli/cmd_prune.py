@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from blocksnap.cli.output import add_policy_options, emit_json, policy_from_args
-from blocksnap.repository import Repository
+from blocksnap.cli.repo import add_repository, open_repository
 
 
 def add_parser(sub: Any) -> None:
@@ -17,7 +17,7 @@ def add_parser(sub: Any) -> None:
         "snapshot in each period is kept, protected snapshots always.  Without --keep "
         "options each volume's saved policy applies (see policy).  Space is freed by gc.",
     )
-    p.add_argument("repo", metavar="REPO")
+    add_repository(p)
     p.add_argument("volume", metavar="VOLUME", nargs="?")
     add_policy_options(p)
     p.add_argument("--dry-run", action="store_true", help="only print what would be kept and why")
@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     policy = policy_from_args(args)
-    with Repository(args.repo) as repo:
+    with open_repository(args) as repo:
         report = repo.prune(args.volume, policy, dry_run=args.dry_run)
     if args.json:
         emit_json(

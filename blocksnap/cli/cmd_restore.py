@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from blocksnap.cli.output import ProgressBar, emit_json, human_size, settling_at, shown
-from blocksnap.repository import Repository
+from blocksnap.cli.repo import add_repository, open_repository
 
 
 def add_parser(sub: Any) -> None:
@@ -16,7 +16,7 @@ def add_parser(sub: Any) -> None:
         description="Restore SNAPSHOT to TARGET: a new sparse file, an existing "
         "file or a block device. Every block is checked against its ID.",
     )
-    p.add_argument("repo", metavar="REPO")
+    add_repository(p)
     p.add_argument("volume", metavar="VOLUME")
     p.add_argument("snapshot", metavar="SNAPSHOT")
     p.add_argument("target", metavar="TARGET")
@@ -30,7 +30,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with Repository(args.repo) as repo, ProgressBar() as bar:
+    with open_repository(args) as repo, ProgressBar() as bar:
         result = repo.restore(
             args.volume,
             args.snapshot,

@@ -16,10 +16,10 @@ from blocksnap.cli.output import (
     settling_at,
     snapshot_document,
 )
+from blocksnap.cli.repo import add_repository, open_repository
 from blocksnap.errors import UsageError
 from blocksnap.extents import read_extents
 from blocksnap.model import CLOCK_SKEW
-from blocksnap.repository import Repository
 from blocksnap.snapshot import CHECKPOINT_SIZE
 
 
@@ -30,7 +30,7 @@ def add_parser(sub: Any) -> None:
         description="Snapshot SOURCE (image file or block device) into VOLUME. "
         "Incremental against the volume's latest snapshot unless --full or --differential.",
     )
-    p.add_argument("repo", metavar="REPO")
+    add_repository(p)
     p.add_argument("volume", metavar="VOLUME")
     p.add_argument("source", metavar="SOURCE")
     kind = p.add_mutually_exclusive_group()
@@ -98,7 +98,7 @@ def _changed_extents(name: str | None) -> list[tuple[int, int]] | None:
 def run(args: argparse.Namespace) -> int:
     labels = parse_labels(args.label)
     extents = _changed_extents(args.changed_extents)
-    with Repository(args.repo) as repo, ProgressBar() as bar:
+    with open_repository(args) as repo, ProgressBar() as bar:
         info = repo.snapshot(
             args.volume,
             args.source,

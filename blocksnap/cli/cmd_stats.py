@@ -7,20 +7,20 @@ from dataclasses import asdict
 from typing import Any
 
 from blocksnap.cli.output import emit_json, human_size
-from blocksnap.repository import Repository
+from blocksnap.cli.repo import add_repository, open_repository
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "stats", help="repository statistics", description="Show repository statistics."
     )
-    p.add_argument("repo", metavar="REPO")
+    add_repository(p)
     p.add_argument("--json", action="store_true", help="print a JSON document")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    with Repository(args.repo) as repo:
+    with open_repository(args) as repo:
         stats = repo.stats()
     if args.json:
         emit_json({**asdict(stats), "ratio": round(stats.ratio, 3)})

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from blocksnap.cli.output import ProgressBar, emit_json, parse_labels, snapshot_document
-from blocksnap.repository import Repository
+from blocksnap.cli.repo import add_repository, open_repository
 
 
 def add_parser(sub: Any) -> None:
@@ -17,7 +17,7 @@ def add_parser(sub: Any) -> None:
         "repository holds: no source is read and no block is copied.  It becomes the base "
         "for later --differential snapshots.",
     )
-    p.add_argument("repo", metavar="REPO")
+    add_repository(p)
     p.add_argument("volume", metavar="VOLUME")
     p.add_argument("snapshot", metavar="SNAPSHOT", nargs="?", default="latest")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     labels = parse_labels(args.label)
-    with Repository(args.repo) as repo, ProgressBar() as bar:
+    with open_repository(args) as repo, ProgressBar() as bar:
         info = repo.synthesize(args.volume, args.snapshot, labels=labels, progress=bar)
     if args.json:
         emit_json(snapshot_document(info))

@@ -7,8 +7,8 @@ import sys
 from typing import Any
 
 from blocksnap.cli.output import ProgressBar, emit_json, human_size, shown
+from blocksnap.cli.repo import add_repository, open_repository
 from blocksnap.errors import IntegrityError
-from blocksnap.repository import Repository
 
 
 def add_parser(sub: Any) -> None:
@@ -18,7 +18,7 @@ def add_parser(sub: Any) -> None:
         description="Check every snapshot's metadata and that every block it "
         "needs is stored; --read-data also reads and re-hashes all data.",
     )
-    p.add_argument("repo", metavar="REPO")
+    add_repository(p)
     p.add_argument(
         "--read-data", action="store_true", help="read, decompress and re-hash every block"
     )
@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with Repository(args.repo) as repo, ProgressBar() as bar:
+    with open_repository(args) as repo, ProgressBar() as bar:
         report = repo.verify(read_data=args.read_data, progress=bar)
     if args.json:
         emit_json(

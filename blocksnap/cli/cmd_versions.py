@@ -7,7 +7,7 @@ from typing import Any
 
 from blocksnap.cli.files import add_partition_option, add_volume_arguments, stat_document
 from blocksnap.cli.output import emit_json, shown
-from blocksnap.repository import Repository
+from blocksnap.cli.repo import open_repository
 
 
 def add_parser(sub: Any) -> None:
@@ -26,7 +26,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with Repository(args.repo) as repo:
+    with open_repository(args) as repo:
         found = repo.versions(args.volume, args.path, partition=args.partition)
     if args.json:
         emit_json(

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from blocksnap.cli.output import shown, with_bytes
+from blocksnap.cli.repo import add_repository, open_repository
 from blocksnap.fs.node import FileKind, FileStat
-from blocksnap.repository import Repository
 
 if TYPE_CHECKING:
     from blocksnap.fs import FileSystem
@@ -29,7 +29,7 @@ _KIND_CHARS = {
 
 
 def add_volume_arguments(p: argparse.ArgumentParser, snapshot: bool = True) -> None:
-    p.add_argument("repo", metavar="REPO")
+    add_repository(p)
     p.add_argument("volume", metavar="VOLUME")
     if snapshot:
         p.add_argument("snapshot", metavar="SNAPSHOT", help='id, prefix, "latest" or "latest~N"')
@@ -48,7 +48,7 @@ def add_partition_option(p: argparse.ArgumentParser) -> None:
 def opened(args: argparse.Namespace) -> Iterator[FileSystem]:
     """The filesystem of args.repo, args.volume, args.snapshot and args.partition."""
     with (
-        Repository(args.repo) as repo,
+        open_repository(args) as repo,
         repo.open_filesystem(args.volume, args.snapshot, partition=args.partition) as fs,
     ):
         yield fs

@@ -15,6 +15,12 @@ seam, store/backend.py, and live in REPO/ itself with the default local backend)
                     only while repair --rebuild-index runs (store/rebuild.py)
     lock, locks/    flock files (store/locks.py)
 
+A repository on S3 (store/location.py) keeps the objects above in its bucket, with three
+more kinds that exist only there: sessions/ID and locks/NAME, the writer sessions and
+leases that hold across hosts (store/objectlocks.py), and hosts/ID, one per host cache
+that ever wrote snapshots (store/gc.py says why).  REPO is then this host's cache
+directory: the index and the host-local state.
+
 Which state is what:
 
 - Truth: the objects (config, packs, snapshot records, tombstones, settings).  They
@@ -47,7 +53,9 @@ init.py (creating one), writer.py (writers: their registration and packs), gc.py
 verify.py (collecting garbage, verifying), rebuild.py (repair --rebuild-index);
 catalog.py, config.py, packs.py and records.py (with codec.py) own the object formats,
 frames.py the frame they share with the config;
-reads.py plans ranged reads; backend.py (with retrying.py, and s3.py, the backend on an
-S3 bucket) and locks.py are the seams.
+reads.py plans ranged reads, packindex.py reads a pack's contents for the index;
+backend.py (with retrying.py, and s3.py, the backend on an S3 bucket) and locks.py (with
+objectlocks.py, locks across hosts) are the seams, and location.py turns an s3:// URL
+into a backend and a cache directory.
 The index is index.py, which documents its LMDB layout and names its parts.
 """

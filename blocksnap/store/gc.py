@@ -20,6 +20,15 @@ Three steps, each safe to interrupt at any instant (kill -9 included):
    first (map nodes and data blocks into packs of their own kind).
    Index entries move in the transaction that retires the old pack; a reader that looked
    up the old place retries once (Store.read_object).
+
+On a store that hosts share (S3) gc holds the maintenance lease (store/objectlocks.py),
+which prune holds as well, and checks that it still holds it before every step that
+deletes.  Each host's cache has its own registry, so steps 2 and 3 run only while this
+cache is the only one that ever wrote snapshots there (hosts/, see Store.writer): the
+writers of another host are not in this registry, and its cache may refer to objects
+this one counts as garbage.  Compaction is limited to deleting packs that hold nothing
+live: moving live records would leave the caches of reading hosts pointing at deleted
+packs.  Lifting both limits is the cross-host protocol of issue 17.
 """
 
 from __future__ import annotations
@@ -94,6 +103,17 @@ def collect_garbage(
         store.sweep_orphan_locks()
         _end_abandoned_removals(store)
         _delete_removed_records(store, me, report)
+        others = store.writing_hosts() - {store.host_id()} if store.shared else set()
+        if others:
+            # Another host's cache may refer to objects this one counts as garbage, and
+            # has writers this registry does not see (see the module doc).
+            report.problems.append(
+                f"nothing was collected: {len(others)} other host(s) wrote snapshots to "
+                "this repository, and gc of a repository that several hosts write is not "
+                "supported yet"
+            )
+            report.unreferenced_left = store.index.unreferenced_count()
+            return report
         if blocking:
             # A committed snapshot the index could not take in may have its blocks at
             # count 0: collecting anything now could delete them.
@@ -142,6 +162,7 @@ def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None
         else:
             keep = False
         if not keep:
+            store.confirm_gc()
             try:
                 size = store.backend.stat(name).size
             except MissingObjectError:
@@ -196,6 +217,7 @@ def _delete_removed_records(store: Store, me: Registration, report: GcReport) ->
             continue
         intent = me.intent(entry.name)
         store.index.add_intent(intent)
+        store.confirm_gc()
         store.backend.delete(entry.name)
         store.index.drop_intent(intent)
         report.leftovers_deleted += 1
@@ -223,6 +245,7 @@ def _collect(store: Store, limit: int, report: GcReport, say: Callable[[Progress
                         report.problems.append(f"map node {object_id.hex()} kept: {exc}")
                         continue
                 items.append((key, children))
+            store.confirm_gc()
             deleted = store.index.collect(items, limit)
             report.objects_deleted += deleted
             progress = progress or deleted > 0
@@ -242,7 +265,9 @@ def _compact(
     for pack_id, info in sparse.items():
         payload = int(info["size"]) - overhead_size(int(info.get("records", 0)))
         live = int(info.get("live", 0))
-        if live <= 0 or payload <= 0 or live / payload < compact_below:
+        if store.shared and live > 0:
+            fine.append(pack_id)  # see the module doc
+        elif live <= 0 or payload <= 0 or live / payload < compact_below:
             todo.append((pack_id, int(info["size"])))
         else:
             fine.append(pack_id)  # looked at again once it loses more
@@ -282,6 +307,7 @@ def _compact(
                 (new_intent, lambda p: me.intent(pack_name(p))),
             )
             for pack_id in retired:
+                store.confirm_gc()
                 store.backend.delete(pack_name(pack_id))
                 store.index.drop_intent(me.intent(pack_name(pack_id)))
                 report.packs_deleted += 1

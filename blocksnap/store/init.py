@@ -3,13 +3,18 @@ wrote the config left, so that init can be tried again on the same path.
 
 An init writes, under the repository lock, the directories of the host-local state and
 an empty index, and the config object last (create-if-absent): a directory without a
-config is not a repository (see the package doc, store/__init__.py).
+config is not a repository (see the package doc, store/__init__.py).  Before a
+repository that hosts share is made (on S3), probe_create_if_absent checks that the
+storage really keeps create-if-absent, which everything there relies on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from blocksnap import blockid
 from blocksnap.errors import LockedError, ObjectExistsError, StoreError, UsageError
@@ -126,3 +131,45 @@ def _remove_unfinished_init(path: str, *, keep_lock: bool = False) -> None:
     for name in (*_INIT_DIRS, "index"):
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(os.path.join(path, name))
+
+
+PROBE_RACERS = 8
+
+
+def probe_create_if_absent(backend: ObjectStore, where: str) -> None:
+    """Check, before a shared repository is made there, that the storage keeps
+    create-if-absent (the commit point of every snapshot and removal, and every lease):
+    racing exclusive puts of one name, exactly one must win, and a later one must lose.
+    StoreError names what failed; nothing stays behind."""
+    name = f"probe/{secrets.token_hex(16)}"
+    bodies = [secrets.token_bytes(16) for _ in range(PROBE_RACERS)]
+    start = threading.Barrier(PROBE_RACERS)
+
+    def race(body: bytes) -> bool:
+        start.wait()
+        try:
+            backend.put(name, body, exclusive=True)
+        except ObjectExistsError:
+            return False
+        return True
+
+    refused = f"{where} does not keep create-if-absent (a conditional PUT with If-None-Match: *)"
+    try:
+        with ThreadPoolExecutor(PROBE_RACERS) as pool:
+            won = list(pool.map(race, bodies))
+        if won.count(True) != 1:
+            raise StoreError(
+                f"{refused}: {won.count(True)} of {PROBE_RACERS} racing writes won; "
+                "blocksnap will not share a repository there"
+            )
+        if backend.get(name) != bodies[won.index(True)]:
+            raise StoreError(f"{refused}: the object is not the winner's; will not share it")
+        try:
+            backend.put(name, b"late", exclusive=True)
+        except ObjectExistsError:
+            pass
+        else:
+            raise StoreError(f"{refused}: an existing object was replaced; will not share it")
+    finally:
+        with contextlib.suppress(StoreError):
+            backend.delete(name)

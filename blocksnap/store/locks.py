@@ -17,8 +17,8 @@ The local implementation is flock(2) on files of the repository's directory: the
 file REPO/lock for "repository", REPO/locks/<name>.lock for the others, and
 REPO/locks/writer-<id>.lock held by each session.  Its guarantees hold between the
 processes of one host (and on filesystems whose flock spans hosts); an object store
-shared by several hosts needs implementations on the objects themselves, which the
-object-storage backend brings.
+shared by several hosts needs implementations on the objects themselves:
+store/objectlocks.py.
 """
 
 from __future__ import annotations
@@ -47,6 +47,11 @@ class Locks(Protocol):
     ) -> contextlib.AbstractContextManager[None]:
         """Hold the lock for the duration; busy is the LockedError message if it is held
         (exclusively, or at all when exclusive is asked for)."""
+        ...
+
+    def confirm(self, name: str) -> None:
+        """Raise LockedError unless this process still holds the exclusive lock name (a
+        lease across hosts can be lost; an flock cannot): asked before deleting."""
         ...
 
 
@@ -140,6 +145,9 @@ class LocalLocks:
         if not re.fullmatch(r"[0-9a-z-]+", name):
             raise StoreError(f"invalid lock name {name!r}")
         return os.path.join(self.root, "locks", f"{name}.lock")
+
+    def confirm(self, name: str) -> None:
+        """An flock is held until its holder lets go or dies: nothing to check."""
 
     @contextlib.contextmanager
     def hold(self, name: str, *, busy: str, shared: bool = False) -> Iterator[None]:

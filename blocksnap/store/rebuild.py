@@ -14,8 +14,8 @@ snapshot reaches is garbage: map nodes no root reaches (gc may have taken their
 children already) and objects no one counts are left out of the new index, as gc
 would have collected them, and their records become dead bytes for gc's compaction.
 
-A pack is indexed from its table of contents, read from its tail (store/packs.py), so a
-pack of data blocks costs one or two small ranged reads, not a download.  Its blocks are
+A pack is indexed from its table of contents, read from its tail (store/packindex.py), so
+a pack of data blocks costs one or two small ranged reads, not a download.  Its blocks are
 not read: a damaged one is found when it is read (restore, verify --read-data).  Map
 nodes are read and checked, since their children are counted; they live in packs of
 their own, each read in one range.  A pack whose trailer or TOC is damaged is read whole
@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 from blocksnap.blockmap import node_children
 from blocksnap.errors import (
     BlocksnapError,
-    IntegrityError,
     MissingObjectError,
     UnsupportedFormatError,
 )
@@ -52,14 +51,7 @@ from blocksnap.store.config import CONFIG_NAME
 from blocksnap.store.entries import POLICY_PREFIX, PROTECTED_PREFIX
 from blocksnap.store.index import Index
 from blocksnap.store.locks import Locks, WriterSessions
-from blocksnap.store.packs import (
-    HEADER_SIZE,
-    KIND_NODE,
-    Record,
-    read_toc,
-    walk_pack,
-)
-from blocksnap.store.records import open_checked, open_record
+from blocksnap.store.packindex import pack_contents
 from blocksnap.store.repository import Store, on_read_only_filesystem
 
 REBUILD_DIR = "index.rebuild"
@@ -228,65 +220,6 @@ def _restore_settings(
             )
 
 
-def _index_pack(
-    store: Store, name: str, size: int, report: RebuildReport
-) -> tuple[list[Record], dict[bytes, list[bytes]]]:
-    """The intact records of one pack and the children of its map nodes.
-
-    The table of contents comes from the pack's tail (packs.read_toc), so a pack of data
-    blocks costs one or two small reads; its blocks are checked when read (and by verify
-    --read-data).  Map nodes are read and checked here, their children being needed for
-    the counts; they sit in packs of their own, read in one range.  A pack whose trailer
-    or TOC is damaged is read whole and scanned, and every record is checked.
-    """
-    pack = name.rsplit("/", 1)[1]
-    where = f"pack {pack}"
-    try:
-        records = read_toc(lambda at, length: store.backend.get(name, at, length), size, where)
-    except IntegrityError as exc:
-        data = store.backend.get(name)
-        walk = walk_pack(data, pack)
-        report.damaged.append(f"{exc}; its records were found by scanning it")
-        report.damaged += [str(e) for e in walk.problems if str(e) != str(exc)]
-        candidates = walk.records
-        check_all, base = True, 0
-    else:
-        nodes = [rec for rec in records if rec.kind == KIND_NODE]
-        base = nodes[0].offset if nodes else 0
-        data = store.backend.get(name, base, nodes[-1].end - base) if nodes else b""
-        candidates = [(rec, None) for rec in records]
-        check_all = False
-    good: list[Record] = []
-    children: dict[bytes, list[bytes]] = {}
-    view = memoryview(data)
-    for rec, error in candidates:
-        if error is None and (check_all or rec.kind == KIND_NODE):
-            at = f"{where} at offset {rec.offset}"
-            record = view[rec.offset - base : rec.end - base]
-            try:
-                if check_all:  # walk_pack checked header and check already
-                    raw = open_checked(rec, record[HEADER_SIZE:], store.hash, at)
-                else:
-                    raw = open_record(
-                        record,
-                        rec.id,
-                        rec,
-                        store.hash,
-                        at,
-                        listed_check=rec.check,
-                        against="the table of contents",
-                    )
-                if rec.kind == KIND_NODE:
-                    children[rec.id] = node_children(raw)
-            except IntegrityError as exc:
-                error = exc
-        if error is None:
-            good.append(rec)
-        else:
-            report.damaged.append(str(error))
-    return good, children
-
-
 def _read_node(store: Store, index: Index, node_id: bytes) -> bytes | None:
     loc = index.location(node_id)
     return None if loc is None else store.read_at(node_id, loc)
@@ -372,7 +305,9 @@ def rebuild_index(
                 except ValueError:
                     report.damaged.append(f"{name}: not a pack name")
                     continue
-                good, children = _index_pack(store, name, size, report)
+                good, children = pack_contents(
+                    store.backend, store.hash, name, size, report.damaged
+                )
                 # Counted only for nodes indexed from this pack, not for duplicate copies.
                 for added in index.add_pack(pack_id, size, good):
                     kids = children.get(added)

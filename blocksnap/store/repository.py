@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,13 +65,20 @@ from blocksnap.store.locks import (
     Locks,
     WriterSessions,
 )
-from blocksnap.store.packs import HEADER_SIZE, KIND_BLOCK, KIND_NODE, pack_name
+from blocksnap.store.objectlocks import ObjectLocks, ObjectSessions
+from blocksnap.store.packindex import pack_contents
+from blocksnap.store.packs import HEADER_SIZE, KIND_BLOCK, KIND_NODE, Record, pack_name
 from blocksnap.store.writer import Registration, StoreWriter
 
 _SNAPSHOT_NAME = re.compile(r"latest(?:~(\d+))?")
 
 # Private top-level entries of the repository directory: host-local state, no objects.
 LOCAL_STATE = ("lock", "locks", "index", "index.rebuild", "index.old")
+HOSTS = "hosts/"  # hosts/<cache id>: an empty object per cache that wrote to a shared store
+HOST_FILE = "host"  # in a shared store's cache directory: its cache id
+# The body of a hosts/ object: never empty, since SeaweedFS 4.48 answers an empty PUT so
+# that the next request on its connection hangs for a minute.
+HOST_BODY = b'{"format": 1}\n'
 
 
 def local_backend(path: str) -> LocalBackend:
@@ -106,9 +114,10 @@ class Store:
 
     path is the repository's local directory: the index and the host-local state (see
     the module doc), and with the default backend its objects too.  backend, locks and
-    sessions are injected; each defaults to the local one on path.  A backend that is
-    not local (capabilities.local false) needs locks and sessions that work across hosts,
-    so it is refused without them.  The store owns the backend: close() closes it.
+    sessions are injected; each defaults to the local one on path, or, for a backend that
+    is not local (capabilities.local false: S3), to the ones kept as objects in it
+    (store/objectlocks.py), which hold across hosts.  The store owns the backend and
+    what it made: close() closes them.
     """
 
     def __init__(
@@ -125,22 +134,26 @@ class Store:
             if not os.path.exists(path):
                 raise NotFoundError(f"repository {path} does not exist")
             raise NotFoundError(f"{path} is not a blocksnap repository")
-        if (
-            backend is not None
-            and not backend.capabilities.local
-            and (locks is None or sessions is None)
-        ):
-            raise UsageError("a backend that is not local needs locks and writer sessions")
         # On a read-only filesystem nothing can write, so every reader opens the index
         # read-only and without LMDB's lock file, and what would write says why it cannot.
         self.read_only = on_read_only_filesystem(path)
         if exclusive and self.read_only:
             raise read_only_error(path)
         self.backend: ObjectStore = backend if backend is not None else local_backend(path)
-        self.locks: Locks = locks or LocalLocks(path, read_only=self.read_only)
-        self.sessions: WriterSessions = sessions or LocalSessions(path)
         self._stack = contextlib.ExitStack()
         self._stack.callback(self.backend.close)
+        self.shared = not self.backend.capabilities.local  # hosts share it: S3
+        local_locks = LocalLocks(path, read_only=self.read_only)
+        if self.shared and (locks is None) != (sessions is None):
+            self._stack.close()
+            raise UsageError("locks and writer sessions go together: pass both or neither")
+        if self.shared and sessions is None:
+            object_sessions = ObjectSessions(self.backend)
+            self._stack.callback(object_sessions.close)  # before the backend closes
+            sessions = object_sessions
+            locks = ObjectLocks(self.backend, object_sessions, local_locks)
+        self.locks: Locks = locks or local_locks
+        self.sessions: WriterSessions = sessions or LocalSessions(path)
         self._index: Index | None = None
         # volume -> the highest seq of a record that stands and could not be cached
         self._pending_seq: dict[str, int] = {}
@@ -333,12 +346,33 @@ class Store:
         )
 
     def lock_gc(self) -> contextlib.AbstractContextManager[None]:
+        """The maintenance lock: one gc at a time; on a shared store, one gc or prune at
+        a time across hosts, a lease (store/objectlocks.py)."""
         self.require_writable()
-        return self.locks.hold(GC_LOCK, busy="garbage collection is already running")
+        busy = (
+            "maintenance (gc or prune) is already running"
+            if self.shared
+            else ("garbage collection is already running")
+        )
+        return self.locks.hold(GC_LOCK, busy=busy)
+
+    def lock_prune(self) -> contextlib.AbstractContextManager[None]:
+        """What a prune holds: on a shared store the maintenance lease, so that no gc of
+        another host runs between its tombstones and its sync (see store/gc.py); nothing
+        locally, where gc's registry covers prunes."""
+        return self.lock_gc() if self.shared else contextlib.nullcontext()
+
+    def confirm_gc(self) -> None:
+        """Raise LockedError if the maintenance lock was lost (see Locks.confirm)."""
+        self.locks.confirm(GC_LOCK)
 
     def writer(self) -> StoreWriter:
         """A registered writer, the catalog synced first (the writer then chooses a
-        parent and a place in the volume's order from what the objects say)."""
+        parent and a place in the volume's order from what the objects say).  On a
+        shared store this host is first named among its writers (see writing_hosts)."""
+        if self.shared:
+            with contextlib.suppress(ObjectExistsError):
+                self.backend.put(HOSTS + self.host_id(), HOST_BODY, exclusive=True)
         writer = StoreWriter(self)
         try:
             self.sync_catalog()
@@ -346,6 +380,32 @@ class Store:
             writer.close()
             raise
         return writer
+
+    def host_id(self) -> str:
+        """This cache's id on a shared store (32 hex digits, made on first use): the host
+        that writes through it, as hosts/<id> names it."""
+        path = os.path.join(self.path, HOST_FILE)
+        try:
+            with open(path, encoding="ascii") as f:
+                found = f.read().strip()
+            if re.fullmatch(r"[0-9a-f]{32}", found):
+                return found
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        made = secrets.token_hex(16)
+        try:
+            with open(path + ".tmp", "w", encoding="ascii") as f:
+                f.write(made + "\n")
+            os.replace(path + ".tmp", path)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        return made
+
+    def writing_hosts(self) -> set[str]:
+        """The ids of every cache (host) that ever wrote snapshots to this shared store."""
+        return {o.name[len(HOSTS) :] for o in self.backend.list(HOSTS)}
 
     def commit_snapshot(
         self, info: SnapshotInfo, writer: StoreWriter, *, drop_checkpoint: bool = False
@@ -477,10 +537,54 @@ class Store:
         read-only filesystem, whose index no process writes."""
         if self.read_only:
             return sync.SyncReport()
-        report = sync.sync(self.backend, self.index)
+        report = sync.sync(
+            self.backend, self.index, self._index_unknown_packs if self.shared else None
+        )
         for volume, seq in report.pending_seq.items():
             self._pending_seq[volume] = max(self._pending_seq.get(volume, 0), seq)
         return report
+
+    def _index_unknown_packs(self) -> list[str]:
+        """Index every pack in storage that the index lacks (packs other hosts wrote),
+        from their tables of contents; return what could not be read."""
+        problems: list[str] = []
+        found: list[tuple[bytes, int, list[Record], dict[bytes, list[bytes]]]] = []
+        for entry in self.backend.list("packs/"):
+            try:
+                pack_id = bytes.fromhex(entry.name.rsplit("/", 1)[-1])
+            except ValueError:
+                continue
+            if len(pack_id) != 16 or self.index.has_pack(pack_id):
+                continue
+            try:
+                good, children = pack_contents(
+                    self.backend, self.hash, entry.name, entry.size, problems
+                )
+            except MissingObjectError:
+                continue  # deleted since the listing: a writer's leftover
+            except BlocksnapError as exc:
+                problems.append(f"pack {pack_id.hex()} cannot be indexed: {exc}")
+                continue
+            found.append((pack_id, entry.size, good, children))
+        # A node counts its children as its pack is indexed, so each pack goes in once
+        # every object its nodes name is indexed: blocks first, then the map level by level.
+        while found:
+            ready = [
+                pack
+                for pack in found
+                if all(
+                    self.index.location(child) is not None or child in pack[3]
+                    for kids in pack[3].values()
+                    for child in kids
+                )
+            ]
+            if not ready:
+                problems += [f"pack {p[0].hex()} names objects no pack holds" for p in found]
+                break
+            for pack_id, size, good, children in ready:
+                self.index.add_pack(pack_id, size, good, children)
+            found = [p for p in found if p not in ready]
+        return problems
 
     def _delete_or_leave_to_gc(self, name: str, registration: Registration) -> None:
         """Delete an object named by this registration's intent, dropping the intent; if

@@ -15,6 +15,11 @@ a place in the volume's order, and first in gc.  It
 - brings protections and policies in line with their objects (a protect, unprotect or
   policy change killed between its object and its index step).
 
+On a store that hosts share (S3), a record another host committed names a map root in
+packs this host's index has never seen: the first such record makes sync index every
+pack the index lacks, from the packs' tables of contents (store/packindex.py), before it
+caches the record.
+
 What it cannot do is reported, never raised, so that one bad object does not stop every
 command.  A record that exists and could not be cached for a passing reason (storage
 unreachable, a format this blocksnap does not read) is also named in `blocking`: gc
@@ -28,6 +33,7 @@ be read (`pending_seq`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError
@@ -56,8 +62,15 @@ def exists(backend: ObjectStore, name: str) -> bool:
     return True
 
 
-def sync(backend: ObjectStore, index: Index) -> SyncReport:
+def sync(
+    backend: ObjectStore, index: Index, discover: Callable[[], list[str]] | None = None
+) -> SyncReport:
+    """Bring index up to date with the objects in backend (see the module doc).
+    discover: on a store that hosts share, indexes the packs this index does not know
+    (returning what it could not read), for a record whose map root is not indexed: a
+    snapshot another host committed."""
     report = SyncReport()
+    discovered = discover is None
     records = listed_ids(backend, catalog.SNAPSHOTS)
     tombstones = listed_ids(backend, catalog.TOMBSTONES)
     cached = index.cached_snapshot_ids()
@@ -82,6 +95,10 @@ def sync(backend: ObjectStore, index: Index) -> SyncReport:
             report.blocking.append(snapshot_id)
             continue
         try:
+            if not discovered and index.location(entry.info.map_root) is None:
+                discovered = True
+                assert discover is not None
+                report.problems += discover()
             if cache_entry(index, entry, body):
                 report.cached.append(snapshot_id)
         except BlocksnapError as exc:

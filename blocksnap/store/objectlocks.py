@@ -1,0 +1,395 @@
+"""Locks and writer sessions kept as objects, for a repository that several hosts share.
+
+A repository on object storage (S3) is written by processes on many hosts, which share
+no filesystem to flock.  This module keeps the two protocols of store/locks.py on the
+objects themselves, with create-if-absent (the backend's atomic_exclusive_create) as
+the only atomic step.
+
+Sessions, sessions/<id> (id: 32 hex digits, random).  A session's object is created
+create-if-absent when it starts, written again (a heartbeat) every ttl/4 seconds by a
+thread of the process that started it, and deleted when it ends.  A session is alive
+while its object exists and its last heartbeat is younger than ttl.
+
+Time is the server's, never a host's clock: a heartbeat's age is the server's
+modification time of the object (S3 LastModified, whole seconds) measured against the
+server's time now, which each process learns from the modification time of its own
+latest heartbeat plus the time elapsed since on its monotonic clock.  Both rounding
+errors count in favour of the session, so a host whose clock is off by any amount
+never makes another's live session look dead.  A process also watches its own
+sessions: one whose last successful heartbeat is older than ttl/2 is no longer valid
+(Session.valid), and the holder of a lease checks that (confirm) before every step that
+deletes, so it stops well before any other host may take over.
+
+Leases, locks/<name>, for the locks that must hold across hosts (volume-<h>, one
+snapshot of a volume at a time; gc, maintenance).  A lease is taken by creating its
+object create-if-absent; it names its holder's session, and lives exactly as long as
+that session: it needs no expiry of its own, and its fencing token is that session's
+id.  A lease whose holder session is dead is broken by the one process that wins the
+create-if-absent of locks/<name>.broken-<holder>: it deletes the lease if it still
+names that holder, then competes to create a new one like anyone else.  The lease is
+deleted by its holder when the lock is released.  The "repository" lock guards only a
+host's own cache (store/location.py), so it stays a local flock; so does every lock
+within a host, taken before the lease.
+
+Object bodies are UTF-8 JSON with "format": 1 and the keys below; a reader ignores keys
+it does not know, and a lease it cannot decode is broken once its object is older than
+ttl (a newer blocksnap's lease is still heartbeated by its session, and so is kept):
+
+    sessions/<id>   {"format": 1, "host", "pid", "started" (ISO 8601 UTC, this host's)}
+    locks/<name>    {"format": 1, "session": hex id, "host", "pid"}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from blocksnap.errors import (
+    BlocksnapError,
+    LockedError,
+    MissingObjectError,
+    ObjectExistsError,
+    UsageError,
+)
+from blocksnap.store.backend import ObjectStore
+from blocksnap.store.locks import REPOSITORY_LOCK, LocalLocks
+
+DEFAULT_TTL = 60.0  # seconds without a heartbeat after which a session is dead
+SESSIONS = "sessions/"
+LOCKS = "locks/"
+FORMAT = 1
+# The body of a marker (locks/<name>.broken-<holder>) and of a clock probe: never empty,
+# since SeaweedFS 4.48 answers an empty PUT so that the next request on its connection
+# hangs for a minute.
+MARK = b'{"format": 1}\n'
+_SESSION_NAME = re.compile(r"sessions/([0-9a-f]{32})")
+_LOCK_NAME = re.compile(r"[0-9a-z-]+")
+
+
+def session_ttl() -> float:
+    """The session ttl in force: BLOCKSNAP_SESSION_TTL (seconds) or DEFAULT_TTL.  Every
+    host sharing a repository must use the same."""
+    raw = os.environ.get("BLOCKSNAP_SESSION_TTL")
+    if not raw:
+        return DEFAULT_TTL
+    try:
+        ttl = float(raw)
+    except ValueError:
+        raise UsageError(f"BLOCKSNAP_SESSION_TTL={raw!r} is not a number of seconds") from None
+    if not 2.0 <= ttl <= 86400.0:
+        raise UsageError(f"BLOCKSNAP_SESSION_TTL={raw!r} is not between 2 and 86400 seconds")
+    return ttl
+
+
+def session_name(session_id: bytes) -> str:
+    return f"{SESSIONS}{session_id.hex()}"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionInfo:
+    """A session as listed: its id, and whether it is alive."""
+
+    id: bytes
+    alive: bool
+
+
+class ObjectSession:
+    """A started session: heartbeated by its ObjectSessions until end()."""
+
+    def __init__(self, sessions: ObjectSessions, session_id: bytes, body: bytes) -> None:
+        self._sessions = sessions
+        self._id = session_id
+        self.body = body
+        self.lock = threading.Lock()  # a heartbeat and end() never overlap
+        self.ended = False
+        self.last_beat = time.monotonic()  # of the last heartbeat that succeeded
+
+    @property
+    def id(self) -> bytes:
+        return self._id
+
+    def valid(self) -> bool:
+        """Whether no other host can have found this session dead yet (see the module doc)."""
+        return not self.ended and time.monotonic() - self.last_beat < self._sessions.ttl / 2
+
+    def end(self) -> None:
+        with self.lock:
+            if self.ended:
+                return
+            self.ended = True
+        self._sessions.drop(self)
+        with contextlib.suppress(BlocksnapError):  # a dead session is dead anyway
+            self._sessions.backend.delete(session_name(self._id))
+
+
+class ObjectSessions:
+    """Writer sessions as heartbeated objects (the WriterSessions protocol of
+    store/locks.py; see the module doc)."""
+
+    def __init__(
+        self, backend: ObjectStore, *, ttl: float | None = None, host: str | None = None
+    ) -> None:
+        self.backend = backend
+        self.ttl = session_ttl() if ttl is None else ttl
+        self.host = host or socket.gethostname()
+        self._live: dict[bytes, ObjectSession] = {}
+        self._guard = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        # The server's time, as (its seconds at a heartbeat, our monotonic time then).
+        self._clock: tuple[float, float] | None = None
+
+    # --- the clock -----------------------------------------------------------------------
+
+    def _stamp(self, name: str) -> None:
+        """Note the server's time from the object just written under name."""
+        before = time.monotonic()
+        mtime = self.backend.stat(name).mtime
+        with self._guard:
+            self._clock = (mtime, before)
+
+    def server_now(self) -> float:
+        """A lower bound of the server's time now (seconds since the epoch)."""
+        with self._guard:
+            clock = self._clock
+        if clock is None or time.monotonic() - clock[1] > self.ttl / 4:
+            name = f"{SESSIONS}clock-{secrets.token_hex(16)}"
+            self.backend.put(name, MARK)
+            try:
+                self._stamp(name)
+            finally:
+                self.backend.delete(name)
+            with self._guard:
+                clock = self._clock
+            assert clock is not None
+        mtime, at = clock
+        return mtime + (time.monotonic() - at)
+
+    def age(self, mtime: float) -> float:
+        """A lower bound of how long ago the server wrote an object of modification time
+        mtime (whole seconds on S3: the write may be up to a second later)."""
+        return self.server_now() - (mtime + 1.0)
+
+    # --- the protocol --------------------------------------------------------------------
+
+    def start(self) -> ObjectSession:
+        body = json.dumps(
+            {
+                "format": FORMAT,
+                "host": self.host,
+                "pid": os.getpid(),
+                "started": datetime.datetime.now(datetime.UTC).isoformat(),
+            },
+            sort_keys=True,
+        ).encode()
+        for _attempt in range(8):
+            session_id = secrets.token_bytes(16)
+            name = session_name(session_id)
+            try:
+                self.backend.put(name, body, exclusive=True)
+            except ObjectExistsError:
+                continue
+            session = ObjectSession(self, session_id, body)
+            try:
+                self._stamp(name)
+            except BaseException:
+                session.end()
+                raise
+            with self._guard:
+                self._live[session_id] = session
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._beat_forever, name="blocksnap-heartbeat", daemon=True
+                    )
+                    self._thread.start()
+            return session
+        raise LockedError("could not start a writer session: every new id was taken")
+
+    def drop(self, session: ObjectSession) -> None:
+        """Stop heartbeating a session (it ended)."""
+        with self._guard:
+            self._live.pop(session.id, None)
+
+    def alive(self, session_id: bytes) -> bool:
+        with self._guard:
+            own = self._live.get(session_id)
+        if own is not None:
+            return not own.ended
+        try:
+            info = self.backend.stat(session_name(session_id))
+        except MissingObjectError:
+            return False
+        return self.age(info.mtime) < self.ttl
+
+    def forget(self, session_id: bytes) -> None:
+        self.backend.delete(session_name(session_id))
+
+    def sweep(self, registered: Callable[[bytes], bool]) -> int:
+        """Delete the objects of dead sessions that no writer of this host's index is
+        registered under (a writer that is, gc forgets with its registry entry)."""
+        swept = 0
+        for info in self.listing():
+            if not info.alive and not registered(info.id):
+                self.forget(info.id)
+                swept += 1
+        return swept
+
+    def listing(self) -> list[SessionInfo]:
+        """Every session whose object exists, with whether it is alive."""
+        out: list[SessionInfo] = []
+        for obj in self.backend.list(SESSIONS):
+            match = _SESSION_NAME.fullmatch(obj.name)
+            if match is None:
+                continue
+            session_id = bytes.fromhex(match.group(1))
+            out.append(SessionInfo(session_id, self.age(obj.mtime) < self.ttl))
+        return out
+
+    def close(self) -> None:
+        """End every session still running and stop the heartbeat thread."""
+        with self._guard:
+            live = list(self._live.values())
+        for session in live:
+            session.end()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.ttl)
+
+    # --- the heartbeat -------------------------------------------------------------------
+
+    def _beat_forever(self) -> None:
+        while not self._wake.wait(self.ttl / 4):
+            with self._guard:
+                live = list(self._live.values())
+            for session in live:
+                self._beat(session)
+
+    def _beat(self, session: ObjectSession) -> None:
+        name = session_name(session.id)
+        with session.lock:
+            if session.ended:
+                return
+            try:
+                self.backend.put(name, session.body)
+                self._stamp(name)
+            except BlocksnapError:
+                return  # tried again next time; valid() turns false if this goes on
+            session.last_beat = time.monotonic()
+
+
+class ObjectLocks:
+    """The Locks protocol of store/locks.py across hosts: a local flock, then a lease
+    object (see the module doc); the repository lock stays local."""
+
+    def __init__(self, backend: ObjectStore, sessions: ObjectSessions, local: LocalLocks) -> None:
+        self.backend = backend
+        self.sessions = sessions
+        self.local = local
+        self._held: dict[str, ObjectSession] = {}
+
+    @contextlib.contextmanager
+    def hold(self, name: str, *, busy: str, shared: bool = False) -> Iterator[None]:
+        with self.local.hold(name, busy=busy, shared=shared):
+            if name == REPOSITORY_LOCK:
+                yield
+                return
+            if shared or not _LOCK_NAME.fullmatch(name):
+                raise UsageError(f"no shared or unnamed lease {name!r}")
+            session = self.sessions.start()
+            try:
+                self._take(name, session, busy)
+                self._held[name] = session
+                try:
+                    yield
+                finally:
+                    del self._held[name]
+                    self._release(name, session)
+            finally:
+                session.end()
+
+    def confirm(self, name: str) -> None:
+        """Raise LockedError unless this process still holds the lease, and no other host
+        can have found it dead: called before every step that deletes."""
+        session = self._held.get(name)
+        if session is None or not session.valid():
+            raise LockedError(f"lost the {name} lease (its heartbeat failed); stopped")
+        try:
+            holder = _holder(self.backend.get(LOCKS + name))
+        except MissingObjectError:
+            holder = None
+        if holder is None or holder[0] != session.id:
+            raise LockedError(f"lost the {name} lease to another process; stopped")
+
+    def _take(self, name: str, session: ObjectSession, busy: str) -> None:
+        lease = LOCKS + name
+        body = {"format": FORMAT, "session": session.id.hex(), "pid": os.getpid()}
+        body["host"] = self.sessions.host
+        data_ours = json.dumps(body, sort_keys=True).encode()
+        for _attempt in range(4):
+            try:
+                self.backend.put(lease, data_ours, exclusive=True)
+                return
+            except ObjectExistsError:
+                pass
+            try:
+                data = self.backend.get(lease)
+                mtime = self.backend.stat(lease).mtime
+            except MissingObjectError:
+                continue  # released meanwhile
+            holder = _holder(data)
+            if holder is not None:
+                holder_id, host, pid = holder
+                if self.sessions.alive(holder_id):
+                    raise LockedError(f"{busy} (on host {host}, pid {pid})")
+                mark = holder_id.hex()
+            else:
+                if self.sessions.age(mtime) < self.sessions.ttl:
+                    raise LockedError(busy)
+                mark = hashlib.blake2b(data, digest_size=16).hexdigest()
+            self._break(lease, data, f"{lease}.broken-{mark}", busy)
+        raise LockedError(busy)
+
+    def _break(self, lease: str, data: bytes, marker: str, busy: str) -> None:
+        """Delete a dead holder's lease, as the one process that won its marker."""
+        try:
+            self.backend.put(marker, MARK, exclusive=True)
+        except ObjectExistsError:
+            raise LockedError(
+                f"{busy} (its last holder died; another process is taking over)"
+            ) from None
+        try:
+            with contextlib.suppress(MissingObjectError):
+                if self.backend.get(lease) == data:  # nobody broke and retook it before
+                    self.backend.delete(lease)
+        finally:
+            with contextlib.suppress(BlocksnapError):
+                self.backend.delete(marker)
+
+    def _release(self, name: str, session: ObjectSession) -> None:
+        lease = LOCKS + name
+        with contextlib.suppress(BlocksnapError):  # a lease left behind dies with us
+            holder = _holder(self.backend.get(lease))
+            if holder is not None and holder[0] == session.id:
+                self.backend.delete(lease)
+
+
+def _holder(data: bytes) -> tuple[bytes, str, int] | None:
+    """(session id, host, pid) that a lease names, or None if it cannot be read."""
+    try:
+        body = json.loads(data)
+        session_id = bytes.fromhex(body["session"])
+        if len(session_id) != 16:
+            return None
+        return session_id, str(body.get("host", "?")), int(body.get("pid", 0))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None

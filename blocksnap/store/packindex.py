@@ -1,0 +1,79 @@
+"""Reading a pack for the index: its intact records and the children of its map nodes.
+
+A rebuild (store/rebuild.py) reads every pack this way, and a shared store's sync the
+packs other hosts wrote (Store.sync_catalog), so neither downloads packs of data blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from blocksnap.blockmap import node_children
+from blocksnap.errors import IntegrityError
+from blocksnap.store.backend import ObjectStore
+from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, Record, read_toc, walk_pack
+from blocksnap.store.records import open_checked, open_record
+
+
+def pack_contents(
+    backend: ObjectStore,
+    hash: Callable[[bytes | memoryview], bytes],
+    name: str,
+    size: int,
+    damaged: list[str],
+) -> tuple[list[Record], dict[bytes, list[bytes]]]:
+    """The intact records of pack name (size bytes) and the children of its map nodes;
+    what is damaged is added to damaged.
+
+    The table of contents comes from the pack's tail (packs.read_toc), so a pack of data
+    blocks costs one or two small reads; its blocks are checked when read (and by verify
+    --read-data).  Map nodes are read and checked here, their children being needed for
+    the counts; they sit in packs of their own, read in one range.  A pack whose trailer
+    or TOC is damaged is read whole and scanned, and every record is checked.
+    """
+    pack = name.rsplit("/", 1)[1]
+    where = f"pack {pack}"
+    try:
+        records = read_toc(lambda at, length: backend.get(name, at, length), size, where)
+    except IntegrityError as exc:
+        data = backend.get(name)
+        walk = walk_pack(data, pack)
+        damaged.append(f"{exc}; its records were found by scanning it")
+        damaged += [str(e) for e in walk.problems if str(e) != str(exc)]
+        candidates = walk.records
+        check_all, base = True, 0
+    else:
+        nodes = [rec for rec in records if rec.kind == KIND_NODE]
+        base = nodes[0].offset if nodes else 0
+        data = backend.get(name, base, nodes[-1].end - base) if nodes else b""
+        candidates = [(rec, None) for rec in records]
+        check_all = False
+    good: list[Record] = []
+    children: dict[bytes, list[bytes]] = {}
+    view = memoryview(data)
+    for rec, error in candidates:
+        if error is None and (check_all or rec.kind == KIND_NODE):
+            at = f"{where} at offset {rec.offset}"
+            record = view[rec.offset - base : rec.end - base]
+            try:
+                if check_all:  # walk_pack checked header and check already
+                    raw = open_checked(rec, record[HEADER_SIZE:], hash, at)
+                else:
+                    raw = open_record(
+                        record,
+                        rec.id,
+                        rec,
+                        hash,
+                        at,
+                        listed_check=rec.check,
+                        against="the table of contents",
+                    )
+                if rec.kind == KIND_NODE:
+                    children[rec.id] = node_children(raw)
+            except IntegrityError as exc:
+                error = exc
+        if error is None:
+            good.append(rec)
+        else:
+            damaged.append(str(error))
+    return good, children

@@ -1,0 +1,279 @@
+"""A repository on S3 shared by hosts: s3:// URLs, per-host caches, leases and sessions kept
+as objects (store/objectlocks.py), the capability probe of init, and what gc refuses.
+
+Every host here is a cache directory of its own (as separate hosts would have), on one
+real SeaweedFS; the CLI runs as a user would, credentials in the AWS environment.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import blocksnap
+from blocksnap.errors import LockedError, StoreError
+from blocksnap.store.init import probe_create_if_absent
+from blocksnap.store.location import S3Options
+from blocksnap.store.locks import LocalLocks
+from blocksnap.store.objectlocks import ObjectLocks, ObjectSessions
+from blocksnap.store.s3 import S3Backend
+from tests.conftest import debugfs, run_cli
+from tests.s3server import S3_BUCKET, S3Server
+
+
+@pytest.fixture
+def aws_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The server's endpoint and credentials in the environment, as a user sets them."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_REGION", s3_server.region)
+    monkeypatch.setenv("BLOCKSNAP_SESSION_TTL", "4")
+    yield
+
+
+def _url(prefix: str) -> str:
+    return f"s3://{S3_BUCKET}/{prefix}"
+
+
+def _cli(cache: Path, *args: str) -> dict[str, object] | list[object]:
+    proc = run_cli(*args, "--cache-dir", str(cache), "--json", check=True)
+    loaded: dict[str, object] | list[object] = json.loads(proc.stdout)
+    return loaded
+
+
+def test_s3_url_on_two_hosts_through_the_cli(
+    aws_env: None, s3_prefix: str, ext4_image: Path, tmp_path: Path
+) -> None:
+    url = _url(s3_prefix)
+    host_a, host_b = tmp_path / "host-a", tmp_path / "host-b"
+    init = _cli(host_a, "init", url)
+    assert isinstance(init, dict) and init["repository"] == url
+    # init again: refused, one line, nothing changed
+    again = run_cli("init", url, "--cache-dir", str(host_a))
+    assert again.returncode != 0 and again.stderr.count("\n") == 1
+    assert "holds a repository already" in again.stderr
+
+    v1 = ext4_image.read_bytes()
+    first = _cli(host_a, "snapshot", url, "web01", str(ext4_image))
+    assert isinstance(first, dict)
+    # Host B, an empty cache: the same repository, rebuilt from the bucket.
+    listed_b = _cli(host_b, "list", url, "web01")
+    listed_a = _cli(host_a, "list", url, "web01")
+    assert listed_a == listed_b
+    # Host B writes the next snapshot of another volume and the next of web01 (one at a
+    # time: the volume lease is free); host A, whose cache knew none of B's packs, sees
+    # and restores them.
+    new_file = tmp_path / "new.bin"
+    new_file.write_bytes(os.urandom(2 << 20))
+    debugfs(ext4_image, f"write {new_file} new.bin")
+    v2 = ext4_image.read_bytes()
+    second = _cli(host_b, "snapshot", url, "web01", str(ext4_image))
+    assert isinstance(second, dict)
+    _cli(host_b, "snapshot", url, "db01", str(ext4_image))
+    info = _cli(host_a, "info", url, "web01", "latest")
+    assert isinstance(info, dict) and info["id"] == second["id"]
+    assert info["parent"] == first["id"]
+    for host in (host_a, host_b):
+        for snap, expected in (("latest~1", v1), ("latest", v2)):
+            target = tmp_path / f"{host.name}-{snap}.img"
+            run_cli(
+                "restore", url, "web01", snap, str(target), "--cache-dir", str(host), check=True
+            )
+            assert target.read_bytes() == expected
+    out = tmp_path / "out"
+    run_cli(
+        "extract",
+        url,
+        "web01",
+        "latest",
+        "/new.bin",
+        "--to",
+        str(out),
+        "--cache-dir",
+        str(host_a),
+        check=True,
+    )
+    assert (out / "new.bin").read_bytes() == new_file.read_bytes()
+    # Two hosts wrote: gc collects nothing and says why; verify is clean on both.
+    gc = run_cli("gc", url, "--cache-dir", str(host_a), "--json")
+    assert gc.returncode == 5, gc.stderr
+    report = json.loads(gc.stdout)
+    assert report["objects_deleted"] == 0
+    assert any("1 other host(s) wrote" in p for p in report["problems"]), report
+    for host in (host_a, host_b):
+        checked = _cli(host, "verify", url, "--read-data")
+        assert isinstance(checked, dict) and checked["ok"], checked
+
+
+def test_one_writing_host_collects_and_the_others_cache_follows(
+    aws_env: None, s3_server: S3Server, s3_prefix: str, ext4_image: Path, tmp_path: Path
+) -> None:
+    url = _url(s3_prefix)
+    a = S3Options(cache_dir=str(tmp_path / "a"))
+    b = S3Options(cache_dir=str(tmp_path / "b"))
+    with blocksnap.Repository.init(url, s3=a) as repo:
+        first = repo.snapshot("vol", ext4_image)
+        debugfs(ext4_image, "rm docs/note3.txt")
+        second = repo.snapshot("vol", ext4_image)
+        expected = ext4_image.read_bytes()
+    with blocksnap.Repository(url, s3=b) as reader:  # a host that only reads
+        assert [s.id for s in reader.snapshots("vol")] == [first.id, second.id]
+    with blocksnap.Repository(url, s3=a) as repo:
+        pruned = repo.prune("vol", blocksnap.Policy(keep_last=1))
+        assert pruned.removed == [first.id]
+        report = repo.gc()
+        assert report.problems == [] and report.objects_deleted > 0
+        assert repo.verify(read_data=True).ok
+    with blocksnap.Repository(url, s3=b) as reader:
+        assert [s.id for s in reader.snapshots("vol")] == [second.id]
+        target = tmp_path / "restored.img"
+        reader.restore("vol", "latest", target)
+        assert target.read_bytes() == expected
+
+
+def _hold_lease(backend_args: dict[str, str], prefix: str, name: str, ready: object) -> None:
+    cache = backend_args.pop("cache")
+    backend = S3Backend(S3_BUCKET, prefix, **backend_args)
+    sessions = ObjectSessions(backend, ttl=4.0)
+    locks = ObjectLocks(backend, sessions, LocalLocks(cache))
+    with locks.hold(name, busy="busy"):
+        ready.set()  # type: ignore[attr-defined]
+        time.sleep(600)
+
+
+def test_lease_of_a_killed_holder_runs_out_and_a_live_one_holds(
+    s3_server: S3Server, s3_prefix: str, tmp_path: Path
+) -> None:
+    args = {
+        "endpoint_url": s3_server.endpoint,
+        "access_key": s3_server.access_key,
+        "secret_key": s3_server.secret_key,
+        "region": s3_server.region,
+    }
+    (tmp_path / "locks").mkdir()
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    child = ctx.Process(
+        target=_hold_lease,
+        args=({**args, "cache": str(tmp_path / "other")}, s3_prefix, "gc", ready),
+    )
+    (tmp_path / "other" / "locks").mkdir(parents=True)
+    child.start()
+    try:
+        assert ready.wait(60)
+        backend = s3_server.backend(s3_prefix)
+        sessions = ObjectSessions(backend, ttl=4.0, host="checker")
+        locks = ObjectLocks(backend, sessions, LocalLocks(str(tmp_path)))
+        # Alive and heartbeating past several ttls: never taken over.
+        deadline = time.monotonic() + 9
+        while time.monotonic() < deadline:
+            with pytest.raises(LockedError, match=r"busy \(on host"), locks.hold("gc", busy="busy"):
+                pass
+            time.sleep(1)
+        os.kill(child.pid or 0, signal.SIGKILL)
+        child.join()
+        killed = time.monotonic()
+        taken = None
+        while time.monotonic() - killed < 30:
+            try:
+                with locks.hold("gc", busy="busy"):
+                    taken = time.monotonic() - killed
+                    locks.confirm("gc")
+                    # Another taker is refused while this one holds it.
+                    other = ObjectLocks(
+                        backend,
+                        ObjectSessions(backend, ttl=4.0),
+                        LocalLocks(str(tmp_path / "other")),
+                    )
+                    with pytest.raises(LockedError), other.hold("gc", busy="busy"):
+                        pass
+                break
+            except LockedError:
+                time.sleep(0.5)
+        assert taken is not None and 3.0 <= taken < 12.0, taken
+        assert not [o.name for o in backend.list("locks/")]  # released, no marker left
+        sessions.close()
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+
+
+def test_sessions_go_by_the_servers_clock_not_the_hosts(
+    s3_server: S3Server, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = s3_server.backend(s3_prefix)
+    writer_host = ObjectSessions(backend, ttl=4.0, host="fast-clock")
+    session = writer_host.start()
+    real = time.time
+    for skew in (600.0, -600.0):  # this host's clock ten minutes off either way
+        monkeypatch.setattr(time, "time", lambda skew=skew: real() + skew)
+        checker = ObjectSessions(backend, ttl=4.0, host="checker")
+        assert checker.alive(session.id)
+        time.sleep(2.5)
+        assert checker.alive(session.id)  # heartbeats keep it alive past ttl/2
+    monkeypatch.setattr(time, "time", real)
+    session.end()
+    assert not ObjectSessions(backend, ttl=4.0).alive(session.id)
+    writer_host.close()
+
+
+class _Overwriting(S3Backend):
+    """A server that ignores If-None-Match: every put replaces."""
+
+    def put(
+        self, name: str, data: bytes | bytearray | memoryview, *, exclusive: bool = False
+    ) -> None:
+        super().put(name, data)
+
+
+def test_init_refuses_storage_without_create_if_absent(s3_server: S3Server, s3_prefix: str) -> None:
+    good = s3_server.backend(s3_prefix)
+    probe_create_if_absent(good, "here")
+    assert not list(good.list(""))  # nothing left behind
+    bad = s3_server.backend(s3_prefix, kind=_Overwriting)
+    with pytest.raises(StoreError, match="does not keep create-if-absent"):
+        probe_create_if_absent(bad, "there")
+    assert not list(good.list(""))
+
+
+def test_two_hosts_on_one_volume_the_second_is_refused(
+    aws_env: None, s3_prefix: str, ext4_image: Path, tmp_path: Path
+) -> None:
+    url = _url(s3_prefix)
+    a = S3Options(cache_dir=str(tmp_path / "a"))
+    with blocksnap.Repository.init(url, s3=a) as repo:
+        repo.snapshot("vol", ext4_image)
+        with repo.store.lock_volume("vol"):  # host A's snapshot of vol runs
+            proc = run_cli(
+                "snapshot", url, "vol", str(ext4_image), "--cache-dir", str(tmp_path / "b")
+            )
+            assert proc.returncode == 4, proc.stderr
+            assert proc.stderr.count("\n") == 1
+            assert "already running" in proc.stderr and "on host" in proc.stderr
+            other = run_cli(
+                "snapshot", url, "other", str(ext4_image), "--cache-dir", str(tmp_path / "b")
+            )
+            assert other.returncode == 0, other.stderr  # another volume never waits
+        assert len(repo.snapshots("vol")) == 1
+
+
+def test_bad_urls_are_one_line(aws_env: None, tmp_path: Path) -> None:
+    for url, message in (
+        ("s3://", "does not name a bucket"),
+        ("s3://key:secret@bucket/p", "never in the URL"),
+        (f"s3://no-such-bucket-{os.getpid()}/p", "no-such-bucket"),
+        (f"s3://{S3_BUCKET}/not-a-repository-{os.getpid()}", "not a blocksnap repository"),
+    ):
+        proc = run_cli("list", url, "--cache-dir", str(tmp_path))
+        assert proc.returncode != 0, url
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert message in proc.stderr, (url, proc.stderr)
