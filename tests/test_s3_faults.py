@@ -20,7 +20,7 @@ import blocksnap
 from blocksnap.errors import BlocksnapError
 from blocksnap.model import Progress
 from blocksnap.store.location import S3Options
-from tests.conftest import debugfs
+from tests.conftest import debugfs, run_cli
 from tests.s3proxy import fault_proxy
 from tests.s3server import S3_BUCKET, S3Server, Weed, running_weed
 
@@ -157,3 +157,56 @@ def test_slow_down_and_lost_answers_under_the_engine(
             assert repo.gc().problems == []
             _check_all(repo, expected, tmp_path)
         assert slow.hits == 40 and lost.hits > 0
+
+
+READER = {
+    "name": "reader",
+    "credentials": [{"accessKey": "readeraccess", "secretKey": "readersecret"}],
+    "actions": ["Read", "List"],
+}
+
+
+def test_read_only_credentials_restore_and_cannot_write(
+    tmp_path: Path, ext4_image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Credentials that may only read the bucket: every reading command works from a
+    cache of their own; a snapshot, prune or gc is one clear error, and leaves nothing
+    in the bucket."""
+    with running_weed(tmp_path / "weed", identities=[READER]) as weed:
+        server = weed.server
+        client = server.client()
+        client.create_bucket(Bucket=S3_BUCKET)
+        monkeypatch.setenv("AWS_REGION", server.region)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+        url = f"s3://{S3_BUCKET}/repo"
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.access_key)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.secret_key)
+        writer = S3Options(cache_dir=str(tmp_path / "writer"))
+        with blocksnap.Repository.init(url, s3=writer) as repo:
+            snap = repo.snapshot("vol", ext4_image)
+        before = sorted(o["Key"] for o in client.list_objects_v2(Bucket=S3_BUCKET)["Contents"])
+
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "readeraccess")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "readersecret")
+        cache = str(tmp_path / "reader")
+        target = tmp_path / "restored.img"
+        run_cli("restore", url, "vol", "latest", str(target), "--cache-dir", cache, check=True)
+        assert target.read_bytes() == ext4_image.read_bytes()
+        listed = run_cli("list", url, "vol", "--cache-dir", cache, check=True)
+        assert snap.id[:8] in listed.stdout
+        for args in (
+            ("snapshot", url, "vol", str(ext4_image)),
+            ("prune", url, "--keep-last", "1"),
+            ("gc", url),
+        ):
+            proc = run_cli(*args, "--cache-dir", cache)
+            assert proc.returncode != 0, args
+            assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+            assert "denied" in proc.stderr.lower() or "forbidden" in proc.stderr.lower(), (
+                proc.stderr
+            )
+        after = sorted(o["Key"] for o in client.list_objects_v2(Bucket=S3_BUCKET)["Contents"])
+        assert after == before
+        uploads = client.list_multipart_uploads(Bucket=S3_BUCKET).get("Uploads", [])
+        assert uploads == []
+        client.close()

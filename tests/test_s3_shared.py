@@ -11,10 +11,13 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import botocore.exceptions
 import pytest
 
 import blocksnap
@@ -25,7 +28,7 @@ from blocksnap.store.locks import LocalLocks
 from blocksnap.store.objectlocks import ObjectLocks, ObjectSessions
 from blocksnap.store.s3 import S3Backend
 from tests.conftest import debugfs, run_cli
-from tests.s3server import S3_BUCKET, S3Server
+from tests.s3server import S3_BUCKET, S3Server, rclone_s3
 
 
 @pytest.fixture
@@ -243,6 +246,48 @@ def test_init_refuses_storage_without_create_if_absent(s3_server: S3Server, s3_p
     with pytest.raises(StoreError, match="does not keep create-if-absent"):
         probe_create_if_absent(bad, "there")
     assert not list(good.list(""))
+
+
+def test_init_refuses_rclone_serve_s3_which_ignores_if_none_match(
+    tmp_path: Path,
+) -> None:
+    """A second real S3 implementation: `rclone serve s3` 1.75 answers a PUT with
+    If-None-Match: * by replacing the object.  init's probe finds that and refuses, with
+    one line, before anything is written; a repository there would lose commits."""
+    with rclone_s3(tmp_path / "rclone") as server:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "blocksnap",
+                "init",
+                f"s3://{S3_BUCKET}/repo",
+                "--cache-dir",
+                str(tmp_path / "cache"),
+                "--s3-endpoint",
+                server.endpoint,
+            ],
+            capture_output=True,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            env={
+                **os.environ,
+                "AWS_ACCESS_KEY_ID": server.access_key,
+                "AWS_SECRET_ACCESS_KEY": server.secret_key,
+                "AWS_REGION": server.region,
+            },
+            timeout=120,
+        )
+        assert proc.returncode != 0
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "does not keep create-if-absent" in proc.stderr, proc.stderr
+        assert "an existing object was replaced" in proc.stderr or "racing" in proc.stderr
+        # Nothing is left (a stat of each listed key: rclone's own listing may lag).
+        client = server.client()
+        for obj in client.list_objects_v2(Bucket=S3_BUCKET).get("Contents", []):
+            with pytest.raises(botocore.exceptions.ClientError, match=r"404|Not Found"):
+                client.head_object(Bucket=S3_BUCKET, Key=obj["Key"])
+        client.close()
 
 
 def test_two_hosts_on_one_volume_the_second_is_refused(

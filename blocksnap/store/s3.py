@@ -28,7 +28,8 @@ Errors: botocore retries throttling, 5xx and broken connections itself (standard
 RETRY_ATTEMPTS in all, or AWS_MAX_ATTEMPTS); what still fails is mapped once, here, to
 the typed errors: absent -> MissingObjectError, 412 -> ObjectExistsError, 5xx /
 SlowDown / timeouts / connection resets -> TransientStoreError, 403 / unknown bucket ->
-StoreError naming the bucket.  One boto3 client is shared by every thread (boto3 clients are thread-safe).
+StoreError naming the bucket.  One boto3 client is shared by every thread (boto3
+clients are thread-safe).
 """
 
 from __future__ import annotations
@@ -343,7 +344,11 @@ class S3Backend:
         paginator = self._client.get_paginator("list_multipart_uploads")
         pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=prefix_key or self._root))
         while True:
-            page = self._call("listing uploads", "", lambda: next(pages, None))
+            try:
+                page = self._call("listing uploads", "uploads", lambda: next(pages, None))
+            except MissingObjectError:
+                # rclone serve s3 (1.75) answers NoSuchUpload (404) when there are none.
+                return
             if page is None:
                 return
             for upload in page.get("Uploads", ()):
