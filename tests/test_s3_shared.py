@@ -105,12 +105,10 @@ def test_s3_url_on_two_hosts_through_the_cli(
         check=True,
     )
     assert (out / "new.bin").read_bytes() == new_file.read_bytes()
-    # Two hosts wrote: gc collects nothing and says why; verify is clean on both.
-    gc = run_cli("gc", url, "--cache-dir", str(host_a), "--json")
-    assert gc.returncode == 5, gc.stderr
-    report = json.loads(gc.stdout)
-    assert report["objects_deleted"] == 0
-    assert any("1 other host(s) wrote" in p for p in report["problems"]), report
+    # Two hosts wrote: gc from either is clean, and so is verify on both.
+    for host in (host_a, host_b):
+        gc = _cli(host, "gc", url)
+        assert isinstance(gc, dict) and gc["problems"] == [], gc
     for host in (host_a, host_b):
         checked = _cli(host, "verify", url, "--read-data")
         assert isinstance(checked, dict) and checked["ok"], checked

@@ -17,9 +17,9 @@ seam, store/backend.py, and live in REPO/ itself with the default local backend)
 
 A repository on S3 (store/location.py) keeps the objects above in its bucket, with three
 more kinds that exist only there: sessions/ID and locks/NAME, the writer sessions and
-leases that hold across hosts (store/objectlocks.py), and hosts/ID, one per host cache
-that ever wrote snapshots (store/gc.py says why).  REPO is then this host's cache
-directory: the index and the host-local state.
+leases that hold across hosts (store/objectlocks.py), and gc/SEQ, the collection lists
+through which gc deletes while other hosts write (store/collection.py).  REPO is then
+this host's cache directory: the index and the host-local state.
 
 Which state is what:
 
@@ -55,7 +55,7 @@ catalog.py, config.py, packs.py and records.py (with codec.py) own the object fo
 frames.py the frame they share with the config;
 reads.py plans ranged reads, packindex.py reads a pack's contents for the index;
 backend.py (with retrying.py, and s3.py, the backend on an S3 bucket) and locks.py (with
-objectlocks.py, locks across hosts) are the seams, and location.py turns an s3:// URL
-into a backend and a cache directory.
+objectlocks.py, locks across hosts) are the seams, location.py turns an s3:// URL into
+a backend and a cache directory, and collection.py owns the collection lists.
 The index is index.py, which documents its LMDB layout and names its parts.
 """

@@ -140,6 +140,15 @@ class CatalogIndex(ObjectIndex):
                 self._decref(txn, root, epoch)
             txn.delete(volume.encode(), db=self.checkpoints)
 
+    def drop_checkpoints(self) -> None:
+        """Drop every volume's checkpoint (what they pin may be gone: store/collection.py)."""
+
+        def body(txn: Txn) -> None:
+            for volume in [bytes(k).decode() for k, _ in txn.cursor(db=self.checkpoints)]:
+                self._drop_checkpoint(txn, volume)
+
+        self._write("dropping checkpoints", body)
+
     def put_checkpoint(self, volume: str, record: bytes, pinned: list[bytes]) -> None:
         """Replace the volume's checkpoint; record's "pinned" must list pinned, in hex.
 

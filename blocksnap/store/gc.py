@@ -23,12 +23,13 @@ Three steps, each safe to interrupt at any instant (kill -9 included):
 
 On a store that hosts share (S3) gc holds the maintenance lease (store/objectlocks.py),
 which prune holds as well, and checks that it still holds it before every step that
-deletes.  Each host's cache has its own registry, so steps 2 and 3 run only while this
-cache is the only one that ever wrote snapshots there (hosts/, see Store.writer): the
-writers of another host are not in this registry, and its cache may refer to objects
-this one counts as garbage.  Compaction is limited to deleting packs that hold nothing
-live: moving live records would leave the caches of reading hosts pointing at deleted
-packs.  Lifting both limits is the cross-host protocol of issue 17.
+deletes.  Each host's cache has its own registry, which other hosts' writers are not
+in, so step 2 goes in two phases through collection lists (store/collection.py): the
+objects at count 0 are published as candidates, the writers then alive are waited for
+(this run or a later one), and only then, after a sync that counts what they committed,
+do the candidates still at count 0 leave the index.  Step 3 deletes only the packs in
+which nothing is placed any more: moving live records would leave other caches placing
+them in deleted packs (compaction across hosts is a next step).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from dataclasses import dataclass, field
 from blocksnap.blockmap import node_children
 from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError, UsageError
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
-from blocksnap.store import catalog, sync
+from blocksnap.store import catalog, collection, sync
+from blocksnap.store.objectlocks import ObjectSessions
 from blocksnap.store.packs import (
     KIND_BLOCK,
     KIND_NODE,
@@ -48,6 +50,7 @@ from blocksnap.store.packs import (
     PackBuilder,
     overhead_size,
     pack_name,
+    read_toc,
     walk_pack,
 )
 from blocksnap.store.repository import Store
@@ -55,6 +58,7 @@ from blocksnap.store.writer import Registration
 
 DEFAULT_COMPACT_BELOW = 0.8  # compact a pack once more than a fifth of it is garbage
 _BATCH = 512
+_MAX_LEVELS = 16  # lists one run carries out at most: a map's height is far below
 
 
 @dataclass(slots=True)
@@ -69,6 +73,8 @@ class GcReport:
     dead_writers: int = 0
     live_writers: int = 0
     unreferenced_left: int = 0  # kept because a running writer may still refer to them
+    lists_published: int = 0  # collection lists written (a shared store only)
+    waiting_writers: int = 0  # writers a list waits for (a shared store only)
     problems: list[str] = field(default_factory=list)
 
 
@@ -84,6 +90,9 @@ def collect_garbage(
     report = GcReport()
     say: Callable[[Progress], None] = progress or (lambda _p: None)
     with store.lock_gc(), store.register() as me:
+        # On a shared store: the lists whose writers are gone, found before the sync that
+        # takes in what those writers committed (store/collection.py).
+        ready = _ready_lists(store, report) if store.shared else []
         synced = store.sync_catalog()
         report.problems += synced.problems
         blocking = [f"snapshot {s}" for s in synced.blocking]
@@ -103,17 +112,6 @@ def collect_garbage(
         store.sweep_orphan_locks()
         _end_abandoned_removals(store)
         _delete_removed_records(store, me, report)
-        others = store.writing_hosts() - {store.host_id()} if store.shared else set()
-        if others:
-            # Another host's cache may refer to objects this one counts as garbage, and
-            # has writers this registry does not see (see the module doc).
-            report.problems.append(
-                f"nothing was collected: {len(others)} other host(s) wrote snapshots to "
-                "this repository, and gc of a repository that several hosts write is not "
-                "supported yet"
-            )
-            report.unreferenced_left = store.index.unreferenced_count()
-            return report
         if blocking:
             # A committed snapshot the index could not take in may have its blocks at
             # count 0: collecting anything now could delete them.
@@ -129,8 +127,11 @@ def collect_garbage(
         # using anything collectable below, and collect re-checks that in its transaction.
         limit = min((int(w["epoch"]) for w in live.values()), default=epoch + 1)
         try:
-            _collect(store, limit, report, say)
-            _compact(store, me, compact_below, report, say)
+            if store.shared:
+                _collect_shared(store, ready, limit, report, say)
+            else:
+                _collect(store, limit, report, say)
+                _compact(store, me, compact_below, report, say)
         except BaseException:
             # A pack put or deleted by a step that raised may still exist unindexed (a
             # delete that failed, a put whose answer was lost): the intents stay, and the
@@ -246,10 +247,161 @@ def _collect(store: Store, limit: int, report: GcReport, say: Callable[[Progress
                         continue
                 items.append((key, children))
             store.confirm_gc()
-            deleted = store.index.collect(items, limit)
+            deleted = len(store.index.collect(items, limit))
             report.objects_deleted += deleted
             progress = progress or deleted > 0
             say(Progress("collect", report.objects_deleted, 0, ProgressUnit.OBJECTS))
+
+
+def _own_sessions(store: Store) -> set[bytes]:
+    sessions = store.sessions
+    return sessions.own() if isinstance(sessions, ObjectSessions) else set()
+
+
+def _alive_others(store: Store) -> list[bytes]:
+    """The sessions alive now, this process's own left out (injected local sessions mean
+    one host: none)."""
+    sessions = store.sessions
+    if not isinstance(sessions, ObjectSessions):
+        return []
+    own = sessions.own()
+    return [s.id for s in sessions.listing() if s.alive and s.id not in own]
+
+
+def _arm(store: Store, lst: collection.CollectionList) -> None:
+    """List into a published list the sessions that may have referred to its candidates
+    before they could see it: every one alive now (see store/collection.py)."""
+    lst.waiting_for = _alive_others(store)
+    lst.state = collection.ARMED
+    store.confirm_gc()
+    collection.write(store.backend, lst)
+
+
+def _ready_lists(store: Store, report: GcReport) -> list[collection.CollectionList]:
+    """The lists under way whose waited-for writers are all gone; one a killed gc left
+    pending is armed now (later is as safe: whoever it missed has ended)."""
+    ready = []
+    own = _own_sessions(store)
+    applied = store.index.collections_applied()  # every list up to it is done
+    for seq in collection.listed_seqs(store.backend):
+        if seq <= applied:
+            continue
+        lst = collection.read(store.backend, seq)
+        if lst is None or lst.state == collection.DONE:
+            continue
+        if lst.state == collection.PENDING:
+            _arm(store, lst)
+        waiting = [w for w in lst.waiting_for if w not in own and store.sessions.alive(w)]
+        if waiting:
+            report.waiting_writers = max(report.waiting_writers, len(waiting))
+        else:
+            ready.append(lst)
+    return ready
+
+
+def _collect_shared(
+    store: Store,
+    ready: list[collection.CollectionList],
+    limit: int,
+    report: GcReport,
+    say: Callable[[Progress], None],
+) -> None:
+    """Collection on a store that hosts share, in two phases (store/collection.py): the
+    lists whose writers are gone are carried out; then the objects at count 0 go into a
+    new list, carried out at once if no writer is alive, and so on down the trees."""
+    for lst in ready:
+        _execute(store, lst, limit, report)
+    for _level in range(_MAX_LEVELS):
+        store.follow_collections()  # the lists under way, this run's done
+        candidates: list[bytes] = []
+        after = b""
+        while batch := store.index.condemned(limit, after, 4096):
+            after = batch[-1][0]
+            candidates += [key[8:] for key, _ in batch if key[8:] not in store.avoid]
+        if not candidates:
+            break
+        seqs = collection.listed_seqs(store.backend)
+        lst = collection.CollectionList(seq=(seqs[-1] if seqs else 0) + 1, candidates=candidates)
+        store.confirm_gc()
+        collection.write(store.backend, lst, new=True)
+        report.lists_published += 1
+        _arm(store, lst)
+        if lst.waiting_for:
+            report.waiting_writers = max(report.waiting_writers, len(lst.waiting_for))
+            break
+        # Every writer that could have referred to a candidate has ended, having
+        # committed (if it did) before the listing: the sync counts what it committed.
+        store.sync_catalog()
+        _execute(store, lst, limit, report)
+        say(Progress("collect", report.objects_deleted, 0, ProgressUnit.OBJECTS))
+    _delete_empty_packs(store, report)
+
+
+def _execute(store: Store, lst: collection.CollectionList, limit: int, report: GcReport) -> None:
+    """Carry out a list whose writers are gone: its candidates still at count 0 leave the
+    index.  The list says so first (more than was collected is safe: a cache that
+    forgets a copy only stores it again)."""
+    items: list[tuple[bytes, list[bytes]]] = []
+    copies: list[tuple[bytes, bytes]] = []
+    for key, loc in store.index.unreferenced(lst.candidates):
+        children: list[bytes] = []
+        if loc is not None:
+            copies.append((key[8:], loc.pack))
+            if loc.kind == KIND_NODE:
+                try:
+                    children = node_children(store.read_node(key[8:]))
+                except BlocksnapError as exc:
+                    report.problems.append(f"map node {key[8:].hex()} kept: {exc}")
+                    continue
+        items.append((key, children))
+    lst.state = collection.DONE
+    lst.collected = copies
+    store.confirm_gc()
+    collection.write(store.backend, lst)
+    for start in range(0, len(items), _BATCH):
+        store.confirm_gc()
+        report.objects_deleted += len(store.index.collect(items[start : start + _BATCH], limit))
+
+
+def _delete_empty_packs(store: Store, report: GcReport) -> None:
+    """Delete the packs in which the index places nothing, and say so in a list (with
+    where the objects of any copies in them live on), then forget them."""
+    sparse = store.index.sparse_packs()
+    empty = [(p, int(info["size"])) for p, info in sparse.items() if int(info.get("live", 0)) <= 0]
+    # Moving live records would leave other caches placing them in deleted packs:
+    # partly live packs stay as they are (compaction is a next step of issue 17).
+    store.index.unmark_sparse([p for p, info in sparse.items() if int(info.get("live", 0)) > 0])
+    if not empty:
+        return
+    done = collection.CollectionList(seq=0, state=collection.DONE)
+    for pack_id, size in empty:
+        name = pack_name(pack_id)
+
+        def get(at: int, length: int, name: str = name) -> bytes:
+            return store.backend.get(name, at, length)
+
+        try:
+            toc = read_toc(get, size, name)
+        except MissingObjectError:
+            toc = []  # deleted by a gc killed before it said so
+        except BlocksnapError as exc:
+            report.problems.append(f"pack {pack_id.hex()} kept: {exc}")
+            continue
+        for rec, loc in zip(toc, store.index.locations([r.id for r in toc]), strict=True):
+            if loc is not None and loc.pack != pack_id:
+                done.relocated.append((rec.id, pack_id, loc))
+        store.confirm_gc()
+        store.backend.delete(name)
+        done.deleted_packs.append(pack_id)
+        report.packs_deleted += 1
+        report.bytes_freed += size
+    if done.deleted_packs:
+        seqs = collection.listed_seqs(store.backend)
+        done.seq = (seqs[-1] if seqs else 0) + 1
+        store.confirm_gc()
+        collection.write(store.backend, done, new=True)
+        report.lists_published += 1
+        store.index.forget_packs(done.deleted_packs)
 
 
 def _compact(
@@ -265,9 +417,7 @@ def _compact(
     for pack_id, info in sparse.items():
         payload = int(info["size"]) - overhead_size(int(info.get("records", 0)))
         live = int(info.get("live", 0))
-        if store.shared and live > 0:
-            fine.append(pack_id)  # see the module doc
-        elif live <= 0 or payload <= 0 or live / payload < compact_below:
+        if live <= 0 or payload <= 0 or live / payload < compact_below:
             todo.append((pack_id, int(info["size"])))
         else:
             fine.append(pack_id)  # looked at again once it loses more

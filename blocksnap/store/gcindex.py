@@ -7,10 +7,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from blocksnap.errors import IntegrityError
-from blocksnap.store.entries import SEQ, Location, decode_location, encode_location, refs_value
+from blocksnap.store.entries import (
+    REF,
+    SEQ,
+    Location,
+    decode_location,
+    encode_location,
+    json_entry,
+    refs_value,
+)
 from blocksnap.store.lmdbenv import lmdb_errors
 from blocksnap.store.objectindex import ObjectIndex
 from blocksnap.store.packs import HEADER_SIZE, Record
@@ -45,16 +53,18 @@ class GcIndex(ObjectIndex):
                 out.append((key, loc))
         return out
 
-    def collect(self, items: list[tuple[bytes, list[bytes]]], limit: int) -> int:
+    def collect(
+        self, items: list[tuple[bytes, list[bytes]]], limit: int
+    ) -> list[tuple[bytes, bytes | None]]:
         """Delete condemned objects, each given by its unref key and the ids it names.
 
         An object is deleted only if it is still unreferenced since the same epoch (a
         writer may have revived it meanwhile); its children are decremented in the same
-        transaction.  Returns how many objects were deleted.
+        transaction.  Returns the (object id, pack id or None) deleted.
         """
 
-        def body(txn: Txn) -> int:
-            deleted = 0
+        def body(txn: Txn) -> list[tuple[bytes, bytes | None]]:
+            deleted: list[tuple[bytes, bytes | None]] = []
             deltas: dict[bytes, int] = {}
             epoch = self._epoch(txn)
             for key, children in items:
@@ -64,6 +74,7 @@ class GcIndex(ObjectIndex):
                 if since >= limit or value != refs_value(0, since):
                     continue
                 raw = txn.get(object_id, db=self.objects)
+                pack: bytes | None = None
                 if raw is not None:
                     try:
                         loc = decode_location(object_id, bytes(raw))
@@ -72,16 +83,116 @@ class GcIndex(ObjectIndex):
                     else:
                         size = HEADER_SIZE + loc.stored_size
                         deltas[loc.pack] = deltas.get(loc.pack, 0) - size
+                        pack = loc.pack
                     txn.delete(object_id, db=self.objects)
                 txn.delete(object_id, db=self.refs)
                 txn.delete(key, db=self.unref)
                 for child in children:
                     self._decref(txn, child, epoch)
-                deleted += 1
+                deleted.append((object_id, pack))
             self._adjust_live(txn, deltas)
             return deleted
 
         return self._write("collecting garbage", body)
+
+    def unreferenced(self, object_ids: list[bytes]) -> list[tuple[bytes, Location | None]]:
+        """(unref key, location) of each of object_ids whose count is 0 now."""
+        out: list[tuple[bytes, Location | None]] = []
+        with lmdb_errors("reading index"), self._begin() as txn:
+            for object_id in object_ids:
+                value = txn.get(object_id, db=self.refs)
+                if value is None:
+                    continue
+                count, since = REF.unpack(value)
+                if count:
+                    continue
+                raw = txn.get(object_id, db=self.objects)
+                try:
+                    loc = decode_location(object_id, bytes(raw)) if raw is not None else None
+                except IntegrityError:
+                    loc = None
+                out.append((SEQ.pack(since) + object_id, loc))
+        return out
+
+    def pack_info(self, pack_id: bytes) -> dict[str, Any] | None:
+        with lmdb_errors("reading index"), self._begin() as txn:
+            value = txn.get(pack_id, db=self.packs)
+        return None if value is None else json_entry(value, f"pack {pack_id.hex()}")
+
+    def collections_applied(self) -> int:
+        """The highest seq up to which this index follows the collection lists."""
+        with lmdb_errors("reading index"), self._begin() as txn:
+            value = txn.get(b"collections", db=self.meta)
+        return 0 if value is None else int(SEQ.unpack(value)[0])
+
+    def set_collections_applied(self, seq: int) -> None:
+        def body(txn: Txn) -> None:
+            txn.put(b"collections", SEQ.pack(seq), db=self.meta)
+
+        self._write("following a collection", body)
+
+    def relocate(self, moves: list[tuple[bytes, bytes, Location]]) -> None:
+        """For each (object id, deleted pack, location): the index's entry for the object,
+        if it is in that pack, moves to the location (a copy gc elsewhere kept)."""
+
+        def body(txn: Txn) -> None:
+            for object_id, pack_id, loc in moves:
+                raw = txn.get(object_id, db=self.objects)
+                if raw is None:
+                    continue
+                try:
+                    old = decode_location(object_id, bytes(raw))
+                except IntegrityError:
+                    old = None
+                if old is None or old.pack == pack_id:
+                    txn.put(object_id, encode_location(object_id, loc), db=self.objects)
+
+        self._write("following a collection", body)
+
+    def forget_copies(self, copies: list[tuple[bytes, bytes]]) -> bool:
+        """Forget the copies (object id, pack id) that gc on another host deleted (store/
+        collection.py), each only where the index places the object in that pack.  An
+        object at count 0 leaves the index; one still counted (by nodes or checkpoints of
+        this host that no snapshot committed) keeps its count without a place, so that no
+        writer refers to it and the next copy stored takes its place.  Returns whether any
+        was still counted.  (The children of a node forgotten keep their counts: a leak,
+        mended by repair --rebuild-index, never a loss.)"""
+
+        def body(txn: Txn) -> bool:
+            counted = False
+            deltas: dict[bytes, int] = {}
+            for object_id, pack_id in copies:
+                raw = txn.get(object_id, db=self.objects)
+                if raw is None:
+                    continue
+                try:
+                    loc = decode_location(object_id, bytes(raw))
+                except IntegrityError:
+                    continue
+                if loc.pack != pack_id:
+                    continue
+                deltas[pack_id] = deltas.get(pack_id, 0) - (HEADER_SIZE + loc.stored_size)
+                txn.delete(object_id, db=self.objects)
+                count, since = self._ref(txn, object_id)
+                if count:
+                    counted = True
+                else:
+                    txn.delete(object_id, db=self.refs)
+                    txn.delete(SEQ.pack(since) + object_id, db=self.unref)
+            self._adjust_live(txn, deltas)
+            return counted
+
+        return self._write("following a collection", body)
+
+    def forget_packs(self, pack_ids: list[bytes]) -> None:
+        """Forget packs that gc on another host deleted."""
+
+        def body(txn: Txn) -> None:
+            for pack_id in pack_ids:
+                txn.delete(pack_id, db=self.packs)
+                txn.delete(pack_id, db=self.sparse)
+
+        self._write("following a collection", body)
 
     def move_records(
         self,

@@ -67,6 +67,10 @@ class Session(Protocol):
         """Stop being alive (idempotent)."""
         ...
 
+    def valid(self) -> bool:
+        """Whether no other process can have found this session dead yet."""
+        ...
+
 
 class WriterSessions(Protocol):
     """Writer liveness (see the module doc)."""
@@ -177,6 +181,10 @@ class _LocalSession:
     @property
     def id(self) -> bytes:
         return self._id
+
+    def valid(self) -> bool:
+        """Alive exactly while the flock is held."""
+        return self._lock.fd >= 0
 
     def end(self) -> None:
         if self._lock.fd >= 0:

@@ -192,6 +192,7 @@ class ObjectIndex(IndexEnv):
         records: list[Record],
         children: dict[bytes, list[bytes]] | None = None,
         intent: bytes | None = None,
+        replace: frozenset[bytes] = frozenset(),
     ) -> list[bytes]:
         """Register a sealed, durable pack and its records in one transaction.
 
@@ -200,7 +201,9 @@ class ObjectIndex(IndexEnv):
         is positive (this copy is dead weight for compaction).  When its count is 0, this
         copy replaces it and counts as new at the current epoch: the writer that stored it
         again found it unreferenced since before its start.  intent (a key from
-        add_intent) is cleared in the same transaction.  Returns the ids newly indexed.
+        add_intent) is cleared in the same transaction.  replace: ids whose copy here
+        replaces the indexed one whatever its count (copies a collection list condemns,
+        store/collection.py).  Returns the ids newly indexed.
         """
         known = children or {}
 
@@ -216,9 +219,13 @@ class ObjectIndex(IndexEnv):
                 )
                 old = txn.get(rec.id, db=self.objects)
                 if old is None:
-                    self._set_unreferenced(txn, rec.id, epoch)
-                    increments.update(known.get(rec.id, ()))
-                    added.append(rec.id)
+                    # Counted but without a place: its copy was deleted on another host
+                    # (GcIndex.forget_copies) while nodes here still name it; this copy
+                    # is its place now, its children counted already.
+                    if txn.get(rec.id, db=self.refs) is None:
+                        self._set_unreferenced(txn, rec.id, epoch)
+                        increments.update(known.get(rec.id, ()))
+                        added.append(rec.id)
                 else:
                     try:
                         old_loc: Location | None = decode_location(rec.id, bytes(old))
@@ -226,10 +233,11 @@ class ObjectIndex(IndexEnv):
                         old_loc = None  # a damaged entry: this intact copy repairs it
                     if old_loc is not None:
                         count, since = self._ref(txn, rec.id)
-                        if count or old_loc.pack == pack_id:
+                        if old_loc.pack == pack_id or (count and rec.id not in replace):
                             continue
-                        txn.delete(SEQ.pack(since) + rec.id, db=self.unref)
-                        self._set_unreferenced(txn, rec.id, epoch)
+                        if not count:
+                            txn.delete(SEQ.pack(since) + rec.id, db=self.unref)
+                            self._set_unreferenced(txn, rec.id, epoch)
                         deltas[old_loc.pack] = deltas.get(old_loc.pack, 0) - (
                             HEADER_SIZE + old_loc.stored_size
                         )

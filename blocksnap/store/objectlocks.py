@@ -75,6 +75,9 @@ FORMAT = 1
 MARK = b'{"format": 1}\n'
 _SESSION_NAME = re.compile(r"sessions/([0-9a-f]{32})")
 _LOCK_NAME = re.compile(r"[0-9a-z-]+")
+# Sessions this process ended, whether or not their delete reached the storage (it may be
+# down): known dead here without waiting for their ttl.
+_ENDED: set[bytes] = set()
 
 
 def session_ttl() -> float:
@@ -216,14 +219,22 @@ class ObjectSessions:
             return session
         raise LockedError("could not start a writer session: every new id was taken")
 
+    def own(self) -> set[bytes]:
+        """The ids of the sessions this instance runs."""
+        with self._guard:
+            return set(self._live)
+
     def drop(self, session: ObjectSession) -> None:
         """Stop heartbeating a session (it ended)."""
         with self._guard:
             self._live.pop(session.id, None)
+            _ENDED.add(session.id)
 
     def alive(self, session_id: bytes) -> bool:
         with self._guard:
             own = self._live.get(session_id)
+            if session_id in _ENDED:
+                return False
         if own is not None:
             return not own.ended
         try:

@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import re
-import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,7 +50,7 @@ from blocksnap.errors import (
     UsageError,
 )
 from blocksnap.model import Checkpoint, SnapshotInfo
-from blocksnap.store import catalog, reads, records, sync
+from blocksnap.store import catalog, collection, reads, records, sync
 from blocksnap.store import index as index_module
 from blocksnap.store.backend import LocalBackend, ObjectStore
 from blocksnap.store.config import read_config
@@ -74,11 +73,6 @@ _SNAPSHOT_NAME = re.compile(r"latest(?:~(\d+))?")
 
 # Private top-level entries of the repository directory: host-local state, no objects.
 LOCAL_STATE = ("lock", "locks", "index", "index.rebuild", "index.old")
-HOSTS = "hosts/"  # hosts/<cache id>: an empty object per cache that wrote to a shared store
-HOST_FILE = "host"  # in a shared store's cache directory: its cache id
-# The body of a hosts/ object: never empty, since SeaweedFS 4.48 answers an empty PUT so
-# that the next request on its connection hangs for a minute.
-HOST_BODY = b'{"format": 1}\n'
 
 
 def local_backend(path: str) -> LocalBackend:
@@ -157,6 +151,9 @@ class Store:
         self._index: Index | None = None
         # volume -> the highest seq of a record that stands and could not be cached
         self._pending_seq: dict[str, int] = {}
+        # On a shared store: the candidates of the collection lists not yet carried out
+        # (store/collection.py), which writers store again rather than refer to.
+        self.avoid: frozenset[bytes] = frozenset()
         try:
             self.config = read_config(self.backend, path)
             if exclusive:  # a repair rewrites the index and deletes: it writes
@@ -245,6 +242,10 @@ class Store:
         """Read an extent's records again where the index says they are now: its pack
         was deleted after they were looked up.  A second miss is raised."""
         ids = [object_id for object_id, _ in extent.records]
+        if self.shared and not self.read_only:
+            # gc on another host may have deleted the pack, keeping copies elsewhere: its
+            # collection list says where (store/collection.py).
+            self.follow_collections()
         moved = []
         for (object_id, loc), now in zip(
             extent.records, self.index.locations(ids, strict=True), strict=True
@@ -368,11 +369,7 @@ class Store:
 
     def writer(self) -> StoreWriter:
         """A registered writer, the catalog synced first (the writer then chooses a
-        parent and a place in the volume's order from what the objects say).  On a
-        shared store this host is first named among its writers (see writing_hosts)."""
-        if self.shared:
-            with contextlib.suppress(ObjectExistsError):
-                self.backend.put(HOSTS + self.host_id(), HOST_BODY, exclusive=True)
+        parent and a place in the volume's order from what the objects say)."""
         writer = StoreWriter(self)
         try:
             self.sync_catalog()
@@ -380,32 +377,6 @@ class Store:
             writer.close()
             raise
         return writer
-
-    def host_id(self) -> str:
-        """This cache's id on a shared store (32 hex digits, made on first use): the host
-        that writes through it, as hosts/<id> names it."""
-        path = os.path.join(self.path, HOST_FILE)
-        try:
-            with open(path, encoding="ascii") as f:
-                found = f.read().strip()
-            if re.fullmatch(r"[0-9a-f]{32}", found):
-                return found
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from exc
-        made = secrets.token_hex(16)
-        try:
-            with open(path + ".tmp", "w", encoding="ascii") as f:
-                f.write(made + "\n")
-            os.replace(path + ".tmp", path)
-        except OSError as exc:
-            raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from exc
-        return made
-
-    def writing_hosts(self) -> set[str]:
-        """The ids of every cache (host) that ever wrote snapshots to this shared store."""
-        return {o.name[len(HOSTS) :] for o in self.backend.list(HOSTS)}
 
     def commit_snapshot(
         self, info: SnapshotInfo, writer: StoreWriter, *, drop_checkpoint: bool = False
@@ -419,6 +390,13 @@ class Store:
         killed at that moment); the error says that the snapshot is committed.
         drop_checkpoint: this snapshot supersedes the volume's interrupted run."""
         writer.flush()
+        if not writer.registration.valid():
+            # gc on another host may have found this writer dead and stopped waiting for
+            # it (store/collection.py): what it refers to may be going.
+            raise StoreError(
+                f"snapshot {info.id} was not committed: this writer's session lapsed "
+                "(its heartbeat to the storage failed); run the snapshot again"
+            )
         seq = max(self.index.next_seq(info.volume), self._pending_seq.get(info.volume, 0) + 1)
         body = catalog.encode(info, self.config.algorithms(), seq)
         data = catalog.frame(catalog.SNAPSHOT_MAGIC, body)
@@ -484,7 +462,11 @@ class Store:
     def checkpoint(self, volume: str) -> Checkpoint | None:
         """The checkpoint of the volume's interrupted snapshot run, if there is one."""
         raw = self.index.checkpoint(volume)
-        return None if raw is None else catalog.decode_checkpoint(raw, f"checkpoint of {volume}")
+        if raw is None or (self.shared and self.avoid):
+            # A collection list under way may name what the checkpoint's map refers to
+            # without asking (store/collection.py): the run starts from the beginning.
+            return None
+        return catalog.decode_checkpoint(raw, f"checkpoint of {volume}")
 
     def remove_snapshot(self, info: SnapshotInfo, registration: Registration) -> bool:
         """Remove a committed snapshot (refused if protected); False if it was gone already.
@@ -540,9 +522,41 @@ class Store:
         report = sync.sync(
             self.backend, self.index, self._index_unknown_packs if self.shared else None
         )
+        if self.shared:
+            self.follow_collections()
         for volume, seq in report.pending_seq.items():
             self._pending_seq[volume] = max(self._pending_seq.get(volume, 0), seq)
         return report
+
+    def follow_collections(self) -> None:
+        """Bring the index in line with the collection lists of gc on other hosts
+        (store/collection.py): forget the copies they deleted, and note the candidates
+        of those under way in avoid.  Should a copy still counted here go (by this host's
+        uncommitted nodes or checkpoints), every checkpoint goes too."""
+        applied = self.index.collections_applied()
+        avoid: set[bytes] = set()
+        counted = False
+        advanced = applied
+        for seq in collection.listed_seqs(self.backend):
+            if seq <= applied:
+                continue
+            found = collection.read(self.backend, seq)
+            if found is None:
+                continue
+            if found.state != collection.DONE:
+                avoid.update(found.candidates)
+                continue
+            # Done lists after one under way are applied again next time: a no-op.
+            counted |= self.index.forget_copies(found.collected)
+            self.index.relocate(found.relocated)
+            self.index.forget_packs(found.deleted_packs)
+            if not avoid:
+                advanced = seq
+        if counted:
+            self.index.drop_checkpoints()
+        if advanced != applied:
+            self.index.set_collections_applied(advanced)
+        self.avoid = frozenset(avoid)
 
     def _index_unknown_packs(self) -> list[str]:
         """Index every pack in storage that the index lacks (packs other hosts wrote),

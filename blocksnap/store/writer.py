@@ -36,6 +36,11 @@ class OpenStore(Protocol):
     @property
     def sessions(self) -> WriterSessions: ...
 
+    @property
+    def avoid(self) -> frozenset[bytes]:
+        """Ids a collection list under way names: stored again, never referred to."""
+        ...
+
     def require_writable(self) -> None: ...
 
 
@@ -62,6 +67,10 @@ class Registration:
     def intent(self, name: str) -> bytes:
         """The intent key for putting or deleting the object name."""
         return self.id + name.encode()
+
+    def valid(self) -> bool:
+        """Whether the session still holds (see Session.valid): checked before a commit."""
+        return self._session.valid()
 
     def keep_intents(self) -> None:
         """An object this registration meant to delete may still exist: when it ends, it
@@ -147,7 +156,7 @@ class StoreWriter:
 
     def missing(self, object_ids: list[bytes]) -> list[bool]:
         """For each id, whether this writer must store the object (see Index.claim)."""
-        return [not ok for ok in self.store.index.claim(object_ids, self.epoch)]
+        return [not ok for ok in self.store.index.claim(object_ids, self.epoch, self.store.avoid)]
 
     def _queued(self, object_id: bytes) -> bool:
         return any(object_id in pack.pending for pack in self._open.values()) or any(
@@ -156,7 +165,10 @@ class StoreWriter:
 
     def has(self, object_id: bytes) -> bool:
         """Whether the object may be referred to: usable in the index, or queued here."""
-        return self._queued(object_id) or self.store.index.claim([object_id], self.epoch)[0]
+        return (
+            self._queued(object_id)
+            or self.store.index.claim([object_id], self.epoch, self.store.avoid)[0]
+        )
 
     def seal(self, kind: int, raw: bytes | memoryview, object_id: bytes) -> records.Sealed:
         """Seal raw bytes (kind KIND_BLOCK or KIND_NODE, object_id their strong hash) into
@@ -232,7 +244,12 @@ class StoreWriter:
         builder = pack.builder
         with lmdb_errors("indexing pack"):
             self.store.index.add_pack(
-                pack.id, builder.size, builder.records, pack.children, pack.intent
+                pack.id,
+                builder.size,
+                builder.records,
+                pack.children,
+                pack.intent,
+                replace=self.store.avoid,
             )
         pack.indexed = True
         return builder.size

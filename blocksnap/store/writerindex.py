@@ -20,7 +20,9 @@ if TYPE_CHECKING:
 class WriterIndex(ObjectIndex):
     """The meta epoch, writers and intents databases of an Index."""
 
-    def claim(self, object_ids: list[bytes], epoch: int) -> list[bool]:
+    def claim(
+        self, object_ids: list[bytes], epoch: int, avoid: frozenset[bytes] = frozenset()
+    ) -> list[bool]:
         """For each id, whether a writer registered at epoch may refer to it.
 
         It may when the object is indexed and its count is positive or became 0 at or
@@ -31,13 +33,20 @@ class WriterIndex(ObjectIndex):
         gc does and the object is gone, so False tells the writer to store it again.
         Reviving is what lets a resumed snapshot, or any writer, use what a killed
         writer stored but never committed, instead of storing it twice.
+
+        avoid: ids that a collection list names (store/collection.py), refused whatever
+        their count; so is an id whose copy was deleted elsewhere (no location left).
         """
         out: list[bool] = []
         stale: list[int] = []
         with lmdb_errors("reading index"), self._begin_buffers() as txn:
             for i, object_id in enumerate(object_ids):
                 value = txn.get(object_id, db=self.refs)
-                if value is None:
+                if (
+                    value is None
+                    or object_id in avoid
+                    or txn.get(object_id, db=self.objects) is None
+                ):
                     out.append(False)
                     continue
                 count, since = REF.unpack(value)

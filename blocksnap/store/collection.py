@@ -1,0 +1,154 @@
+"""Collection lists: how gc on a store that hosts share publishes what it will delete, and
+what it deleted, so that no host's writer refers to a deleted object.
+
+Each host's cache counts references only from what it knows, and its writers only
+register in its own index; gc on one host cannot see another host's writers through its
+registry.  So on a shared store (S3) gc deletes in two phases, each a list object written
+by the holder of the maintenance lease (store/objectlocks.py):
+
+1. pending: gc/<seq> names the candidates, objects at count 0 in the collecting cache.
+   From the moment it exists, every writer that starts (and syncs) treats the
+   candidates as absent: it stores its own copy instead of referring to them, and
+   resuming a checkpoint is refused.
+2. armed: right after publishing, the sessions then alive (every writer that may have
+   referred to a candidate before it could see the list) are listed into it.
+3. done: once none of those sessions is alive, gc syncs the catalog (their snapshots now
+   count), deletes from its index the candidates still at count 0, deletes the packs
+   that hold nothing else, and writes into the list which copies (object id, pack) it
+   deleted and which packs.  Every cache that syncs removes those copies from its index.
+
+A writer that a list made wait stays safe while it runs; one that started after it never
+refers to a candidate; and a snapshot that a waited-for writer committed is counted
+before anything is deleted.  A writer whose session lapsed (its heartbeat failed for
+half the session ttl) refuses to commit, since gc elsewhere may have stopped waiting.
+
+Format: gc/<seq> with seq 16 decimal digits from 1, one more than the highest existing
+(created create-if-absent, then replaced by its holder as it advances); a frame (store/
+frames.py) with magic b"BSGCLS", version 1, and a JSON body:
+
+    {"format": 1, "seq": n, "state": "pending" | "armed" | "done",
+     "candidates": [hex object id, ...], "waiting_for": [hex session id, ...],
+     "collected": [[hex object id, hex pack id], ...], "deleted_packs": [hex, ...],
+     "relocated": [[hex object id, hex deleted pack id, hex pack id, offset, stored size,
+                    raw size, kind, codec], ...]}
+
+relocated names, for a deleted pack, the copies in it of objects that live on in another
+pack (two writers stored the same object): a cache that placed one there moves it.
+
+Compatibility: unknown keys are ignored; a list of a newer version stops gc and makes
+every writer treat the store as unreadable for writing (UnsupportedFormatError), since
+a list it cannot read may name candidates.  Lists are kept (see the notes of issue 17 on
+compacting them).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+
+from blocksnap.errors import IntegrityError, MissingObjectError, UnsupportedFormatError
+from blocksnap.store import frames
+from blocksnap.store.backend import ObjectStore
+from blocksnap.store.entries import Location
+
+PREFIX = "gc/"
+MAGIC = b"BSGCLS"
+VERSION = 1
+PENDING, ARMED, DONE = "pending", "armed", "done"
+_NAME = re.compile(r"gc/(\d{16})")
+
+
+@dataclass(slots=True)
+class CollectionList:
+    seq: int
+    state: str = PENDING
+    candidates: list[bytes] = field(default_factory=list)
+    waiting_for: list[bytes] = field(default_factory=list)
+    collected: list[tuple[bytes, bytes]] = field(default_factory=list)  # (object, pack)
+    deleted_packs: list[bytes] = field(default_factory=list)
+    # (object, deleted pack, its place kept): a copy in a deleted pack of an object that
+    # lives on elsewhere
+    relocated: list[tuple[bytes, bytes, Location]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return list_name(self.seq)
+
+    def encode(self) -> bytes:
+        body = {
+            "format": 1,
+            "seq": self.seq,
+            "state": self.state,
+            "candidates": [c.hex() for c in self.candidates],
+            "waiting_for": [w.hex() for w in self.waiting_for],
+            "collected": [[o.hex(), p.hex()] for o, p in self.collected],
+            "deleted_packs": [p.hex() for p in self.deleted_packs],
+            "relocated": [
+                [
+                    o.hex(),
+                    p.hex(),
+                    loc.pack.hex(),
+                    loc.offset,
+                    loc.stored_size,
+                    loc.raw_size,
+                    loc.kind,
+                    loc.codec,
+                ]
+                for o, p, loc in self.relocated
+            ],
+        }
+        return frames.frame(MAGIC, VERSION, json.dumps(body, sort_keys=True).encode())
+
+
+def list_name(seq: int) -> str:
+    return f"{PREFIX}{seq:016d}"
+
+
+def decode(data: bytes, what: str) -> CollectionList:
+    version, body = frames.unframe(data, MAGIC, what)
+    if version != VERSION:
+        raise UnsupportedFormatError(f"{what} has format {version}: needs a newer blocksnap")
+    try:
+        raw = json.loads(body)
+        if raw.get("format") != 1:
+            raise UnsupportedFormatError(f"{what} has a newer format: needs a newer blocksnap")
+        return CollectionList(
+            seq=int(raw["seq"]),
+            state=str(raw["state"]),
+            candidates=[bytes.fromhex(c) for c in raw.get("candidates", [])],
+            waiting_for=[bytes.fromhex(w) for w in raw.get("waiting_for", [])],
+            collected=[(bytes.fromhex(o), bytes.fromhex(p)) for o, p in raw.get("collected", [])],
+            deleted_packs=[bytes.fromhex(p) for p in raw.get("deleted_packs", [])],
+            relocated=[
+                (
+                    bytes.fromhex(o),
+                    bytes.fromhex(p),
+                    Location(bytes.fromhex(lp), int(at), int(st), int(rw), int(k), int(c)),
+                )
+                for o, p, lp, at, st, rw, k, c in raw.get("relocated", [])
+            ],
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise IntegrityError(f"{what} is damaged ({exc})") from None
+
+
+def listed_seqs(backend: ObjectStore) -> list[int]:
+    """The seqs of every list, ascending."""
+    return sorted(
+        int(m.group(1)) for o in backend.list(PREFIX) if (m := _NAME.fullmatch(o.name)) is not None
+    )
+
+
+def read(backend: ObjectStore, seq: int) -> CollectionList | None:
+    """The list seq, or None if it is gone."""
+    name = list_name(seq)
+    try:
+        return decode(backend.get(name), name)
+    except MissingObjectError:
+        return None
+
+
+def write(backend: ObjectStore, lst: CollectionList, *, new: bool = False) -> None:
+    """Store the list; new: create-if-absent (ObjectExistsError if seq is taken)."""
+    backend.put(lst.name, lst.encode(), exclusive=new)

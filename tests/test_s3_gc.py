@@ -1,0 +1,167 @@
+"""gc on a repository that several hosts write at once (store/collection.py), on SeaweedFS.
+
+Each host is a cache directory of its own.  The cases that would lose data without the
+two phases: a writer on another host that refers to blocks while a prune makes them
+garbage, and one that starts after gc published them as candidates.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import blocksnap
+from blocksnap.errors import StoreError
+from blocksnap.model import Progress, SnapshotInfo
+from blocksnap.store import collection
+from blocksnap.store.location import S3Options
+from blocksnap.store.objectlocks import ObjectSession, ObjectSessions
+from tests.conftest import debugfs
+from tests.s3server import S3_BUCKET, S3Server
+
+
+@pytest.fixture
+def hosts(
+    s3_server: S3Server, s3_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[str, S3Options, S3Options]]:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_REGION", s3_server.region)
+    monkeypatch.setenv("BLOCKSNAP_SESSION_TTL", "4")
+    url = f"s3://{S3_BUCKET}/{s3_prefix}"
+    yield url, S3Options(cache_dir=str(tmp_path / "a")), S3Options(cache_dir=str(tmp_path / "b"))
+
+
+def _two_versions(repo: blocksnap.Repository, image: Path, tmp_path: Path) -> bytes:
+    """vol1: a first snapshot of image with a 6 MiB file only it holds, then one without;
+    returns the first version's bytes."""
+    unique = tmp_path / "unique.bin"
+    unique.write_bytes(os.urandom(6 << 20))
+    debugfs(image, f"write {unique} unique.bin")
+    first = image.read_bytes()
+    repo.snapshot("vol1", image)
+    debugfs(image, "rm unique.bin")
+    repo.snapshot("vol1", image)
+    return first
+
+
+def _restores(url: str, options: S3Options, snap: SnapshotInfo, expected: bytes, at: Path) -> None:
+    with blocksnap.Repository(url, s3=options) as repo:
+        repo.restore(snap.volume, snap.id, at)
+        assert at.read_bytes() == expected
+        at.unlink()
+        report = repo.verify(read_data=True)
+        assert report.ok, report.problems
+
+
+def test_gc_waits_for_a_writer_of_another_host_that_refers_to_pruned_blocks(
+    hosts: tuple[str, S3Options, S3Options], ext4_image: Path, tmp_path: Path
+) -> None:
+    url, a, b = hosts
+    with blocksnap.Repository.init(url, s3=a) as repo:
+        first = _two_versions(repo, ext4_image, tmp_path)
+    image_x = tmp_path / "x.img"
+    image_x.write_bytes(first)
+
+    # Host B snapshots the first version's content into vol2, deduplicating against vol1's
+    # first snapshot, and pauses just before it commits.
+    paused, resume = threading.Event(), threading.Event()
+
+    def pause(p: Progress) -> None:
+        if p.phase == "packs-written" and not paused.is_set():
+            paused.set()
+            assert resume.wait(120)
+
+    result: list[SnapshotInfo | BaseException] = []
+
+    def host_b() -> None:
+        try:
+            with blocksnap.Repository(url, s3=b) as repo:
+                result.append(repo.snapshot("vol2", image_x, progress=pause))
+        except BaseException as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=host_b)
+    thread.start()
+    try:
+        assert paused.wait(120)
+        # Host A prunes the snapshot B took its blocks from, and collects: the blocks are
+        # candidates, and B's session is waited for.
+        with blocksnap.Repository(url, s3=a) as repo:
+            pruned = repo.prune("vol1", blocksnap.Policy(keep_last=1))
+            assert len(pruned.removed) == 1
+            waiting = repo.gc()
+            assert waiting.problems == []
+            assert waiting.waiting_writers >= 1 and waiting.lists_published >= 1
+            assert waiting.objects_deleted == 0 and waiting.packs_deleted == 0
+    finally:
+        resume.set()
+        thread.join()
+    snap = result[0]
+    assert isinstance(snap, SnapshotInfo), snap
+    assert snap.counts.stored < snap.counts.changed // 4  # it did refer to vol1's blocks
+    with blocksnap.Repository(url, s3=a) as repo:
+        done = repo.gc()  # B has ended: the list is carried out, B's snapshot counted
+        assert done.problems == [] and done.waiting_writers == 0
+    for options, name in ((a, "a.img"), (b, "b.img")):
+        _restores(url, options, snap, first, tmp_path / name)
+
+
+def test_a_writer_that_starts_after_the_list_stores_candidates_again(
+    hosts: tuple[str, S3Options, S3Options], ext4_image: Path, tmp_path: Path, s3_server: S3Server
+) -> None:
+    url, a, b = hosts
+    with blocksnap.Repository.init(url, s3=a) as repo:
+        first = _two_versions(repo, ext4_image, tmp_path)
+        pruned_root = repo.resolve("vol1", "latest~1").map_root
+        repo.prune("vol1", blocksnap.Policy(keep_last=1))
+    image_x = tmp_path / "x.img"
+    image_x.write_bytes(first)
+    # A writer on a third host is running (its session alive): gc publishes and waits.
+    other = ObjectSessions(s3_server.backend(url.split("/", 3)[3]), ttl=4.0, host="c")
+    running: ObjectSession = other.start()
+    try:
+        with blocksnap.Repository(url, s3=a) as repo:
+            first_gc = repo.gc()
+            assert first_gc.waiting_writers == 1 and first_gc.objects_deleted == 0
+        # Host B starts now: the candidates (the pruned snapshot's map root, which B's
+        # identical image has too) are absent to it, so it stores its own copy.
+        with blocksnap.Repository(url, s3=b) as repo:
+            assert repo.store.avoid == {pruned_root}
+            snap = repo.snapshot("vol2", image_x)
+            assert snap.map_root == pruned_root
+            assert snap.counts.stored >= 1
+    finally:
+        running.end()
+        other.close()
+    with blocksnap.Repository(url, s3=a) as repo:
+        report = repo.gc()
+        assert report.problems == [] and report.waiting_writers == 0
+    lists = [collection.read(s3_server.backend(url.split("/", 3)[3]), s) for s in range(1, 4)]
+    assert any(lst is not None and lst.state == collection.DONE for lst in lists)
+    for options, name in ((a, "a.img"), (b, "b.img")):
+        _restores(url, options, snap, first, tmp_path / name)
+    # Both caches agree with a cache built from the bucket alone.
+    fresh = S3Options(cache_dir=str(tmp_path / "fresh"))
+    _restores(url, fresh, snap, first, tmp_path / "fresh.img")
+
+
+def test_a_writer_whose_session_lapsed_does_not_commit(
+    hosts: tuple[str, S3Options, S3Options],
+    ext4_image: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url, a, _b = hosts
+    with blocksnap.Repository.init(url, s3=a) as repo:
+        kept = repo.snapshot("vol", ext4_image)
+        with monkeypatch.context() as patched, pytest.raises(StoreError, match="session lapsed"):
+            patched.setattr(ObjectSession, "valid", lambda self: False)
+            repo.snapshot("vol", ext4_image, full=True)
+        assert [s.id for s in repo.snapshots("vol")] == [kept.id]
+    _restores(url, a, kept, ext4_image.read_bytes(), tmp_path / "kept.img")
