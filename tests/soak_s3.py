@@ -59,6 +59,7 @@ class Soak:
         self.running: dict[int, subprocess.Popen[str]] = {}
         self.counts: Counter[str] = Counter()
         self.failures: list[str] = []
+        self.errors: list[str] = []  # the first command errors, for the record
         self.hashes: dict[str, set[str]] = {}  # volume -> every hash journalled
         self.committed: dict[str, str] = {}  # snapshot id -> hash
         self.stop = threading.Event()
@@ -84,8 +85,12 @@ class Soak:
             self.counts["killed_" + args[0]] += 1
         elif proc.returncode != 0:
             self.counts["error_" + args[0]] += 1
-            if "Traceback" in err or err.count("\n") != 1:
+            reported = err.count("\n") == 1 or (args[0] == "gc" and proc.returncode == 5)
+            if "Traceback" in err or not reported:
                 self.failures.append(f"{host} {args[0]}: {err[-500:]}")
+            with self.lock:
+                if len(self.errors) < 40:
+                    self.errors.append(f"{args[0]}: {err.strip()[-300:]}")
         return proc.returncode, out, err
 
     def writer(self, index: int, image: Path) -> None:
@@ -114,6 +119,10 @@ class Soak:
             rc, out, _err = self.run("maint", "gc", self.url, "--json")
             if rc in (0, 5) and out:
                 report = json.loads(out)
+                for problem in report["problems"]:
+                    with self.lock:
+                        if len(self.errors) < 40:
+                            self.errors.append(f"gc: {problem[:300]}")
                 self.counts["gc_runs"] += 1
                 self.counts["gc_objects_deleted"] += report["objects_deleted"]
                 self.counts["gc_packs_deleted"] += report["packs_deleted"]
@@ -143,7 +152,7 @@ class Soak:
                 if _sha(target) != digest:
                     self.failures.append(f"restore of {snapshot_id} returned wrong bytes")
                     self.counts["wrong_bytes"] += 1
-            elif rc > 0 and "does not exist" not in err and "no snapshot" not in err:
+            elif rc > 0 and "not found" not in err and "does not exist" not in err:
                 self.counts["restore_errors"] += 1
 
     def killer(self, every: float) -> None:
@@ -252,7 +261,7 @@ def main() -> int:
         soak.counts["final_verify_ok"] = int(rc == 0)
         if rc != 0:
             soak.failures.append(f"final verify: {out[-2000:]} {err}")
-    result = {**soak.counts, "failures": soak.failures}
+    result = {**soak.counts, "failures": soak.failures, "errors": soak.errors}
     result.setdefault("lost", 0)
     result.setdefault("wrong_bytes", 0)
     print(json.dumps(result, indent=2, sort_keys=True))

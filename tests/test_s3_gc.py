@@ -18,8 +18,10 @@ import blocksnap
 from blocksnap.errors import StoreError
 from blocksnap.model import Progress, SnapshotInfo
 from blocksnap.store import collection
+from blocksnap.store.backend import ObjectInfo
 from blocksnap.store.location import S3Options
 from blocksnap.store.objectlocks import ObjectSession, ObjectSessions
+from blocksnap.store.s3 import S3Backend
 from tests.conftest import debugfs
 from tests.s3server import S3_BUCKET, S3Server
 
@@ -165,3 +167,39 @@ def test_a_writer_whose_session_lapsed_does_not_commit(
             repo.snapshot("vol", ext4_image, full=True)
         assert [s.id for s in repo.snapshots("vol")] == [kept.id]
     _restores(url, a, kept, ext4_image.read_bytes(), tmp_path / "kept.img")
+
+
+def test_steady_state_gc_never_lists_the_packs(
+    hosts: tuple[str, S3Options, S3Options],
+    ext4_image: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Host B's snapshots reach host A's cache through the packs their records name, so
+    neither A's open nor its gc lists packs/: the cost follows what changed."""
+    url, a, b = hosts
+    with blocksnap.Repository.init(url, s3=a) as repo:
+        _two_versions(repo, ext4_image, tmp_path)
+    other = tmp_path / "other.img"
+    other.write_bytes(ext4_image.read_bytes())
+    new = tmp_path / "new.bin"
+    new.write_bytes(os.urandom(3 << 20))
+    debugfs(other, f"write {new} new.bin")
+    with blocksnap.Repository(url, s3=b) as repo:
+        theirs = repo.snapshot("vol2", other)
+    listed: list[str] = []
+    original = S3Backend.list
+
+    def spy(self: S3Backend, prefix: str) -> Iterator[ObjectInfo]:
+        listed.append(prefix)
+        return original(self, prefix)
+
+    monkeypatch.setattr(S3Backend, "list", spy)
+    with blocksnap.Repository(url, s3=a) as repo:
+        assert repo.sync_problems == []
+        assert theirs.id in {s.id for s in repo.snapshots("vol2")}
+        repo.prune("vol1", blocksnap.Policy(keep_last=1))
+        report = repo.gc()
+        assert report.problems == [] and report.objects_deleted > 0
+    assert "packs/" not in listed, listed
+    _restores(url, a, theirs, other.read_bytes(), tmp_path / "theirs.img")

@@ -320,3 +320,21 @@ def test_bad_urls_are_one_line(aws_env: None, tmp_path: Path) -> None:
         assert proc.returncode != 0, url
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert message in proc.stderr, (url, proc.stderr)
+
+
+def test_a_session_whose_heartbeats_had_a_gap_stays_invalid(
+    s3_server: S3Server, s3_prefix: str
+) -> None:
+    """Another host may have found the session dead during the gap and acted on it
+    (collected what the writer refers to), so a heartbeat after it does not restore it."""
+    backend = s3_server.backend(s3_prefix)
+    sessions = ObjectSessions(backend, ttl=4.0)
+    session = sessions.start()
+    try:
+        assert session.valid()
+        session.last_beat -= 2.5  # the heartbeats stopped for more than ttl/2
+        session.beat()  # and came back
+        assert not session.valid()
+        assert sessions.alive(session.id)  # to others it looks alive again: hence the rule
+    finally:
+        sessions.close()

@@ -43,6 +43,9 @@ A snapshot record, snapshots/<id>, written create-if-absent (the commit point):
     duration       seconds
     labels         {string: string}
     block_id, change_filter, compression: the algorithms in force (repository config)
+    packs          optional: on a store that hosts share, the ids (32 hex digits) of the
+                   packs the run wrote, so that another host's cache indexes just those
+                   (store/sync.py); a reader that finds the map root elsewhere ignores it
 
 The index keeps the body as a cache (store/index.py).
 
@@ -144,21 +147,27 @@ class Entry:
 
     info: SnapshotInfo
     seq: int
+    packs: tuple[bytes, ...] = ()  # the packs its run wrote, when the record names them
 
     @property
     def order(self) -> tuple[int, str]:
         return self.seq, self.info.id
 
 
-def encode(info: SnapshotInfo, algorithms: dict[str, str], seq: int) -> bytes:
-    """The record body (see the module doc)."""
-    record = {
+def encode(
+    info: SnapshotInfo, algorithms: dict[str, str], seq: int, packs: list[bytes] | None = None
+) -> bytes:
+    """The record body (see the module doc); packs: the packs the run wrote, named on a
+    store that hosts share."""
+    record: dict[str, Any] = {
         "format": RECORD_FORMAT,
         "namespace": NAMESPACE,
         "seq": seq,
         **fields(info),
         **algorithms,
     }
+    if packs:
+        record["packs"] = [p.hex() for p in packs]
     return json.dumps(record, sort_keys=True).encode()
 
 
@@ -211,6 +220,7 @@ def decode_entry(data: bytes | memoryview, what: str) -> Entry:
             changed_ranges=tuple((int(a), int(n)) for a, n in r["changed_ranges"]),
         )
         seq = int(r["seq"])
+        packs = tuple(bytes.fromhex(p) for p in r.get("packs", []))
     except (IntegrityError, UnsupportedFormatError):
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -221,9 +231,10 @@ def decode_entry(data: bytes | memoryview, what: str) -> Entry:
         or info.block_size <= 0
         or seq < 1
         or len(info.map_root) != 32
+        or any(len(p) != 16 for p in packs)
     ):
         raise IntegrityError(f"{what}: damaged snapshot record (invalid fields)")
-    return Entry(info, seq)
+    return Entry(info, seq, packs)
 
 
 def decode(data: bytes | memoryview, what: str) -> SnapshotInfo:

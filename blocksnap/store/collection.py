@@ -19,8 +19,9 @@ by the holder of the maintenance lease (store/objectlocks.py):
 
 A writer that a list made wait stays safe while it runs; one that started after it never
 refers to a candidate; and a snapshot that a waited-for writer committed is counted
-before anything is deleted.  A writer whose session lapsed (its heartbeat failed for
-half the session ttl) refuses to commit, since gc elsewhere may have stopped waiting.
+before anything is deleted (a record the sync could not count, its packs unread, stops
+the list).  A writer whose heartbeats were ever half the session ttl apart refuses to
+commit, since gc elsewhere may have found it dead meanwhile and stopped waiting.
 
 Format: gc/<seq> with seq 16 decimal digits from 1, one more than the highest existing
 (created create-if-absent, then replaced by its holder as it advances); a frame (store/

@@ -331,7 +331,10 @@ def _collect_shared(
             break
         # Every writer that could have referred to a candidate has ended, having
         # committed (if it did) before the listing: the sync counts what it committed.
-        store.sync_catalog()
+        synced = store.sync_catalog()
+        if synced.blocking:  # a snapshot not counted: the list waits for a later run
+            report.problems += synced.problems
+            break
         _execute(store, lst, limit, report)
         say(Progress("collect", report.objects_deleted, 0, ProgressUnit.OBJECTS))
     _delete_empty_packs(store, report)

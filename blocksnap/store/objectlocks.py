@@ -16,9 +16,10 @@ server's time now, which each process learns from the modification time of its o
 latest heartbeat plus the time elapsed since on its monotonic clock.  Both rounding
 errors count in favour of the session, so a host whose clock is off by any amount
 never makes another's live session look dead.  A process also watches its own
-sessions: one whose last successful heartbeat is older than ttl/2 is no longer valid
-(Session.valid), and the holder of a lease checks that (confirm) before every step that
-deletes, so it stops well before any other host may take over.
+sessions: one whose heartbeats were ever ttl/2 apart is no longer valid, for good
+(Session.valid): a writer checks that before it commits, and the holder of a lease
+(confirm) before every step that deletes, so each stops well before any other host may
+have found it dead, and never acts on what it decided before such a gap.
 
 Leases, locks/<name>, for the locks that must hold across hosts (volume-<h>, one
 snapshot of a volume at a time; gc, maintenance).  A lease is taken by creating its
@@ -117,14 +118,30 @@ class ObjectSession:
         self.lock = threading.Lock()  # a heartbeat and end() never overlap
         self.ended = False
         self.last_beat = time.monotonic()  # of the last heartbeat that succeeded
+        # Once two successful heartbeats were ttl/2 apart, another host may have found the
+        # session dead meanwhile (and acted on it): it stays invalid for good.
+        self.lapsed = False
 
     @property
     def id(self) -> bytes:
         return self._id
 
+    def beat(self) -> None:
+        """Note a successful heartbeat."""
+        now = time.monotonic()
+        if now - self.last_beat >= self._sessions.ttl / 2:
+            self.lapsed = True
+        self.last_beat = now
+
     def valid(self) -> bool:
-        """Whether no other host can have found this session dead yet (see the module doc)."""
-        return not self.ended and time.monotonic() - self.last_beat < self._sessions.ttl / 2
+        """Whether no other host can have found this session dead, now or at any moment
+        since it started (see the module doc)."""
+        if self.ended or self.lapsed:
+            return False
+        if time.monotonic() - self.last_beat >= self._sessions.ttl / 2:
+            self.lapsed = True
+            return False
+        return True
 
     def end(self) -> None:
         with self.lock:
@@ -296,7 +313,7 @@ class ObjectSessions:
                 self._stamp(name)
             except BlocksnapError:
                 return  # tried again next time; valid() turns false if this goes on
-            session.last_beat = time.monotonic()
+            session.beat()
 
 
 class ObjectLocks:

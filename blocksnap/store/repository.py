@@ -398,7 +398,8 @@ class Store:
                 "(its heartbeat to the storage failed); run the snapshot again"
             )
         seq = max(self.index.next_seq(info.volume), self._pending_seq.get(info.volume, 0) + 1)
-        body = catalog.encode(info, self.config.algorithms(), seq)
+        packs = writer.indexed_packs if self.shared else None
+        body = catalog.encode(info, self.config.algorithms(), seq, packs)
         data = catalog.frame(catalog.SNAPSHOT_MAGIC, body)
         name = catalog.object_name(info.id)
         intent = writer.registration.intent(name)
@@ -558,28 +559,38 @@ class Store:
             self.index.set_collections_applied(advanced)
         self.avoid = frozenset(avoid)
 
-    def _index_unknown_packs(self) -> list[str]:
-        """Index every pack in storage that the index lacks (packs other hosts wrote),
-        from their tables of contents; return what could not be read."""
+    def _index_unknown_packs(self, named: Sequence[bytes] | None = None) -> list[str]:
+        """Index the packs in storage that the index lacks (packs other hosts wrote),
+        from their tables of contents: those named (a record names its run's), or every
+        one listed under packs/; return what could not be read."""
         problems: list[str] = []
         found: list[tuple[bytes, int, list[Record], dict[bytes, list[bytes]]]] = []
-        for entry in self.backend.list("packs/"):
+        if named is None:
+            listed = [(o.name, o.size) for o in self.backend.list("packs/")]
+        else:
+            listed = []
+            for pack_id in named:
+                if self.index.has_pack(pack_id):
+                    continue
+                try:
+                    listed.append((pack_name(pack_id), self.backend.stat(pack_name(pack_id)).size))
+                except MissingObjectError:
+                    continue  # deleted by gc since (its objects live elsewhere)
+        for name, size in listed:
             try:
-                pack_id = bytes.fromhex(entry.name.rsplit("/", 1)[-1])
+                pack_id = bytes.fromhex(name.rsplit("/", 1)[-1])
             except ValueError:
                 continue
             if len(pack_id) != 16 or self.index.has_pack(pack_id):
                 continue
             try:
-                good, children = pack_contents(
-                    self.backend, self.hash, entry.name, entry.size, problems
-                )
+                good, children = pack_contents(self.backend, self.hash, name, size, problems)
             except MissingObjectError:
                 continue  # deleted since the listing: a writer's leftover
             except BlocksnapError as exc:
                 problems.append(f"pack {pack_id.hex()} cannot be indexed: {exc}")
                 continue
-            found.append((pack_id, entry.size, good, children))
+            found.append((pack_id, size, good, children))
         # A node counts its children as its pack is indexed, so each pack goes in once
         # every object its nodes name is indexed: blocks first, then the map level by level.
         while found:

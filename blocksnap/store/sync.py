@@ -16,9 +16,11 @@ a place in the volume's order, and first in gc.  It
   policy change killed between its object and its index step).
 
 On a store that hosts share (S3), a record another host committed names a map root in
-packs this host's index has never seen: the first such record makes sync index every
-pack the index lacks, from the packs' tables of contents (store/packindex.py), before it
-caches the record.
+packs this host's index has never seen.  Such a record names the packs its run wrote,
+and sync indexes those it lacks from their tables of contents (store/packindex.py)
+before it caches the record; should the root still be missing (the run referred to
+packs another run of its host wrote and no record named yet), every pack the index
+lacks is indexed, once per sync.
 
 What it cannot do is reported, never raised, so that one bad object does not stop every
 command.  A record that exists and could not be cached for a passing reason (storage
@@ -33,7 +35,7 @@ be read (`pending_seq`).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError
@@ -63,14 +65,16 @@ def exists(backend: ObjectStore, name: str) -> bool:
 
 
 def sync(
-    backend: ObjectStore, index: Index, discover: Callable[[], list[str]] | None = None
+    backend: ObjectStore,
+    index: Index,
+    discover: Callable[[Sequence[bytes] | None], list[str]] | None = None,
 ) -> SyncReport:
     """Bring index up to date with the objects in backend (see the module doc).
-    discover: on a store that hosts share, indexes the packs this index does not know
-    (returning what it could not read), for a record whose map root is not indexed: a
-    snapshot another host committed."""
+    discover: on a store that hosts share, indexes the packs this index does not know,
+    those given or else every one (returning what it could not read), for a record whose
+    map root is not indexed: a snapshot another host committed."""
     report = SyncReport()
-    discovered = discover is None
+    listed_all = discover is None
     records = listed_ids(backend, catalog.SNAPSHOTS)
     tombstones = listed_ids(backend, catalog.TOMBSTONES)
     cached = index.cached_snapshot_ids()
@@ -95,15 +99,18 @@ def sync(
             report.blocking.append(snapshot_id)
             continue
         try:
-            if not discovered and index.location(entry.info.map_root) is None:
-                discovered = True
-                assert discover is not None
-                report.problems += discover()
+            if discover is not None and index.location(entry.info.map_root) is None:
+                found = discover(entry.packs) if entry.packs else []
+                if not listed_all and index.location(entry.info.map_root) is None:
+                    listed_all = True  # the run took objects from packs it did not write
+                    found = discover(None)
+                report.problems += found
             if cache_entry(index, entry, body):
                 report.cached.append(snapshot_id)
         except BlocksnapError as exc:
             report.problems.append(f"snapshot {snapshot_id} cannot be indexed: {exc}")
-            if not lasting_fault(index, entry):
+            # On a shared store a root not found may be in a pack not read yet: it stands.
+            if discover is not None or not lasting_fault(index, entry):
                 report.blocking.append(snapshot_id)
             volume = entry.info.volume
             report.pending_seq[volume] = max(report.pending_seq.get(volume, 0), entry.seq)

@@ -152,6 +152,7 @@ class StoreWriter:
         self._tasks: deque[Future[int]] = deque()  # on the pack thread, in order
         self._started: list[_OpenPack] = []  # packs begun and not yet indexed
         self.written_size = 0  # bytes of stored packs, this session
+        self.indexed_packs: list[bytes] = []  # in the order they were indexed
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksnap-pack")
 
     def missing(self, object_ids: list[bytes]) -> list[bool]:
@@ -252,6 +253,7 @@ class StoreWriter:
                 replace=self.store.avoid,
             )
         pack.indexed = True
+        self.indexed_packs.append(pack.id)
         return builder.size
 
     # --- on the calling thread -------------------------------------------------------------
