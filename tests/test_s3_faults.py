@@ -159,7 +159,7 @@ def test_slow_down_and_lost_answers_under_the_engine(
         assert slow.hits == 40 and lost.hits > 0
 
 
-READER = {
+READER: dict[str, object] = {
     "name": "reader",
     "credentials": [{"accessKey": "readeraccess", "secretKey": "readersecret"}],
     "actions": ["Read", "List"],

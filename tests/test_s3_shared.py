@@ -141,8 +141,15 @@ def test_one_writing_host_collects_and_the_others_cache_follows(
 
 
 def _hold_lease(backend_args: dict[str, str], prefix: str, name: str, ready: object) -> None:
-    cache = backend_args.pop("cache")
-    backend = S3Backend(S3_BUCKET, prefix, **backend_args)
+    backend = S3Backend(
+        S3_BUCKET,
+        prefix,
+        endpoint_url=backend_args["endpoint_url"],
+        access_key=backend_args["access_key"],
+        secret_key=backend_args["secret_key"],
+        region=backend_args["region"],
+    )
+    cache = backend_args["cache"]
     sessions = ObjectSessions(backend, ttl=4.0)
     locks = ObjectLocks(backend, sessions, LocalLocks(cache))
     with locks.hold(name, busy="busy"):
