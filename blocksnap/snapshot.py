@@ -479,7 +479,8 @@ class _Run:
                 time=self.time,
                 labels=self.labels,
                 changed_ranges=tuple(self.ranges),
-            )
+            ),
+            self.writer,
         )
         self.checkpointed = done
 

@@ -203,3 +203,58 @@ def test_steady_state_gc_never_lists_the_packs(
         assert report.problems == [] and report.objects_deleted > 0
     assert "packs/" not in listed, listed
     _restores(url, a, theirs, other.read_bytes(), tmp_path / "theirs.img")
+
+
+def test_two_hosts_storing_the_same_blocks_at_once_then_each_collecting(
+    hosts: tuple[str, S3Options, S3Options], ext4_image: Path, tmp_path: Path
+) -> None:
+    """Two hosts snapshot the same image at the same moment, so every block has two
+    copies, and each cache calls the other's packs dead weight.  gc on one deletes the
+    other's packs and relocates; the other cache then moves its places (and their live
+    bytes) and must not take the surviving packs for empty in its own gc."""
+    url, a, b = hosts
+    with blocksnap.Repository.init(url, s3=a):
+        pass
+    image = ext4_image.read_bytes()
+    # Host B's image: the same with its first block zeroed, so that its map differs (its
+    # packs are indexed by A) while every block it stores is one A stores too.
+    image_b = tmp_path / "b.img"
+    image_b.write_bytes(bytes(65536) + image[65536:])
+    images = {"vol-a": (ext4_image, image), "vol-b": (image_b, image_b.read_bytes())}
+    barrier = threading.Barrier(2)
+    results: dict[str, SnapshotInfo | BaseException] = {}
+
+    def pause(p: Progress) -> None:
+        if p.phase == "packs-written":
+            barrier.wait(120)  # neither commits before both stored everything
+
+    def host(options: S3Options, volume: str) -> None:
+        try:
+            with blocksnap.Repository(url, s3=options) as repo:
+                results[volume] = repo.snapshot(volume, images[volume][0], progress=pause)
+        except BaseException as exc:
+            results[volume] = exc
+
+    threads = [
+        threading.Thread(target=host, args=(a, "vol-a")),
+        threading.Thread(target=host, args=(b, "vol-b")),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    snaps = {v: r for v, r in results.items() if isinstance(r, SnapshotInfo)}
+    assert len(snaps) == 2, results
+    assert all(s.counts.stored > 0 for s in snaps.values())  # both stored their copies
+    deleted = 0
+    for options in (a, b, a, b):  # each collects twice, taking turns
+        with blocksnap.Repository(url, s3=options) as repo:
+            report = repo.gc()
+            assert report.problems == [], report.problems
+            deleted += report.packs_deleted
+    assert deleted > 0  # the duplicate packs went
+    fresh = S3Options(cache_dir=str(tmp_path / "fresh"))
+    for options, name in ((a, "a"), (b, "b"), (fresh, "fresh")):
+        for volume, snap in snaps.items():
+            at = tmp_path / f"{name}-{volume}.img"
+            _restores(url, options, snap, images[volume][1], at)

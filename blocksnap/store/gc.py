@@ -367,18 +367,22 @@ def _execute(store: Store, lst: collection.CollectionList, limit: int, report: G
 
 
 def _delete_empty_packs(store: Store, report: GcReport) -> None:
-    """Delete the packs in which the index places nothing, and say so in a list (with
-    where the objects of any copies in them live on), then forget them."""
+    """Delete the packs in which the index places nothing.  A done list names them first,
+    with every copy they hold: where the object lives on elsewhere (relocated), or that
+    it is gone (collected), so that no cache keeps a place in them; then the packs go,
+    then the index forgets them.  A gc killed between leaves packs named deleted that
+    still exist: storage lost until a reconciliation, never an object."""
     sparse = store.index.sparse_packs()
-    empty = [(p, int(info["size"])) for p, info in sparse.items() if int(info.get("live", 0)) <= 0]
     # Moving live records would leave other caches placing them in deleted packs:
     # partly live packs stay as they are (compaction is a next step of issue 17).
     store.index.unmark_sparse([p for p, info in sparse.items() if int(info.get("live", 0)) > 0])
-    if not empty:
-        return
     done = collection.CollectionList(seq=0, state=collection.DONE)
-    for pack_id, size in empty:
+    sizes: dict[bytes, int] = {}
+    for pack_id, info in sparse.items():
+        if int(info.get("live", 0)) > 0:
+            continue
         name = pack_name(pack_id)
+        size = int(info["size"])
 
         def get(at: int, length: int, name: str = name) -> bytes:
             return store.backend.get(name, at, length)
@@ -386,25 +390,35 @@ def _delete_empty_packs(store: Store, report: GcReport) -> None:
         try:
             toc = read_toc(get, size, name)
         except MissingObjectError:
-            toc = []  # deleted by a gc killed before it said so
+            toc = []  # gone already
         except BlocksnapError as exc:
             report.problems.append(f"pack {pack_id.hex()} kept: {exc}")
             continue
-        for rec, loc in zip(toc, store.index.locations([r.id for r in toc]), strict=True):
-            if loc is not None and loc.pack != pack_id:
+        places = store.index.locations([r.id for r in toc])
+        if any(loc is not None and loc.pack == pack_id for loc in places):
+            # Its live count is wrong: something is placed in it.  Keep it.
+            report.problems.append(f"pack {pack_id.hex()} kept: it holds live records")
+            continue
+        for rec, loc in zip(toc, places, strict=True):
+            if loc is None:
+                done.collected.append((rec.id, pack_id))
+            else:
                 done.relocated.append((rec.id, pack_id, loc))
-        store.confirm_gc()
-        store.backend.delete(name)
         done.deleted_packs.append(pack_id)
-        report.packs_deleted += 1
-        report.bytes_freed += size
-    if done.deleted_packs:
-        seqs = collection.listed_seqs(store.backend)
-        done.seq = (seqs[-1] if seqs else 0) + 1
+        sizes[pack_id] = size
+    if not done.deleted_packs:
+        return
+    seqs = collection.listed_seqs(store.backend)
+    done.seq = (seqs[-1] if seqs else 0) + 1
+    store.confirm_gc()
+    collection.write(store.backend, done, new=True)
+    report.lists_published += 1
+    for pack_id in done.deleted_packs:
         store.confirm_gc()
-        collection.write(store.backend, done, new=True)
-        report.lists_published += 1
-        store.index.forget_packs(done.deleted_packs)
+        store.backend.delete(pack_name(pack_id))
+        report.packs_deleted += 1
+        report.bytes_freed += sizes[pack_id]
+    store.index.forget_packs(done.deleted_packs)
 
 
 def _compact(

@@ -136,6 +136,7 @@ class GcIndex(ObjectIndex):
         if it is in that pack, moves to the location (a copy gc elsewhere kept)."""
 
         def body(txn: Txn) -> None:
+            deltas: dict[bytes, int] = {}
             for object_id, pack_id, loc in moves:
                 raw = txn.get(object_id, db=self.objects)
                 if raw is None:
@@ -146,6 +147,13 @@ class GcIndex(ObjectIndex):
                     old = None
                 if old is None or old.pack == pack_id:
                     txn.put(object_id, encode_location(object_id, loc), db=self.objects)
+                    # The live bytes move with it, so that its new pack is never taken
+                    # for empty (its copy there was dead weight here until now).
+                    size = HEADER_SIZE + loc.stored_size
+                    deltas[loc.pack] = deltas.get(loc.pack, 0) + size
+                    if old is not None:
+                        deltas[old.pack] = deltas.get(old.pack, 0) - (HEADER_SIZE + old.stored_size)
+            self._adjust_live(txn, deltas)
 
         self._write("following a collection", body)
 

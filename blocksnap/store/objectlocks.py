@@ -34,8 +34,9 @@ host's own cache (store/location.py), so it stays a local flock; so does every l
 within a host, taken before the lease.
 
 Object bodies are UTF-8 JSON with "format": 1 and the keys below; a reader ignores keys
-it does not know, and a lease it cannot decode is broken once its object is older than
-ttl (a newer blocksnap's lease is still heartbeated by its session, and so is kept):
+it does not know.  A lease it cannot decode (damaged, or a newer format without a
+"session" key) is never broken: whether its holder lives cannot be told, so taking it
+says so and names the object to delete by hand.
 
     sessions/<id>   {"format": 1, "host", "pid", "started" (ISO 8601 UTC, this host's)}
     locks/<name>    {"format": 1, "session": hex id, "host", "pid"}
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import re
@@ -126,12 +126,12 @@ class ObjectSession:
     def id(self) -> bytes:
         return self._id
 
-    def beat(self) -> None:
-        """Note a successful heartbeat."""
-        now = time.monotonic()
-        if now - self.last_beat >= self._sessions.ttl / 2:
+    def beat(self, sent: float) -> None:
+        """Note a successful heartbeat, sent at monotonic time sent: the server wrote it
+        no earlier, so it counts from then."""
+        if time.monotonic() - self.last_beat >= self._sessions.ttl / 2:
             self.lapsed = True
-        self.last_beat = now
+        self.last_beat = sent
 
     def valid(self) -> bool:
         """Whether no other host can have found this session dead, now or at any moment
@@ -216,11 +216,13 @@ class ObjectSessions:
         for _attempt in range(8):
             session_id = secrets.token_bytes(16)
             name = session_name(session_id)
+            sent = time.monotonic()
             try:
                 self.backend.put(name, body, exclusive=True)
             except ObjectExistsError:
                 continue
             session = ObjectSession(self, session_id, body)
+            session.last_beat = sent  # the server may have written it as early as that
             try:
                 self._stamp(name)
             except BaseException:
@@ -308,12 +310,13 @@ class ObjectSessions:
         with session.lock:
             if session.ended:
                 return
+            sent = time.monotonic()
             try:
                 self.backend.put(name, session.body)
                 self._stamp(name)
             except BlocksnapError:
                 return  # tried again next time; valid() turns false if this goes on
-            session.beat()
+            session.beat(sent)
 
 
 class ObjectLocks:
@@ -372,7 +375,6 @@ class ObjectLocks:
                 pass
             try:
                 data = self.backend.get(lease)
-                mtime = self.backend.stat(lease).mtime
             except MissingObjectError:
                 continue  # released meanwhile
             holder = _holder(data)
@@ -382,9 +384,12 @@ class ObjectLocks:
                     raise LockedError(f"{busy} (on host {host}, pid {pid})")
                 mark = holder_id.hex()
             else:
-                if self.sessions.age(mtime) < self.sessions.ttl:
-                    raise LockedError(busy)
-                mark = hashlib.blake2b(data, digest_size=16).hexdigest()
+                # A newer blocksnap's lease, or a damaged one: whether its holder lives
+                # cannot be told, so it is never broken here.
+                raise LockedError(
+                    f"{busy} (the lease {lease} cannot be read; if no maintenance runs on "
+                    "any host, delete that object)"
+                )
             self._break(lease, data, f"{lease}.broken-{mark}", busy)
         raise LockedError(busy)
 

@@ -454,8 +454,15 @@ class Store:
             registration.keep_intents()
             return None
 
-    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
-        """Record the checkpoint; the caller flushed its writer, so its map is durable."""
+    def save_checkpoint(self, checkpoint: Checkpoint, writer: StoreWriter) -> None:
+        """Record the checkpoint; the caller flushed its writer, so its map is durable.
+        Refused once the writer's session lapsed: what the map refers to may be going,
+        and a resume uses it without asking (store/collection.py)."""
+        if not writer.registration.valid():
+            raise StoreError(
+                "this writer's session lapsed (its heartbeat to the storage failed); "
+                "no checkpoint is saved: run the snapshot again"
+            )
         self.index.put_checkpoint(
             checkpoint.volume, catalog.encode_checkpoint(checkpoint), checkpoint.pinned
         )

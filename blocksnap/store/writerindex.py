@@ -35,17 +35,20 @@ class WriterIndex(ObjectIndex):
         writer stored but never committed, instead of storing it twice.
 
         avoid: ids that a collection list names (store/collection.py), refused whatever
-        their count; so is an id whose copy was deleted elsewhere (no location left).
+        their count; so is an id whose copy was deleted elsewhere (no location left, or
+        one in a pack the index no longer has).
         """
         out: list[bool] = []
         stale: list[int] = []
         with lmdb_errors("reading index"), self._begin_buffers() as txn:
             for i, object_id in enumerate(object_ids):
                 value = txn.get(object_id, db=self.refs)
+                place = txn.get(object_id, db=self.objects)
                 if (
                     value is None
+                    or place is None
                     or object_id in avoid
-                    or txn.get(object_id, db=self.objects) is None
+                    or txn.get(bytes(place[:16]), db=self.packs) is None
                 ):
                     out.append(False)
                     continue
