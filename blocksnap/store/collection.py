@@ -13,9 +13,14 @@ by the holder of the maintenance lease (store/objectlocks.py):
 2. armed: right after publishing, the sessions then alive (every writer that may have
    referred to a candidate before it could see the list) are listed into it.
 3. done: once none of those sessions is alive, gc syncs the catalog (their snapshots now
-   count), deletes from its index the candidates still at count 0, deletes the packs
-   that hold nothing else, and writes into the list which copies (object id, pack) it
-   deleted and which packs.  Every cache that syncs removes those copies from its index.
+   count), writes into the list the copies (object id, pack) of the candidates still at
+   count 0, and then deletes them from its index.  Every cache that syncs removes those
+   copies from its index.
+
+Packs in which the index then places nothing are named in a done list of their own
+before they are deleted, with every copy they hold: collected, or relocated to where
+the object lives on (two writers stored the same object).  A cache that placed a copy
+there forgets it or moves it, live bytes and all.
 
 A writer that a list made wait stays safe while it runs; one that started after it never
 refers to a candidate; and a snapshot that a waited-for writer committed is counted
@@ -33,13 +38,10 @@ frames.py) with magic b"BSGCLS", version 1, and a JSON body:
      "relocated": [[hex object id, hex deleted pack id, hex pack id, offset, stored size,
                     raw size, kind, codec], ...]}
 
-relocated names, for a deleted pack, the copies in it of objects that live on in another
-pack (two writers stored the same object): a cache that placed one there moves it.
-
-Compatibility: unknown keys are ignored; a list of a newer version stops gc and makes
-every writer treat the store as unreadable for writing (UnsupportedFormatError), since
-a list it cannot read may name candidates.  Lists are kept (see the notes of issue 17 on
-compacting them).
+Compatibility: unknown keys are ignored; a list of a newer version is refused
+(UnsupportedFormatError) by every sync that reads it, so no writer or gc goes on
+without what it may name.  Lists are kept (see the notes of issue 17 on compacting
+them).
 """
 
 from __future__ import annotations
