@@ -19,6 +19,8 @@ import pytest
 import blocksnap
 from blocksnap.errors import BlocksnapError
 from blocksnap.model import Progress
+from blocksnap.store import collection
+from blocksnap.store.backend import ObjectStore
 from blocksnap.store.location import S3Options
 from tests.conftest import debugfs, run_cli
 from tests.s3proxy import fault_proxy
@@ -62,7 +64,7 @@ def _check_all(repo: blocksnap.Repository, expected: dict[str, bytes], tmp_path:
 
 
 def test_server_killed_during_uploads_restore_and_gc(
-    weed: Weed, ext4_image: Path, tmp_path: Path
+    weed: Weed, ext4_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = f"s3://{S3_BUCKET}/repo"
     options = S3Options(endpoint_url=weed.server.endpoint, cache_dir=str(tmp_path / "cache"))
@@ -102,8 +104,22 @@ def test_server_killed_during_uploads_restore_and_gc(
         assert set(pruned.removed) == {first.id, second.id}
         for removed in pruned.removed:
             del expected[removed]
+        # The kill lands just before the list that says the candidates are collected
+        # is written: a fixed point, where the gc still has requests to make.
+        write = collection.write
+
+        def killed_before_done(
+            backend: ObjectStore, lst: collection.CollectionList, *, new: bool = False
+        ) -> None:
+            if lst.state == collection.DONE and weed.proc is not None:
+                weed.kill()
+            write(backend, lst, new=new)
+
+        monkeypatch.setattr(collection, "write", killed_before_done)
         with pytest.raises(BlocksnapError):
-            repo.gc(progress=_kill_at(weed, "collect", 1))
+            repo.gc()
+        assert weed.proc is None, "the gc never reached its done list"
+        monkeypatch.setattr(collection, "write", write)
         weed.start()
     with blocksnap.Repository(url, s3=options) as repo:
         report = repo.gc()
