@@ -4,7 +4,7 @@ It forwards each request as it came (the Host header included, so that SigV4 sti
 holds) and injects, for requests that match a rule, either an error answer (503
 SlowDown) without forwarding, or a lost answer: the request is forwarded and carried
 out, and the client's connection is closed before the answer, as when a connection
-drops.
+drops.  A latency delays every request, as a bucket in a far region would.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import contextlib
 import http.client
 import http.server
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -38,6 +39,9 @@ class FaultProxy:
     upstream: str  # http://host:port
     endpoint: str = ""  # the proxy's own, once started
     rules: list[Rule] = field(default_factory=list)
+    latency: float = 0.0  # seconds each request waits before it is forwarded (a far region)
+    in_flight: int = 0  # requests being forwarded now
+    max_in_flight: int = 0  # the most at once, since started
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def inject(self, action: str, match: Match, count: int = 1) -> Rule:
@@ -77,6 +81,11 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
                 self.end_headers()
                 self.wfile.write(SLOW_DOWN)
                 return
+            with proxy.lock:
+                proxy.in_flight += 1
+                proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)
+            if proxy.latency:
+                time.sleep(proxy.latency)
             upstream = http.client.HTTPConnection(host, port, timeout=60)
             try:
                 upstream.putrequest(
@@ -89,6 +98,8 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
                 data = response.read()
             finally:
                 upstream.close()
+                with proxy.lock:
+                    proxy.in_flight -= 1
             if action == "lose-answer":
                 self.close_connection = True
                 with contextlib.suppress(OSError):

@@ -17,7 +17,12 @@ from pathlib import Path
 import pytest
 
 import blocksnap
-from blocksnap.errors import ObjectExistsError, StoreError, TransientStoreError
+from blocksnap.errors import (
+    MissingObjectError,
+    ObjectExistsError,
+    StoreError,
+    TransientStoreError,
+)
 from blocksnap.extract import extract
 from blocksnap.retention import Policy
 from blocksnap.store.s3 import S3Backend
@@ -231,4 +236,43 @@ def test_s3_exclusive_multipart_commit_whose_answer_was_lost_is_committed(
     out.commit()
     assert rule.hits == 1 and backend.requests["CompleteMultipartUpload"] >= 2
     assert backend.get("packs/ab/ab01") == data
+    assert backend.leftovers() == []
+
+
+def test_s3_parts_go_up_together_and_a_failed_one_aborts_the_upload(
+    proxy: FaultProxy, s3_server: S3Server, s3_prefix: str
+) -> None:
+    """Parts upload in the background, several at once, and land in order; a part that
+    fails for good fails the writer's next call, and nothing is left: no object, no
+    upload."""
+    backend = _via(proxy, s3_server, s3_prefix, retry_attempts=1)
+    size = backend.part_size
+    data = os.urandom(size * 5 + 1234)
+    out = backend.create("packs/cd/cd01")
+    for offset in range(0, len(data), 1 << 20):  # as the pack writer hands it over
+        out.write(data[offset : offset + (1 << 20)])
+    out.commit()
+    assert backend.get("packs/cd/cd01") == data
+    assert backend.requests["UploadPart"] == 6
+    proxy.latency = 0.2  # a far region: the parts are on their way together
+    proxy.max_in_flight = 0
+    out = backend.create("packs/cd/cd02")
+    out.write(data)
+    out.commit()
+    proxy.latency = 0.0
+    assert backend.get("packs/cd/cd02") == data
+    assert proxy.max_in_flight >= 3
+
+    rule = proxy.inject("slow-down", _is("PUT", "partNumber=3"), count=100)
+    out = backend.create("packs/cd/cd03")
+    with pytest.raises(TransientStoreError, match="SlowDown"):
+        for offset in range(0, len(data), 1 << 20):
+            out.write(data[offset : offset + (1 << 20)])
+        out.commit()
+    assert rule.hits == 1
+    with pytest.raises(StoreError, match="no longer being written"):
+        out.write(b"more")
+    out.abort()
+    with pytest.raises(MissingObjectError):
+        backend.stat("packs/cd/cd03")
     assert backend.leftovers() == []

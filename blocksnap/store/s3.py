@@ -23,6 +23,9 @@ A writer (create) uploads with a multipart upload started at once, so that a wri
 dies is seen by leftovers() (incomplete uploads under the prefix) and its parts are
 reclaimed by a delete of its name; parts are part_size bytes (at least S3's 5 MiB
 minimum) but the last.  An object that never filled one part goes up as one PutObject.
+Full parts go up in the background, on a pool of max_parallelism threads that every
+writer of the backend shares, at most PARTS_IN_FLIGHT per writer (what that holds in
+memory is part_size each); commit() waits for them all before it completes the upload.
 
 Errors: botocore retries throttling, 5xx and broken connections itself (standard mode,
 RETRY_ATTEMPTS in all, or AWS_MAX_ATTEMPTS); what still fails is mapped once, here, to
@@ -39,8 +42,9 @@ import contextlib
 import hashlib
 import os
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import boto3
@@ -60,6 +64,7 @@ T = TypeVar("T")
 
 MIN_PART_SIZE = 5 << 20  # bytes: S3's smallest part but the last
 DEFAULT_PART_SIZE = 8 << 20  # bytes
+PARTS_IN_FLIGHT = 4  # per writer: parts uploading at once (benchmarks/bench_s3.py)
 DELETE_BATCH_COUNT = 1000  # keys per DeleteObjects: S3's limit
 DEFAULT_PARALLELISM = 8
 RETRY_ATTEMPTS = 5  # botocore's attempts in all, first included (backoff up to 20 s)
@@ -116,6 +121,9 @@ class S3Backend:
         self.prefix = prefix
         self._root = f"{prefix}/" if prefix else ""
         self.part_size = part_size
+        self._max_parallelism = max_parallelism
+        self._part_pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self._capabilities = Capabilities(
             min_part_size=MIN_PART_SIZE,
             max_parallelism=max_parallelism,
@@ -369,10 +377,24 @@ class S3Backend:
         writing)."""
         return [f"{key} (upload {upload_id})" for key, upload_id in self._uploads("")]
 
+    def _part_threads(self) -> ThreadPoolExecutor:
+        """The threads that upload writers' parts, started on first use."""
+        with self._pool_lock:
+            if self._part_pool is None:
+                self._part_pool = ThreadPoolExecutor(
+                    self._max_parallelism, thread_name_prefix="blocksnap-s3-part"
+                )
+            return self._part_pool
+
     def close(self) -> None:
-        """Release the pooled connections.  Idempotent; like the local backend, which
-        reopens its files, a later call opens new connections (a Repository hands one
-        backend to the rebuild of its index and then to its own store)."""
+        """Release the pooled connections and part threads.  Idempotent; like the local
+        backend, which reopens its files, a later call opens new connections and threads
+        (a Repository hands one backend to the rebuild of its index and then to its own
+        store).  A writer still uploading parts is the caller's to commit or abort first."""
+        with self._pool_lock:
+            pool, self._part_pool = self._part_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         self._client.close()
 
 
@@ -409,8 +431,9 @@ def _multipart_etag(parts: builtins.list[dict[str, Any]]) -> str:
 
 class _S3Writer:
     """An object written as a multipart upload, completed by commit().  Full parts go up
-    as they fill; what is left goes up as the last part on commit, or, if no part was
-    ever sent, as one PutObject (and the upload is aborted)."""
+    in the background as they fill (at most PARTS_IN_FLIGHT at once); what is left goes
+    up as the last part on commit, or, if no part was ever sent, as one PutObject (and
+    the upload is aborted).  A part that failed fails the next write, sync or commit."""
 
     def __init__(self, backend: S3Backend, name: str, exclusive: bool) -> None:
         self._backend = backend
@@ -418,7 +441,9 @@ class _S3Writer:
         self._key = backend.key(name)
         self._exclusive = exclusive
         self._buffer = bytearray()
-        self._parts: list[dict[str, Any]] = []
+        self._parts: list[dict[str, Any]] = []  # of the parts uploaded, in any order
+        self._in_flight: deque[Future[dict[str, Any]]] = deque()
+        self._numbered = 0  # parts handed to the pool
         client = backend._client
         started = backend._call(
             "writing",
@@ -432,26 +457,39 @@ class _S3Writer:
             raise StoreError(f"object {self.name} is no longer being written")
         return self._upload_id
 
+    def _send_part(self, upload_id: str, number: int, data: bytes) -> dict[str, Any]:
+        """On a pool thread: one part, with botocore's retries."""
+        client = self._backend._client
+        response = self._backend._call(
+            "writing",
+            self.name,
+            lambda: client.upload_part(
+                Bucket=self._backend.bucket,
+                Key=self._key,
+                UploadId=upload_id,
+                PartNumber=number,
+                Body=data,
+            ),
+        )
+        return {"PartNumber": number, "ETag": response["ETag"]}
+
     def _upload(self, data: bytes) -> None:
         upload_id = self._check()
-        number = len(self._parts) + 1
-        client = self._backend._client
-        try:
-            response = self._backend._call(
-                "writing",
-                self.name,
-                lambda: client.upload_part(
-                    Bucket=self._backend.bucket,
-                    Key=self._key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=data,
-                ),
-            )
-        except BlocksnapError:
-            self.abort()
-            raise
-        self._parts.append({"PartNumber": number, "ETag": response["ETag"]})
+        self._numbered += 1
+        pool = self._backend._part_threads()
+        future = pool.submit(self._send_part, upload_id, self._numbered, data)
+        self._in_flight.append(future)
+        self._settle(PARTS_IN_FLIGHT - 1)
+
+    def _settle(self, keep: int) -> None:
+        """Wait until at most keep parts are in flight; a failed part aborts the upload."""
+        while len(self._in_flight) > keep:
+            future = self._in_flight.popleft()
+            try:
+                self._parts.append(future.result())
+            except BaseException:
+                self.abort()
+                raise
 
     def _send_full_parts(self) -> None:
         size = self._backend.part_size
@@ -459,6 +497,9 @@ class _S3Writer:
             part = bytes(self._buffer[:size])
             del self._buffer[:size]
             self._upload(part)
+        # A part that failed meanwhile fails this call, not only the commit.
+        while self._in_flight and self._in_flight[0].done():
+            self._settle(len(self._in_flight) - 1)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         self._check()
@@ -473,7 +514,7 @@ class _S3Writer:
     def commit(self) -> None:
         upload_id = self._check()
         backend = self._backend
-        if not self._parts:
+        if not self._numbered:
             data = bytes(self._buffer)
             try:
                 backend.put(self.name, data, exclusive=self._exclusive)
@@ -483,6 +524,8 @@ class _S3Writer:
         if self._buffer:
             self._upload(bytes(self._buffer))
             self._buffer.clear()
+        self._settle(0)
+        self._parts.sort(key=lambda part: int(part["PartNumber"]))
         extra = {"IfNoneMatch": "*"} if self._exclusive else {}
         parts = {"Parts": self._parts}
         try:
@@ -512,6 +555,12 @@ class _S3Writer:
     def abort(self) -> None:
         upload_id, self._upload_id = self._upload_id, None
         self._buffer = bytearray()
+        # Parts still uploading would land after the abort and keep the upload alive.
+        in_flight, self._in_flight = self._in_flight, deque()
+        for future in in_flight:
+            if not future.cancel():
+                with contextlib.suppress(BaseException):
+                    future.result()
         if upload_id is not None:
             # An abort that fails leaves an upload that leftovers() reports and a delete
             # of the name (gc, for a dead writer's intent) reclaims: never an object.
