@@ -21,6 +21,18 @@ PAIRS = [
     ("test_incremental_snapshot", "test_baseline_cat", "`cat IMAGE > /dev/null`", 0.5),
     ("test_full_restore", "test_baseline_cp", "`cp` of the image", 0.5),
     (
+        "test_s3_full_snapshot",
+        "test_baseline_s3_parallel_upload",
+        "bare parallel upload of the stored bytes, same client (S3)",
+        0.8,
+    ),
+    (
+        "test_s3_full_restore",
+        "test_baseline_s3_ranged_download",
+        "bare parallel ranged download of the packs, same client (S3)",
+        0.8,
+    ),
+    (
         "test_remote_restore[batched]",
         "test_remote_restore[per-block]",
         "the same restore, one get per block, 2 ms per get",
@@ -67,6 +79,34 @@ def single_file(benches: dict[str, Any]) -> None:
         print(f"\nlargest image over smallest, same kind of file: {growth:.2f}x the time")
 
 
+def s3_requests(benches: dict[str, Any]) -> None:
+    """What one file and one incremental cost on S3: time and requests."""
+    rows = [b for n, b in benches.items() if n.startswith("test_s3_one_file_cold[")]
+    inc = benches.get("test_s3_incremental_requests")
+    if not rows and not inc:
+        return
+    print("\n| on S3 | time | requests |\n|---|---|---|")
+    for b in rows:
+        x = b["extra_info"]
+        cache = b["name"].split("[")[1].rstrip("]")
+        print(
+            f"| one {x['bytes'] / 2**20:.2f} MiB file, page cache dropped, host cache: {cache} "
+            f"({x['packs']} packs in the repository) | {b['stats']['median'] * 1000:.0f} ms "
+            f"| {x['gets']} GETs; {_requests(x['requests'])} |"
+        )
+    if inc:
+        x = inc["extra_info"]
+        print(
+            f"| incremental ({x['parts_of_new_data']} parts of new data) "
+            f"| {inc['stats']['median'] * 1000:.0f} ms | {x['writes']} PUTs of {x['total']}; "
+            f"{_requests(x['requests'])} |"
+        )
+
+
+def _requests(counted: dict[str, int]) -> str:
+    return ", ".join(f"{op} {n}" for op, n in sorted(counted.items(), key=lambda kv: -kv[1]))
+
+
 def main(path: str) -> None:
     with open(path) as f:
         benches = {b["name"]: b for b in json.load(f)["benchmarks"]}
@@ -76,6 +116,7 @@ def main(path: str) -> None:
             ratio = throughput(benches[name]) / throughput(benches[base])
             print(f"| {name.removeprefix('test_')} | {label} | {ratio:.2f}x | {target}x |")
     single_file(benches)
+    s3_requests(benches)
     synth, full = benches.get("test_synthesize"), benches.get("test_full_snapshot")
     gc1 = benches.get("test_gc_after_pruning_one_snapshot[1]")
     gc10 = benches.get("test_gc_after_pruning_one_snapshot[10]")

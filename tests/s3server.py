@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from blocksnap.store.s3 import S3Backend
 
 ACCESS_KEY = "testaccesskey"
@@ -73,6 +75,20 @@ class S3Server:
             region_name=self.region,
             config=Config(**config) if config else None,
         )
+
+
+def use_server(
+    monkeypatch: pytest.MonkeyPatch, server: S3Server, *, endpoint: bool = True, **env: str
+) -> None:
+    """Point the AWS environment at server, as a user sets it (the endpoint too unless
+    endpoint=False: the test names one of its own), with more variables in env."""
+    if endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.secret_key)
+    monkeypatch.setenv("AWS_REGION", server.region)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
 
 
 def weed_binary() -> str | None:

@@ -22,7 +22,7 @@ from blocksnap.model import Progress, SnapshotInfo
 from blocksnap.store import s3
 from blocksnap.store.location import S3Options
 from tests.conftest import debugfs
-from tests.s3server import S3_BUCKET, WeedCluster, weed_cluster
+from tests.s3server import S3_BUCKET, WeedCluster, use_server, weed_cluster
 
 PACK_TARGET_SIZE = 4 << 20  # bytes: many packs, so that the kill lands between them
 KILLED = "volume1"
@@ -31,9 +31,7 @@ KILLED = "volume1"
 @pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WeedCluster]:
     with weed_cluster(tmp_path / "cluster") as running:
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", running.server.access_key)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", running.server.secret_key)
-        monkeypatch.setenv("AWS_REGION", running.server.region)
+        use_server(monkeypatch, running.server, endpoint=False)
         # A write to a volume that has lost a replica hangs in the gateway until the
         # client gives up on it; 10 s instead of a minute keeps the test short.
         monkeypatch.setattr(s3, "READ_TIMEOUT", 10.0)

@@ -24,7 +24,7 @@ from blocksnap.store.backend import ObjectStore
 from blocksnap.store.location import S3Options
 from tests.conftest import debugfs, run_cli
 from tests.s3proxy import fault_proxy
-from tests.s3server import S3_BUCKET, S3Server, Weed, running_weed
+from tests.s3server import S3_BUCKET, S3Server, Weed, running_weed, use_server
 
 PACK_TARGET_SIZE = 4 << 20  # bytes: many packs, so that a kill lands between them
 
@@ -34,11 +34,14 @@ def weed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Weed]:
     """A SeaweedFS of this test's own, which the test may kill, with the AWS environment
     pointing at it."""
     with running_weed(tmp_path / "weed") as server:
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.server.access_key)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.server.secret_key)
-        monkeypatch.setenv("AWS_REGION", server.server.region)
-        monkeypatch.setenv("BLOCKSNAP_SESSION_TTL", "4")
-        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # a dead server fails fast
+        # AWS_MAX_ATTEMPTS: a dead server fails fast.
+        use_server(
+            monkeypatch,
+            server.server,
+            endpoint=False,
+            BLOCKSNAP_SESSION_TTL="4",
+            AWS_MAX_ATTEMPTS="2",
+        )
         client = server.server.client()
         client.create_bucket(Bucket=S3_BUCKET)
         client.close()
@@ -141,9 +144,7 @@ def test_slow_down_and_lost_answers_under_the_engine(
 ) -> None:
     """503 SlowDown on many requests and answers lost after the server acted: botocore
     retries them, and snapshots, a restore, prune, gc and verify all come out right."""
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    monkeypatch.setenv("AWS_REGION", s3_server.region)
+    use_server(monkeypatch, s3_server, endpoint=False)
     with fault_proxy(s3_server.endpoint) as proxy:
         options = S3Options(endpoint_url=proxy.endpoint, cache_dir=str(tmp_path / "cache"))
         url = f"s3://{S3_BUCKET}/{s3_prefix}"
@@ -192,11 +193,8 @@ def test_read_only_credentials_restore_and_cannot_write(
         server = weed.server
         client = server.client()
         client.create_bucket(Bucket=S3_BUCKET)
-        monkeypatch.setenv("AWS_REGION", server.region)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", server.endpoint)
+        use_server(monkeypatch, server)
         url = f"s3://{S3_BUCKET}/repo"
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.access_key)
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.secret_key)
         writer = S3Options(cache_dir=str(tmp_path / "writer"))
         with blocksnap.Repository.init(url, s3=writer) as repo:
             snap = repo.snapshot("vol", ext4_image)

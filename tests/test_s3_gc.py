@@ -23,18 +23,14 @@ from blocksnap.store.location import S3Options
 from blocksnap.store.objectlocks import ObjectSession, ObjectSessions
 from blocksnap.store.s3 import S3Backend
 from tests.conftest import debugfs
-from tests.s3server import S3_BUCKET, S3Server
+from tests.s3server import S3_BUCKET, S3Server, use_server
 
 
 @pytest.fixture
 def hosts(
     s3_server: S3Server, s3_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[str, S3Options, S3Options]]:
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    monkeypatch.setenv("AWS_REGION", s3_server.region)
-    monkeypatch.setenv("BLOCKSNAP_SESSION_TTL", "4")
+    use_server(monkeypatch, s3_server, BLOCKSNAP_SESSION_TTL="4")
     url = f"s3://{S3_BUCKET}/{s3_prefix}"
     yield url, S3Options(cache_dir=str(tmp_path / "a")), S3Options(cache_dir=str(tmp_path / "b"))
 

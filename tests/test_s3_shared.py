@@ -28,17 +28,13 @@ from blocksnap.store.locks import LocalLocks
 from blocksnap.store.objectlocks import ObjectLocks, ObjectSessions
 from blocksnap.store.s3 import S3Backend
 from tests.conftest import debugfs, run_cli
-from tests.s3server import S3_BUCKET, S3Server, rclone_s3
+from tests.s3server import S3_BUCKET, S3Server, rclone_s3, use_server
 
 
 @pytest.fixture
 def aws_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The server's endpoint and credentials in the environment, as a user sets them."""
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    monkeypatch.setenv("AWS_REGION", s3_server.region)
-    monkeypatch.setenv("BLOCKSNAP_SESSION_TTL", "4")
+    use_server(monkeypatch, s3_server, BLOCKSNAP_SESSION_TTL="4")
     yield
 
 

@@ -16,8 +16,8 @@ the contract needs and where it comes from:
   break create-if-absent; the capability probe of `init` (issue 17) is the guard.
 - Durability: an object is durable when the server acknowledges it (AWS); SeaweedFS does
   not fsync unless its filer is configured to (`fs.configure -fsync`).  sync() of a
-  writer uploads the full parts it holds and is otherwise a no-op: what it has not sent
-  (less than a part) waits for commit().  Capabilities.sync_durable says so.
+  writer sends the full parts it holds on their way and is otherwise a no-op: nothing of
+  an object is durable before commit() (Capabilities.sync_durable says so).
 
 A writer (create) uploads with a multipart upload started at once, so that a writer that
 dies is seen by leftovers() (incomplete uploads under the prefix) and its parts are
@@ -507,7 +507,7 @@ class _S3Writer:
         self._send_full_parts()
 
     def sync(self) -> None:
-        """Full parts are sent already; less than a part cannot go up before commit."""
+        """Full parts are on their way already; less than a part waits for commit."""
         self._check()
         self._send_full_parts()
 
