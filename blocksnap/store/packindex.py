@@ -2,11 +2,15 @@
 
 A rebuild (store/rebuild.py) reads every pack this way, and a shared store's sync the
 packs other hosts wrote (Store.sync_catalog), so neither downloads packs of data blocks.
+many_pack_contents reads several packs at once (on S3 each read is a round trip) and
+hands them back in the order asked.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from blocksnap.blockmap import node_children
 from blocksnap.errors import IntegrityError
@@ -77,3 +81,43 @@ def pack_contents(
         else:
             damaged.append(str(error))
     return good, children
+
+
+Contents = tuple[int, list[Record], dict[bytes, list[bytes]], list[str]]
+# size, good records, children of its nodes, what was found damaged
+
+
+def many_pack_contents(
+    backend: ObjectStore,
+    hash: Callable[[bytes | memoryview], bytes],
+    packs: Iterable[tuple[str, int | None]],
+) -> Iterator[tuple[str, Future[Contents]]]:
+    """pack_contents of each (name, size; None: ask the backend), read up to the
+    backend's max_parallelism at once (at most 8: a node pack is read whole, so each
+    read in flight holds up to a pack's size), yielded in the order given as finished
+    futures, whose result() raises what the read raised."""
+    parallel = max(1, min(8, backend.capabilities.max_parallelism))
+
+    def read(name: str, size: int | None) -> Contents:
+        if size is None:
+            size = backend.stat(name).size
+        damaged: list[str] = []
+        good, children = pack_contents(backend, hash, name, size, damaged)
+        return size, good, children, damaged
+
+    pending: deque[tuple[str, Future[Contents]]] = deque()
+    with ThreadPoolExecutor(parallel, thread_name_prefix="blocksnap-toc") as pool:
+        try:
+            for name, size in packs:
+                pending.append((name, pool.submit(read, name, size)))
+                if len(pending) >= parallel:
+                    first, future = pending.popleft()
+                    future.exception()  # waits
+                    yield first, future
+            while pending:
+                first, future = pending.popleft()
+                future.exception()
+                yield first, future
+        finally:
+            for _name, future in pending:
+                future.cancel()

@@ -51,7 +51,7 @@ from blocksnap.store.config import CONFIG_NAME
 from blocksnap.store.entries import POLICY_PREFIX, PROTECTED_PREFIX
 from blocksnap.store.index import Index
 from blocksnap.store.locks import Locks, WriterSessions
-from blocksnap.store.packindex import pack_contents
+from blocksnap.store.packindex import many_pack_contents
 from blocksnap.store.repository import Store, on_read_only_filesystem
 
 REBUILD_DIR = "index.rebuild"
@@ -298,16 +298,18 @@ def rebuild_index(
             nodes: set[bytes] = set()
             total = sum(p.size for p in packs)
             done = 0
+            named: list[tuple[str, int | None]] = []
             for entry in packs:
-                name, size = entry.name, entry.size
                 try:
-                    pack_id = bytes.fromhex(name.rsplit("/", 1)[1])
+                    bytes.fromhex(entry.name.rsplit("/", 1)[1])
                 except ValueError:
-                    report.damaged.append(f"{name}: not a pack name")
+                    report.damaged.append(f"{entry.name}: not a pack name")
                     continue
-                good, children = pack_contents(
-                    store.backend, store.hash, name, size, report.damaged
-                )
+                named.append((entry.name, entry.size))
+            for name, read in many_pack_contents(store.backend, store.hash, named):
+                size, good, children, damaged = read.result()
+                pack_id = bytes.fromhex(name.rsplit("/", 1)[1])
+                report.damaged += damaged
                 # Counted only for nodes indexed from this pack, not for duplicate copies.
                 for added in index.add_pack(pack_id, size, good):
                     kids = children.get(added)

@@ -65,7 +65,7 @@ from blocksnap.store.locks import (
     WriterSessions,
 )
 from blocksnap.store.objectlocks import ObjectLocks, ObjectSessions
-from blocksnap.store.packindex import pack_contents
+from blocksnap.store.packindex import many_pack_contents
 from blocksnap.store.packs import HEADER_SIZE, KIND_BLOCK, KIND_NODE, Record, pack_name
 from blocksnap.store.writer import Registration, StoreWriter
 
@@ -572,31 +572,29 @@ class Store:
         one listed under packs/; return what could not be read."""
         problems: list[str] = []
         found: list[tuple[bytes, int, list[Record], dict[bytes, list[bytes]]]] = []
+        listed: list[tuple[str, int | None]]
         if named is None:
             listed = [(o.name, o.size) for o in self.backend.list("packs/")]
         else:
-            listed = []
-            for pack_id in named:
-                if self.index.has_pack(pack_id):
-                    continue
-                try:
-                    listed.append((pack_name(pack_id), self.backend.stat(pack_name(pack_id)).size))
-                except MissingObjectError:
-                    continue  # deleted by gc since (its objects live elsewhere)
+            listed = [(pack_name(pack_id), None) for pack_id in named]
+        unknown: list[tuple[str, int | None]] = []
         for name, size in listed:
             try:
                 pack_id = bytes.fromhex(name.rsplit("/", 1)[-1])
             except ValueError:
                 continue
-            if len(pack_id) != 16 or self.index.has_pack(pack_id):
-                continue
+            if len(pack_id) == 16 and not self.index.has_pack(pack_id):
+                unknown.append((name, size))
+        for name, read in many_pack_contents(self.backend, self.hash, unknown):
+            pack_id = bytes.fromhex(name.rsplit("/", 1)[-1])
             try:
-                good, children = pack_contents(self.backend, self.hash, name, size, problems)
+                size, good, children, damaged = read.result()
             except MissingObjectError:
-                continue  # deleted since the listing: a writer's leftover
+                continue  # deleted since (gc: its objects live elsewhere; or a leftover)
             except BlocksnapError as exc:
                 problems.append(f"pack {pack_id.hex()} cannot be indexed: {exc}")
                 continue
+            problems += damaged
             found.append((pack_id, size, good, children))
         # A node counts its children as its pack is indexed, so each pack goes in once
         # every object its nodes name is indexed: blocks first, then the map level by level.
