@@ -18,7 +18,7 @@ from blocksnap.restore import RestoreResult, restore_image
 from blocksnap.retention import Decision, Policy, decide
 from blocksnap.snapshot import CHECKPOINT_SIZE, check_labels, take_snapshot
 from blocksnap.source import SourceArg
-from blocksnap.store import location, sync
+from blocksnap.store import location, nodecache, sync
 from blocksnap.store.backend import ObjectStore
 from blocksnap.store.config import (
     CONFIG_NAME,
@@ -94,7 +94,14 @@ class Repository:
         if index_missing(self.path, objects_elsewhere=backend is not None):
             # The index is a cache of the objects: one that is gone is rebuilt from them.
             rebuild_index(self.path, backend=backend, locks=locks, sessions=sessions)
-        self._store = Store(self.path, backend=backend, locks=locks, sessions=sessions)
+        limit = s3.cache_limit if s3 is not None else None
+        self._store = Store(
+            self.path,
+            backend=backend,
+            locks=locks,
+            sessions=sessions,
+            node_cache_limit=nodecache.DEFAULT_LIMIT if limit is None else limit,
+        )
         # What writers elsewhere committed or removed without caching it (they died, or
         # their index step failed) is what every command then sees.  A sync that fails
         # (storage unreachable, the index damaged) leaves the cache as it was: reading

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from blocksnap.cli.output import parse_size
 from blocksnap.repository import Repository
 from blocksnap.store.location import S3Options
 
@@ -24,10 +25,26 @@ def add_repository(p: argparse.ArgumentParser) -> None:
         help="where this host keeps its caches of S3 repositories (default: "
         "BLOCKSNAP_CACHE_DIR, else ~/.cache/blocksnap)",
     )
+    s3.add_argument(
+        "--cache-limit",
+        metavar="SIZE",
+        type=parse_size_or_zero,
+        help="the map nodes fetched that this host's cache of the repository keeps, at "
+        "most (default 256M; 0 keeps none)",
+    )
+
+
+def parse_size_or_zero(text: str) -> int:
+    return 0 if text.strip() == "0" else parse_size(text)
 
 
 def s3_options(args: argparse.Namespace) -> S3Options:
-    return S3Options(endpoint_url=args.s3_endpoint, region=args.s3_region, cache_dir=args.cache_dir)
+    return S3Options(
+        endpoint_url=args.s3_endpoint,
+        region=args.s3_region,
+        cache_dir=args.cache_dir,
+        cache_limit=args.cache_limit,
+    )
 
 
 def open_repository(args: argparse.Namespace) -> Repository:

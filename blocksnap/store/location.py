@@ -41,6 +41,7 @@ class S3Options:
     endpoint_url: str | None = None
     region: str | None = None
     cache_dir: str | None = None  # the root of this host's cache directories
+    cache_limit: int | None = None  # bytes of fetched map nodes kept (store/nodecache.py)
 
 
 @dataclass(frozen=True, slots=True)

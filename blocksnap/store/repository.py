@@ -50,7 +50,7 @@ from blocksnap.errors import (
     UsageError,
 )
 from blocksnap.model import Checkpoint, SnapshotInfo
-from blocksnap.store import catalog, collection, reads, records, sync
+from blocksnap.store import catalog, collection, nodecache, reads, records, sync
 from blocksnap.store import index as index_module
 from blocksnap.store.backend import LocalBackend, ObjectStore
 from blocksnap.store.config import read_config
@@ -122,6 +122,7 @@ class Store:
         backend: ObjectStore | None = None,
         locks: Locks | None = None,
         sessions: WriterSessions | None = None,
+        node_cache_limit: int = nodecache.DEFAULT_LIMIT,
     ) -> None:
         self.path = path
         if not os.path.isdir(path):
@@ -183,6 +184,13 @@ class Store:
             self._stack.close()
             raise
         self.hash: Callable[[bytes | memoryview], bytes] = blockid.hasher(self.config.block_id)
+        # On object storage every node read is a request: this host keeps the nodes it
+        # fetched, under a limit (store/nodecache.py); 0 keeps none.
+        self.node_cache: nodecache.NodeCache | None = None
+        if self.shared and not self.read_only and node_cache_limit > 0:
+            self.node_cache = nodecache.NodeCache(
+                os.path.join(path, nodecache.DIRECTORY), node_cache_limit, self.hash
+            )
 
     def require_writable(self) -> None:
         """Raise the one-line StoreError of a repository that cannot be written."""
@@ -221,12 +229,19 @@ class Store:
         pack and deleted the old one, their lookup is repeated once.  Everything read is
         held in the result at once: callers bound the batch."""
         unique = list(dict.fromkeys(object_ids))
+        found: dict[bytes, bytes] = {}
+        cache = self.node_cache if kind == KIND_NODE else None
+        if cache is not None:
+            for object_id in unique:
+                raw = cache.get(object_id)
+                if raw is not None:
+                    found[object_id] = raw
+            unique = [object_id for object_id in unique if object_id not in found]
         located = []
         for object_id, loc in zip(unique, self.index.locations(unique, strict=True), strict=True):
             if loc is None:
                 raise MissingObjectError(f"object {object_id.hex()} is not in the index")
             located.append((object_id, loc))
-        found: dict[bytes, bytes] = {}
         for extent in reads.plan(located):
             try:
                 data = self.backend.get(pack_name(extent.pack), extent.offset, extent.length)
@@ -236,6 +251,9 @@ class Store:
                 self._read_moved(extent, kind, found)
             else:
                 self._decode_extent(extent, data, kind, found)
+        if cache is not None:
+            for object_id in unique:
+                cache.put(object_id, found[object_id])
         return found
 
     def _read_moved(self, extent: reads.Extent, kind: int, found: dict[bytes, bytes]) -> None:

@@ -17,6 +17,7 @@ from blocksnap.store.config import RepositoryConfig
 from blocksnap.store.index import Index
 from blocksnap.store.lmdbenv import lmdb_errors
 from blocksnap.store.locks import Session, WriterSessions
+from blocksnap.store.nodecache import NodeCache
 from blocksnap.store.packs import KIND_BLOCK, KIND_NODE, PackBuilder, pack_name
 
 
@@ -39,6 +40,11 @@ class OpenStore(Protocol):
     @property
     def avoid(self) -> frozenset[bytes]:
         """Ids a collection list under way names: stored again, never referred to."""
+        ...
+
+    @property
+    def node_cache(self) -> NodeCache | None:
+        """Where this host keeps map nodes (object storage only)."""
         ...
 
     def require_writable(self) -> None: ...
@@ -182,6 +188,9 @@ class StoreWriter:
         return self.seal(KIND_BLOCK, raw, block_id)
 
     def seal_node(self, raw: bytes | memoryview, node_id: bytes) -> records.Sealed:
+        cache = self.store.node_cache
+        if cache is not None:  # this host's next snapshot reads it as its parent's
+            cache.put(node_id, bytes(raw))
         return self.seal(KIND_NODE, raw, node_id)
 
     def add(
