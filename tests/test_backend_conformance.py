@@ -9,6 +9,7 @@ kind to BACKEND_KINDS and a branch to open_backend(); the tests stay as they are
 from __future__ import annotations
 
 import multiprocessing
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -444,3 +445,30 @@ def test_backend_close_is_idempotent(backend_spec: BackendSpec) -> None:
     assert store.get("packs/11/x") == b"data"
     store.close()
     store.close()
+
+
+def test_local_reads_in_threads_never_see_another_objects_bytes(tmp_path: Path) -> None:
+    """With one descriptor kept open, every read evicts another thread's: a descriptor
+    closed under a read could be reused for another file and give its bytes."""
+    backend = LocalBackend(str(tmp_path), fd_cache_size=1)
+    names = [f"packs/{i:02x}/{i:02x}" for i in range(16)]
+    for i, name in enumerate(names):
+        backend.put(name, bytes([i]) * 65536)
+    wrong: list[str] = []
+
+    def read(worker: int) -> None:
+        for round_ in range(300):
+            i = (worker * 7 + round_) % len(names)
+            try:
+                if backend.get(names[i]) != bytes([i]) * 65536:
+                    wrong.append(f"{names[i]}: another object's bytes")
+            except Exception as exc:  # a descriptor closed under the read
+                wrong.append(f"{names[i]}: {exc}")
+
+    threads = [threading.Thread(target=read, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    backend.close()
+    assert wrong == []

@@ -106,6 +106,8 @@ def test_nodes_come_from_the_cache_under_its_limit(
     assert damaged > 0
     with blocksnap.Repository(s3_url, s3=fresh) as repo:
         repo.restore("vol", "latest", tmp_path / "d.img")
+        assert repo.store.node_cache is not None
+        assert repo.store.node_cache.hits == 0 and repo.store.node_cache.misses > 0
     assert (tmp_path / "d.img").read_bytes() == ext4_image.read_bytes()
     # --cache-limit 0 keeps none.
     proc = run_cli(
@@ -114,3 +116,8 @@ def test_nodes_come_from_the_cache_under_its_limit(
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert not list((tmp_path / "none").rglob(nodecache.DIRECTORY))
+    # ... and empties a cache that held some.
+    proc = run_cli("ls", s3_url, "vol", "latest", "/", "--cache-dir", str(tmp_path / "other"),
+                   "--cache-limit", "0")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert not list((tmp_path / "other").rglob(nodecache.DIRECTORY))

@@ -240,7 +240,7 @@ def test_s3_exclusive_multipart_commit_whose_answer_was_lost_is_committed(
 
 
 def test_s3_parts_go_up_together_and_a_failed_one_aborts_the_upload(
-    proxy: FaultProxy, s3_server: S3Server, s3_prefix: str
+    proxy: FaultProxy, s3_server: S3Server, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Parts upload in the background, several at once, and land in order; a part that
     fails for good fails the writer's next call, and nothing is left: no object, no
@@ -275,4 +275,18 @@ def test_s3_parts_go_up_together_and_a_failed_one_aborts_the_upload(
     out.abort()
     with pytest.raises(MissingObjectError):
         backend.stat("packs/cd/cd03")
+    assert backend.leftovers() == []
+
+    # A part that cannot even be handed to the threads (they were shut down) leaves no
+    # gap in the parts: the upload is aborted at once.
+    out = backend.create("packs/cd/cd04")
+    out.write(data[:size])
+    with monkeypatch.context() as patch:
+        patch.setattr(backend, "_part_threads", lambda: (_ for _ in ()).throw(RuntimeError))
+        with pytest.raises(RuntimeError):
+            out.write(data[size : 2 * size])
+    with pytest.raises(StoreError, match="no longer being written"):
+        out.commit()
+    with pytest.raises(MissingObjectError):
+        backend.stat("packs/cd/cd04")
     assert backend.leftovers() == []

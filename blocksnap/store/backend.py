@@ -57,7 +57,7 @@ import os
 import secrets
 import stat
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -227,6 +227,10 @@ class LocalBackend:
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._fd_cache_size = fd_cache_size
         self._lock = threading.Lock()
+        # A descriptor evicted or forgotten while a read uses it is closed when that read
+        # ends, never under it: its number could be reused for another file meanwhile.
+        self._reading: Counter[int] = Counter()
+        self._closing: set[int] = set()
         self._capabilities = Capabilities(
             min_part_size=1,
             max_parallelism=os.cpu_count() or 2,
@@ -257,11 +261,29 @@ class LocalBackend:
         finally:
             out.abort()  # a no-op once committed
 
+    def _retire(self, fd: int) -> None:
+        """Close fd now, or when the last read using it ends (call with the lock held)."""
+        if self._reading[fd]:
+            self._closing.add(fd)
+        else:
+            os.close(fd)
+
+    def _release(self, fd: int) -> None:
+        with self._lock:
+            self._reading[fd] -= 1
+            if self._reading[fd] <= 0:
+                del self._reading[fd]
+                if fd in self._closing:
+                    self._closing.discard(fd)
+                    os.close(fd)
+
     def _fd(self, name: str) -> int:
+        """A descriptor of the object, in use until _release(fd)."""
         with self._lock:
             fd = self._fds.get(name)
             if fd is not None:
                 self._fds.move_to_end(name)
+                self._reading[fd] += 1
                 return fd
         try:
             fd = os.open(self._path(name), os.O_RDONLY | os.O_CLOEXEC)
@@ -276,18 +298,20 @@ class LocalBackend:
             other = self._fds.get(name)
             if other is not None:  # another thread opened it meanwhile
                 os.close(fd)
+                self._reading[other] += 1
                 return other
             self._fds[name] = fd
+            self._reading[fd] += 1
             while len(self._fds) > self._fd_cache_size:
                 _, old = self._fds.popitem(last=False)
-                os.close(old)
+                self._retire(old)
         return fd
 
     def _forget(self, name: str) -> None:
         with self._lock:
             fd = self._fds.pop(name, None)
-        if fd is not None:
-            os.close(fd)
+            if fd is not None:
+                self._retire(fd)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         check_range(offset, length)
@@ -298,6 +322,8 @@ class LocalBackend:
             return os.pread(fd, length, offset)
         except OSError as exc:
             raise _os_error("reading", name, exc) from exc
+        finally:
+            self._release(fd)
 
     def stat(self, name: str) -> ObjectInfo:
         try:
@@ -374,8 +400,8 @@ class LocalBackend:
     def close(self) -> None:
         with self._lock:
             fds, self._fds = list(self._fds.values()), OrderedDict()
-        for fd in fds:
-            os.close(fd)
+            for fd in fds:
+                self._retire(fd)
 
 
 class _LocalWriter:

@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,6 +48,7 @@ from blocksnap.errors import (
     ObjectExistsError,
     ProtectedError,
     StoreError,
+    TransientStoreError,
     UsageError,
 )
 from blocksnap.model import Checkpoint, SnapshotInfo
@@ -187,10 +189,12 @@ class Store:
         # On object storage every node read is a request: this host keeps the nodes it
         # fetched, under a limit (store/nodecache.py); 0 keeps none.
         self.node_cache: nodecache.NodeCache | None = None
-        if self.shared and not self.read_only and node_cache_limit > 0:
-            self.node_cache = nodecache.NodeCache(
-                os.path.join(path, nodecache.DIRECTORY), node_cache_limit, self.hash
-            )
+        if self.shared and not self.read_only:
+            nodes = os.path.join(path, nodecache.DIRECTORY)
+            if node_cache_limit > 0:
+                self.node_cache = nodecache.NodeCache(nodes, node_cache_limit, self.hash)
+            else:
+                shutil.rmtree(nodes, ignore_errors=True)  # a cache of none holds none
 
     def require_writable(self) -> None:
         """Raise the one-line StoreError of a repository that cannot be written."""
@@ -230,18 +234,18 @@ class Store:
         held in the result at once: callers bound the batch."""
         unique = list(dict.fromkeys(object_ids))
         found: dict[bytes, bytes] = {}
+        # Looked up even when cached: an object the index no longer holds is missing.
         cache = self.node_cache if kind == KIND_NODE else None
-        if cache is not None:
-            for object_id in unique:
-                raw = cache.get(object_id)
-                if raw is not None:
-                    found[object_id] = raw
-            unique = [object_id for object_id in unique if object_id not in found]
         located = []
         for object_id, loc in zip(unique, self.index.locations(unique, strict=True), strict=True):
             if loc is None:
                 raise MissingObjectError(f"object {object_id.hex()} is not in the index")
-            located.append((object_id, loc))
+            raw = cache.get(object_id) if cache is not None else None
+            if raw is not None:
+                found[object_id] = raw
+            else:
+                located.append((object_id, loc))
+        fetched = [object_id for object_id, _ in located]
         for extent in reads.plan(located):
             try:
                 data = self.backend.get(pack_name(extent.pack), extent.offset, extent.length)
@@ -252,7 +256,7 @@ class Store:
             else:
                 self._decode_extent(extent, data, kind, found)
         if cache is not None:
-            for object_id in unique:
+            for object_id in fetched:
                 cache.put(object_id, found[object_id])
         return found
 
@@ -610,6 +614,8 @@ class Store:
             except MissingObjectError:
                 continue  # deleted since (gc: its objects live elsewhere; or a leftover)
             except BlocksnapError as exc:
+                if named is not None and isinstance(exc, TransientStoreError):
+                    raise  # the record stays blocking; a listing of packs/ would not help
                 problems.append(f"pack {pack_id.hex()} cannot be indexed: {exc}")
                 continue
             problems += damaged

@@ -475,21 +475,28 @@ class _S3Writer:
 
     def _upload(self, data: bytes) -> None:
         upload_id = self._check()
+        try:
+            pool = self._backend._part_threads()
+            future = pool.submit(self._send_part, upload_id, self._numbered + 1, data)
+        except BaseException:  # a part not on its way must never leave a gap: abort
+            self.abort()
+            raise
         self._numbered += 1
-        pool = self._backend._part_threads()
-        future = pool.submit(self._send_part, upload_id, self._numbered, data)
         self._in_flight.append(future)
         self._settle(PARTS_IN_FLIGHT - 1)
 
     def _settle(self, keep: int) -> None:
-        """Wait until at most keep parts are in flight; a failed part aborts the upload."""
+        """Wait until at most keep parts are in flight; a failed part aborts the upload.
+        A part stays in flight until its answer is in, so that an abort waits for it."""
         while len(self._in_flight) > keep:
-            future = self._in_flight.popleft()
+            future = self._in_flight[0]
             try:
-                self._parts.append(future.result())
+                part = future.result()
             except BaseException:
                 self.abort()
                 raise
+            self._in_flight.popleft()
+            self._parts.append(part)
 
     def _send_full_parts(self) -> None:
         size = self._backend.part_size
@@ -525,7 +532,9 @@ class _S3Writer:
             self._upload(bytes(self._buffer))
             self._buffer.clear()
         self._settle(0)
-        self._parts.sort(key=lambda part: int(part["PartNumber"]))
+        if [int(part["PartNumber"]) for part in self._parts] != list(range(1, self._numbered + 1)):
+            self.abort()  # never an object with a part missing
+            raise StoreError(f"object {self.name}: a part of its upload is missing")
         extra = {"IfNoneMatch": "*"} if self._exclusive else {}
         parts = {"Parts": self._parts}
         try:
