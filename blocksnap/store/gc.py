@@ -240,7 +240,7 @@ def _collect(store: Store, limit: int, report: GcReport, say: Callable[[Progress
                 if loc is not None and loc.kind == KIND_NODE:
                     object_id = key[8:]
                     try:
-                        children = node_children(store.read_node(object_id))
+                        children = node_children(store.read_node(object_id, keep=False))
                     except BlocksnapError as exc:
                         # Its children's counts cannot be released: keep it, and say so.
                         report.problems.append(f"map node {object_id.hex()} kept: {exc}")
@@ -352,7 +352,7 @@ def _execute(store: Store, lst: collection.CollectionList, limit: int, report: G
             copies.append((key[8:], loc.pack))
             if loc.kind == KIND_NODE:
                 try:
-                    children = node_children(store.read_node(key[8:]))
+                    children = node_children(store.read_node(key[8:], keep=False))
                 except BlocksnapError as exc:
                     report.problems.append(f"map node {key[8:].hex()} kept: {exc}")
                     continue

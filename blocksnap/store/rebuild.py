@@ -307,7 +307,12 @@ def rebuild_index(
                     continue
                 named.append((entry.name, entry.size))
             for name, read in many_pack_contents(store.backend, store.hash, named):
-                size, good, children, damaged = read.result()
+                try:
+                    size, good, children, damaged = read.result()
+                except MissingObjectError:
+                    if not store.shared:
+                        raise
+                    continue  # gc on another host deleted it since the listing
                 pack_id = bytes.fromhex(name.rsplit("/", 1)[1])
                 report.damaged += damaged
                 # Counted only for nodes indexed from this pack, not for duplicate copies.

@@ -222,11 +222,14 @@ class Store:
 
     # --- reading -----------------------------------------------------------------------
 
-    def read_object(self, object_id: bytes, kind: int = KIND_BLOCK) -> bytes:
-        """Return an object's raw bytes, checked against its record checksum and its id."""
-        return self._read_objects([object_id], kind)[object_id]
+    def read_object(self, object_id: bytes, kind: int = KIND_BLOCK, *, keep: bool = True) -> bytes:
+        """Return an object's raw bytes, checked against its record checksum and its id.
+        keep=False: a node read is not kept in the node cache (gc reading what it frees)."""
+        return self._read_objects([object_id], kind, keep=keep)[object_id]
 
-    def _read_objects(self, object_ids: Sequence[bytes], kind: int) -> dict[bytes, bytes]:
+    def _read_objects(
+        self, object_ids: Sequence[bytes], kind: int, *, keep: bool = True
+    ) -> dict[bytes, bytes]:
         """Each object's raw bytes by id, checked as by read_object.  All are looked up in
         one index read, and records of one pack that lie close together are fetched by
         one ranged get (store/reads.py).  When gc has just moved objects to a compacted
@@ -255,7 +258,7 @@ class Store:
                 self._read_moved(extent, kind, found)
             else:
                 self._decode_extent(extent, data, kind, found)
-        if cache is not None:
+        if cache is not None and keep:
             for object_id in fetched:
                 cache.put(object_id, found[object_id])
         return found
@@ -314,8 +317,8 @@ class Store:
         found = self._read_objects([i for i in block_ids if i != ZERO_ID], KIND_BLOCK)
         return [b"" if i == ZERO_ID else found[i] for i in block_ids]
 
-    def read_node(self, node_id: bytes) -> bytes:
-        return self.read_object(node_id, KIND_NODE)
+    def read_node(self, node_id: bytes, *, keep: bool = True) -> bytes:
+        return self.read_object(node_id, KIND_NODE, keep=keep)
 
     def snapshot(self, snapshot_id: str) -> SnapshotInfo:
         record = self.index.snapshot_record(snapshot_id)
