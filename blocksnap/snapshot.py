@@ -245,6 +245,8 @@ class _Run:
         self.hints = hints
         self.checkpoint_size = checkpoint_size
         self.block_count = None if src.size is None else -(-src.size // bs)
+        # A pipe's size is unknown: its nodes are kept, as a small image's would be.
+        writer.keep_nodes = self.block_count is None or store.keeps_map(self.block_count)
         self.parent_id: str | None = None
         self.parent_map: BlockMap | None = None
         self.parent_size = 0
@@ -261,7 +263,10 @@ class _Run:
 
     def _open_parent(self, root: bytes, height: int, image_size: int) -> None:
         count = -(-image_size // self.bs)
-        self.parent_map = BlockMap(self.store.read_node, root, height, count)
+        keep = self.store.keeps_map(count)  # a map too large for the node cache stays out
+        self.parent_map = BlockMap(
+            lambda node_id: self.store.read_node(node_id, keep=keep), root, height, count
+        )
         self.parent_size = image_size
 
     def start(

@@ -123,6 +123,11 @@ class NodeCache:
                 total -= size
         return total
 
+    def holds(self, nbytes: int) -> bool:
+        """Whether nodes of nbytes in all are worth keeping: a map read in order that
+        is more than half the limit would evict itself before it is read again."""
+        return 2 * nbytes <= self.limit
+
     def size(self) -> int:
         """Bytes the cache holds on disk now."""
         return self._scan_size()

@@ -51,7 +51,7 @@ from blocksnap.errors import (
     TransientStoreError,
     UsageError,
 )
-from blocksnap.model import Checkpoint, SnapshotInfo
+from blocksnap.model import BLOCK_ID_SIZE, FILTER_DIGEST_SIZE, Checkpoint, SnapshotInfo
 from blocksnap.store import catalog, collection, nodecache, reads, records, sync
 from blocksnap.store import index as index_module
 from blocksnap.store.backend import LocalBackend, ObjectStore
@@ -103,6 +103,10 @@ def _finish_rebuild_swap(path: str) -> None:
     if not os.path.exists(index) and os.path.exists(os.path.join(rebuilt, "COMPLETE")):
         with contextlib.suppress(FileNotFoundError):  # another process finished it first
             os.rename(rebuilt, index)
+
+
+# A block map's leaf entry per block (a filter digest and an id); its inner nodes add 1/256.
+MAP_BYTES_PER_BLOCK = FILTER_DIGEST_SIZE + BLOCK_ID_SIZE
 
 
 class Store:
@@ -319,6 +323,12 @@ class Store:
 
     def read_node(self, node_id: bytes, *, keep: bool = True) -> bytes:
         return self.read_object(node_id, KIND_NODE, keep=keep)
+
+    def keeps_map(self, block_count: int) -> bool:
+        """Whether the node cache should keep the nodes of a map of block_count blocks
+        (store/nodecache.py NodeCache.holds)."""
+        cache = self.node_cache
+        return cache is not None and cache.holds(block_count * MAP_BYTES_PER_BLOCK)
 
     def snapshot(self, snapshot_id: str) -> SnapshotInfo:
         record = self.index.snapshot_record(snapshot_id)

@@ -160,6 +160,7 @@ class StoreWriter:
         self.written_size = 0  # bytes of stored packs, this session
         self.indexed_packs: list[bytes] = []  # in the order they were indexed
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksnap-pack")
+        self.keep_nodes = True  # the nodes it seals go to the node cache, if there is one
 
     def missing(self, object_ids: list[bytes]) -> list[bool]:
         """For each id, whether this writer must store the object (see Index.claim)."""
@@ -189,7 +190,7 @@ class StoreWriter:
 
     def seal_node(self, raw: bytes | memoryview, node_id: bytes) -> records.Sealed:
         cache = self.store.node_cache
-        if cache is not None:  # this host's next snapshot reads it as its parent's
+        if cache is not None and self.keep_nodes:  # the next snapshot reads it as parent's
             cache.put(node_id, bytes(raw))
         return self.seal(KIND_NODE, raw, node_id)
 
