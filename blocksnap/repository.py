@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from blocksnap import blockid, blockmap
 from blocksnap.blockmap import BlockMap
 from blocksnap.errors import BlocksnapError, NotFoundError, ProtectedError, UsageError
-from blocksnap.model import Checkpoint, ProgressCallback, SnapshotDiff, SnapshotInfo
+from blocksnap.model import BlockSource, Checkpoint, ProgressCallback, SnapshotDiff, SnapshotInfo
 from blocksnap.reader import DEFAULT_CACHE_SIZE, ImageReader
 from blocksnap.restore import RestoreResult, restore_image
 from blocksnap.retention import Decision, Policy, decide
@@ -327,9 +327,13 @@ class Repository:
         only_changed: bool = False,
         progress: ProgressCallback | None = None,
     ) -> RestoreResult:
+        info = self.resolve(volume, snapshot)
+        source: BlockSource = self._store
+        if not self._store.keeps_map(info.block_count):
+            source = _NodesNotKept(self._store)
         return restore_image(
-            self._store,
-            self.resolve(volume, snapshot),
+            source,
+            info,
             os.fspath(target),
             filter_seed=self._store.config.filter_seed,
             only_changed=only_changed,
@@ -464,6 +468,23 @@ def open_image(
     except BaseException:
         repo.close()
         raise
+
+
+class _NodesNotKept:
+    """A store's blocks and nodes for a restore whose map is too large for the node
+    cache (store/nodecache.py): read in order, it would only evict what is there."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def read_block(self, block_id: bytes) -> bytes:
+        return self._store.read_block(block_id)
+
+    def read_blocks(self, block_ids: Sequence[bytes]) -> list[bytes]:
+        return self._store.read_blocks(block_ids)
+
+    def read_node(self, node_id: bytes) -> bytes:
+        return self._store.read_node(node_id, keep=False)
 
 
 def repair_index(

@@ -114,7 +114,9 @@ def test_nodes_come_from_the_cache_under_its_limit(
     debugfs(ext4_image, "rm new.bin")
     with blocksnap.Repository(s3_url, s3=small) as repo:
         repo.snapshot("vol", ext4_image)
+        repo.restore("vol", "latest~1", tmp_path / "s.img")
         assert repo.store.node_cache is not None and repo.store.node_cache.size() == 0
+    assert (tmp_path / "s.img").read_bytes() == (tmp_path / "d.img").read_bytes()
     # --cache-limit 0 keeps none.
     proc = run_cli(
         "restore", s3_url, "vol", "latest", str(tmp_path / "e.img"),
