@@ -238,7 +238,9 @@ class Store:
         one index read, and records of one pack that lie close together are fetched by
         one ranged get (store/reads.py).  When gc has just moved objects to a compacted
         pack and deleted the old one, their lookup is repeated once.  Everything read is
-        held in the result at once: callers bound the batch."""
+        held in the result at once: callers bound the batch.  Map nodes come from the
+        host's node cache where it holds them (store/nodecache.py), and those fetched go
+        into it unless keep is False."""
         unique = list(dict.fromkeys(object_ids))
         found: dict[bytes, bytes] = {}
         # Looked up even when cached: an object the index no longer holds is missing.

@@ -441,7 +441,7 @@ class _S3Writer:
         self._key = backend.key(name)
         self._exclusive = exclusive
         self._buffer = bytearray()
-        self._parts: list[dict[str, Any]] = []  # of the parts uploaded, in any order
+        self._parts: list[dict[str, Any]] = []  # of the parts uploaded, in order
         self._in_flight: deque[Future[dict[str, Any]]] = deque()
         self._numbered = 0  # parts handed to the pool
         client = backend._client
