@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,9 +120,18 @@ def test_server_killed_during_uploads_restore_and_gc(
             write(backend, lst, new=new)
 
         monkeypatch.setattr(collection, "write", killed_before_done)
-        with pytest.raises(BlocksnapError):
-            repo.gc()
-        assert weed.proc is None, "the gc never reached its done list"
+        # A gc that finds a writer session it cannot yet tell dead publishes and waits
+        # (legitimately, on a slow machine); the next run, past the ttl, carries it out.
+        waited = []
+        for _ in range(3):
+            try:
+                report = repo.gc()
+            except BlocksnapError:
+                break
+            assert report.problems == [] and report.waiting_writers > 0, report
+            waited.append(report)
+            time.sleep(5)  # past BLOCKSNAP_SESSION_TTL
+        assert weed.proc is None, f"the gc never reached its done list: {waited}"
         monkeypatch.setattr(collection, "write", write)
         weed.start()
     with blocksnap.Repository(url, s3=options) as repo:
