@@ -119,6 +119,9 @@ class FaultyBackend:
     def leftovers(self) -> builtins.list[str]:
         return self.inner.leftovers()
 
+    def discard_partial(self, name: str) -> None:
+        self.run("delete", name, lambda: self.inner.discard_partial(name))
+
     def close(self) -> None:
         self.inner.close()
 

@@ -447,6 +447,18 @@ def test_backend_close_is_idempotent(backend_spec: BackendSpec) -> None:
     store.close()
 
 
+def test_backend_discard_partial_keeps_the_object(backend: ObjectStore) -> None:
+    """What a killed write of a name left beside it goes; the object stays."""
+    out = backend.create("tombstones/t1")
+    out.write(b"never finished")
+    backend.put("tombstones/t1", b"the object")
+    assert backend.leftovers() != []
+    backend.discard_partial("tombstones/t1")
+    backend.discard_partial("tombstones/none")  # nothing there: no error
+    assert backend.leftovers() == []
+    assert backend.get("tombstones/t1") == b"the object"
+
+
 def test_local_reads_in_threads_never_see_another_objects_bytes(tmp_path: Path) -> None:
     """With one descriptor kept open, every read evicts another thread's: a descriptor
     closed under a read could be reused for another file and give its bytes."""

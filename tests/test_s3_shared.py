@@ -341,3 +341,21 @@ def test_a_session_whose_heartbeats_had_a_gap_stays_invalid(
         assert sessions.alive(session.id)  # to others it looks alive again: hence the rule
     finally:
         sessions.close()
+
+
+def test_a_session_ended_while_storage_was_down_is_dead_here_at_once(
+    s3_server: S3Server, s3_prefix: str
+) -> None:
+    """Its object could not be deleted, and looks alive for a ttl more: this process
+    knows better, for alive() and for the listing gc arms its lists from alike."""
+    backend = s3_server.backend(s3_prefix)
+    sessions = ObjectSessions(backend, ttl=60.0)
+    session = sessions.start()
+    with pytest.MonkeyPatch.context() as patch:  # the delete of its end fails
+        patch.setattr(backend, "delete", lambda name: (_ for _ in ()).throw(StoreError("down")))
+        session.end()
+    assert backend.stat(f"sessions/{session.id.hex()}")  # the object is still there
+    other = ObjectSessions(backend, ttl=60.0, host="other")
+    assert not other.alive(session.id)
+    assert [info.alive for info in other.listing() if info.id == session.id] == [False]
+    sessions.close()

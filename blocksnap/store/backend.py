@@ -166,6 +166,11 @@ class ObjectStore(Protocol):
         described for a report; they are never part of the repository."""
         ...
 
+    def discard_partial(self, name: str) -> None:
+        """Remove what an interrupted write of name left beside it (temporary files,
+        incomplete uploads), never the object itself; nothing there is not an error."""
+        ...
+
     def close(self) -> None:
         """Release descriptors and connections; idempotent."""
         ...
@@ -370,15 +375,26 @@ class LocalBackend:
 
     def delete(self, name: str) -> None:
         self._forget(name)
-        path = self._path(name)
-        directory, base = os.path.split(path)
+        directory, base = os.path.split(self._path(name))
+        self._unlink(name, directory, [base, *self._partial(name)])
+
+    def discard_partial(self, name: str) -> None:
+        directory = os.path.dirname(self._path(name))
+        self._unlink(name, directory, self._partial(name))
+
+    def _partial(self, name: str) -> builtins.list[str]:
+        """The temporary files beside name: writes of it that were never finished (or
+        whose writer died between linking the object and unlinking them)."""
+        directory, base = os.path.split(self._path(name))
         try:
-            partial = [f for f in os.listdir(directory) if f.startswith(base + TMP_MARKER)]
+            return [f for f in os.listdir(directory) if f.startswith(base + TMP_MARKER)]
         except (FileNotFoundError, NotADirectoryError):
-            partial = []
+            return []
         except OSError as exc:
             raise _os_error("listing", name, exc) from exc
-        for victim in [base, *partial]:
+
+    def _unlink(self, name: str, directory: str, victims: builtins.list[str]) -> None:
+        for victim in victims:
             try:
                 os.unlink(os.path.join(directory, victim))
             except (FileNotFoundError, NotADirectoryError):

@@ -162,6 +162,8 @@ def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None
                 store.index.unmark_removing(snapshot_id, marked_by=writer_id)
         else:
             keep = False
+        if keep:  # a write killed between linking it and removing its temporary file
+            store.backend.discard_partial(name)
         if not keep:
             store.confirm_gc()
             try:

@@ -283,7 +283,9 @@ class ObjectSessions:
             if match is None:
                 continue
             session_id = bytes.fromhex(match.group(1))
-            out.append(SessionInfo(session_id, self.age(obj.mtime) < self.ttl))
+            with self._guard:
+                ended = session_id in _ENDED  # here: dead, whatever its object says
+            out.append(SessionInfo(session_id, not ended and self.age(obj.mtime) < self.ttl))
         return out
 
     def close(self) -> None:

@@ -135,5 +135,8 @@ class RetryingBackend:
     def leftovers(self) -> builtins.list[str]:
         return self._call(self.inner.leftovers)
 
+    def discard_partial(self, name: str) -> None:
+        self._call(lambda: self.inner.discard_partial(name))
+
     def close(self) -> None:
         self.inner.close()

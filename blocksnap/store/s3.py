@@ -377,6 +377,12 @@ class S3Backend:
         writing)."""
         return [f"{key} (upload {upload_id})" for key, upload_id in self._uploads("")]
 
+    def discard_partial(self, name: str) -> None:
+        key = self.key(name)
+        for found, upload_id in builtins.list(self._uploads(key)):
+            if found == key:
+                self._abort(found, upload_id)
+
     def _part_threads(self) -> ThreadPoolExecutor:
         """The threads that upload writers' parts, started on first use."""
         with self._pool_lock:
