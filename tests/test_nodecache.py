@@ -40,6 +40,19 @@ def test_least_recently_used_go_first(tmp_path: Path) -> None:
     assert cache.get(nodes[3][0]) == nodes[3][1]
 
 
+def test_a_node_put_again_is_counted_once(tmp_path: Path) -> None:
+    """Putting a node the cache holds only marks its use: its size estimate would
+    otherwise run high and evict early."""
+    cache = NodeCache(str(tmp_path / "nodes"), 3500, HASH)
+    nodes = [_node(n) for n in range(3)]
+    for node_id, raw in nodes:
+        cache.put(node_id, raw)
+    for _ in range(5):
+        cache.put(*nodes[0])  # 3000 bytes held: nothing to evict
+    assert all(cache.get(node_id) == raw for node_id, raw in nodes)
+    assert cache.size() == 3000
+
+
 def test_a_damaged_or_foreign_copy_is_dropped(tmp_path: Path) -> None:
     cache = NodeCache(str(tmp_path / "nodes"), 1 << 20, HASH)
     node_id, raw = _node(7)

@@ -252,12 +252,13 @@ class ProgressBar:
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
-def parse_size(text: str) -> int:
-    """A byte count for argparse: "4096", "512M", "2G", "1T" (binary units)."""
+def parse_size(text: str, *, allow_zero: bool = False) -> int:
+    """A byte count for argparse: "4096", "512M", "2G", "1T" (binary units); 0 only if
+    allow_zero."""
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     unit = t[-1:] if t[-1:] in _SIZE_UNITS else ""
     number = t[: len(t) - len(unit)]
-    if not number.isdigit() or int(number) <= 0:
+    if not number.isdigit() or int(number) < (0 if allow_zero else 1):
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (e.g. 4096, 512M, 2G)")
     return int(number) * _SIZE_UNITS[unit]
 

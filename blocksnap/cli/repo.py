@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 
 from blocksnap.cli.output import parse_size
 from blocksnap.repository import Repository
@@ -28,14 +29,10 @@ def add_repository(p: argparse.ArgumentParser) -> None:
     s3.add_argument(
         "--cache-limit",
         metavar="SIZE",
-        type=parse_size_or_zero,
+        type=functools.partial(parse_size, allow_zero=True),
         help="the map nodes fetched that this host's cache of the repository keeps, at "
         "most (default 256M; 0 keeps none)",
     )
-
-
-def parse_size_or_zero(text: str) -> int:
-    return 0 if text.strip() == "0" else parse_size(text)
 
 
 def s3_options(args: argparse.Namespace) -> S3Options:

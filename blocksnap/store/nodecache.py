@@ -57,23 +57,33 @@ class NodeCache:
             with open(path, "rb") as f:
                 raw = f.read()
         except OSError:
-            self.misses += 1
+            self._count(hit=False)
             return None
         if self._hash(raw) != node_id:
             with contextlib.suppress(OSError):
                 os.unlink(path)
-            self.misses += 1
+            self._count(hit=False)
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # its last use, for eviction
-        self.hits += 1
+        self._count(hit=True)
         return raw
+
+    def _count(self, *, hit: bool) -> None:
+        with self._lock:
+            if hit:
+                self.hits += 1
+            else:
+                self.misses += 1
 
     def put(self, node_id: bytes, raw: bytes) -> None:
         """Keep a node fetched and checked by the caller; evict if over the limit."""
         if len(raw) > self.limit:
             return
         path = self._path(node_id)
+        with contextlib.suppress(OSError):
+            os.utime(path)  # held already (a damaged copy is dropped by get): its use
+            return
         tmp = f"{path}.{secrets.token_hex(4)}.tmp"
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
