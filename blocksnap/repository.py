@@ -422,10 +422,15 @@ class Repository:
         self,
         *,
         compact_below: float = DEFAULT_COMPACT_BELOW,
+        full: bool = False,
         progress: ProgressCallback | None = None,
     ) -> GcReport:
-        """Free the space of objects no snapshot refers to; safe while others work."""
-        return collect_garbage(self._store, compact_below=compact_below, progress=progress)
+        """Free the space of objects no snapshot refers to; safe while others work.
+        full: reconcile with a listing of the whole store too, reclaiming what writers
+        that never came back left (packs no snapshot uses, unfinished uploads)."""
+        return collect_garbage(
+            self._store, compact_below=compact_below, full=full, progress=progress
+        )
 
     def stats(self) -> RepositoryStats:
         volumes = self._store.volumes()

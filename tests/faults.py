@@ -116,8 +116,8 @@ class FaultyBackend:
         batch = builtins.list(names)
         self.run("delete", ",".join(batch), lambda: self.inner.delete_many(batch))
 
-    def leftovers(self) -> builtins.list[str]:
-        return self.inner.leftovers()
+    def leftovers(self, prefix: str = "") -> builtins.list[str]:
+        return self.inner.leftovers(prefix)
 
     def discard_partial(self, name: str) -> None:
         self.run("delete", name, lambda: self.inner.discard_partial(name))

@@ -15,15 +15,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import blocksnap
+from blocksnap.model import Progress, SnapshotInfo
+from blocksnap.store.location import S3Options
 from blocksnap.store.s3 import S3Backend
 
 ACCESS_KEY = "testaccesskey"
@@ -89,6 +93,67 @@ def use_server(
     monkeypatch.setenv("AWS_REGION", server.region)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+
+
+class SnapshotThread(threading.Thread):
+    """One host's snapshot, in a thread of its own with a cache of its own, its outcome
+    kept (the SnapshotInfo, or what it raised).  pause_at: a progress phase at which the
+    snapshot waits, once, until resume() (paused is set meanwhile)."""
+
+    def __init__(
+        self,
+        url: str,
+        options: S3Options,
+        volume: str,
+        image: Path,
+        *,
+        progress: Callable[[Progress], None] | None = None,
+        pause_at: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.url, self.options, self.volume, self.image = url, options, volume, image
+        self._progress = progress
+        self._pause_at = pause_at
+        self.paused, self._resume = threading.Event(), threading.Event()
+        self.outcome: SnapshotInfo | BaseException | None = None
+
+    def _report(self, p: Progress) -> None:
+        if self._progress is not None:
+            self._progress(p)
+        if p.phase == self._pause_at and not self.paused.is_set():
+            self.paused.set()
+            assert self._resume.wait(120)
+
+    def run(self) -> None:
+        try:
+            with blocksnap.Repository(self.url, s3=self.options) as repo:
+                self.outcome = repo.snapshot(self.volume, self.image, progress=self._report)
+        except BaseException as exc:
+            self.outcome = exc
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def result(self, timeout: float = 600) -> SnapshotInfo:
+        """The snapshot, once the thread has ended (AssertionError naming what it raised
+        if it did not commit)."""
+        self.resume()
+        self.join(timeout)
+        assert isinstance(self.outcome, SnapshotInfo), self.outcome
+        return self.outcome
+
+
+def assert_restores(
+    url: str, options: S3Options, snap: SnapshotInfo, expected: bytes, at: Path
+) -> None:
+    """Through the cache of options: snap restores to expected, and verify --read-data
+    passes."""
+    with blocksnap.Repository(url, s3=options) as repo:
+        repo.restore(snap.volume, snap.id, at)
+        assert at.read_bytes() == expected
+        at.unlink()
+        report = repo.verify(read_data=True)
+        assert report.ok, report.problems
 
 
 def weed_binary() -> str | None:

@@ -9,7 +9,9 @@ have, all on one bucket through `python -m blocksnap` with an s3:// URL:
   base of files, so blocks deduplicate across them), changed with debugfs before every
   snapshot.  Before a snapshot the image's SHA-256 is journalled as pending; after the
   command succeeds, as committed.
-- maintenance: prune (keep the last 3 of every volume) and gc, in a loop.
+- maintenance: prune (keep the last 3 of every volume) and gc, in a loop; every third gc
+  is a full one (gc --full), which takes what killed writers left for orphans while the
+  other writers run.  The final check runs gc --full twice and finds no unfinished write.
 - readers: restore a random committed snapshot and compare its SHA-256 (a snapshot
   pruned meanwhile may be gone: that is not a failure).
 - a killer sends SIGKILL to a random running command every --kill-every seconds (on
@@ -113,10 +115,15 @@ class Soak:
                 self.counts["snapshots"] += 1
 
     def maintenance(self) -> None:
+        n = 0
         while not self.stop.is_set():
+            n += 1
             rc, _out, _err = self.run("maint", "prune", self.url, "--keep-last", "3")
             self.counts["prunes" if rc == 0 else "prune_not_done"] += 1
-            rc, out, _err = self.run("maint", "gc", self.url, "--json")
+            # Every third gc a full one, which takes what killed writers left for orphans
+            # while the others still write.
+            full = ["--full"] if n % 3 == 0 else []
+            rc, out, _err = self.run("maint", "gc", self.url, "--json", *full)
             if rc in (0, 5) and out:
                 report = json.loads(out)
                 for problem in report["problems"]:
@@ -127,6 +134,9 @@ class Soak:
                 self.counts["gc_objects_deleted"] += report["objects_deleted"]
                 self.counts["gc_packs_deleted"] += report["packs_deleted"]
                 self.counts["gc_waited"] += 1 if report["waiting_writers"] else 0
+                self.counts["gc_full_runs"] += 1 if full else 0
+                self.counts["gc_orphan_packs"] += report["orphan_packs"]
+                self.counts["gc_unfinished_discarded"] += report["unfinished_discarded"]
             time.sleep(1)
 
     def reader(self, k: int) -> None:
@@ -226,7 +236,12 @@ def main() -> int:
         # The final check, from a cache built from the bucket alone.
         time.sleep(7)  # every killed session has run out
         final = "final"
-        rc, out, err = soak.run(final, "gc", url, "--json")
+        for _ in range(2):  # the second carries out a list the first may have waited on
+            rc, out, err = soak.run(final, "gc", url, "--full", "--json")
+            if rc in (0, 5) and out:
+                report = json.loads(out)
+                soak.counts["final_orphan_packs"] += report["orphan_packs"]
+                soak.failures += [f"final gc: {p}" for p in report["problems"]]
         rc, out, err = soak.run(final, "list", url, "--json")
         listed: dict[str, list[dict[str, object]]] = json.loads(out) if rc == 0 else {}
         if rc != 0:
@@ -261,6 +276,8 @@ def main() -> int:
         soak.counts["final_verify_ok"] = int(rc == 0)
         if rc != 0:
             soak.failures.append(f"final verify: {out[-2000:]} {err}")
+        elif unfinished := [x for x in json.loads(out)["leftovers"] if "unfinished" in x]:
+            soak.failures.append(f"left after gc --full: {unfinished[:5]}")
     result = {**soak.counts, "failures": soak.failures, "errors": soak.errors}
     result.setdefault("lost", 0)
     result.setdefault("wrong_bytes", 0)

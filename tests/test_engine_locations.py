@@ -187,6 +187,10 @@ def test_engine_on_each_location(
     assert kept == {full, hinted, synthetic}
     gc = loc.json("gc")
     assert isinstance(gc, dict) and gc["problems"] == []
+    # A full reconciliation finds nothing more: no writer left anything.
+    full_gc = loc.json("gc", "--full")
+    assert isinstance(full_gc, dict) and full_gc["problems"] == [], full_gc
+    assert full_gc["orphan_packs"] == full_gc["unfinished_discarded"] == 0
     verified = loc.json("verify", "--read-data")
     assert isinstance(verified, dict) and verified["ok"], verified
     for snap in kept:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -205,6 +206,49 @@ def test_gc_cleans_up_after_a_killed_snapshot(tmp_path: Path, ext4_image: Path) 
         assert not list((repo_path / "locks").glob("writer-*"))
         assert not [p for p in (repo_path / "packs").rglob("*") if ".tmp-" in p.name]
         assert_clean(repo)
+
+
+def test_gc_full_indexes_and_frees_packs_no_writer_or_snapshot_has(
+    tmp_path: Path, ext4_image: Path
+) -> None:
+    """A copy of a repository taken while a snapshot was being written holds its packs
+    but neither its record nor its writer: steady gc never sees them, gc --full does."""
+    source, copy = tmp_path / "source", tmp_path / "copy"
+    with blocksnap.Repository.init(source) as repo:
+        kept = repo.snapshot("vol", ext4_image)
+    shutil.copytree(source, copy)
+    before = {p.relative_to(source) for p in (source / "packs").rglob("*") if p.is_file()}
+    noise = tmp_path / "noise.img"
+    noise.write_bytes(os.urandom(8 << 20))
+    with blocksnap.Repository(source) as repo:
+        repo.snapshot("other", noise)
+    strays = {p.relative_to(source) for p in (source / "packs").rglob("*") if p.is_file()} - before
+    assert strays
+    for rel in strays:
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / rel, copy / rel)
+    # A record that cannot be read might name them: nothing is reconciled while it stands.
+    damaged = copy / "snapshots" / ("ab" * 16)
+    damaged.write_bytes(b"not a record")
+    with blocksnap.Repository(copy) as repo:
+        steady = repo.gc()
+        assert steady.packs_deleted == 0
+        assert all((copy / rel).exists() for rel in strays)
+        skipped = repo.gc(full=True)
+        assert any("reconciliation was skipped" in p for p in skipped.problems), skipped
+        assert skipped.orphan_packs == 0
+        assert all((copy / rel).exists() for rel in strays)
+    damaged.unlink()
+    with blocksnap.Repository(copy) as repo:
+        report = repo.gc(full=True)
+        assert report.problems == [], report.problems
+        assert report.orphan_packs == len(strays) and report.objects_deleted > 0
+        assert not any((copy / rel).exists() for rel in strays)
+        assert repo.volumes() == ["vol"]
+        assert_clean(repo)
+        target = tmp_path / "restored.img"
+        repo.restore("vol", kept.id, target)
+        assert target.read_bytes() == ext4_image.read_bytes()
 
 
 def test_verify_reports_count_drift_and_rebuild_recounts(tmp_path: Path, ext4_image: Path) -> None:

@@ -22,7 +22,7 @@ from blocksnap.model import Progress, SnapshotInfo
 from blocksnap.store import s3
 from blocksnap.store.location import S3Options
 from tests.conftest import debugfs
-from tests.s3server import S3_BUCKET, WeedCluster, use_server, weed_cluster
+from tests.s3server import S3_BUCKET, SnapshotThread, WeedCluster, use_server, weed_cluster
 
 PACK_TARGET_SIZE = 4 << 20  # bytes: many packs, so that the kill lands between them
 KILLED = "volume1"
@@ -68,21 +68,13 @@ def test_volume_server_killed_during_a_snapshot(
     debugfs(ext4_image, f"write {tmp_path / 'second.bin'} second.bin")
     third_image = ext4_image.read_bytes()
     killed = threading.Event()
-    outcome: list[SnapshotInfo | BlocksnapError] = []
 
     def kill_midway(p: Progress) -> None:
         if p.phase == "read" and p.done >= 4 << 20 and not killed.is_set():
             cluster.kill(KILLED)
             killed.set()
 
-    def snapshot() -> None:
-        with blocksnap.Repository(url, s3=host_a) as repo:
-            try:
-                outcome.append(repo.snapshot("vol", ext4_image, progress=kill_midway))
-            except BlocksnapError as exc:
-                outcome.append(exc)
-
-    writer = threading.Thread(target=snapshot)
+    writer = SnapshotThread(url, host_a, "vol", ext4_image, progress=kill_midway)
     writer.start()
     try:
         assert killed.wait(120), "the snapshot never got under way"
@@ -98,7 +90,8 @@ def test_volume_server_killed_during_a_snapshot(
         writer.join(600)
     assert not writer.is_alive()
     with blocksnap.Repository(url, s3=host_a) as repo:
-        [result] = outcome
+        result = writer.outcome
+        assert isinstance(result, (SnapshotInfo, BlocksnapError)), result
         if isinstance(result, BlocksnapError):
             assert "\n" not in str(result)
             result = repo.snapshot("vol", ext4_image)  # done again, once the server is back

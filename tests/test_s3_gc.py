@@ -16,14 +16,14 @@ import pytest
 
 import blocksnap
 from blocksnap.errors import StoreError
-from blocksnap.model import Progress, SnapshotInfo
+from blocksnap.model import Progress
 from blocksnap.store import collection
 from blocksnap.store.backend import ObjectInfo
 from blocksnap.store.location import S3Options
 from blocksnap.store.objectlocks import ObjectSession, ObjectSessions
 from blocksnap.store.s3 import S3Backend
 from tests.conftest import debugfs
-from tests.s3server import S3_BUCKET, S3Server, use_server
+from tests.s3server import S3_BUCKET, S3Server, SnapshotThread, assert_restores, use_server
 
 
 @pytest.fixture
@@ -48,15 +48,6 @@ def _two_versions(repo: blocksnap.Repository, image: Path, tmp_path: Path) -> by
     return first
 
 
-def _restores(url: str, options: S3Options, snap: SnapshotInfo, expected: bytes, at: Path) -> None:
-    with blocksnap.Repository(url, s3=options) as repo:
-        repo.restore(snap.volume, snap.id, at)
-        assert at.read_bytes() == expected
-        at.unlink()
-        report = repo.verify(read_data=True)
-        assert report.ok, report.problems
-
-
 def test_gc_waits_for_a_writer_of_another_host_that_refers_to_pruned_blocks(
     hosts: tuple[str, S3Options, S3Options], ext4_image: Path, tmp_path: Path
 ) -> None:
@@ -68,26 +59,10 @@ def test_gc_waits_for_a_writer_of_another_host_that_refers_to_pruned_blocks(
 
     # Host B snapshots the first version's content into vol2, deduplicating against vol1's
     # first snapshot, and pauses just before it commits.
-    paused, resume = threading.Event(), threading.Event()
-
-    def pause(p: Progress) -> None:
-        if p.phase == "packs-written" and not paused.is_set():
-            paused.set()
-            assert resume.wait(120)
-
-    result: list[SnapshotInfo | BaseException] = []
-
-    def host_b() -> None:
-        try:
-            with blocksnap.Repository(url, s3=b) as repo:
-                result.append(repo.snapshot("vol2", image_x, progress=pause))
-        except BaseException as exc:
-            result.append(exc)
-
-    thread = threading.Thread(target=host_b)
-    thread.start()
+    host_b = SnapshotThread(url, b, "vol2", image_x, pause_at="packs-written")
+    host_b.start()
     try:
-        assert paused.wait(120)
+        assert host_b.paused.wait(120)
         # Host A prunes the snapshot B took its blocks from, and collects: the blocks are
         # candidates, and B's session is waited for.
         with blocksnap.Repository(url, s3=a) as repo:
@@ -98,16 +73,13 @@ def test_gc_waits_for_a_writer_of_another_host_that_refers_to_pruned_blocks(
             assert waiting.waiting_writers >= 1 and waiting.lists_published >= 1
             assert waiting.objects_deleted == 0 and waiting.packs_deleted == 0
     finally:
-        resume.set()
-        thread.join()
-    snap = result[0]
-    assert isinstance(snap, SnapshotInfo), snap
+        snap = host_b.result()
     assert snap.counts.stored < snap.counts.changed // 4  # it did refer to vol1's blocks
     with blocksnap.Repository(url, s3=a) as repo:
         done = repo.gc()  # B has ended: the list is carried out, B's snapshot counted
         assert done.problems == [] and done.waiting_writers == 0
     for options, name in ((a, "a.img"), (b, "b.img")):
-        _restores(url, options, snap, first, tmp_path / name)
+        assert_restores(url, options, snap, first, tmp_path / name)
 
 
 def test_a_writer_that_starts_after_the_list_stores_candidates_again(
@@ -143,10 +115,10 @@ def test_a_writer_that_starts_after_the_list_stores_candidates_again(
     lists = [collection.read(s3_server.backend(url.split("/", 3)[3]), s) for s in range(1, 4)]
     assert any(lst is not None and lst.state == collection.DONE for lst in lists)
     for options, name in ((a, "a.img"), (b, "b.img")):
-        _restores(url, options, snap, first, tmp_path / name)
+        assert_restores(url, options, snap, first, tmp_path / name)
     # Both caches agree with a cache built from the bucket alone.
     fresh = S3Options(cache_dir=str(tmp_path / "fresh"))
-    _restores(url, fresh, snap, first, tmp_path / "fresh.img")
+    assert_restores(url, fresh, snap, first, tmp_path / "fresh.img")
 
 
 def test_a_writer_whose_session_lapsed_does_not_commit(
@@ -162,7 +134,7 @@ def test_a_writer_whose_session_lapsed_does_not_commit(
             patched.setattr(ObjectSession, "valid", lambda self: False)
             repo.snapshot("vol", ext4_image, full=True)
         assert [s.id for s in repo.snapshots("vol")] == [kept.id]
-    _restores(url, a, kept, ext4_image.read_bytes(), tmp_path / "kept.img")
+    assert_restores(url, a, kept, ext4_image.read_bytes(), tmp_path / "kept.img")
 
 
 def test_steady_state_gc_never_lists_the_packs(
@@ -198,7 +170,7 @@ def test_steady_state_gc_never_lists_the_packs(
         report = repo.gc()
         assert report.problems == [] and report.objects_deleted > 0
     assert "packs/" not in listed, listed
-    _restores(url, a, theirs, other.read_bytes(), tmp_path / "theirs.img")
+    assert_restores(url, a, theirs, other.read_bytes(), tmp_path / "theirs.img")
 
 
 def test_two_hosts_storing_the_same_blocks_at_once_then_each_collecting(
@@ -218,29 +190,18 @@ def test_two_hosts_storing_the_same_blocks_at_once_then_each_collecting(
     image_b.write_bytes(bytes(65536) + image[65536:])
     images = {"vol-a": (ext4_image, image), "vol-b": (image_b, image_b.read_bytes())}
     barrier = threading.Barrier(2)
-    results: dict[str, SnapshotInfo | BaseException] = {}
 
     def pause(p: Progress) -> None:
         if p.phase == "packs-written":
             barrier.wait(120)  # neither commits before both stored everything
 
-    def host(options: S3Options, volume: str) -> None:
-        try:
-            with blocksnap.Repository(url, s3=options) as repo:
-                results[volume] = repo.snapshot(volume, images[volume][0], progress=pause)
-        except BaseException as exc:
-            results[volume] = exc
-
     threads = [
-        threading.Thread(target=host, args=(a, "vol-a")),
-        threading.Thread(target=host, args=(b, "vol-b")),
+        SnapshotThread(url, options, volume, images[volume][0], progress=pause)
+        for options, volume in ((a, "vol-a"), (b, "vol-b"))
     ]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join()
-    snaps = {v: r for v, r in results.items() if isinstance(r, SnapshotInfo)}
-    assert len(snaps) == 2, results
+    snaps = {t.volume: t.result() for t in threads}
     assert all(s.counts.stored > 0 for s in snaps.values())  # both stored their copies
     deleted = 0
     for options in (a, b, a, b):  # each collects twice, taking turns
@@ -253,4 +214,40 @@ def test_two_hosts_storing_the_same_blocks_at_once_then_each_collecting(
     for options, name in ((a, "a"), (b, "b"), (fresh, "fresh")):
         for volume, snap in snaps.items():
             at = tmp_path / f"{name}-{volume}.img"
-            _restores(url, options, snap, images[volume][1], at)
+            assert_restores(url, options, snap, images[volume][1], at)
+
+
+def test_a_cache_that_follows_another_hosts_gc_keeps_exact_counts(
+    hosts: tuple[str, S3Options, S3Options], ext4_image: Path, tmp_path: Path
+) -> None:
+    """Host B indexed host A's snapshots; A prunes and collects two whole trees: vol1's
+    first snapshot shares most of its map and packs with the second, vol2's first shares
+    nothing, so its packs go too.  B, following the lists, releases what every map node
+    it forgets named, read from the list's gc/<seq>.nodes when the node's pack is gone:
+    its counts stay exact (verify recounts them), and its own gc has nothing to do."""
+    url, a, b = hosts
+    noise = tmp_path / "noise.img"
+    with blocksnap.Repository.init(url, s3=a) as repo:
+        _two_versions(repo, ext4_image, tmp_path)
+        for _ in range(2):
+            noise.write_bytes(os.urandom(8 << 20))
+            repo.snapshot("vol2", noise)
+    with blocksnap.Repository(url, s3=b) as repo:
+        assert len(repo.snapshots("vol1")) == len(repo.snapshots("vol2")) == 2
+        assert repo.verify().ok
+    with blocksnap.Repository(url, s3=a) as repo:
+        for volume in ("vol1", "vol2"):
+            repo.prune(volume, blocksnap.Policy(keep_last=1))
+        report = repo.gc()
+        assert report.problems == [] and report.objects_deleted > 0
+        assert report.packs_deleted >= 2  # vol2's first snapshot's block and node packs
+    backend = S3Backend(S3_BUCKET, url.split("/", 3)[3])
+    assert [o for o in backend.list(collection.PREFIX) if o.name.endswith(".nodes")]
+    with blocksnap.Repository(url, s3=b) as repo:
+        checked = repo.verify()
+        assert checked.ok, checked.problems
+        again = repo.gc()
+        assert again.problems == [] and again.objects_deleted == 0, again
+        latest = {v: repo.snapshots(v)[0] for v in ("vol1", "vol2")}
+    assert_restores(url, b, latest["vol2"], noise.read_bytes(), tmp_path / "b2.img")
+    assert_restores(url, b, latest["vol1"], ext4_image.read_bytes(), tmp_path / "b1.img")

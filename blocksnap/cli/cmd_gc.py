@@ -28,13 +28,20 @@ def add_parser(sub: Any) -> None:
         help="rewrite packs whose live fraction is below this (default %(default)s); "
         "0 only deletes packs that are wholly garbage",
     )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="reconcile with a listing of the whole repository as well: reclaims the packs "
+        "and unfinished uploads of writers on hosts that never came back (a shared "
+        "repository), or packs the index lacks (a local one); steady gc never lists them",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON document")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     with open_repository(args) as repo, ProgressBar() as bar:
-        report = repo.gc(compact_below=args.compact_below, progress=bar)
+        report = repo.gc(compact_below=args.compact_below, full=args.full, progress=bar)
     if args.json:
         emit_json(asdict(report))
     else:
@@ -47,6 +54,16 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"cleaned up after {report.dead_writers} interrupted writers "
                 f"({report.leftovers_deleted} objects)"
+            )
+        if report.orphan_packs or report.unfinished_discarded:
+            print(
+                f"reclaimed {report.orphan_packs} packs no snapshot uses and "
+                f"{report.unfinished_discarded} unfinished writes"
+            )
+        if report.waiting_writers:
+            print(
+                f"waiting for {report.waiting_writers} writers on other hosts; "
+                "a later gc deletes what they do not use"
             )
         if report.unreferenced_left:
             print(

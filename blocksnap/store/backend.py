@@ -161,9 +161,11 @@ class ObjectStore(Protocol):
         """delete() for every name, in as few requests as the backend can."""
         ...
 
-    def leftovers(self) -> builtins.list[str]:
-        """Unfinished writes of writers that died (temporary files, incomplete uploads),
-        described for a report; they are never part of the repository."""
+    def leftovers(self, prefix: str = "") -> builtins.list[str]:
+        """The names under prefix (a plain string prefix) that have an unfinished write
+        beside them (temporary files, incomplete uploads: a writer died, or is still
+        writing), sorted; what discard_partial removes.  They are never part of the
+        repository."""
         ...
 
     def discard_partial(self, name: str) -> None:
@@ -406,12 +408,19 @@ class LocalBackend:
         for name in names:
             self.delete(name)
 
-    def leftovers(self) -> builtins.list[str]:
-        """Temporary files of puts that never finished (a writer was killed mid-write)."""
-        found = []
+    def leftovers(self, prefix: str = "") -> builtins.list[str]:
+        """The names of temporary files of puts that never finished (a writer was killed
+        mid-write, or is writing)."""
+        found = set()
         for dirpath, _dirs, files in os.walk(self.root):
-            found += [os.path.join(dirpath, f) for f in files if TMP_MARKER in f]
-        return found
+            rel_dir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            for filename in files:
+                if TMP_MARKER in filename:
+                    base = filename.split(TMP_MARKER, 1)[0]
+                    name = base if rel_dir == "." else f"{rel_dir}/{base}"
+                    if name.startswith(prefix):
+                        found.add(name)
+        return sorted(found)
 
     def close(self) -> None:
         with self._lock:

@@ -22,6 +22,22 @@ before they are deleted, with every copy they hold: collected, or relocated to w
 the object lives on (two writers stored the same object).  A cache that placed a copy
 there forgets it or moves it, live bytes and all.
 
+A full reconciliation (gc --full) also reclaims what writers that never came back left
+in storage: the packs no cache of theirs indexed for a snapshot (orphans: listed under
+packs/, and unknown to the collecting cache after its sync) and the unfinished writes
+(incomplete uploads) beside other names.  Both go into a list's orphans and unfinished
+with the orphans' records among the candidates, so they wait like any candidate: a
+writer alive at arming may be writing them and commit a snapshot that names them.  Once
+it has gone, the sync indexes every pack a committed snapshot uses, so an orphan still
+unknown is garbage: it is retired like an empty pack (its copies named collected or
+relocated in a done list, then it is deleted), and the unfinished writes are discarded.
+
+A cache that forgets a map node at count 0 releases what the node names, as its own gc
+would, so that its counts stay exact.  The node may be gone with its pack by then, so a
+done list that names collected map nodes has their children beside it, in
+gc/<seq>.nodes ("nodes": true), written before the list is done; a cache reads it when
+it forgets one of them.
+
 A writer that a list made wait stays safe while it runs; one that started after it never
 refers to a candidate; and a snapshot that a waited-for writer committed is counted
 before anything is deleted (a record the sync could not count, its packs unread, stops
@@ -34,9 +50,13 @@ frames.py) with magic b"BSGCLS", version 1, and a JSON body:
 
     {"format": 1, "seq": n, "state": "pending" | "armed" | "done",
      "candidates": [hex object id, ...], "waiting_for": [hex session id, ...],
+     "orphans": [hex pack id, ...], "unfinished": [object name, ...], "nodes": bool,
      "collected": [[hex object id, hex pack id], ...], "deleted_packs": [hex, ...],
      "relocated": [[hex object id, hex deleted pack id, hex pack id, offset, stored size,
                     raw size, kind, codec], ...]}
+
+gc/<seq>.nodes: a frame with magic b"BSGCND", version 1, whose body is, for each node,
+its 32-byte id, a u32 (little-endian) count n and n 32-byte ids of its children.
 
 Compatibility: unknown keys are ignored; a list of a newer version is refused
 (UnsupportedFormatError) by every sync that reads it, so no writer or gc goes on
@@ -48,6 +68,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import dataclass, field
 
 from blocksnap.errors import IntegrityError, MissingObjectError, UnsupportedFormatError
@@ -57,7 +78,10 @@ from blocksnap.store.entries import Location
 
 PREFIX = "gc/"
 MAGIC = b"BSGCLS"
+NODES_MAGIC = b"BSGCND"
 VERSION = 1
+_ID = 32  # bytes of an object id
+_COUNT = struct.Struct("<I")
 PENDING, ARMED, DONE = "pending", "armed", "done"
 _NAME = re.compile(r"gc/(\d{16})")
 
@@ -68,6 +92,9 @@ class CollectionList:
     state: str = PENDING
     candidates: list[bytes] = field(default_factory=list)
     waiting_for: list[bytes] = field(default_factory=list)
+    orphans: list[bytes] = field(default_factory=list)  # packs unknown when published
+    unfinished: list[str] = field(default_factory=list)  # names with unfinished writes
+    nodes: bool = False  # gc/<seq>.nodes holds the children of the nodes collected
     collected: list[tuple[bytes, bytes]] = field(default_factory=list)  # (object, pack)
     deleted_packs: list[bytes] = field(default_factory=list)
     # (object, deleted pack, its place kept): a copy in a deleted pack of an object that
@@ -85,6 +112,9 @@ class CollectionList:
             "state": self.state,
             "candidates": [c.hex() for c in self.candidates],
             "waiting_for": [w.hex() for w in self.waiting_for],
+            "orphans": [p.hex() for p in self.orphans],
+            "unfinished": list(self.unfinished),
+            "nodes": self.nodes,
             "collected": [[o.hex(), p.hex()] for o, p in self.collected],
             "deleted_packs": [p.hex() for p in self.deleted_packs],
             "relocated": [
@@ -121,6 +151,9 @@ def decode(data: bytes, what: str) -> CollectionList:
             state=str(raw["state"]),
             candidates=[bytes.fromhex(c) for c in raw.get("candidates", [])],
             waiting_for=[bytes.fromhex(w) for w in raw.get("waiting_for", [])],
+            orphans=[bytes.fromhex(p) for p in raw.get("orphans", [])],
+            unfinished=[str(n) for n in raw.get("unfinished", [])],
+            nodes=bool(raw.get("nodes", False)),
             collected=[(bytes.fromhex(o), bytes.fromhex(p)) for o, p in raw.get("collected", [])],
             deleted_packs=[bytes.fromhex(p) for p in raw.get("deleted_packs", [])],
             relocated=[
@@ -155,3 +188,37 @@ def read(backend: ObjectStore, seq: int) -> CollectionList | None:
 def write(backend: ObjectStore, lst: CollectionList, *, new: bool = False) -> None:
     """Store the list; new: create-if-absent (ObjectExistsError if seq is taken)."""
     backend.put(lst.name, lst.encode(), exclusive=new)
+
+
+def nodes_name(seq: int) -> str:
+    return f"{list_name(seq)}.nodes"
+
+
+def write_nodes(backend: ObjectStore, seq: int, children: dict[bytes, list[bytes]]) -> None:
+    """Store the children of the map nodes list seq collects (gc/<seq>.nodes)."""
+    parts: list[bytes] = []
+    for node_id, kids in children.items():
+        parts += [node_id, _COUNT.pack(len(kids)), *kids]
+    backend.put(nodes_name(seq), frames.frame(NODES_MAGIC, VERSION, b"".join(parts)))
+
+
+def read_nodes(backend: ObjectStore, seq: int) -> dict[bytes, list[bytes]]:
+    """The children of the map nodes list seq collects; MissingObjectError if it has none
+    stored, IntegrityError if they are damaged."""
+    what = nodes_name(seq)
+    version, body = frames.unframe(backend.get(what), NODES_MAGIC, what)
+    if version != VERSION:
+        raise UnsupportedFormatError(f"{what} has format {version}: needs a newer blocksnap")
+    out: dict[bytes, list[bytes]] = {}
+    at = 0
+    while at < len(body):
+        if at + _ID + _COUNT.size > len(body):
+            raise IntegrityError(f"{what} is damaged (truncated)")
+        node_id = body[at : at + _ID]
+        (count,) = _COUNT.unpack_from(body, at + _ID)
+        at += _ID + _COUNT.size
+        if at + count * _ID > len(body):
+            raise IntegrityError(f"{what} is damaged (truncated)")
+        out[node_id] = [body[i : i + _ID] for i in range(at, at + count * _ID, _ID)]
+        at += count * _ID
+    return out

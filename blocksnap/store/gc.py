@@ -30,29 +30,41 @@ objects at count 0 are published as candidates, the writers then alive are waite
 do the candidates still at count 0 leave the index.  Step 3 deletes only the packs in
 which nothing is placed any more: moving live records would leave other caches placing
 them in deleted packs (compaction across hosts is a next step).
+
+A full reconciliation (full=True, gc --full) lists the whole store once, which steady
+gc never does: on a shared store it also reclaims what writers of hosts that never came
+back left, packs no snapshot uses and unfinished uploads, through a collection list
+(store/collection.py); on a local repository, where the registry names every writer's
+objects, it indexes a pack that is neither indexed nor any writer's (a repository copied
+mid-write, an index lost), so that its garbage is collected.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from blocksnap.blockmap import node_children
 from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError, UsageError
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog, collection, sync
+from blocksnap.store.entries import Location
 from blocksnap.store.objectlocks import ObjectSessions
 from blocksnap.store.packs import (
     KIND_BLOCK,
     KIND_NODE,
     KINDS,
     PackBuilder,
+    Record,
     overhead_size,
     pack_name,
     read_toc,
     walk_pack,
 )
+from blocksnap.store.records import open_record
 from blocksnap.store.repository import Store
 from blocksnap.store.writer import Registration
 
@@ -70,6 +82,8 @@ class GcReport:
     bytes_copied: int = 0  # record bytes copied into new packs
     bytes_freed: int = 0  # storage given back: packs and leftovers deleted, less new packs
     leftovers_deleted: int = 0  # objects of writers that died
+    orphan_packs: int = 0  # of packs_deleted: packs no snapshot or writer had (--full)
+    unfinished_discarded: int = 0  # unfinished writes of writers that died (--full)
     dead_writers: int = 0
     live_writers: int = 0
     unreferenced_left: int = 0  # kept because a running writer may still refer to them
@@ -82,9 +96,11 @@ def collect_garbage(
     store: Store,
     *,
     compact_below: float = DEFAULT_COMPACT_BELOW,
+    full: bool = False,
     progress: ProgressCallback | None = None,
 ) -> GcReport:
-    """Run one garbage collection over the whole repository (one gc at a time)."""
+    """Run one garbage collection over the whole repository (one gc at a time); full:
+    reconcile with a listing of the whole store as well (see the module doc)."""
     if not 0.0 <= compact_below <= 1.0:
         raise UsageError(f"compaction threshold {compact_below} is not between 0 and 1")
     report = GcReport()
@@ -96,6 +112,12 @@ def collect_garbage(
         synced = store.sync_catalog()
         report.problems += synced.problems
         blocking = [f"snapshot {s}" for s in synced.blocking]
+        if full and synced.problems:
+            # A record that could not be indexed may name packs that would look orphaned.
+            report.problems.append(
+                "the full reconciliation was skipped while records stand unindexed (see above)"
+            )
+            full = False
         # The epoch is read before the registry: a writer missing from the registry read
         # registered after it, so its epoch exceeds this one and the limit below.
         epoch = store.index.epoch()
@@ -128,10 +150,12 @@ def collect_garbage(
         limit = min((int(w["epoch"]) for w in live.values()), default=epoch + 1)
         try:
             if store.shared:
-                _collect_shared(store, ready, limit, report, say)
+                _collect_shared(store, ready, limit, report, say, full=full)
             else:
+                strays = _index_strays(store, report) if full else []
                 _collect(store, limit, report, say)
                 _compact(store, me, compact_below, report, say)
+                report.orphan_packs += sum(not store.index.has_pack(p) for p in strays)
         except BaseException:
             # A pack put or deleted by a step that raised may still exist unindexed (a
             # delete that failed, a put whose answer was lost): the intents stay, and the
@@ -307,12 +331,17 @@ def _collect_shared(
     limit: int,
     report: GcReport,
     say: Callable[[Progress], None],
+    *,
+    full: bool,
 ) -> None:
     """Collection on a store that hosts share, in two phases (store/collection.py): the
     lists whose writers are gone are carried out; then the objects at count 0 go into a
-    new list, carried out at once if no writer is alive, and so on down the trees."""
+    new list, carried out at once if no writer is alive, and so on down the trees.
+    full: the first new list also names the orphans and unfinished writes found now."""
+    orphans: dict[bytes, int] = {}  # pack id -> size: retired with the empty packs
     for lst in ready:
-        _execute(store, lst, limit, report)
+        orphans.update(_execute(store, lst, limit, report))
+    found = _find_orphans(store, report) if full else None
     for _level in range(_MAX_LEVELS):
         store.follow_collections()  # the lists under way, this run's done
         candidates: list[bytes] = []
@@ -320,10 +349,15 @@ def _collect_shared(
         while batch := store.index.condemned(limit, after, 4096):
             after = batch[-1][0]
             candidates += [key[8:] for key, _ in batch if key[8:] not in store.avoid]
-        if not candidates:
-            break
         seqs = collection.listed_seqs(store.backend)
         lst = collection.CollectionList(seq=(seqs[-1] if seqs else 0) + 1, candidates=candidates)
+        if found is not None:
+            lst.orphans, lst.unfinished, ids = found
+            named = set(candidates)
+            lst.candidates += [i for i in ids if i not in named]
+            found = None
+        if not (lst.candidates or lst.orphans or lst.unfinished):
+            break
         store.confirm_gc()
         collection.write(store.backend, lst, new=True)
         report.lists_published += 1
@@ -337,17 +371,74 @@ def _collect_shared(
         if synced.blocking:  # a snapshot not counted: the list waits for a later run
             report.problems += synced.problems
             break
-        _execute(store, lst, limit, report)
+        orphans.update(_execute(store, lst, limit, report))
         say(Progress("collect", report.objects_deleted, 0, ProgressUnit.OBJECTS))
-    _delete_empty_packs(store, report)
+    _delete_empty_packs(store, report, orphans)
 
 
-def _execute(store: Store, lst: collection.CollectionList, limit: int, report: GcReport) -> None:
+def _find_orphans(store: Store, report: GcReport) -> tuple[list[bytes], list[str], list[bytes]]:
+    """The packs in storage that this cache, just synced, does not know, the names with
+    unfinished writes, and the ids of the orphans' records: a full listing of packs/ and
+    of the unfinished writes.  An orphan whose table of contents cannot be read stays
+    (its records could not be named)."""
+    unknown = store.unknown_packs()
+    unfinished = store.backend.leftovers()
+    orphans: list[bytes] = []
+    ids: list[bytes] = []
+    for pack_id, _size, toc in _tocs(store, unknown):
+        if isinstance(toc, MissingObjectError):
+            continue  # deleted since the listing
+        if isinstance(toc, BlocksnapError):
+            report.problems.append(f"pack {pack_id.hex()} kept: {toc}")
+            continue
+        orphans.append(pack_id)
+        ids += [rec.id for rec in toc]
+    return orphans, unfinished, ids
+
+
+def _tocs(
+    store: Store, packs: dict[bytes, int]
+) -> list[tuple[bytes, int, list[Record] | BlocksnapError]]:
+    """The table of contents of each pack (id -> size), read 8 at a time, or the error
+    reading it raised."""
+
+    def read(pack_id: bytes, size: int) -> list[Record] | BlocksnapError:
+        name = pack_name(pack_id)
+        try:
+            return read_toc(lambda at, n: store.backend.get(name, at, n), size, name)
+        except BlocksnapError as exc:
+            return exc
+
+    with ThreadPoolExecutor(8, thread_name_prefix="blocksnap-toc") as pool:
+        futures = [(p, size, pool.submit(read, p, size)) for p, size in packs.items()]
+        return [(p, size, f.result()) for p, size, f in futures]
+
+
+def _index_strays(store: Store, report: GcReport) -> list[bytes]:
+    """On a local repository: index the packs in storage that neither the index nor any
+    registered writer's intent names (see the module doc).  The listing comes before
+    the intents: a writer names its pack in an intent before creating it, and clears the
+    intent as it indexes the pack, so one it still writes is seen in one or the other."""
+    listed = store.unknown_packs()
+    intended = {
+        name for writer_id in store.index.writers() for name in store.index.intents_of(writer_id)
+    }
+    strays = [p for p in listed if pack_name(p) not in intended and not store.index.has_pack(p)]
+    if strays:
+        report.problems += store.index_unknown_packs(strays)
+    return strays
+
+
+def _execute(
+    store: Store, lst: collection.CollectionList, limit: int, report: GcReport
+) -> dict[bytes, int]:
     """Carry out a list whose writers are gone: its candidates still at count 0 leave the
     index.  The list says so first (more than was collected is safe: a cache that
-    forgets a copy only stores it again)."""
+    forgets a copy only stores it again).  Its unfinished writes are discarded; its
+    orphans that the index still lacks are returned (id -> size) to be retired."""
     items: list[tuple[bytes, list[bytes]]] = []
     copies: list[tuple[bytes, bytes]] = []
+    nodes: dict[bytes, list[bytes]] = {}
     for key, loc in store.index.unreferenced(lst.candidates):
         children: list[bytes] = []
         if loc is not None:
@@ -358,49 +449,81 @@ def _execute(store: Store, lst: collection.CollectionList, limit: int, report: G
                 except BlocksnapError as exc:
                     report.problems.append(f"map node {key[8:].hex()} kept: {exc}")
                     continue
+                nodes[key[8:]] = children
         items.append((key, children))
     lst.state = collection.DONE
     lst.collected = copies
-    store.confirm_gc()
-    collection.write(store.backend, lst)
+    _write_done(store, lst, nodes)
     for start in range(0, len(items), _BATCH):
         store.confirm_gc()
         report.objects_deleted += len(store.index.collect(items[start : start + _BATCH], limit))
+    for name in lst.unfinished:
+        store.confirm_gc()
+        try:
+            store.backend.discard_partial(name)
+        except BlocksnapError as exc:
+            report.problems.append(f"unfinished write of {name} kept: {exc}")
+            continue
+        report.unfinished_discarded += 1
+    orphans: dict[bytes, int] = {}
+    for pack_id in lst.orphans:
+        if store.index.has_pack(pack_id):
+            continue  # a snapshot that a waited-for writer committed uses it
+        try:
+            orphans[pack_id] = store.backend.stat(pack_name(pack_id)).size
+        except MissingObjectError:
+            continue  # gone already
+        except BlocksnapError as exc:
+            report.problems.append(f"pack {pack_id.hex()} kept: {exc}")
+    return orphans
 
 
-def _delete_empty_packs(store: Store, report: GcReport) -> None:
-    """Delete the packs in which the index places nothing.  A done list names them first,
-    with every copy they hold: where the object lives on elsewhere (relocated), or that
-    it is gone (collected), so that no cache keeps a place in them; then the packs go,
-    then the index forgets them.  A gc killed between leaves packs named deleted that
-    still exist: storage lost until a reconciliation, never an object."""
+def _write_done(
+    store: Store,
+    lst: collection.CollectionList,
+    nodes: dict[bytes, list[bytes]],
+    *,
+    new: bool = False,
+) -> None:
+    """Store a done list (new: create-if-absent), the children of the map nodes it
+    collects first (only the lease holder writes under gc/)."""
+    store.confirm_gc()
+    if nodes:
+        collection.write_nodes(store.backend, lst.seq, nodes)
+        lst.nodes = True
+    collection.write(store.backend, lst, new=new)
+
+
+def _delete_empty_packs(store: Store, report: GcReport, orphans: dict[bytes, int]) -> None:
+    """Delete the packs in which the index places nothing, and the orphans (id -> size) a
+    list retires.  A done list names them first, with every copy they hold: where the
+    object lives on elsewhere (relocated), or that it is gone (collected), so that no
+    cache keeps a place in them; then the packs go, then the index forgets them.  A gc
+    killed between leaves packs named deleted that still exist: storage lost until a
+    reconciliation (gc --full), never an object."""
     sparse = store.index.sparse_packs()
     # Moving live records would leave other caches placing them in deleted packs:
     # partly live packs stay as they are (compaction is a next step of issue 17).
     store.index.unmark_sparse([p for p, info in sparse.items() if int(info.get("live", 0)) > 0])
+    empty = {p: int(info["size"]) for p, info in sparse.items() if int(info.get("live", 0)) <= 0}
     done = collection.CollectionList(seq=0, state=collection.DONE)
     sizes: dict[bytes, int] = {}
-    for pack_id, info in sparse.items():
-        if int(info.get("live", 0)) > 0:
-            continue
-        name = pack_name(pack_id)
-        size = int(info["size"])
-
-        def get(at: int, length: int, name: str = name) -> bytes:
-            return store.backend.get(name, at, length)
-
-        try:
-            toc = read_toc(get, size, name)
-        except MissingObjectError:
+    nodes: dict[bytes, list[bytes]] = {}
+    for pack_id, size, toc in _tocs(store, {**empty, **orphans}):
+        if isinstance(toc, MissingObjectError):
+            if pack_id in orphans:
+                continue
             toc = []  # gone already
-        except BlocksnapError as exc:
-            report.problems.append(f"pack {pack_id.hex()} kept: {exc}")
+        elif isinstance(toc, BlocksnapError):
+            report.problems.append(f"pack {pack_id.hex()} kept: {toc}")
             continue
         places = store.index.locations([r.id for r in toc])
         if any(loc is not None and loc.pack == pack_id for loc in places):
             # Its live count is wrong: something is placed in it.  Keep it.
             report.problems.append(f"pack {pack_id.hex()} kept: it holds live records")
             continue
+        gone = [rec for rec, loc in zip(toc, places, strict=True) if loc is None]
+        nodes.update(_children_in(store, pack_id, size, gone))
         for rec, loc in zip(toc, places, strict=True):
             if loc is None:
                 done.collected.append((rec.id, pack_id))
@@ -408,12 +531,12 @@ def _delete_empty_packs(store: Store, report: GcReport) -> None:
                 done.relocated.append((rec.id, pack_id, loc))
         done.deleted_packs.append(pack_id)
         sizes[pack_id] = size
+        report.orphan_packs += pack_id in orphans
     if not done.deleted_packs:
         return
     seqs = collection.listed_seqs(store.backend)
     done.seq = (seqs[-1] if seqs else 0) + 1
-    store.confirm_gc()
-    collection.write(store.backend, done, new=True)
+    _write_done(store, done, nodes, new=True)
     report.lists_published += 1
     for pack_id in done.deleted_packs:
         store.confirm_gc()
@@ -421,6 +544,31 @@ def _delete_empty_packs(store: Store, report: GcReport) -> None:
         report.packs_deleted += 1
         report.bytes_freed += sizes[pack_id]
     store.index.forget_packs(done.deleted_packs)
+
+
+def _children_in(
+    store: Store, pack_id: bytes, size: int, gone: list[Record]
+) -> dict[bytes, list[bytes]]:
+    """What the map nodes among a pack's collected records name, for caches that still
+    count them (store/collection.py), from one read of the pack (nodes have packs of
+    their own).  A node that cannot be read is left out: those caches keep its children
+    counted, a leak, never a loss."""
+    wanted = [rec for rec in gone if rec.kind == KIND_NODE]
+    if not wanted:
+        return {}
+    name = pack_name(pack_id)
+    try:
+        data = store.backend.get(name, 0, size)
+    except BlocksnapError:
+        return {}
+    out: dict[bytes, list[bytes]] = {}
+    for rec in wanted:
+        loc = Location(pack_id, rec.offset, rec.stored_size, rec.raw_size, rec.kind, rec.codec)
+        where = f"map node {rec.id.hex()} in pack {pack_id.hex()}"
+        with contextlib.suppress(BlocksnapError):
+            raw = open_record(data[rec.offset : rec.end], rec.id, loc, store.hash, where)
+            out[rec.id] = node_children(raw)
+    return out
 
 
 def _compact(

@@ -157,18 +157,26 @@ class GcIndex(ObjectIndex):
 
         self._write("following a collection", body)
 
-    def forget_copies(self, copies: list[tuple[bytes, bytes]]) -> bool:
+    def forget_copies(
+        self,
+        copies: list[tuple[bytes, bytes]],
+        children: dict[bytes, list[bytes]] | None = None,
+    ) -> bool:
         """Forget the copies (object id, pack id) that gc on another host deleted (store/
         collection.py), each only where the index places the object in that pack.  An
         object at count 0 leaves the index; one still counted (by nodes or checkpoints of
         this host that no snapshot committed) keeps its count without a place, so that no
         writer refers to it and the next copy stored takes its place.  Returns whether any
-        was still counted.  (The children of a node forgotten keep their counts: a leak,
-        mended by repair --rebuild-index, never a loss.)"""
+        was still counted.  children: the ids each map node among them names, released
+        as it leaves the index (a child may fall to count 0, for a later gc here).  A
+        node left out keeps its children counted: a leak, mended by repair
+        --rebuild-index, never a loss."""
+        released = children or {}
 
         def body(txn: Txn) -> bool:
             counted = False
             deltas: dict[bytes, int] = {}
+            epoch = self._epoch(txn)
             for object_id, pack_id in copies:
                 raw = txn.get(object_id, db=self.objects)
                 if raw is None:
@@ -184,9 +192,13 @@ class GcIndex(ObjectIndex):
                 count, since = self._ref(txn, object_id)
                 if count:
                     counted = True
-                else:
-                    txn.delete(object_id, db=self.refs)
-                    txn.delete(SEQ.pack(since) + object_id, db=self.unref)
+                    continue
+                txn.delete(object_id, db=self.refs)
+                txn.delete(SEQ.pack(since) + object_id, db=self.unref)
+                for child in released.get(object_id, ()):
+                    value = txn.get(child, db=self.refs)
+                    if value is not None and REF.unpack(value)[0] > 0:
+                        self._decref(txn, child, epoch)
             self._adjust_live(txn, deltas)
             return counted
 

@@ -203,12 +203,17 @@ class ObjectIndex(IndexEnv):
         again found it unreferenced since before its start.  intent (a key from
         add_intent) is cleared in the same transaction.  replace: ids whose copy here
         replaces the indexed one whatever its count (copies a collection list condemns,
-        store/collection.py).  Returns the ids newly indexed.
+        store/collection.py).  Returns the ids newly indexed.  A pack indexed already is
+        left as it is (two discoveries of one pack, or one racing its writer's indexing).
         """
         known = children or {}
 
         def body(txn: Txn) -> list[bytes]:
             added: list[bytes] = []
+            if txn.get(pack_id, db=self.packs) is not None:
+                if intent is not None:
+                    txn.delete(intent, db=self.intents)
+                return added
             deltas: dict[bytes, int] = {}
             increments: Counter[bytes] = Counter()
             live = 0

@@ -38,7 +38,7 @@ from typing import Any
 import blake3
 
 from blocksnap import blockid
-from blocksnap.blockmap import ZERO_ID
+from blocksnap.blockmap import ZERO_ID, node_children
 from blocksnap.errors import (
     BlocksnapError,
     IntegrityError,
@@ -565,7 +565,7 @@ class Store:
         if self.read_only:
             return sync.SyncReport()
         report = sync.sync(
-            self.backend, self.index, self._index_unknown_packs if self.shared else None
+            self.backend, self.index, self.index_unknown_packs if self.shared else None
         )
         if self.shared:
             self.follow_collections()
@@ -592,7 +592,8 @@ class Store:
                 avoid.update(found.candidates)
                 continue
             # Done lists after one under way are applied again next time: a no-op.
-            counted |= self.index.forget_copies(found.collected)
+            released = self._released_children(found)
+            counted |= self.index.forget_copies(found.collected, released)
             self.index.relocate(found.relocated)
             self.index.forget_packs(found.deleted_packs)
             if not avoid:
@@ -603,25 +604,63 @@ class Store:
             self.index.set_collections_applied(advanced)
         self.avoid = frozenset(avoid)
 
-    def _index_unknown_packs(self, named: Sequence[bytes] | None = None) -> list[str]:
+    def _released_children(self, lst: collection.CollectionList) -> dict[bytes, list[bytes]]:
+        """The children of each map node that a done list collects and that the index
+        places there at count 0, which forget_copies takes out of the index: from the
+        list's gc/<seq>.nodes, else from the node cache or storage while the pack is
+        still there.  A node found nowhere is left out (its children stay counted: see
+        GcIndex.forget_copies).  A list applied again finds nothing placed: a no-op."""
+        pairs = set(lst.collected)
+        forgotten = [
+            (key[8:], loc)
+            for key, loc in self.index.unreferenced([object_id for object_id, _ in pairs])
+            if loc is not None and loc.kind == KIND_NODE and (key[8:], loc.pack) in pairs
+        ]
+        if not forgotten:
+            return {}
+        stored: dict[bytes, list[bytes]] = {}
+        if lst.nodes:
+            # Gone or damaged: what the cache or the packs still hold.
+            with contextlib.suppress(MissingObjectError, IntegrityError):
+                stored = collection.read_nodes(self.backend, lst.seq)
+        out: dict[bytes, list[bytes]] = {}
+        for object_id, loc in forgotten:
+            if object_id in stored:
+                out[object_id] = stored[object_id]
+                continue
+            raw = self.node_cache.get(object_id) if self.node_cache is not None else None
+            if raw is None:
+                try:
+                    raw = self.read_at(object_id, loc)
+                except BlocksnapError:
+                    continue
+            out[object_id] = node_children(raw)
+        return out
+
+    def unknown_packs(self) -> dict[bytes, int]:
+        """The packs listed under packs/ that the index lacks (id -> size): a listing of
+        every pack."""
+        unknown: dict[bytes, int] = {}
+        for obj in self.backend.list("packs/"):
+            try:
+                pack_id = bytes.fromhex(obj.name.rsplit("/", 1)[-1])
+            except ValueError:
+                continue
+            if len(pack_id) == 16 and not self.index.has_pack(pack_id):
+                unknown[pack_id] = obj.size
+        return unknown
+
+    def index_unknown_packs(self, named: Sequence[bytes] | None = None) -> list[str]:
         """Index the packs in storage that the index lacks (packs other hosts wrote),
         from their tables of contents: those named (a record names its run's), or every
         one listed under packs/; return what could not be read."""
         problems: list[str] = []
         found: list[tuple[bytes, int, list[Record], dict[bytes, list[bytes]]]] = []
-        listed: list[tuple[str, int | None]]
+        unknown: list[tuple[str, int | None]]
         if named is None:
-            listed = [(o.name, o.size) for o in self.backend.list("packs/")]
+            unknown = [(pack_name(p), size) for p, size in self.unknown_packs().items()]
         else:
-            listed = [(pack_name(pack_id), None) for pack_id in named]
-        unknown: list[tuple[str, int | None]] = []
-        for name, size in listed:
-            try:
-                pack_id = bytes.fromhex(name.rsplit("/", 1)[-1])
-            except ValueError:
-                continue
-            if len(pack_id) == 16 and not self.index.has_pack(pack_id):
-                unknown.append((name, size))
+            unknown = [(pack_name(p), None) for p in named if not self.index.has_pack(p)]
         for name, read in many_pack_contents(self.backend, self.hash, unknown):
             pack_id = bytes.fromhex(name.rsplit("/", 1)[-1])
             try:

@@ -132,8 +132,8 @@ class RetryingBackend:
         batch = list(names)
         self._call(lambda: self.inner.delete_many(batch))  # deleting twice is harmless
 
-    def leftovers(self) -> builtins.list[str]:
-        return self._call(self.inner.leftovers)
+    def leftovers(self, prefix: str = "") -> builtins.list[str]:
+        return self._call(lambda: self.inner.leftovers(prefix))
 
     def discard_partial(self, name: str) -> None:
         self._call(lambda: self.inner.discard_partial(name))

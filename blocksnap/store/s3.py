@@ -372,10 +372,10 @@ class S3Backend:
                 ),
             )
 
-    def leftovers(self) -> builtins.list[str]:
-        """Incomplete multipart uploads under the prefix (writers that died, or are still
-        writing)."""
-        return [f"{key} (upload {upload_id})" for key, upload_id in self._uploads("")]
+    def leftovers(self, prefix: str = "") -> builtins.list[str]:
+        """The names of incomplete multipart uploads under the prefix (writers that died,
+        or are still writing)."""
+        return sorted({key[len(self._root) :] for key, _ in self._uploads(self._root + prefix)})
 
     def discard_partial(self, name: str) -> None:
         key = self.key(name)
