@@ -51,7 +51,7 @@ from blocksnap.blockmap import node_children
 from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError, UsageError
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog, collection, sync
-from blocksnap.store.entries import Location
+from blocksnap.store.entries import SEQ, Location
 from blocksnap.store.objectlocks import ObjectSessions
 from blocksnap.store.packs import (
     KIND_BLOCK,
@@ -150,7 +150,10 @@ def collect_garbage(
         limit = min((int(w["epoch"]) for w in live.values()), default=epoch + 1)
         try:
             if store.shared:
-                _collect_shared(store, ready, limit, report, say, full=full)
+                counted_all = not synced.problems
+                _collect_shared(
+                    store, ready, limit, report, say, full=full, counted_all=counted_all
+                )
             else:
                 strays = _index_strays(store, report) if full else []
                 _collect(store, limit, report, say)
@@ -333,14 +336,15 @@ def _collect_shared(
     say: Callable[[Progress], None],
     *,
     full: bool,
+    counted_all: bool,
 ) -> None:
     """Collection on a store that hosts share, in two phases (store/collection.py): the
     lists whose writers are gone are carried out; then the objects at count 0 go into a
     new list, carried out at once if no writer is alive, and so on down the trees.
-    full: the first new list also names the orphans and unfinished writes found now."""
-    orphans: dict[bytes, int] = {}  # pack id -> size: retired with the empty packs
+    full: the first new list also names the orphans and unfinished writes found now.
+    counted_all: the sync indexed every record, so a list may retire its orphans."""
     for lst in ready:
-        orphans.update(_execute(store, lst, limit, report))
+        _execute(store, lst, limit, report, retire=counted_all)
     found = _find_orphans(store, report) if full else None
     for _level in range(_MAX_LEVELS):
         store.follow_collections()  # the lists under way, this run's done
@@ -371,18 +375,27 @@ def _collect_shared(
         if synced.blocking:  # a snapshot not counted: the list waits for a later run
             report.problems += synced.problems
             break
-        orphans.update(_execute(store, lst, limit, report))
+        _execute(store, lst, limit, report, retire=not synced.problems)
         say(Progress("collect", report.objects_deleted, 0, ProgressUnit.OBJECTS))
-    _delete_empty_packs(store, report, orphans)
+    _delete_empty_packs(store, report)
+
+
+def _intended(store: Store) -> set[str]:
+    """The names the writers registered in this cache are about to put or delete."""
+    return {
+        name for writer_id in store.index.writers() for name in store.index.intents_of(writer_id)
+    }
 
 
 def _find_orphans(store: Store, report: GcReport) -> tuple[list[bytes], list[str], list[bytes]]:
-    """The packs in storage that this cache, just synced, does not know, the names with
-    unfinished writes, and the ids of the orphans' records: a full listing of packs/ and
-    of the unfinished writes.  An orphan whose table of contents cannot be read stays
-    (its records could not be named)."""
+    """The packs in storage that this cache, just synced, does not know and that no
+    writer registered here is writing, the names with unfinished writes, and the ids of
+    the orphans' records: a full listing of packs/ and of the unfinished writes.  An
+    orphan whose table of contents cannot be read stays (its records go unnamed)."""
     unknown = store.unknown_packs()
     unfinished = store.backend.leftovers()
+    intended = _intended(store)  # after the listing: see _index_strays
+    unknown = {p: size for p, size in unknown.items() if pack_name(p) not in intended}
     orphans: list[bytes] = []
     ids: list[bytes] = []
     for pack_id, _size, toc in _tocs(store, unknown):
@@ -420,9 +433,7 @@ def _index_strays(store: Store, report: GcReport) -> list[bytes]:
     the intents: a writer names its pack in an intent before creating it, and clears the
     intent as it indexes the pack, so one it still writes is seen in one or the other."""
     listed = store.unknown_packs()
-    intended = {
-        name for writer_id in store.index.writers() for name in store.index.intents_of(writer_id)
-    }
+    intended = _intended(store)
     strays = [p for p in listed if pack_name(p) not in intended and not store.index.has_pack(p)]
     if strays:
         report.problems += store.index_unknown_packs(strays)
@@ -430,16 +441,20 @@ def _index_strays(store: Store, report: GcReport) -> list[bytes]:
 
 
 def _execute(
-    store: Store, lst: collection.CollectionList, limit: int, report: GcReport
-) -> dict[bytes, int]:
-    """Carry out a list whose writers are gone: its candidates still at count 0 leave the
-    index.  The list says so first (more than was collected is safe: a cache that
-    forgets a copy only stores it again).  Its unfinished writes are discarded; its
-    orphans that the index still lacks are returned (id -> size) to be retired."""
+    store: Store, lst: collection.CollectionList, limit: int, report: GcReport, *, retire: bool
+) -> None:
+    """Carry out a list whose writers are gone: its candidates still at count 0 (since
+    before every live writer here) leave the index.  The list says so first (more than
+    was collected is safe: a cache that forgets a copy only stores it again), and with
+    retire, names deleted its orphans that the index still lacks and no writer here
+    writes, with their copies, before they are deleted: their records stay avoided up to
+    that list.  Its unfinished writes are discarded."""
     items: list[tuple[bytes, list[bytes]]] = []
     copies: list[tuple[bytes, bytes]] = []
     nodes: dict[bytes, list[bytes]] = {}
     for key, loc in store.index.unreferenced(lst.candidates):
+        if SEQ.unpack(key[:8])[0] >= limit:
+            continue  # revived or stored again since the list: not collected now
         children: list[bytes] = []
         if loc is not None:
             copies.append((key[8:], loc.pack))
@@ -453,6 +468,8 @@ def _execute(
         items.append((key, children))
     lst.state = collection.DONE
     lst.collected = copies
+    orphans = _orphans_to_retire(store, lst, report) if retire else {}
+    sizes = _name_copies(store, lst, orphans, nodes, report)
     _write_done(store, lst, nodes)
     for start in range(0, len(items), _BATCH):
         store.confirm_gc()
@@ -465,9 +482,19 @@ def _execute(
             report.problems.append(f"unfinished write of {name} kept: {exc}")
             continue
         report.unfinished_discarded += 1
+    _delete_named_packs(store, lst, sizes, report)
+    report.orphan_packs += len(sizes)
+
+
+def _orphans_to_retire(
+    store: Store, lst: collection.CollectionList, report: GcReport
+) -> dict[bytes, int]:
+    """The list's orphans (id -> size) still unknown to the index after the sync that
+    counted what its waited-for writers committed, and not being written here."""
+    intended = _intended(store)
     orphans: dict[bytes, int] = {}
     for pack_id in lst.orphans:
-        if store.index.has_pack(pack_id):
+        if store.index.has_pack(pack_id) or pack_name(pack_id) in intended:
             continue  # a snapshot that a waited-for writer committed uses it
         try:
             orphans[pack_id] = store.backend.stat(pack_name(pack_id)).size
@@ -494,25 +521,21 @@ def _write_done(
     collection.write(store.backend, lst, new=new)
 
 
-def _delete_empty_packs(store: Store, report: GcReport, orphans: dict[bytes, int]) -> None:
-    """Delete the packs in which the index places nothing, and the orphans (id -> size) a
-    list retires.  A done list names them first, with every copy they hold: where the
-    object lives on elsewhere (relocated), or that it is gone (collected), so that no
-    cache keeps a place in them; then the packs go, then the index forgets them.  A gc
-    killed between leaves packs named deleted that still exist: storage lost until a
-    reconciliation (gc --full), never an object."""
-    sparse = store.index.sparse_packs()
-    # Moving live records would leave other caches placing them in deleted packs:
-    # partly live packs stay as they are (compaction is a next step of issue 17).
-    store.index.unmark_sparse([p for p, info in sparse.items() if int(info.get("live", 0)) > 0])
-    empty = {p: int(info["size"]) for p, info in sparse.items() if int(info.get("live", 0)) <= 0}
-    done = collection.CollectionList(seq=0, state=collection.DONE)
-    sizes: dict[bytes, int] = {}
-    nodes: dict[bytes, list[bytes]] = {}
-    for pack_id, size, toc in _tocs(store, {**empty, **orphans}):
+def _name_copies(
+    store: Store,
+    lst: collection.CollectionList,
+    packs: dict[bytes, int],
+    nodes: dict[bytes, list[bytes]],
+    report: GcReport,
+) -> dict[bytes, int]:
+    """Name in a done list the packs (id -> size) that will be deleted, with every copy
+    they hold: where the object lives on elsewhere (relocated), or that it is gone
+    (collected), so that no cache keeps a place in them, and what their collected map
+    nodes name (nodes).  Returns the packs named, with their sizes; one whose table of
+    contents cannot be read, or in which the index still places something, is kept."""
+    named: dict[bytes, int] = {}
+    for pack_id, size, toc in _tocs(store, packs):
         if isinstance(toc, MissingObjectError):
-            if pack_id in orphans:
-                continue
             toc = []  # gone already
         elif isinstance(toc, BlocksnapError):
             report.problems.append(f"pack {pack_id.hex()} kept: {toc}")
@@ -526,24 +549,47 @@ def _delete_empty_packs(store: Store, report: GcReport, orphans: dict[bytes, int
         nodes.update(_children_in(store, pack_id, size, gone))
         for rec, loc in zip(toc, places, strict=True):
             if loc is None:
-                done.collected.append((rec.id, pack_id))
+                lst.collected.append((rec.id, pack_id))
             else:
-                done.relocated.append((rec.id, pack_id, loc))
-        done.deleted_packs.append(pack_id)
-        sizes[pack_id] = size
-        report.orphan_packs += pack_id in orphans
-    if not done.deleted_packs:
+                lst.relocated.append((rec.id, pack_id, loc))
+        lst.deleted_packs.append(pack_id)
+        named[pack_id] = size
+    return named
+
+
+def _delete_named_packs(
+    store: Store, lst: collection.CollectionList, sizes: dict[bytes, int], report: GcReport
+) -> None:
+    """Delete the packs a done list (stored) named deleted, then forget them.  A gc
+    killed between leaves packs named deleted that still exist: storage lost until a
+    reconciliation (gc --full), never an object."""
+    for pack_id in sizes:
+        store.confirm_gc()
+        store.backend.delete(pack_name(pack_id))
+        report.packs_deleted += 1
+        report.bytes_freed += sizes[pack_id]
+    if sizes:
+        store.index.forget_packs(list(sizes))
+
+
+def _delete_empty_packs(store: Store, report: GcReport) -> None:
+    """Delete the packs in which the index places nothing, through a done list of their
+    own (_name_copies)."""
+    sparse = store.index.sparse_packs()
+    # Moving live records would leave other caches placing them in deleted packs:
+    # partly live packs stay as they are (compaction is a next step of issue 17).
+    store.index.unmark_sparse([p for p, info in sparse.items() if int(info.get("live", 0)) > 0])
+    empty = {p: int(info["size"]) for p, info in sparse.items() if int(info.get("live", 0)) <= 0}
+    done = collection.CollectionList(seq=0, state=collection.DONE)
+    nodes: dict[bytes, list[bytes]] = {}
+    sizes = _name_copies(store, done, empty, nodes, report)
+    if not sizes:
         return
     seqs = collection.listed_seqs(store.backend)
     done.seq = (seqs[-1] if seqs else 0) + 1
     _write_done(store, done, nodes, new=True)
     report.lists_published += 1
-    for pack_id in done.deleted_packs:
-        store.confirm_gc()
-        store.backend.delete(pack_name(pack_id))
-        report.packs_deleted += 1
-        report.bytes_freed += sizes[pack_id]
-    store.index.forget_packs(done.deleted_packs)
+    _delete_named_packs(store, done, sizes, report)
 
 
 def _children_in(

@@ -23,6 +23,8 @@ from blocksnap.store.lmdbenv import lmdb_errors
 from blocksnap.store.objectindex import ObjectIndex
 from blocksnap.store.packs import HEADER_SIZE, Record
 
+GONE = b"gone/"  # + pack id, in meta: packs a done list named deleted
+
 if TYPE_CHECKING:
     from blocksnap.store.lmdbenv import Txn
 
@@ -174,10 +176,10 @@ class GcIndex(ObjectIndex):
         released = children or {}
 
         def body(txn: Txn) -> bool:
-            counted = False
             deltas: dict[bytes, int] = {}
             epoch = self._epoch(txn)
-            for object_id, pack_id in copies:
+            placed: list[tuple[bytes, bytes]] = []
+            for object_id, pack_id in dict.fromkeys(copies):
                 raw = txn.get(object_id, db=self.objects)
                 if raw is None:
                     continue
@@ -185,34 +187,50 @@ class GcIndex(ObjectIndex):
                     loc = decode_location(object_id, bytes(raw))
                 except IntegrityError:
                     continue
-                if loc.pack != pack_id:
-                    continue
-                deltas[pack_id] = deltas.get(pack_id, 0) - (HEADER_SIZE + loc.stored_size)
-                txn.delete(object_id, db=self.objects)
-                count, since = self._ref(txn, object_id)
-                if count:
-                    counted = True
-                    continue
-                txn.delete(object_id, db=self.refs)
-                txn.delete(SEQ.pack(since) + object_id, db=self.unref)
-                for child in released.get(object_id, ()):
-                    value = txn.get(child, db=self.refs)
-                    if value is not None and REF.unpack(value)[0] > 0:
-                        self._decref(txn, child, epoch)
+                if loc.pack == pack_id:
+                    deltas[pack_id] = deltas.get(pack_id, 0) - (HEADER_SIZE + loc.stored_size)
+                    txn.delete(object_id, db=self.objects)
+                    placed.append((object_id, pack_id))
+            # Those at count 0 leave, releasing what they name, until none falls to 0: a
+            # child listed before its node is counted by it until the node goes.
+            left = placed
+            while True:
+                still = []
+                for object_id, pack_id in left:
+                    count, since = self._ref(txn, object_id)
+                    if count:
+                        still.append((object_id, pack_id))
+                        continue
+                    txn.delete(object_id, db=self.refs)
+                    txn.delete(SEQ.pack(since) + object_id, db=self.unref)
+                    for child in released.get(object_id, ()):
+                        value = txn.get(child, db=self.refs)
+                        if value is not None and REF.unpack(value)[0] > 0:
+                            self._decref(txn, child, epoch)
+                if len(still) == len(left):
+                    break
+                left = still
             self._adjust_live(txn, deltas)
-            return counted
+            return bool(left)
 
         return self._write("following a collection", body)
 
     def forget_packs(self, pack_ids: list[bytes]) -> None:
-        """Forget packs that gc on another host deleted."""
+        """Forget packs that a done list names deleted, for good: a pack listed later (its
+        delete not done yet, or a killed gc's) is never indexed again (is_gone)."""
 
         def body(txn: Txn) -> None:
             for pack_id in pack_ids:
                 txn.delete(pack_id, db=self.packs)
                 txn.delete(pack_id, db=self.sparse)
+                txn.put(GONE + pack_id, b"", db=self.meta)
 
         self._write("following a collection", body)
+
+    def is_gone(self, pack_id: bytes) -> bool:
+        """Whether a done list named the pack deleted (forget_packs)."""
+        with lmdb_errors("reading index"), self._begin() as txn:
+            return txn.get(GONE + pack_id, db=self.meta) is not None
 
     def move_records(
         self,

@@ -203,17 +203,14 @@ class ObjectIndex(IndexEnv):
         again found it unreferenced since before its start.  intent (a key from
         add_intent) is cleared in the same transaction.  replace: ids whose copy here
         replaces the indexed one whatever its count (copies a collection list condemns,
-        store/collection.py).  Returns the ids newly indexed.  A pack indexed already is
-        left as it is (two discoveries of one pack, or one racing its writer's indexing).
+        store/collection.py).  Returns the ids newly indexed.  A pack may be added again
+        (two discoveries of one pack, or one racing its writer's own indexing): what it
+        places already stays and counts in its live bytes, and replace still applies.
         """
         known = children or {}
 
         def body(txn: Txn) -> list[bytes]:
             added: list[bytes] = []
-            if txn.get(pack_id, db=self.packs) is not None:
-                if intent is not None:
-                    txn.delete(intent, db=self.intents)
-                return added
             deltas: dict[bytes, int] = {}
             increments: Counter[bytes] = Counter()
             live = 0
@@ -238,7 +235,10 @@ class ObjectIndex(IndexEnv):
                         old_loc = None  # a damaged entry: this intact copy repairs it
                     if old_loc is not None:
                         count, since = self._ref(txn, rec.id)
-                        if old_loc.pack == pack_id or (count and rec.id not in replace):
+                        if old_loc.pack == pack_id:
+                            live += HEADER_SIZE + rec.stored_size  # placed by a first add
+                            continue
+                        if count and rec.id not in replace:
                             continue
                         if not count:
                             txn.delete(SEQ.pack(since) + rec.id, db=self.unref)

@@ -606,15 +606,16 @@ class Store:
 
     def _released_children(self, lst: collection.CollectionList) -> dict[bytes, list[bytes]]:
         """The children of each map node that a done list collects and that the index
-        places there at count 0, which forget_copies takes out of the index: from the
+        places there, which forget_copies takes out of the index: from the
         list's gc/<seq>.nodes, else from the node cache or storage while the pack is
         still there.  A node found nowhere is left out (its children stay counted: see
         GcIndex.forget_copies).  A list applied again finds nothing placed: a no-op."""
         pairs = set(lst.collected)
+        ids = list(dict.fromkeys(object_id for object_id, _ in lst.collected))
         forgotten = [
-            (key[8:], loc)
-            for key, loc in self.index.unreferenced([object_id for object_id, _ in pairs])
-            if loc is not None and loc.kind == KIND_NODE and (key[8:], loc.pack) in pairs
+            (object_id, loc)
+            for object_id, loc in zip(ids, self.index.locations(ids), strict=True)
+            if loc is not None and loc.kind == KIND_NODE and (object_id, loc.pack) in pairs
         ]
         if not forgotten:
             return {}
@@ -629,24 +630,26 @@ class Store:
                 out[object_id] = stored[object_id]
                 continue
             raw = self.node_cache.get(object_id) if self.node_cache is not None else None
-            if raw is None:
-                try:
-                    raw = self.read_at(object_id, loc)
-                except BlocksnapError:
-                    continue
-            out[object_id] = node_children(raw)
+            try:
+                out[object_id] = node_children(raw or self.read_at(object_id, loc))
+            except BlocksnapError:
+                continue
         return out
 
     def unknown_packs(self) -> dict[bytes, int]:
-        """The packs listed under packs/ that the index lacks (id -> size): a listing of
-        every pack."""
+        """The packs listed under packs/ that the index lacks and that no done list named
+        deleted (id -> size): a listing of every pack."""
         unknown: dict[bytes, int] = {}
         for obj in self.backend.list("packs/"):
             try:
                 pack_id = bytes.fromhex(obj.name.rsplit("/", 1)[-1])
             except ValueError:
                 continue
-            if len(pack_id) == 16 and not self.index.has_pack(pack_id):
+            if (
+                len(pack_id) == 16
+                and not self.index.has_pack(pack_id)
+                and not self.index.is_gone(pack_id)
+            ):
                 unknown[pack_id] = obj.size
         return unknown
 
@@ -660,7 +663,11 @@ class Store:
         if named is None:
             unknown = [(pack_name(p), size) for p, size in self.unknown_packs().items()]
         else:
-            unknown = [(pack_name(p), None) for p in named if not self.index.has_pack(p)]
+            unknown = [
+                (pack_name(p), None)
+                for p in named
+                if not self.index.has_pack(p) and not self.index.is_gone(p)
+            ]
         for name, read in many_pack_contents(self.backend, self.hash, unknown):
             pack_id = bytes.fromhex(name.rsplit("/", 1)[-1])
             try:

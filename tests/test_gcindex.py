@@ -1,0 +1,104 @@
+"""The index steps that following another host's gc takes (store/gcindex.py) and the
+indexing of a pack seen twice (store/objectindex.py), on a real LMDB index."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import blocksnap
+from blocksnap.store.index import Index
+from blocksnap.store.packs import HEADER_SIZE, KIND_BLOCK, KIND_NODE, Record
+
+
+@pytest.fixture
+def index(tmp_path: Path) -> Iterator[Index]:
+    """The index of a new local repository (no pack of it is read here)."""
+    with blocksnap.Repository.init(tmp_path / "repo") as repo:
+        yield repo.store.index
+
+
+def _record(offset: int, kind: int = KIND_BLOCK, size: int = 100) -> Record:
+    return Record(offset, kind, 0, size, size, os.urandom(32), 0)
+
+
+def _counts(index: Index, *ids: bytes) -> list[int | None]:
+    counts = index.view().counts
+    return [counts.get(i) for i in ids]
+
+
+def test_a_pack_indexed_twice_keeps_its_live_bytes_and_takes_its_replacements(
+    index: Index,
+) -> None:
+    """A discovery indexes a writer's pack before the writer does: the writer's own add
+    still moves what its replace names, and the pack's live bytes stay right."""
+    shared, own = _record(0), _record(200)
+    node = _record(0, KIND_NODE)
+    old_pack, node_pack, new_pack = os.urandom(16), os.urandom(16), os.urandom(16)
+    index.add_pack(old_pack, 1000, [shared])
+    index.add_pack(node_pack, 1000, [node], {node.id: [shared.id]})  # shared counted 1
+    moved = Record(0, KIND_BLOCK, 0, 100, 100, shared.id, 0)
+    index.add_pack(new_pack, 1000, [moved, own])  # the discovery: shared stays put
+    assert index.location(shared.id).pack == old_pack  # type: ignore[union-attr]
+    live = 2 * (HEADER_SIZE + 100)
+    index.add_pack(new_pack, 1000, [moved, own], replace=frozenset({shared.id}))
+    assert index.location(shared.id).pack == new_pack  # type: ignore[union-attr]
+    assert index.location(own.id).pack == new_pack  # type: ignore[union-attr]
+    infos = index.pack_infos()
+    assert infos[new_pack]["live"] == live
+    assert infos[old_pack]["live"] == 0
+    assert _counts(index, shared.id, own.id) == [1, 0]
+    index.add_pack(new_pack, 1000, [moved, own])  # a third time: nothing changes
+    assert index.pack_infos()[new_pack]["live"] == live
+
+
+def test_forgetting_a_tree_releases_it_whatever_the_order(index: Index) -> None:
+    """A done list names a root, the node under it and a block under that, the child
+    before its parent: all go, the block's other reference stays, and nothing is left
+    counted without a place."""
+    block, other = _record(0), _record(200)
+    pack = os.urandom(16)
+    node = _record(0, KIND_NODE)
+    root = _record(200, KIND_NODE)
+    index.add_pack(pack, 1000, [block, other])
+    node_pack = os.urandom(16)
+    index.add_pack(
+        node_pack,
+        1000,
+        [node, root],
+        {node.id: [block.id, other.id], root.id: [node.id]},
+    )
+    keeper = os.urandom(16)
+    keep = _record(0, KIND_NODE)
+    index.add_pack(keeper, 1000, [keep], {keep.id: [other.id]})
+    assert _counts(index, root.id, node.id, block.id, other.id) == [0, 1, 1, 2]
+    children = {root.id: [node.id], node.id: [block.id, other.id]}
+    copies = [(block.id, pack), (node.id, node_pack), (root.id, node_pack)]
+    counted = index.forget_copies(copies, children)
+    assert not counted  # every one fell to 0 and left: no checkpoint needs dropping
+    assert index.location(root.id) is None and index.location(node.id) is None
+    assert index.location(block.id) is None
+    assert _counts(index, root.id, node.id, block.id, other.id) == [None, None, None, 1]
+
+
+def test_a_copy_still_counted_keeps_its_count_without_a_place(index: Index) -> None:
+    block = _record(0)
+    pack, node_pack = os.urandom(16), os.urandom(16)
+    node = _record(0, KIND_NODE)
+    index.add_pack(pack, 1000, [block])
+    index.add_pack(node_pack, 1000, [node], {node.id: [block.id]})
+    assert index.forget_copies([(block.id, pack)], {}) is True
+    assert index.location(block.id) is None
+    assert _counts(index, block.id) == [1]
+
+
+def test_a_pack_named_deleted_is_gone_for_good(index: Index) -> None:
+    pack = os.urandom(16)
+    index.add_pack(pack, 1000, [_record(0)])
+    assert not index.is_gone(pack)
+    index.forget_packs([pack])
+    assert index.is_gone(pack) and not index.has_pack(pack)
+    assert not index.is_gone(os.urandom(16))
