@@ -11,7 +11,9 @@ have, all on one bucket through `python -m blocksnap` with an s3:// URL:
   command succeeds, as committed.
 - maintenance: prune (keep the last 3 of every volume) and gc, in a loop; every third gc
   is a full one (gc --full), which takes what killed writers left for orphans while the
-  other writers run.  The final check runs gc --full twice and finds no unfinished write.
+  other writers run.  The final check runs gc --full twice, then finds no unfinished
+  write, no pack the final cache does not index or holds nothing live in, and nothing
+  unreferenced.
 - readers: restore a random committed snapshot and compare its SHA-256 (a snapshot
   pruned meanwhile may be gone: that is not a failure).
 - a killer sends SIGKILL to a random running command every --kill-every seconds (on
@@ -39,6 +41,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import blocksnap
+from blocksnap.store.location import S3Options
+from blocksnap.store.packs import pack_name
 from tests.conftest import debugfs, mkfs_ext4
 from tests.s3server import S3_BUCKET, running_weed
 
@@ -278,6 +283,22 @@ def main() -> int:
             soak.failures.append(f"final verify: {out[-2000:]} {err}")
         elif unfinished := [x for x in json.loads(out)["leftovers"] if "unfinished" in x]:
             soak.failures.append(f"left after gc --full: {unfinished[:5]}")
+        # Nothing leaked: every pack in the bucket is one the final cache indexed, with
+        # something live in it, and nothing unreferenced stayed.
+        os.environ.update(env)
+        options = S3Options(cache_dir=str(root / "caches" / final))
+        with blocksnap.Repository(url, s3=options) as repo:
+            in_bucket = {o.name for o in repo.store.backend.list("packs/")}
+            infos = repo.store.index.pack_infos()
+            unindexed = in_bucket - {pack_name(p) for p in infos}
+            empty = [p for p, info in infos.items() if int(info.get("live", 0)) <= 0]
+            soak.counts["final_packs"] = len(in_bucket)
+            soak.counts["final_unreferenced"] = repo.store.index.unreferenced_count()
+        if unindexed or empty or soak.counts["final_unreferenced"]:
+            soak.failures.append(
+                f"leaked after gc --full: {len(unindexed)} packs unindexed, {len(empty)} "
+                f"empty, {soak.counts['final_unreferenced']} objects unreferenced"
+            )
     result = {**soak.counts, "failures": soak.failures, "errors": soak.errors}
     result.setdefault("lost", 0)
     result.setdefault("wrong_bytes", 0)

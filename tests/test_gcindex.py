@@ -102,3 +102,23 @@ def test_a_pack_named_deleted_is_gone_for_good(index: Index) -> None:
     index.forget_packs([pack])
     assert index.is_gone(pack) and not index.has_pack(pack)
     assert not index.is_gone(os.urandom(16))
+
+
+def test_copies_and_packs_a_list_named_are_never_indexed_again(index: Index) -> None:
+    """An object stored twice, its first copy collected in a pack that lives on: indexed
+    again in any order (a rebuild, a discovery, a second add racing a follow), only the
+    live copy is placed."""
+    block, other = _record(0), _record(200)
+    dead_pack, live_pack, gone_pack = os.urandom(16), os.urandom(16), os.urandom(16)
+    again = Record(0, KIND_BLOCK, 0, 100, 100, block.id, 0)
+    index.note_collections([(block.id, dead_pack)], [gone_pack])
+    index.add_pack(live_pack, 1000, [again])
+    index.add_pack(dead_pack, 1000, [block, other])  # last: its copy would replace
+    assert index.location(block.id).pack == live_pack  # type: ignore[union-attr]
+    assert index.location(other.id).pack == dead_pack  # type: ignore[union-attr]
+    assert index.add_pack(gone_pack, 1000, [_record(0)]) == []
+    assert not index.has_pack(gone_pack)
+    # Once the pack itself is named deleted, its copies' marks give way to the pack's.
+    index.forget_packs([dead_pack])
+    assert index.is_gone(dead_pack)
+    assert index.add_pack(dead_pack, 1000, [block, other]) == []

@@ -16,7 +16,7 @@ import pytest
 
 import blocksnap
 from blocksnap.errors import StoreError
-from blocksnap.model import Progress
+from blocksnap.model import Progress, SnapshotInfo
 from blocksnap.store import collection
 from blocksnap.store.backend import ObjectInfo
 from blocksnap.store.location import S3Options
@@ -251,3 +251,51 @@ def test_a_cache_that_follows_another_hosts_gc_keeps_exact_counts(
         latest = {v: repo.snapshots(v)[0] for v in ("vol1", "vol2")}
     assert_restores(url, b, latest["vol2"], noise.read_bytes(), tmp_path / "b2.img")
     assert_restores(url, b, latest["vol1"], ext4_image.read_bytes(), tmp_path / "b1.img")
+
+
+def test_a_cache_built_afresh_never_places_an_object_in_a_copy_gc_collected(
+    hosts: tuple[str, S3Options, S3Options], ext4_image: Path, tmp_path: Path
+) -> None:
+    """A region's blocks are collected in a pack that lives on (it holds the volume's
+    other blocks), then stored again in a new pack.  A cache rebuilt from the bucket, or built
+    by syncing, indexes both packs in an order of its own: it must place the blocks in
+    the new pack (the old copies are named collected), or following the list would take
+    their place away.  Three volumes, for three independent pack orders."""
+    url, a, _b = hosts
+    snaps: dict[str, tuple[SnapshotInfo, bytes]] = {}
+    region = slice(4 << 20, 6 << 20)
+    with blocksnap.Repository.init(url, s3=a) as repo:
+        for i in range(3):
+            volume, image = f"vol{i}", tmp_path / f"vol{i}.img"
+            data = bytearray(os.urandom(8 << 20))
+            unique = data[region]
+            image.write_bytes(data)
+            repo.snapshot(volume, image)  # one pack: every block, the region's too
+            data[region] = os.urandom(2 << 20)
+            image.write_bytes(data)
+            repo.snapshot(volume, image)
+            repo.prune(volume, blocksnap.Policy(keep_last=1))
+            report = repo.gc()
+            assert report.problems == [] and report.objects_deleted >= 32
+            data[region] = unique
+            image.write_bytes(data)
+            snap = repo.snapshot(volume, image)
+            assert snap.counts.stored >= 32  # the region's first blocks, stored again
+            snaps[volume] = (snap, bytes(data))
+    backend = S3Backend(S3_BUCKET, url.split("/", 3)[3])
+    lists = [collection.read(backend, seq) for seq in collection.listed_seqs(backend)]
+    collected = {c for lst in lists if lst is not None for c in lst.collected}
+    rebuilt = S3Options(cache_dir=str(tmp_path / "rebuilt"))
+    blocksnap.repair_index(url, s3=rebuilt)
+    for options in (rebuilt, S3Options(cache_dir=str(tmp_path / "synced"))):
+        with blocksnap.Repository(url, s3=options) as repo:
+            index = repo.store.index
+            ids = [object_id for object_id, _ in collected]
+            placed = {
+                (object_id, loc.pack)
+                for object_id, loc in zip(ids, index.locations(ids), strict=True)
+                if loc is not None
+            }
+            assert not placed & collected, "an object is placed in a copy gc collected"
+        for volume, (snap, expected) in snaps.items():
+            assert_restores(url, options, snap, expected, tmp_path / f"{volume}.out")

@@ -13,7 +13,9 @@ import pytest
 
 import blocksnap
 from blocksnap.model import SnapshotInfo
+from blocksnap.store import collection
 from blocksnap.store.location import S3Options
+from blocksnap.store.packs import pack_name
 from blocksnap.store.s3 import S3Backend
 from tests.conftest import debugfs
 from tests.s3server import S3_BUCKET, S3Server, SnapshotThread, assert_restores, use_server
@@ -107,6 +109,14 @@ def test_gc_full_reclaims_what_a_host_that_never_came_back_left(
         assert report.unfinished_discarded == 1
     assert _packs(backend) == before
     assert backend.leftovers() == []
+    # The list that made the orphans' records candidates names them deleted itself: no
+    # other list comes between, in which a cache would no longer avoid them.
+    lists = [collection.read(backend, seq) for seq in collection.listed_seqs(backend)]
+    (named,) = [lst for lst in lists if lst is not None and lst.orphans]
+    assert named.state == collection.DONE
+    assert {pack_name(p) for p in named.deleted_packs} >= left
+    assert {pack_name(p) for p in named.orphans} == left
+    assert {pack_name(p) for _, p in named.collected} >= left
     with blocksnap.Repository(url, s3=a) as repo:
         again = repo.gc(full=True)
         assert again.problems == [] and again.orphan_packs == 0 and again.packs_deleted == 0

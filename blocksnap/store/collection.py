@@ -29,8 +29,19 @@ packs/, and unknown to the collecting cache after its sync) and the unfinished w
 with the orphans' records among the candidates, so they wait like any candidate: a
 writer alive at arming may be writing them and commit a snapshot that names them.  Once
 it has gone, the sync indexes every pack a committed snapshot uses, so an orphan still
-unknown is garbage: it is retired like an empty pack (its copies named collected or
-relocated in a done list, then it is deleted), and the unfinished writes are discarded.
+unknown is garbage (unless a writer of the collecting cache is writing it, or a record
+stood unindexed at that sync: then it stays, for a later reconciliation).  The same list,
+as it becomes done, names the orphan deleted with its copies, collected or relocated as
+for an empty pack, so that its records are avoided until every cache forgets them; then
+the orphan is deleted and the unfinished writes are discarded.
+
+A cache remembers the packs done lists named deleted and the copies they named collected
+(marks in its index), and never indexes them again: a gc killed before its deletes
+leaves such packs in storage (gc --full deletes them), and a collected copy stays in a
+pack that lives on.  Were such a copy indexed again (a sync that discovers packs, a
+rebuild), it could take the place of the object's live copy stored since, which
+following the list would then take away; so a sync marks the lists it has not applied
+before it indexes any pack, and applies them after, and a rebuild marks every list.
 
 A cache that forgets a map node at count 0 releases what the node names, as its own gc
 would, so that its counts stay exact.  The node may be gone with its pack by then, so a

@@ -15,6 +15,11 @@ from blocksnap.errors import IntegrityError
 
 LOC = struct.Struct("<16sQIIBB")  # a location record's body ...
 CRC = struct.Struct("<I")  # ... and its check, of key and body
+# Keys in meta on a shared store (store/collection.py): + pack id, a pack a done list
+# named deleted; + pack id + object id, a copy a done list named collected.  Neither is
+# ever indexed again.
+GONE = b"gone/"
+DEAD = b"dead/"
 SEQ = struct.Struct(">Q")  # epochs and seqs in keys: big-endian, so keys sort by them
 REF = struct.Struct("<IQ")  # refs value: count, since
 POLICY_PREFIX = b"policy\x00"

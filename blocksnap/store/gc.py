@@ -108,7 +108,7 @@ def collect_garbage(
     with store.lock_gc(), store.register() as me:
         # On a shared store: the lists whose writers are gone, found before the sync that
         # takes in what those writers committed (store/collection.py).
-        ready = _ready_lists(store, report) if store.shared else []
+        ready = _ready_lists(store, report, me.id) if store.shared else []
         synced = store.sync_catalog()
         report.problems += synced.problems
         blocking = [f"snapshot {s}" for s in synced.blocking]
@@ -152,7 +152,7 @@ def collect_garbage(
             if store.shared:
                 counted_all = not synced.problems
                 _collect_shared(
-                    store, ready, limit, report, say, full=full, counted_all=counted_all
+                    store, me.id, ready, limit, report, say, full=full, counted_all=counted_all
                 )
             else:
                 strays = _index_strays(store, report) if full else []
@@ -282,35 +282,30 @@ def _collect(store: Store, limit: int, report: GcReport, say: Callable[[Progress
             say(Progress("collect", report.objects_deleted, 0, ProgressUnit.OBJECTS))
 
 
-def _own_sessions(store: Store) -> set[bytes]:
-    sessions = store.sessions
-    return sessions.own() if isinstance(sessions, ObjectSessions) else set()
-
-
-def _alive_others(store: Store) -> list[bytes]:
-    """The sessions alive now, this process's own left out (injected local sessions mean
-    one host: none)."""
+def _alive_writers(store: Store, me: bytes) -> list[bytes]:
+    """The sessions alive now but this gc's own (its registration me, its lease): other
+    hosts' and processes', and the writers registered by this process's other threads
+    (injected local sessions mean one host: none)."""
     sessions = store.sessions
     if not isinstance(sessions, ObjectSessions):
         return []
-    own = sessions.own()
+    own = sessions.own() - set(store.index.writers()) | {me}
     return [s.id for s in sessions.listing() if s.alive and s.id not in own]
 
 
-def _arm(store: Store, lst: collection.CollectionList) -> None:
+def _arm(store: Store, lst: collection.CollectionList, me: bytes) -> None:
     """List into a published list the sessions that may have referred to its candidates
     before they could see it: every one alive now (see store/collection.py)."""
-    lst.waiting_for = _alive_others(store)
+    lst.waiting_for = _alive_writers(store, me)
     lst.state = collection.ARMED
     store.confirm_gc()
     collection.write(store.backend, lst)
 
 
-def _ready_lists(store: Store, report: GcReport) -> list[collection.CollectionList]:
+def _ready_lists(store: Store, report: GcReport, me: bytes) -> list[collection.CollectionList]:
     """The lists under way whose waited-for writers are all gone; one a killed gc left
     pending is armed now (later is as safe: whoever it missed has ended)."""
     ready = []
-    own = _own_sessions(store)
     applied = store.index.collections_applied()  # every list up to it is done
     for seq in collection.listed_seqs(store.backend):
         if seq <= applied:
@@ -319,8 +314,8 @@ def _ready_lists(store: Store, report: GcReport) -> list[collection.CollectionLi
         if lst is None or lst.state == collection.DONE:
             continue
         if lst.state == collection.PENDING:
-            _arm(store, lst)
-        waiting = [w for w in lst.waiting_for if w not in own and store.sessions.alive(w)]
+            _arm(store, lst, me)
+        waiting = [w for w in lst.waiting_for if w != me and store.sessions.alive(w)]
         if waiting:
             report.waiting_writers = max(report.waiting_writers, len(waiting))
         else:
@@ -330,6 +325,7 @@ def _ready_lists(store: Store, report: GcReport) -> list[collection.CollectionLi
 
 def _collect_shared(
     store: Store,
+    me: bytes,
     ready: list[collection.CollectionList],
     limit: int,
     report: GcReport,
@@ -365,7 +361,7 @@ def _collect_shared(
         store.confirm_gc()
         collection.write(store.backend, lst, new=True)
         report.lists_published += 1
-        _arm(store, lst)
+        _arm(store, lst, me)
         if lst.waiting_for:
             report.waiting_writers = max(report.waiting_writers, len(lst.waiting_for))
             break
@@ -392,10 +388,24 @@ def _find_orphans(store: Store, report: GcReport) -> tuple[list[bytes], list[str
     writer registered here is writing, the names with unfinished writes, and the ids of
     the orphans' records: a full listing of packs/ and of the unfinished writes.  An
     orphan whose table of contents cannot be read stays (its records go unnamed)."""
-    unknown = store.unknown_packs()
+    listed = store.listed_packs()
+    gone = {p: size for p, size in listed.items() if store.index.is_gone(p)}
+    unknown = {p: size for p, size in listed.items() if p not in gone}
     unfinished = store.backend.leftovers()
-    intended = _intended(store)  # after the listing: see _index_strays
-    unknown = {p: size for p, size in unknown.items() if pack_name(p) not in intended}
+    intended = _intended(store)  # after the listings: see _index_strays
+    unknown = {
+        p: size
+        for p, size in unknown.items()
+        if pack_name(p) not in intended and not store.index.has_pack(p)
+    }
+    unfinished = [name for name in unfinished if name not in intended]
+    for pack_id, size in gone.items():
+        # Named deleted by a done list already (a gc killed before deleting it): every
+        # cache that follows forgets it, none indexes it again, so it goes now.
+        store.confirm_gc()
+        store.backend.delete(pack_name(pack_id))
+        report.packs_deleted += 1
+        report.bytes_freed += size
     orphans: list[bytes] = []
     ids: list[bytes] = []
     for pack_id, _size, toc in _tocs(store, unknown):
@@ -469,7 +479,13 @@ def _execute(
     lst.state = collection.DONE
     lst.collected = copies
     orphans = _orphans_to_retire(store, lst, report) if retire else {}
-    sizes = _name_copies(store, lst, orphans, nodes, report)
+    if lst.orphans and not retire:
+        report.problems.append(
+            f"{len(lst.orphans)} orphan packs kept while records stand unindexed (see "
+            "above); a later gc --full reclaims them"
+        )
+    collecting = {object_id for object_id, _ in copies}
+    sizes = _name_copies(store, lst, orphans, nodes, report, collecting)
     _write_done(store, lst, nodes)
     for start in range(0, len(items), _BATCH):
         store.confirm_gc()
@@ -527,12 +543,14 @@ def _name_copies(
     packs: dict[bytes, int],
     nodes: dict[bytes, list[bytes]],
     report: GcReport,
+    collecting: frozenset[bytes] | set[bytes] = frozenset(),
 ) -> dict[bytes, int]:
     """Name in a done list the packs (id -> size) that will be deleted, with every copy
     they hold: where the object lives on elsewhere (relocated), or that it is gone
-    (collected), so that no cache keeps a place in them, and what their collected map
-    nodes name (nodes).  Returns the packs named, with their sizes; one whose table of
-    contents cannot be read, or in which the index still places something, is kept."""
+    (collected: also those the list collects now, collecting), so that no cache keeps a
+    place in them, and what their collected map nodes name (nodes).  Returns the packs
+    named, with their sizes; one whose table of contents cannot be read, or in which the
+    index still places something, is kept."""
     named: dict[bytes, int] = {}
     for pack_id, size, toc in _tocs(store, packs):
         if isinstance(toc, MissingObjectError):
@@ -540,7 +558,10 @@ def _name_copies(
         elif isinstance(toc, BlocksnapError):
             report.problems.append(f"pack {pack_id.hex()} kept: {toc}")
             continue
-        places = store.index.locations([r.id for r in toc])
+        places = [
+            None if rec.id in collecting else loc
+            for rec, loc in zip(toc, store.index.locations([r.id for r in toc]), strict=True)
+        ]
         if any(loc is not None and loc.pack == pack_id for loc in places):
             # Its live count is wrong: something is placed in it.  Keep it.
             report.problems.append(f"pack {pack_id.hex()} kept: it holds live records")

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from blocksnap.errors import IntegrityError
 from blocksnap.store.entries import (
+    DEAD,
+    GONE,
     REF,
     SEQ,
     Location,
@@ -22,8 +24,6 @@ from blocksnap.store.entries import (
 from blocksnap.store.lmdbenv import lmdb_errors
 from blocksnap.store.objectindex import ObjectIndex
 from blocksnap.store.packs import HEADER_SIZE, Record
-
-GONE = b"gone/"  # + pack id, in meta: packs a done list named deleted
 
 if TYPE_CHECKING:
     from blocksnap.store.lmdbenv import Txn
@@ -178,6 +178,7 @@ class GcIndex(ObjectIndex):
         def body(txn: Txn) -> bool:
             deltas: dict[bytes, int] = {}
             epoch = self._epoch(txn)
+            self._mark(txn, copies, [])
             placed: list[tuple[bytes, bytes]] = []
             for object_id, pack_id in dict.fromkeys(copies):
                 raw = txn.get(object_id, db=self.objects)
@@ -223,9 +224,29 @@ class GcIndex(ObjectIndex):
             for pack_id in pack_ids:
                 txn.delete(pack_id, db=self.packs)
                 txn.delete(pack_id, db=self.sparse)
-                txn.put(GONE + pack_id, b"", db=self.meta)
+            self._mark(txn, [], pack_ids)
 
         self._write("following a collection", body)
+
+    def note_collections(self, copies: list[tuple[bytes, bytes]], packs: list[bytes]) -> None:
+        """Remember copies (object, pack) and packs that done lists name collected and
+        deleted, so that a pack indexed later leaves them out (add_pack): a rebuild
+        notes every list before it indexes the packs."""
+        self._write("following a collection", lambda txn: self._mark(txn, copies, packs))
+
+    def _mark(self, txn: Txn, copies: list[tuple[bytes, bytes]], packs: list[bytes]) -> None:
+        for pack_id in packs:
+            txn.put(GONE + pack_id, b"", db=self.meta)
+            # Its copies' marks are needed no more: the whole pack is left out.
+            cursor = txn.cursor(db=self.meta)
+            prefix = DEAD + pack_id
+            if cursor.set_range(prefix):
+                while bytes(cursor.key()).startswith(prefix):
+                    if not cursor.delete():
+                        break
+        for object_id, pack_id in copies:
+            if txn.get(GONE + pack_id, db=self.meta) is None:
+                txn.put(DEAD + pack_id + object_id, b"", db=self.meta)
 
     def is_gone(self, pack_id: bytes) -> bool:
         """Whether a done list named the pack deleted (forget_packs)."""

@@ -6,8 +6,9 @@ The environment is the directory REPO/index (data.mdb, lock.mdb).  Named databas
                b"epoch" -> u64 big-endian, the logical clock of the writer registry;
                b"collections" -> u64 big-endian, on a shared store the seq up to which
                the collection lists are followed (store/collection.py);
-               b"gone/" + pack id -> b"": packs a done list named deleted, never
-               indexed again (GcIndex.forget_packs)
+               b"gone/" + pack id -> b"": packs a done list named deleted, and
+               b"dead/" + pack id + object id -> b"": copies one named collected, each
+               never indexed again (GcIndex.forget_packs, forget_copies)
     objects    object id (32 bytes) -> location, 38 bytes little-endian:
                  pack id (16 bytes), offset u64 (of the record header), stored_size u32,
                  raw_size u32, kind u8, codec u8, crc32 u32 (of key and the 34 bytes before)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from blocksnap.errors import IntegrityError
 from blocksnap.store.entries import (
     CRC,
+    DEAD,
+    GONE,
     LOC,
     REF,
     SEQ,
@@ -206,16 +208,26 @@ class ObjectIndex(IndexEnv):
         store/collection.py).  Returns the ids newly indexed.  A pack may be added again
         (two discoveries of one pack, or one racing its writer's own indexing): what it
         places already stays and counts in its live bytes, and replace still applies.
+        Copies and packs that done lists named collected or deleted (GcIndex marks) are
+        left out.
         """
         known = children or {}
 
         def body(txn: Txn) -> list[bytes]:
             added: list[bytes] = []
+            if txn.get(GONE + pack_id, db=self.meta) is not None:
+                # A done list named it deleted (a gc killed before the delete, or one
+                # under way): none of it is indexed again.
+                if intent is not None:
+                    txn.delete(intent, db=self.intents)
+                return added
             deltas: dict[bytes, int] = {}
             increments: Counter[bytes] = Counter()
             live = 0
             epoch = self._epoch(txn)
             for rec in records:
+                if txn.get(DEAD + pack_id + rec.id, db=self.meta) is not None:
+                    continue  # a copy a done list named collected: never again
                 loc = Location(
                     pack_id, rec.offset, rec.stored_size, rec.raw_size, rec.kind, rec.codec
                 )

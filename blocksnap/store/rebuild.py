@@ -45,7 +45,7 @@ from blocksnap.errors import (
     UnsupportedFormatError,
 )
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
-from blocksnap.store import catalog, sync
+from blocksnap.store import catalog, collection, sync
 from blocksnap.store.backend import ObjectStore
 from blocksnap.store.config import CONFIG_NAME
 from blocksnap.store.entries import POLICY_PREFIX, PROTECTED_PREFIX
@@ -261,6 +261,24 @@ def _drop_unreachable(
     report.garbage += len(dead)
 
 
+def _note_collections(store: Store, index: Index) -> None:
+    """Mark in the new index what the done lists of a shared store collected and deleted,
+    before any pack is indexed: a copy collected in a pack that lives on would otherwise
+    be indexed again, and may take the place of the object's live copy, which following
+    the list then takes away (store/collection.py)."""
+    for seq in collection.listed_seqs(store.backend):
+        lst = collection.read(store.backend, seq)
+        if lst is not None and lst.state == collection.DONE:
+            index.note_collections(lst.collected, lst.deleted_packs)
+
+
+def _gone(index: Index, name: str) -> bool:
+    try:
+        return index.is_gone(bytes.fromhex(name.rsplit("/", 1)[1]))
+    except (ValueError, IndexError):
+        return False
+
+
 def index_missing(path: str, *, objects_elsewhere: bool = False) -> bool:
     """Whether path is a repository whose index directory is gone (deleted, or lost with
     a host's disk) and not about to be swapped in: a rebuild brings it back.
@@ -293,7 +311,13 @@ def rebuild_index(
         index = Index(new_path, create=True)
         try:
             index.initialize(store.config.id)
-            packs = list(store.backend.list("packs/"))
+            if store.shared:
+                _note_collections(store, index)
+            packs = [
+                p
+                for p in store.backend.list("packs/")
+                if not (store.shared and _gone(index, p.name))
+            ]
             counts: Counter[bytes] = Counter()
             nodes: set[bytes] = set()
             total = sum(p.size for p in packs)

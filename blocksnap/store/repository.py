@@ -564,29 +564,48 @@ class Store:
         read-only filesystem, whose index no process writes."""
         if self.read_only:
             return sync.SyncReport()
+        lists = self._unapplied_lists() if self.shared else None
+        if lists:
+            # Before any pack is indexed: what the done lists collected or deleted is
+            # marked, so that a pack the sync finds leaves it out.  They are applied
+            # after it, once the snapshots it removes have released their roots.
+            done = [lst for lst in lists if lst.state == collection.DONE]
+            self.index.note_collections(
+                [c for lst in done for c in lst.collected],
+                [p for lst in done for p in lst.deleted_packs],
+            )
         report = sync.sync(
             self.backend, self.index, self.index_unknown_packs if self.shared else None
         )
-        if self.shared:
-            self.follow_collections()
+        if lists is not None:
+            self.follow_collections(lists)
         for volume, seq in report.pending_seq.items():
             self._pending_seq[volume] = max(self._pending_seq.get(volume, 0), seq)
         return report
 
-    def follow_collections(self) -> None:
+    def _unapplied_lists(self) -> list[collection.CollectionList]:
+        """The collection lists after the seq up to which the index follows them."""
+        applied = self.index.collections_applied()
+        found = (
+            collection.read(self.backend, seq)
+            for seq in collection.listed_seqs(self.backend)
+            if seq > applied
+        )
+        return [lst for lst in found if lst is not None]
+
+    def follow_collections(self, lists: list[collection.CollectionList] | None = None) -> None:
         """Bring the index in line with the collection lists of gc on other hosts
         (store/collection.py): forget the copies they deleted, and note the candidates
         of those under way in avoid.  Should a copy still counted here go (by this host's
-        uncommitted nodes or checkpoints), every checkpoint goes too."""
+        uncommitted nodes or checkpoints), every checkpoint goes too.  lists: those
+        after the applied seq, read just before (else they are read now)."""
         applied = self.index.collections_applied()
         avoid: set[bytes] = set()
         counted = False
         advanced = applied
-        for seq in collection.listed_seqs(self.backend):
+        for found in self._unapplied_lists() if lists is None else lists:
+            seq = found.seq
             if seq <= applied:
-                continue
-            found = collection.read(self.backend, seq)
-            if found is None:
                 continue
             if found.state != collection.DONE:
                 avoid.update(found.candidates)
@@ -636,22 +655,26 @@ class Store:
                 continue
         return out
 
-    def unknown_packs(self) -> dict[bytes, int]:
-        """The packs listed under packs/ that the index lacks and that no done list named
-        deleted (id -> size): a listing of every pack."""
-        unknown: dict[bytes, int] = {}
+    def listed_packs(self) -> dict[bytes, int]:
+        """Every pack listed under packs/ (id -> size): a listing of every pack."""
+        listed: dict[bytes, int] = {}
         for obj in self.backend.list("packs/"):
             try:
                 pack_id = bytes.fromhex(obj.name.rsplit("/", 1)[-1])
             except ValueError:
                 continue
-            if (
-                len(pack_id) == 16
-                and not self.index.has_pack(pack_id)
-                and not self.index.is_gone(pack_id)
-            ):
-                unknown[pack_id] = obj.size
-        return unknown
+            if len(pack_id) == 16:
+                listed[pack_id] = obj.size
+        return listed
+
+    def unknown_packs(self) -> dict[bytes, int]:
+        """The packs listed under packs/ that the index lacks and that no done list named
+        deleted (id -> size): a listing of every pack."""
+        return {
+            p: size
+            for p, size in self.listed_packs().items()
+            if not self.index.has_pack(p) and not self.index.is_gone(p)
+        }
 
     def index_unknown_packs(self, named: Sequence[bytes] | None = None) -> list[str]:
         """Index the packs in storage that the index lacks (packs other hosts wrote),
