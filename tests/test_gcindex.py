@@ -122,3 +122,28 @@ def test_copies_and_packs_a_list_named_are_never_indexed_again(index: Index) -> 
     index.forget_packs([dead_pack])
     assert index.is_gone(dead_pack)
     assert index.add_pack(dead_pack, 1000, [block, other]) == []
+
+
+def test_a_pack_added_again_after_its_copy_was_marked_keeps_its_live_bytes(
+    index: Index,
+) -> None:
+    block, other = _record(0), _record(200)
+    pack = os.urandom(16)
+    index.add_pack(pack, 1000, [block, other])
+    live = index.pack_infos()[pack]["live"]
+    index.note_collections([(block.id, pack)], [])  # a sync, before it follows the list
+    index.add_pack(pack, 1000, [block, other])  # a racing discovery of the same pack
+    assert index.pack_infos()[pack]["live"] == live
+    index.forget_copies([(block.id, pack)], {})
+    assert index.pack_infos()[pack]["live"] == live - (HEADER_SIZE + 100)
+
+
+def test_a_node_naming_a_copy_left_out_is_left_out_too(index: Index) -> None:
+    """A pack holds a node and the only copy of its child, which a list named collected:
+    neither is indexed, and indexing the pack does not fail."""
+    child, node, kept = _record(0), _record(200, KIND_NODE), _record(400)
+    pack = os.urandom(16)
+    index.note_collections([(child.id, pack)], [])
+    index.add_pack(pack, 1000, [child, node, kept], {node.id: [child.id]})
+    assert index.location(child.id) is None and index.location(node.id) is None
+    assert index.location(kept.id).pack == pack  # type: ignore[union-attr]

@@ -299,3 +299,28 @@ def test_a_cache_built_afresh_never_places_an_object_in_a_copy_gc_collected(
             assert not placed & collected, "an object is placed in a copy gc collected"
         for volume, (snap, expected) in snaps.items():
             assert_restores(url, options, snap, expected, tmp_path / f"{volume}.out")
+
+
+def test_a_follow_from_an_older_read_keeps_the_candidates_a_newer_one_saw(
+    hosts: tuple[str, S3Options, S3Options],
+) -> None:
+    """Several threads share one Store: a sync that read the lists before a list was
+    published must not take its candidates out of avoid once a later follow put them in
+    (a writer that started after the list would refer to them unwaited)."""
+    url, a, _b = hosts
+    with blocksnap.Repository.init(url, s3=a):
+        pass
+    with blocksnap.Repository(url, s3=a) as repo:
+        store = repo.store
+        stale = store._unapplied_lists()  # read before the list exists
+        candidate = os.urandom(32)
+        lst = collection.CollectionList(seq=1, candidates=[candidate])
+        collection.write(store.backend, lst, new=True)
+        store.follow_collections()
+        assert candidate in store.avoid
+        store.follow_collections(stale)
+        assert candidate in store.avoid
+        lst.state = collection.DONE
+        collection.write(store.backend, lst)
+        store.follow_collections()
+        assert store.avoid == frozenset()

@@ -185,6 +185,29 @@ class ObjectIndex(IndexEnv):
             if delta < 0:
                 txn.put(pack_id, b"", db=self.sparse)
 
+    def _left_out(
+        self, txn: Txn, pack_id: bytes, records: list[Record], known: dict[bytes, list[bytes]]
+    ) -> set[bytes]:
+        """The records of a pack that add_pack leaves out: copies a done list named
+        collected, and nodes that name one of them that is indexed nowhere else (they
+        could not count it), up the tree."""
+        skipped = {
+            rec.id for rec in records if txn.get(DEAD + pack_id + rec.id, db=self.meta) is not None
+        }
+        if not skipped:
+            return skipped
+        missing = {i for i in skipped if txn.get(i, db=self.refs) is None}
+        grew = True
+        while grew and missing:
+            grew = False
+            for rec in records:
+                if rec.id not in skipped and any(c in missing for c in known.get(rec.id, ())):
+                    skipped.add(rec.id)
+                    if txn.get(rec.id, db=self.refs) is None:
+                        missing.add(rec.id)
+                    grew = True
+        return skipped
+
     # --- writes ------------------------------------------------------------------------
 
     def add_pack(
@@ -225,13 +248,14 @@ class ObjectIndex(IndexEnv):
             increments: Counter[bytes] = Counter()
             live = 0
             epoch = self._epoch(txn)
+            skipped = self._left_out(txn, pack_id, records, known)
             for rec in records:
-                if txn.get(DEAD + pack_id + rec.id, db=self.meta) is not None:
-                    continue  # a copy a done list named collected: never again
                 loc = Location(
                     pack_id, rec.offset, rec.stored_size, rec.raw_size, rec.kind, rec.codec
                 )
                 old = txn.get(rec.id, db=self.objects)
+                if rec.id in skipped and (old is None or not _placed_in(rec.id, old, pack_id)):
+                    continue  # a copy a done list named collected: never again
                 if old is None:
                     # Counted but without a place: its copy was deleted on another host
                     # (GcIndex.forget_copies) while nodes here still name it; this copy
@@ -271,3 +295,10 @@ class ObjectIndex(IndexEnv):
             return added
 
         return self._write("indexing pack", body)
+
+
+def _placed_in(object_id: bytes, value: bytes, pack_id: bytes) -> bool:
+    try:
+        return decode_location(object_id, bytes(value)).pack == pack_id
+    except IntegrityError:
+        return False

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from blocksnap.blockmap import node_children
 from blocksnap.errors import (
     BlocksnapError,
+    IntegrityError,
     MissingObjectError,
     UnsupportedFormatError,
 )
@@ -261,13 +262,18 @@ def _drop_unreachable(
     report.garbage += len(dead)
 
 
-def _note_collections(store: Store, index: Index) -> None:
+def _note_collections(store: Store, index: Index, report: RebuildReport) -> None:
     """Mark in the new index what the done lists of a shared store collected and deleted,
     before any pack is indexed: a copy collected in a pack that lives on would otherwise
     be indexed again, and may take the place of the object's live copy, which following
-    the list then takes away (store/collection.py)."""
+    the list then takes away (store/collection.py).  A damaged list is reported (the
+    copies it names may be indexed again); one of a newer format stops the rebuild."""
     for seq in collection.listed_seqs(store.backend):
-        lst = collection.read(store.backend, seq)
+        try:
+            lst = collection.read(store.backend, seq)
+        except IntegrityError as exc:
+            report.damaged.append(str(exc))
+            continue
         if lst is not None and lst.state == collection.DONE:
             index.note_collections(lst.collected, lst.deleted_packs)
 
@@ -312,7 +318,7 @@ def rebuild_index(
         try:
             index.initialize(store.config.id)
             if store.shared:
-                _note_collections(store, index)
+                _note_collections(store, index, report)
             packs = [
                 p
                 for p in store.backend.list("packs/")

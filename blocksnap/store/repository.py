@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -161,6 +162,10 @@ class Store:
         # On a shared store: the candidates of the collection lists not yet carried out
         # (store/collection.py), which writers store again rather than refer to.
         self.avoid: frozenset[bytes] = frozenset()
+        # The candidates of each list under way that a follow saw (seq -> ids), kept until
+        # one sees it done: a follow from an older read never drops what a newer one saw.
+        self._under_way: dict[int, frozenset[bytes]] = {}
+        self._under_way_lock = threading.Lock()
         try:
             self.config = read_config(self.backend, path)
             if exclusive:  # a repair rewrites the index and deletes: it writes
@@ -600,7 +605,8 @@ class Store:
         uncommitted nodes or checkpoints), every checkpoint goes too.  lists: those
         after the applied seq, read just before (else they are read now)."""
         applied = self.index.collections_applied()
-        avoid: set[bytes] = set()
+        under_way: dict[int, frozenset[bytes]] = {}
+        done: set[int] = set()
         counted = False
         advanced = applied
         for found in self._unapplied_lists() if lists is None else lists:
@@ -608,20 +614,25 @@ class Store:
             if seq <= applied:
                 continue
             if found.state != collection.DONE:
-                avoid.update(found.candidates)
+                under_way[seq] = frozenset(found.candidates)
                 continue
+            done.add(seq)
             # Done lists after one under way are applied again next time: a no-op.
             released = self._released_children(found)
             counted |= self.index.forget_copies(found.collected, released)
             self.index.relocate(found.relocated)
             self.index.forget_packs(found.deleted_packs)
-            if not avoid:
+            if not under_way:
                 advanced = seq
         if counted:
             self.index.drop_checkpoints()
         if advanced != applied:
             self.index.set_collections_applied(advanced)
-        self.avoid = frozenset(avoid)
+        with self._under_way_lock:
+            self._under_way.update(under_way)
+            for seq in [s for s in self._under_way if s in done or s <= advanced]:
+                del self._under_way[seq]
+            self.avoid = frozenset().union(*self._under_way.values())
 
     def _released_children(self, lst: collection.CollectionList) -> dict[bytes, list[bytes]]:
         """The children of each map node that a done list collects and that the index
