@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             )
         if report.waiting_writers:
             print(
-                f"waiting for {report.waiting_writers} writers on other hosts; "
+                f"waiting for {report.waiting_writers} running writers (other hosts or processes); "
                 "a later gc deletes what they do not use"
             )
         if report.unreferenced_left:

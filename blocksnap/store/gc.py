@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from blocksnap.blockmap import node_children
@@ -53,6 +52,7 @@ from blocksnap.model import Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog, collection, sync
 from blocksnap.store.entries import SEQ, Location
 from blocksnap.store.objectlocks import ObjectSessions
+from blocksnap.store.packindex import many_tocs
 from blocksnap.store.packs import (
     KIND_BLOCK,
     KIND_NODE,
@@ -61,7 +61,6 @@ from blocksnap.store.packs import (
     Record,
     overhead_size,
     pack_name,
-    read_toc,
     walk_pack,
 )
 from blocksnap.store.records import open_record
@@ -389,26 +388,20 @@ def _find_orphans(store: Store, report: GcReport) -> tuple[list[bytes], list[str
     the orphans' records: a full listing of packs/ and of the unfinished writes.  An
     orphan whose table of contents cannot be read stays (its records go unnamed)."""
     listed = store.listed_packs()
-    gone = {p: size for p, size in listed.items() if store.index.is_gone(p)}
-    unknown = {p: size for p, size in listed.items() if p not in gone}
     unfinished = store.backend.leftovers()
     intended = _intended(store)  # after the listings: see _index_strays
+    _delete_gone_packs(store, listed, report)
     unknown = {
         p: size
-        for p, size in unknown.items()
-        if pack_name(p) not in intended and not store.index.has_pack(p)
+        for p, size in listed.items()
+        if pack_name(p) not in intended
+        and not store.index.has_pack(p)
+        and not store.index.is_gone(p)
     }
     unfinished = [name for name in unfinished if name not in intended]
-    for pack_id, size in gone.items():
-        # Named deleted by a done list already (a gc killed before deleting it): every
-        # cache that follows forgets it, none indexes it again, so it goes now.
-        store.confirm_gc()
-        store.backend.delete(pack_name(pack_id))
-        report.packs_deleted += 1
-        report.bytes_freed += size
     orphans: list[bytes] = []
     ids: list[bytes] = []
-    for pack_id, _size, toc in _tocs(store, unknown):
+    for pack_id, _size, toc in many_tocs(store.backend, unknown):
         if isinstance(toc, MissingObjectError):
             continue  # deleted since the listing
         if isinstance(toc, BlocksnapError):
@@ -419,22 +412,16 @@ def _find_orphans(store: Store, report: GcReport) -> tuple[list[bytes], list[str
     return orphans, unfinished, ids
 
 
-def _tocs(
-    store: Store, packs: dict[bytes, int]
-) -> list[tuple[bytes, int, list[Record] | BlocksnapError]]:
-    """The table of contents of each pack (id -> size), read 8 at a time, or the error
-    reading it raised."""
-
-    def read(pack_id: bytes, size: int) -> list[Record] | BlocksnapError:
-        name = pack_name(pack_id)
-        try:
-            return read_toc(lambda at, n: store.backend.get(name, at, n), size, name)
-        except BlocksnapError as exc:
-            return exc
-
-    with ThreadPoolExecutor(8, thread_name_prefix="blocksnap-toc") as pool:
-        futures = [(p, size, pool.submit(read, p, size)) for p, size in packs.items()]
-        return [(p, size, f.result()) for p, size, f in futures]
+def _delete_gone_packs(store: Store, listed: dict[bytes, int], report: GcReport) -> None:
+    """Delete the packs listed (id -> size) that a done list named deleted already (a gc
+    killed before deleting them): every cache that follows forgets them and none
+    indexes them again."""
+    for pack_id, size in listed.items():
+        if store.index.is_gone(pack_id):
+            store.confirm_gc()
+            store.backend.delete(pack_name(pack_id))
+            report.packs_deleted += 1
+            report.bytes_freed += size
 
 
 def _index_strays(store: Store, report: GcReport) -> list[bytes]:
@@ -498,7 +485,7 @@ def _execute(
             report.problems.append(f"unfinished write of {name} kept: {exc}")
             continue
         report.unfinished_discarded += 1
-    _delete_named_packs(store, lst, sizes, report)
+    _delete_named_packs(store, sizes, report)
     report.orphan_packs += len(sizes)
 
 
@@ -552,7 +539,7 @@ def _name_copies(
     named, with their sizes; one whose table of contents cannot be read, or in which the
     index still places something, is kept."""
     named: dict[bytes, int] = {}
-    for pack_id, size, toc in _tocs(store, packs):
+    for pack_id, size, toc in many_tocs(store.backend, packs):
         if isinstance(toc, MissingObjectError):
             toc = []  # gone already
         elif isinstance(toc, BlocksnapError):
@@ -578,9 +565,7 @@ def _name_copies(
     return named
 
 
-def _delete_named_packs(
-    store: Store, lst: collection.CollectionList, sizes: dict[bytes, int], report: GcReport
-) -> None:
+def _delete_named_packs(store: Store, sizes: dict[bytes, int], report: GcReport) -> None:
     """Delete the packs a done list (stored) named deleted, then forget them.  A gc
     killed between leaves packs named deleted that still exist: storage lost until a
     reconciliation (gc --full), never an object."""
@@ -610,7 +595,7 @@ def _delete_empty_packs(store: Store, report: GcReport) -> None:
     done.seq = (seqs[-1] if seqs else 0) + 1
     _write_done(store, done, nodes, new=True)
     report.lists_published += 1
-    _delete_named_packs(store, done, sizes, report)
+    _delete_named_packs(store, sizes, report)
 
 
 def _children_in(

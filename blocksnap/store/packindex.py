@@ -3,7 +3,7 @@
 A rebuild (store/rebuild.py) reads every pack this way, and a shared store's sync the
 packs other hosts wrote (Store.sync_catalog), so neither downloads packs of data blocks.
 many_pack_contents reads several packs at once (on S3 each read is a round trip) and
-hands them back in the order asked.
+hands them back in the order asked; many_tocs reads only their tables of contents.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from blocksnap.blockmap import node_children
-from blocksnap.errors import IntegrityError
+from blocksnap.errors import BlocksnapError, IntegrityError
 from blocksnap.store.backend import ObjectStore
-from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, Record, read_toc, walk_pack
+from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, Record, pack_name, read_toc, walk_pack
 from blocksnap.store.records import open_checked, open_record
 
 
@@ -121,3 +121,23 @@ def many_pack_contents(
         finally:
             for _name, future in pending:
                 future.cancel()
+
+
+def many_tocs(
+    backend: ObjectStore, packs: dict[bytes, int]
+) -> list[tuple[bytes, int, list[Record] | BlocksnapError]]:
+    """The table of contents of each pack (id -> size), from its tail alone (read_toc),
+    up to the backend's max_parallelism at once (at most 8), in the order given, each
+    with the error reading it raised in its place (gc: packs it deletes or reclaims)."""
+    parallel = max(1, min(8, backend.capabilities.max_parallelism))
+
+    def read(pack_id: bytes, size: int) -> list[Record] | BlocksnapError:
+        name = pack_name(pack_id)
+        try:
+            return read_toc(lambda at, n: backend.get(name, at, n), size, name)
+        except BlocksnapError as exc:
+            return exc
+
+    with ThreadPoolExecutor(parallel, thread_name_prefix="blocksnap-toc") as pool:
+        futures = [(p, size, pool.submit(read, p, size)) for p, size in packs.items()]
+        return [(p, size, f.result()) for p, size, f in futures]

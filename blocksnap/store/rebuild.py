@@ -278,13 +278,6 @@ def _note_collections(store: Store, index: Index, report: RebuildReport) -> None
             index.note_collections(lst.collected, lst.deleted_packs)
 
 
-def _gone(index: Index, name: str) -> bool:
-    try:
-        return index.is_gone(bytes.fromhex(name.rsplit("/", 1)[1]))
-    except (ValueError, IndexError):
-        return False
-
-
 def index_missing(path: str, *, objects_elsewhere: bool = False) -> bool:
     """Whether path is a repository whose index directory is gone (deleted, or lost with
     a host's disk) and not about to be swapped in: a rebuild brings it back.
@@ -319,23 +312,19 @@ def rebuild_index(
             index.initialize(store.config.id)
             if store.shared:
                 _note_collections(store, index, report)
-            packs = [
-                p
-                for p in store.backend.list("packs/")
-                if not (store.shared and _gone(index, p.name))
-            ]
             counts: Counter[bytes] = Counter()
             nodes: set[bytes] = set()
-            total = sum(p.size for p in packs)
             done = 0
-            named: list[tuple[str, int | None]] = []
-            for entry in packs:
+            named: list[tuple[str, int]] = []
+            for entry in store.backend.list("packs/"):
                 try:
-                    bytes.fromhex(entry.name.rsplit("/", 1)[1])
+                    pack_id = bytes.fromhex(entry.name.rsplit("/", 1)[1])
                 except ValueError:
                     report.damaged.append(f"{entry.name}: not a pack name")
                     continue
-                named.append((entry.name, entry.size))
+                if not index.is_gone(pack_id):  # marks exist on a shared store only
+                    named.append((entry.name, entry.size))
+            total = sum(size for _, size in named)
             for name, read in many_pack_contents(store.backend, store.hash, named):
                 try:
                     size, good, children, damaged = read.result()
