@@ -147,3 +147,60 @@ def test_a_node_naming_a_copy_left_out_is_left_out_too(index: Index) -> None:
     index.add_pack(pack, 1000, [child, node, kept], {node.id: [child.id]})
     assert index.location(child.id) is None and index.location(node.id) is None
     assert index.location(kept.id).pack == pack  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("old_first", [True, False])
+def test_a_copy_a_list_under_way_condemns_gives_way_to_any_other(
+    index: Index, old_first: bool
+) -> None:
+    """A list under way condemns an object's copy in a pack that lives on, and a writer
+    has stored the object again elsewhere: in whichever order the two packs are indexed,
+    the new copy takes the place, so following the list once done leaves it placed."""
+    old_pack, new_pack, other_pack = os.urandom(16), os.urandom(16), os.urandom(16)
+    block, neighbour = _record(0), _record(200)
+    again = Record(0, KIND_BLOCK, 0, 100, 100, block.id, 0)
+    index.note_collections([], [], [(3, [(block.id, old_pack)])])
+    packs = [(old_pack, [block, neighbour]), (new_pack, [again])]
+    for pack_id, records in packs if old_first else packs[::-1]:
+        index.add_pack(pack_id, 1000, records)
+    assert index.location(block.id).pack == new_pack  # type: ignore[union-attr]
+    infos = index.pack_infos()
+    assert infos[new_pack]["live"] == HEADER_SIZE + 100
+    assert infos[old_pack]["live"] == HEADER_SIZE + 100  # the neighbour only
+    # Counted meanwhile (a node indexed): a condemned place still gives way.
+    node = _record(0, KIND_NODE)
+    index.add_pack(os.urandom(16), 1000, [node], {node.id: [neighbour.id]})
+    third = Record(0, KIND_BLOCK, 0, 100, 100, neighbour.id, 0)
+    index.note_collections([], [], [(4, [(neighbour.id, old_pack)])])
+    index.add_pack(other_pack, 1000, [third])
+    assert index.location(neighbour.id).pack == other_pack  # type: ignore[union-attr]
+    assert _counts(index, neighbour.id) == [1]
+    # The list is done: it collected the block's old copy and not the neighbour's.
+    assert not index.forget_copies([(block.id, old_pack)])
+    index.acquit(3, [(block.id, old_pack)])
+    index.acquit(4, [(neighbour.id, old_pack)])
+    assert index.location(block.id).pack == new_pack  # type: ignore[union-attr]
+    # The old pack indexed again (a later discovery): the collected copy stays out, the
+    # acquitted one is an ordinary duplicate, dead weight at a positive count.
+    index.add_pack(old_pack, 1000, [block, neighbour])
+    assert index.location(block.id).pack == new_pack  # type: ignore[union-attr]
+    assert index.location(neighbour.id).pack == other_pack  # type: ignore[union-attr]
+
+
+def test_condemned_marks_never_undo_a_collection_or_a_later_list(index: Index) -> None:
+    """A collected copy stays collected when a list under way condemns it too, and a
+    list done drops only the marks it left, not a later list's."""
+    pack = os.urandom(16)
+    gone, twice = _record(0), _record(200)
+    index.note_collections([(gone.id, pack)], [])
+    index.note_collections([], [], [(5, [(gone.id, pack), (twice.id, pack)])])
+    index.note_collections([], [], [(6, [(twice.id, pack)])])
+    index.acquit(5, [(gone.id, pack), (twice.id, pack)])
+    index.add_pack(pack, 1000, [gone, twice])
+    assert index.location(gone.id) is None  # collected: never indexed again
+    again = Record(0, KIND_BLOCK, 0, 100, 100, twice.id, 0)
+    other = os.urandom(16)
+    index.add_pack(other, 1000, [again])  # list 6 still condemns the first copy
+    assert index.location(twice.id).pack == other  # type: ignore[union-attr]
+    index.add_pack(pack, 1000, [gone, twice])  # and it never takes the place back
+    assert index.location(twice.id).pack == other  # type: ignore[union-attr]

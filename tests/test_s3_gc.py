@@ -89,6 +89,8 @@ def test_a_writer_that_starts_after_the_list_stores_candidates_again(
     with blocksnap.Repository.init(url, s3=a) as repo:
         first = _two_versions(repo, ext4_image, tmp_path)
         pruned_root = repo.resolve("vol1", "latest~1").map_root
+        old_copy = repo.store.index.location(pruned_root)
+        assert old_copy is not None
         repo.prune("vol1", blocksnap.Policy(keep_last=1))
     image_x = tmp_path / "x.img"
     image_x.write_bytes(first)
@@ -105,7 +107,8 @@ def test_a_writer_that_starts_after_the_list_stores_candidates_again(
             assert repo.store.avoid == {pruned_root}
             snap = repo.snapshot("vol2", image_x)
             assert snap.map_root == pruned_root
-            assert snap.counts.stored >= 1
+            new_copy = repo.store.index.location(pruned_root)
+            assert new_copy is not None and new_copy.pack != old_copy.pack
     finally:
         running.end()
         other.close()
@@ -299,6 +302,59 @@ def test_a_cache_built_afresh_never_places_an_object_in_a_copy_gc_collected(
             assert not placed & collected, "an object is placed in a copy gc collected"
         for volume, (snap, expected) in snaps.items():
             assert_restores(url, options, snap, expected, tmp_path / f"{volume}.out")
+
+
+def test_a_cache_rebuilt_while_a_list_is_under_way_and_another_host_writes(
+    hosts: tuple[str, S3Options, S3Options], ext4_image: Path, tmp_path: Path, s3_server: S3Server
+) -> None:
+    """Host C rebuilds its cache while a list is under way and host B has stored a
+    candidate (a pruned map root) again and not committed yet.  C indexes both copies:
+    it must place the root in B's new one (the list condemns the old), and keep B's
+    objects although no snapshot counts them yet, or its gc would take B's pack for
+    empty and delete it under B's commit."""
+    url, a, b = hosts
+    c = S3Options(cache_dir=str(tmp_path / "c"))
+    with blocksnap.Repository.init(url, s3=a) as repo:
+        first = _two_versions(repo, ext4_image, tmp_path)
+        pruned_root = repo.resolve("vol1", "latest~1").map_root
+        old_copy = repo.store.index.location(pruned_root)
+        assert old_copy is not None
+        repo.prune("vol1", blocksnap.Policy(keep_last=1))
+    image_x = tmp_path / "x.img"
+    image_x.write_bytes(first)
+    backend = s3_server.backend(url.split("/", 3)[3])
+    other = ObjectSessions(backend, ttl=4.0, host="d")
+    running: ObjectSession = other.start()
+    host_b = SnapshotThread(url, b, "vol2", image_x, pause_at="packs-written")
+    try:
+        with blocksnap.Repository(url, s3=a) as repo:
+            assert repo.gc().waiting_writers == 1
+        lst = collection.read(backend, collection.listed_seqs(backend)[-1])
+        assert lst is not None and (pruned_root, old_copy.pack) in lst.condemned
+        host_b.start()
+        assert host_b.paused.wait(120)
+        blocksnap.repair_index(url, s3=c)
+        with blocksnap.Repository(url, s3=c) as repo:
+            new_copy = repo.store.index.location(pruned_root)
+            assert new_copy is not None and new_copy.pack != old_copy.pack
+        running.end()
+        with blocksnap.Repository(url, s3=a) as repo:  # the list is carried out
+            done = repo.gc()
+            assert done.problems == [] and done.objects_deleted >= 1
+        lst = collection.read(backend, lst.seq)
+        assert lst is not None and (pruned_root, old_copy.pack) in lst.collected
+        with blocksnap.Repository(url, s3=c) as repo:
+            # C follows it and collects on its own: B's objects wait for B.
+            report = repo.gc()
+            assert report.waiting_writers >= 1 and report.packs_deleted == 0, report
+            placed = repo.store.index.location(pruned_root)
+            assert placed is not None and placed.pack == new_copy.pack
+    finally:
+        snap = host_b.result()
+        running.end()
+        other.close()
+    for options, name in ((c, "c.img"), (a, "a.img"), (b, "b.img")):
+        assert_restores(url, options, snap, first, tmp_path / name)
 
 
 def test_a_follow_from_an_older_read_keeps_the_candidates_a_newer_one_saw(

@@ -6,10 +6,11 @@ register in its own index; gc on one host cannot see another host's writers thro
 registry.  So on a shared store (S3) gc deletes in two phases, each a list object written
 by the holder of the maintenance lease (store/objectlocks.py):
 
-1. pending: gc/<seq> names the candidates, objects at count 0 in the collecting cache.
-   From the moment it exists, every writer that starts (and syncs) treats the
-   candidates as absent: it stores its own copy instead of referring to them, and
-   resuming a checkpoint is refused.
+1. pending: gc/<seq> names the candidates, objects at count 0 in the collecting cache,
+   and the copies (object, pack) where that cache places them (condemned).  From the
+   moment it exists, every writer that starts (and syncs) treats the candidates as
+   absent: it stores its own copy instead of referring to them, and resuming a
+   checkpoint is refused.
 2. armed: right after publishing, the sessions then alive (every writer that may have
    referred to a candidate before it could see the list) are listed into it.
 3. done: once none of those sessions is alive, gc syncs the catalog (their snapshots now
@@ -43,6 +44,14 @@ rebuild), it could take the place of the object's live copy stored since, which
 following the list would then take away; so a sync marks the lists it has not applied
 before it indexes any pack, and applies them after, and a rebuild marks every list.
 
+A list under way matters to a cache that indexes packs too: it may meet both a condemned
+copy and the copy a writer stored since, and must place the object in the latter, or
+following the list once done would take its place away.  So the condemned copies are
+marked as well (weak: placed only where no other copy is, and replaced by any other
+copy whatever its count), each time after the listing that named the packs to index
+and before the first is indexed; the marks of the copies a done list did not collect are
+dropped as it is followed.
+
 A cache that forgets a map node at count 0 releases what the node names, as its own gc
 would, so that its counts stay exact.  The node may be gone with its pack by then, so a
 done list that names collected map nodes has their children beside it, in
@@ -61,6 +70,7 @@ frames.py) with magic b"BSGCLS", version 1, and a JSON body:
 
     {"format": 1, "seq": n, "state": "pending" | "armed" | "done",
      "candidates": [hex object id, ...], "waiting_for": [hex session id, ...],
+     "condemned": [[hex object id, hex pack id], ...],
      "orphans": [hex pack id, ...], "unfinished": [object name, ...], "nodes": bool,
      "collected": [[hex object id, hex pack id], ...], "deleted_packs": [hex, ...],
      "relocated": [[hex object id, hex deleted pack id, hex pack id, offset, stored size,
@@ -103,6 +113,8 @@ class CollectionList:
     state: str = PENDING
     candidates: list[bytes] = field(default_factory=list)
     waiting_for: list[bytes] = field(default_factory=list)
+    # (object, pack): where the collecting cache placed candidates when publishing
+    condemned: list[tuple[bytes, bytes]] = field(default_factory=list)
     orphans: list[bytes] = field(default_factory=list)  # packs unknown when published
     unfinished: list[str] = field(default_factory=list)  # names with unfinished writes
     nodes: bool = False  # gc/<seq>.nodes holds the children of the nodes collected
@@ -123,6 +135,7 @@ class CollectionList:
             "state": self.state,
             "candidates": [c.hex() for c in self.candidates],
             "waiting_for": [w.hex() for w in self.waiting_for],
+            "condemned": [[o.hex(), p.hex()] for o, p in self.condemned],
             "orphans": [p.hex() for p in self.orphans],
             "unfinished": list(self.unfinished),
             "nodes": self.nodes,
@@ -162,6 +175,7 @@ def decode(data: bytes, what: str) -> CollectionList:
             state=str(raw["state"]),
             candidates=[bytes.fromhex(c) for c in raw.get("candidates", [])],
             waiting_for=[bytes.fromhex(w) for w in raw.get("waiting_for", [])],
+            condemned=[(bytes.fromhex(o), bytes.fromhex(p)) for o, p in raw.get("condemned", [])],
             orphans=[bytes.fromhex(p) for p in raw.get("orphans", [])],
             unfinished=[str(n) for n in raw.get("unfinished", [])],
             nodes=bool(raw.get("nodes", False)),

@@ -16,8 +16,9 @@ from blocksnap.errors import IntegrityError
 LOC = struct.Struct("<16sQIIBB")  # a location record's body ...
 CRC = struct.Struct("<I")  # ... and its check, of key and body
 # Keys in meta on a shared store (store/collection.py): + pack id, a pack a done list
-# named deleted; + pack id + object id, a copy a done list named collected.  Neither is
-# ever indexed again.
+# named deleted; + pack id + object id, a copy a done list named collected (value
+# empty: never indexed again) or one that a list under way condemns (value its seq:
+# weak, placed only where the object has no other copy).
 GONE = b"gone/"
 DEAD = b"dead/"
 SEQ = struct.Struct(">Q")  # epochs and seqs in keys: big-endian, so keys sort by them

@@ -344,16 +344,24 @@ def _collect_shared(
     for _level in range(_MAX_LEVELS):
         store.follow_collections()  # the lists under way, this run's done
         candidates: list[bytes] = []
+        condemned: list[tuple[bytes, bytes]] = []
         after = b""
         while batch := store.index.condemned(limit, after, 4096):
             after = batch[-1][0]
-            candidates += [key[8:] for key, _ in batch if key[8:] not in store.avoid]
+            for key, loc in batch:
+                if key[8:] not in store.avoid:
+                    candidates.append(key[8:])
+                    if loc is not None:
+                        condemned.append((key[8:], loc.pack))
         seqs = collection.listed_seqs(store.backend)
-        lst = collection.CollectionList(seq=(seqs[-1] if seqs else 0) + 1, candidates=candidates)
+        lst = collection.CollectionList(
+            seq=(seqs[-1] if seqs else 0) + 1, candidates=candidates, condemned=condemned
+        )
         if found is not None:
-            lst.orphans, lst.unfinished, ids = found
+            lst.orphans, lst.unfinished, copies = found
             named = set(candidates)
-            lst.candidates += [i for i in ids if i not in named]
+            lst.candidates += list(dict.fromkeys(i for i, _ in copies if i not in named))
+            lst.condemned += copies
             found = None
         if not (lst.candidates or lst.orphans or lst.unfinished):
             break
@@ -382,11 +390,14 @@ def _intended(store: Store) -> set[str]:
     }
 
 
-def _find_orphans(store: Store, report: GcReport) -> tuple[list[bytes], list[str], list[bytes]]:
+def _find_orphans(
+    store: Store, report: GcReport
+) -> tuple[list[bytes], list[str], list[tuple[bytes, bytes]]]:
     """The packs in storage that this cache, just synced, does not know and that no
-    writer registered here is writing, the names with unfinished writes, and the ids of
-    the orphans' records: a full listing of packs/ and of the unfinished writes.  An
-    orphan whose table of contents cannot be read stays (its records go unnamed)."""
+    writer registered here is writing, the names with unfinished writes, and the copies
+    (id, orphan) of the orphans' records: a full listing of packs/ and of the unfinished
+    writes.  An orphan whose table of contents cannot be read stays (its records go
+    unnamed)."""
     listed = store.listed_packs()
     unfinished = store.backend.leftovers()
     intended = _intended(store)  # after the listings: see _index_strays
@@ -400,7 +411,7 @@ def _find_orphans(store: Store, report: GcReport) -> tuple[list[bytes], list[str
     }
     unfinished = [name for name in unfinished if name not in intended]
     orphans: list[bytes] = []
-    ids: list[bytes] = []
+    copies: list[tuple[bytes, bytes]] = []
     for pack_id, _size, toc in many_tocs(store.backend, unknown):
         if isinstance(toc, MissingObjectError):
             continue  # deleted since the listing
@@ -408,8 +419,8 @@ def _find_orphans(store: Store, report: GcReport) -> tuple[list[bytes], list[str
             report.problems.append(f"pack {pack_id.hex()} kept: {toc}")
             continue
         orphans.append(pack_id)
-        ids += [rec.id for rec in toc]
-    return orphans, unfinished, ids
+        copies += [(rec.id, pack_id) for rec in toc]
+    return orphans, unfinished, copies
 
 
 def _delete_gone_packs(store: Store, listed: dict[bytes, int], report: GcReport) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from blocksnap.errors import IntegrityError
@@ -228,11 +228,44 @@ class GcIndex(ObjectIndex):
 
         self._write("following a collection", body)
 
-    def note_collections(self, copies: list[tuple[bytes, bytes]], packs: list[bytes]) -> None:
+    def note_collections(
+        self,
+        copies: list[tuple[bytes, bytes]],
+        packs: list[bytes],
+        condemned: Sequence[tuple[int, list[tuple[bytes, bytes]]]] = (),
+    ) -> None:
         """Remember copies (object, pack) and packs that done lists name collected and
         deleted, so that a pack indexed later leaves them out (add_pack): a rebuild
-        notes every list before it indexes the packs."""
-        self._write("following a collection", lambda txn: self._mark(txn, copies, packs))
+        notes every list before it indexes the packs.  condemned: (seq, copies) of each
+        list under way, whose copies add_pack takes for weak (placed only where no other
+        copy is) until acquit."""
+
+        def body(txn: Txn) -> None:
+            self._mark(txn, copies, packs)
+            for seq, pairs in condemned:
+                value = SEQ.pack(seq)
+                for object_id, pack_id in pairs:
+                    key = DEAD + pack_id + object_id
+                    old = txn.get(key, db=self.meta)
+                    if old is not None and (old == b"" or bytes(old) >= value):
+                        continue  # collected already, or condemned by a later list
+                    if txn.get(GONE + pack_id, db=self.meta) is None:
+                        txn.put(key, value, db=self.meta)
+
+        self._write("following a collection", body)
+
+    def acquit(self, seq: int, condemned: list[tuple[bytes, bytes]]) -> None:
+        """Drop the marks list seq (done, followed) left on the copies it condemned and
+        did not collect: those it collected are marked dead by then."""
+        value = SEQ.pack(seq)
+
+        def body(txn: Txn) -> None:
+            for object_id, pack_id in condemned:
+                key = DEAD + pack_id + object_id
+                if txn.get(key, db=self.meta) == value:
+                    txn.delete(key, db=self.meta)
+
+        self._write("following a collection", body)
 
     def _mark(self, txn: Txn, copies: list[tuple[bytes, bytes]], packs: list[bytes]) -> None:
         for pack_id in packs:

@@ -187,15 +187,19 @@ class ObjectIndex(IndexEnv):
 
     def _left_out(
         self, txn: Txn, pack_id: bytes, records: list[Record], known: dict[bytes, list[bytes]]
-    ) -> set[bytes]:
+    ) -> tuple[set[bytes], set[bytes]]:
         """The records of a pack that add_pack leaves out: copies a done list named
         collected, and nodes that name one of them that is indexed nowhere else (they
-        could not count it), up the tree."""
-        skipped = {
-            rec.id for rec in records if txn.get(DEAD + pack_id + rec.id, db=self.meta) is not None
-        }
+        could not count it), up the tree; and the weak ones, copies a list under way
+        condemns (GcIndex.note_collections)."""
+        skipped: set[bytes] = set()
+        weak: set[bytes] = set()
+        for rec in records:
+            mark = txn.get(DEAD + pack_id + rec.id, db=self.meta)
+            if mark is not None:
+                (weak if len(mark) else skipped).add(rec.id)
         if not skipped:
-            return skipped
+            return skipped, weak
         missing = {i for i in skipped if txn.get(i, db=self.refs) is None}
         grew = True
         while grew and missing:
@@ -206,7 +210,7 @@ class ObjectIndex(IndexEnv):
                     if txn.get(rec.id, db=self.refs) is None:
                         missing.add(rec.id)
                     grew = True
-        return skipped
+        return skipped, weak
 
     # --- writes ------------------------------------------------------------------------
 
@@ -227,12 +231,13 @@ class ObjectIndex(IndexEnv):
         copy replaces it and counts as new at the current epoch: the writer that stored it
         again found it unreferenced since before its start.  intent (a key from
         add_intent) is cleared in the same transaction.  replace: ids whose copy here
-        replaces the indexed one whatever its count (copies a collection list condemns,
-        store/collection.py).  Returns the ids newly indexed.  A pack may be added again
-        (two discoveries of one pack, or one racing its writer's own indexing): what it
-        places already stays and counts in its live bytes, and replace still applies.
-        Copies and packs that done lists named collected or deleted (GcIndex marks) are
-        left out.
+        replaces the indexed one whatever its count (the candidates of a collection list
+        under way, store/collection.py).  Returns the ids newly indexed.  A pack may be
+        added again (two discoveries of one pack, or one racing its writer's own
+        indexing): what it places already stays and counts in its live bytes, and
+        replace still applies.  Copies and packs that done lists named collected or
+        deleted (GcIndex marks) are left out; a copy that a list under way condemns is
+        weak: it never replaces another, and any other replaces it whatever its count.
         """
         known = children or {}
 
@@ -248,7 +253,7 @@ class ObjectIndex(IndexEnv):
             increments: Counter[bytes] = Counter()
             live = 0
             epoch = self._epoch(txn)
-            skipped = self._left_out(txn, pack_id, records, known)
+            skipped, weak = self._left_out(txn, pack_id, records, known)
             for rec in records:
                 loc = Location(
                     pack_id, rec.offset, rec.stored_size, rec.raw_size, rec.kind, rec.codec
@@ -274,8 +279,14 @@ class ObjectIndex(IndexEnv):
                         if old_loc.pack == pack_id:
                             live += HEADER_SIZE + rec.stored_size  # placed by a first add
                             continue
-                        if count and rec.id not in replace:
-                            continue
+                        if rec.id in weak:
+                            continue  # condemned: the copy indexed may be its successor
+                        if (
+                            count
+                            and rec.id not in replace
+                            and txn.get(DEAD + old_loc.pack + rec.id, db=self.meta) is None
+                        ):
+                            continue  # dead weight, unless its indexed copy is condemned
                         if not count:
                             txn.delete(SEQ.pack(since) + rec.id, db=self.unref)
                             self._set_unreferenced(txn, rec.id, epoch)

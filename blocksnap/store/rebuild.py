@@ -8,11 +8,20 @@ an intact copy of a snapshot no tombstone names is written again from that copy 
 reported as restored; one with no intact copy is reported, never silently dropped.
 
 Reference counts are recounted from scratch: every map node counts its entries, and
-every snapshot its root.  Nothing can be running while the rebuild holds the repository
-(no writer, no checkpoint kept: both are host-local and start afresh), so what no
-snapshot reaches is garbage: map nodes no root reaches (gc may have taken their
+every snapshot its root.  Nothing can be running while the rebuild holds a local
+repository (no writer, no checkpoint kept: both are host-local and start afresh), so
+what no snapshot reaches is garbage: map nodes no root reaches (gc may have taken their
 children already) and objects no one counts are left out of the new index, as gc
 would have collected them, and their records become dead bytes for gc's compaction.
+
+On a store that hosts share, writers on other hosts may be running meanwhile: the
+records are listed before the packs (a committed record's packs are all listed then),
+the collection lists after (store/collection.py: their marks, before any pack is
+indexed), and the rebuild holds a writer session, so that no list armed while it runs
+is carried out before it ends.  What no snapshot reaches may be a running writer's, so
+it stays in the index at count 0, for gc's lists to collect or its commit to count;
+only map nodes that name objects no pack holds are left out, their bytes still counted
+live so that no gc takes their pack for empty.
 
 A pack is indexed from its table of contents, read from its tail (store/packindex.py), so
 a pack of data blocks costs one or two small ranged reads, not a download.  Its blocks are
@@ -233,13 +242,20 @@ def _drop_unreachable(
     entries: list[catalog.Entry],
     counts: Counter[bytes],
     report: RebuildReport,
+    shared: bool = False,
 ) -> None:
     """Leave out the map nodes no snapshot's root reaches, uncounting their children.
 
     Such a node is garbage (nothing runs while the rebuild holds the repository), and
     gc may have collected its children already: counting them would make gc and verify
     fail on objects that are not there.  Only interior nodes are read for the walk
-    (a few per thousand leaves); the dead ones are read again to uncount them."""
+    (a few per thousand leaves); the dead ones are read again to uncount them.
+
+    shared: writers on other hosts may be running, and their uncommitted nodes reach no
+    root yet; gc elsewhere deletes a pack in which a cache places nothing at once.  So
+    only the nodes that name an object not indexed (up the tree) are left out, their
+    bytes still counted live in their packs (a leak, never a loss); the rest stay, at
+    count 0 if nothing counts them, for gc's collection lists."""
     reached: set[bytes] = set()
     stack = [(e.info.map_root, e.info.map_height - 1) for e in entries]
     while stack:
@@ -251,15 +267,37 @@ def _drop_unreachable(
             raw = _read_node(store, index, node)
             if raw is not None:
                 stack.extend((child, level - 1) for child in node_children(raw))
-    dead = sorted(nodes - reached)
-    for node in dead:
+    named: dict[bytes, list[bytes]] = {}
+    unread: list[bytes] = []
+    for node in sorted(nodes - reached):
         raw = _read_node(store, index, node)
-        if raw is not None:
-            counts.subtract(node_children(raw))
+        if raw is None:
+            unread.append(node)
+        else:
+            named[node] = node_children(raw)
+    dead = set(unread) | (_broken(index, named) if shared else set(named))
+    for node in dead:
+        counts.subtract(named.get(node, ()))
     for object_id in [k for k, n in counts.items() if n <= 0]:
         del counts[object_id]
-    index.forget_objects(dead)
+    index.forget_objects(sorted(dead), keep_live=shared)
     report.garbage += len(dead)
+
+
+def _broken(index: Index, named: dict[bytes, list[bytes]]) -> set[bytes]:
+    """The nodes among named (node -> its children) that name an object the index lacks
+    or another such node."""
+    broken = {
+        node for node, kids in named.items() if any(loc is None for loc in index.locations(kids))
+    }
+    grew = bool(broken)
+    while grew:
+        grew = False
+        for node, kids in named.items():
+            if node not in broken and any(kid in broken for kid in kids):
+                broken.add(node)
+                grew = True
+    return broken
 
 
 def _note_collections(store: Store, index: Index, report: RebuildReport) -> None:
@@ -308,22 +346,28 @@ def rebuild_index(
         new_path = os.path.join(path, REBUILD_DIR)
         shutil.rmtree(new_path, ignore_errors=True)
         index = Index(new_path, create=True)
+        # On a shared store, gc elsewhere waits for this session: no list armed from now
+        # on is carried out while the packs are indexed.
+        session = store.sessions.start() if store.shared else None
         try:
             index.initialize(store.config.id)
-            if store.shared:
-                _note_collections(store, index, report)
+            # The records before the packs: every pack a committed record names is
+            # listed then (a writer on another host stores its packs before its record).
+            found = _catalog(store, old.records, report)
             counts: Counter[bytes] = Counter()
             nodes: set[bytes] = set()
             done = 0
-            named: list[tuple[str, int]] = []
+            listed: list[tuple[str, int, bytes]] = []
             for entry in store.backend.list("packs/"):
                 try:
                     pack_id = bytes.fromhex(entry.name.rsplit("/", 1)[1])
                 except ValueError:
                     report.damaged.append(f"{entry.name}: not a pack name")
                     continue
-                if not index.is_gone(pack_id):  # marks exist on a shared store only
-                    named.append((entry.name, entry.size))
+                listed.append((entry.name, entry.size, pack_id))
+            if store.shared:  # after the listing: see Store._note_lists
+                _note_collections(store, index, report)
+            named = [(name, size) for name, size, p in listed if not index.is_gone(p)]
             total = sum(size for _, size in named)
             for name, read in many_pack_contents(store.backend, store.hash, named):
                 try:
@@ -345,8 +389,10 @@ def rebuild_index(
                 done += size
                 if progress:  # bytes of packs read: packs differ widely in size
                     progress(Progress("packs", done, total, ProgressUnit.BYTES))
-            entries = _valid(_catalog(store, old.records, report), nodes, report)
-            _drop_unreachable(store, index, nodes, [f.entry for f in entries], counts, report)
+            entries = _valid(found, nodes, report)
+            _drop_unreachable(
+                store, index, nodes, [f.entry for f in entries], counts, report, store.shared
+            )
             index.set_counts(counts)
             committed: set[str] = set()
             for item in entries:  # in each volume's order
@@ -368,8 +414,11 @@ def rebuild_index(
                     )
                     report.restored.append(f"{item.restore}; written again from the index's copy")
             _restore_settings(store, index, committed, old.policies, report)
-            report.garbage += index.forget_unreferenced()
+            if not store.shared:
+                report.garbage += index.forget_unreferenced()
         finally:
+            if session is not None:
+                session.end()
             index.close()
         open(os.path.join(new_path, COMPLETE_MARK), "wb").close()
         old_path = os.path.join(path, "index")

@@ -19,9 +19,11 @@ if TYPE_CHECKING:
 class RebuildIndex(ObjectIndex):
     """The steps of a rebuild on an Index."""
 
-    def forget_objects(self, object_ids: Sequence[bytes]) -> None:
+    def forget_objects(self, object_ids: Sequence[bytes], *, keep_live: bool = False) -> None:
         """Take objects out of the index, their records becoming dead bytes of their
-        packs (rebuild: map nodes that nothing can reach, whose children gc took)."""
+        packs (rebuild: map nodes that nothing can reach, whose children gc took).
+        keep_live: their packs' live bytes stay as they are (see rebuild's
+        _drop_unreachable on a shared store)."""
 
         def body(txn: Txn) -> None:
             deltas: dict[bytes, int] = {}
@@ -38,7 +40,8 @@ class RebuildIndex(ObjectIndex):
                         txn.delete(SEQ.pack(since) + object_id, db=self.unref)
                     txn.delete(object_id, db=self.refs)
                 txn.delete(object_id, db=self.objects)
-            self._adjust_live(txn, deltas)
+            if not keep_live:
+                self._adjust_live(txn, deltas)
 
         self._write("writing index", body)
 

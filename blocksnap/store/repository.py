@@ -569,24 +569,42 @@ class Store:
         read-only filesystem, whose index no process writes."""
         if self.read_only:
             return sync.SyncReport()
-        lists = self._unapplied_lists() if self.shared else None
-        if lists:
-            # Before any pack is indexed: what the done lists collected or deleted is
-            # marked, so that a pack the sync finds leaves it out.  They are applied
-            # after it, once the snapshots it removes have released their roots.
-            done = [lst for lst in lists if lst.state == collection.DONE]
-            self.index.note_collections(
-                [c for lst in done for c in lst.collected],
-                [p for lst in done for p in lst.deleted_packs],
-            )
+        lists: list[collection.CollectionList] | None = None
+
+        def note() -> None:
+            # After the listing of the records whose packs the sync may index, before it
+            # indexes any: the lists are marked, so that a pack it finds leaves out what
+            # they collected or deleted and takes what they condemn for weak.  They are
+            # applied after it, once the snapshots it removes have released their roots.
+            nonlocal lists
+            lists = self._unapplied_lists()
+            self._note_lists(lists)
+
         report = sync.sync(
-            self.backend, self.index, self.index_unknown_packs if self.shared else None
+            self.backend,
+            self.index,
+            self.index_unknown_packs if self.shared else None,
+            note if self.shared else None,
         )
         if lists is not None:
             self.follow_collections(lists)
         for volume, seq in report.pending_seq.items():
             self._pending_seq[volume] = max(self._pending_seq.get(volume, 0), seq)
         return report
+
+    def _note_lists(self, lists: list[collection.CollectionList]) -> None:
+        """Mark in the index what lists read just now collect, delete and condemn
+        (GcIndex.note_collections), before a pack listed or named before the read is
+        indexed: a copy a writer stored again since a list was published is in such a
+        pack only if the list was there to read."""
+        done = [lst for lst in lists if lst.state == collection.DONE]
+        under_way = [(lst.seq, lst.condemned) for lst in lists if lst.state != collection.DONE]
+        if done or any(pairs for _, pairs in under_way):
+            self.index.note_collections(
+                [c for lst in done for c in lst.collected],
+                [p for lst in done for p in lst.deleted_packs],
+                under_way,
+            )
 
     def _unapplied_lists(self) -> list[collection.CollectionList]:
         """The collection lists after the seq up to which the index follows them."""
@@ -620,6 +638,7 @@ class Store:
             # Done lists after one under way are applied again next time: a no-op.
             released = self._released_children(found)
             counted |= self.index.forget_copies(found.collected, released)
+            self.index.acquit(seq, found.condemned)
             self.index.relocate(found.relocated)
             self.index.forget_packs(found.deleted_packs)
             if not under_way:
@@ -696,6 +715,8 @@ class Store:
         unknown: list[tuple[str, int | None]]
         if named is None:
             unknown = [(pack_name(p), size) for p, size in self.unknown_packs().items()]
+            if unknown and self.shared:
+                self._note_lists(self._unapplied_lists())  # after the listing: see there
         else:
             unknown = [
                 (pack_name(p), None)

@@ -68,15 +68,19 @@ def sync(
     backend: ObjectStore,
     index: Index,
     discover: Callable[[Sequence[bytes] | None], list[str]] | None = None,
+    listed: Callable[[], None] | None = None,
 ) -> SyncReport:
     """Bring index up to date with the objects in backend (see the module doc).
     discover: on a store that hosts share, indexes the packs this index does not know,
     those given or else every one (returning what it could not read), for a record whose
-    map root is not indexed: a snapshot another host committed."""
+    map root is not indexed: a snapshot another host committed.  listed: called once the
+    records and tombstones are listed, before the index changes."""
     report = SyncReport()
     listed_all = discover is None
     records = listed_ids(backend, catalog.SNAPSHOTS)
     tombstones = listed_ids(backend, catalog.TOMBSTONES)
+    if listed is not None:
+        listed()
     cached = index.cached_snapshot_ids()
     for snapshot_id in sorted(tombstones & cached):
         try:
