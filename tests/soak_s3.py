@@ -11,9 +11,10 @@ have, all on one bucket through `python -m blocksnap` with an s3:// URL:
   command succeeds, as committed.
 - maintenance: prune (keep the last 3 of every volume) and gc, in a loop; every third gc
   is a full one (gc --full), which takes what killed writers left for orphans while the
-  other writers run.  The final check runs gc --full twice, then finds no unfinished
-  write, no pack the final cache does not index or holds nothing live in, and nothing
-  unreferenced.
+  other writers run; every fourth round first rebuilds the maintenance cache from the
+  bucket (repair --rebuild-index) while the writers write.  The final check runs gc
+  --full twice, then finds no unfinished write, no pack the final cache does not index
+  or holds nothing live in, and nothing unreferenced.
 - readers: restore a random committed snapshot and compare its SHA-256 (a snapshot
   pruned meanwhile may be gone: that is not a failure).
 - a killer sends SIGKILL to a random running command every --kill-every seconds (on
@@ -123,6 +124,11 @@ class Soak:
         n = 0
         while not self.stop.is_set():
             n += 1
+            if n % 4 == 2:
+                # The maintenance cache rebuilt from the bucket while the writers write:
+                # its gc must still never take a running writer's pack for empty.
+                rc, _out, _err = self.run("maint", "repair", self.url, "--rebuild-index")
+                self.counts["rebuilds" if rc == 0 else "rebuild_not_done"] += 1
             rc, _out, _err = self.run("maint", "prune", self.url, "--keep-last", "3")
             self.counts["prunes" if rc == 0 else "prune_not_done"] += 1
             # Every third gc a full one, which takes what killed writers left for orphans
