@@ -22,13 +22,16 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import blake3
 
 from blocksnap.errors import StoreError, UsageError
 from blocksnap.store.backend import ObjectStore, check_name
 from blocksnap.store.config import read_config
-from blocksnap.store.s3 import S3Backend
+
+if TYPE_CHECKING:
+    from blocksnap.store.s3 import S3Backend
 
 SCHEME = "s3://"
 CACHE_MARKER = "repository"  # in a cache directory: the id of the repository it caches
@@ -105,6 +108,10 @@ def discard_cache(path: str) -> None:
 
 
 def s3_backend(location: S3Location, options: S3Options) -> S3Backend:
+    # Imported here: boto3 costs a local repository's commands about 20 MiB of memory
+    # and most of their start-up time.
+    from blocksnap.store.s3 import S3Backend
+
     return S3Backend(
         location.bucket, location.prefix, endpoint_url=endpoint(options), region=options.region
     )
