@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import blocksnap
+from blocksnap.store.entries import DEAD
 from blocksnap.store.index import Index
 from blocksnap.store.packs import HEADER_SIZE, KIND_BLOCK, KIND_NODE, Record
 
@@ -23,6 +24,13 @@ def index(tmp_path: Path) -> Iterator[Index]:
 
 def _record(offset: int, kind: int = KIND_BLOCK, size: int = 100) -> Record:
     return Record(offset, kind, 0, size, size, os.urandom(32), 0)
+
+
+def _mark(index: Index, pack_id: bytes, object_id: bytes) -> bytes | None:
+    """The index's mark on a copy (store/entries.py DEAD): b"" collected, a seq condemned."""
+    with index._begin() as txn:
+        value = txn.get(DEAD + pack_id + object_id, db=index.meta)
+    return None if value is None else bytes(value)
 
 
 def _counts(index: Index, *ids: bytes) -> list[int | None]:
@@ -179,6 +187,8 @@ def test_a_copy_a_list_under_way_condemns_gives_way_to_any_other(
     assert not index.forget_copies([(block.id, old_pack)])
     index.acquit(3, [(block.id, old_pack)])
     index.acquit(4, [(neighbour.id, old_pack)])
+    assert _mark(index, old_pack, block.id) == b""  # collected, for good
+    assert _mark(index, old_pack, neighbour.id) is None  # an ordinary copy again
     assert index.location(block.id).pack == new_pack  # type: ignore[union-attr]
     # The old pack indexed again (a later discovery): the collected copy stays out, the
     # acquitted one is an ordinary duplicate, dead weight at a positive count.

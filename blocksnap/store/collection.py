@@ -15,7 +15,9 @@ by the holder of the maintenance lease (store/objectlocks.py):
    referred to a candidate before it could see the list) are listed into it.
 3. done: once none of those sessions is alive, gc syncs the catalog (their snapshots now
    count), writes into the list the copies (object id, pack) of the candidates still at
-   count 0, and then deletes them from its index.  Every cache that syncs removes those
+   count 0 and placed where the list condemned them (or nowhere: one placed in another
+   copy since, a pack it discovered or relocated into, may be a writer's that started
+   after the list), and then deletes them from its index.  Every cache that syncs removes those
    copies from its index.
 
 Packs in which the index then places nothing are named in a done list of their own
@@ -115,6 +117,7 @@ class CollectionList:
     waiting_for: list[bytes] = field(default_factory=list)
     # (object, pack): where the collecting cache placed candidates when publishing
     condemned: list[tuple[bytes, bytes]] = field(default_factory=list)
+    names_condemned: bool = True  # False for a list from before lists named them
     orphans: list[bytes] = field(default_factory=list)  # packs unknown when published
     unfinished: list[str] = field(default_factory=list)  # names with unfinished writes
     nodes: bool = False  # gc/<seq>.nodes holds the children of the nodes collected
@@ -176,6 +179,7 @@ def decode(data: bytes, what: str) -> CollectionList:
             candidates=[bytes.fromhex(c) for c in raw.get("candidates", [])],
             waiting_for=[bytes.fromhex(w) for w in raw.get("waiting_for", [])],
             condemned=[(bytes.fromhex(o), bytes.fromhex(p)) for o, p in raw.get("condemned", [])],
+            names_condemned="condemned" in raw,
             orphans=[bytes.fromhex(p) for p in raw.get("orphans", [])],
             unfinished=[str(n) for n in raw.get("unfinished", [])],
             nodes=bool(raw.get("nodes", False)),

@@ -460,9 +460,18 @@ def _execute(
     items: list[tuple[bytes, list[bytes]]] = []
     copies: list[tuple[bytes, bytes]] = []
     nodes: dict[bytes, list[bytes]] = {}
+    places: dict[bytes, bytes | None] = {}
+    # A copy the list did not condemn was placed here since it was published (a pack
+    # discovered, rebuilt or relocated into: maybe a writer's that started after it and
+    # has not committed yet): not collected now.  Lists from before they named their
+    # copies are taken as they are.
+    condemned = set(lst.condemned) if lst.names_condemned else None
     for key, loc in store.index.unreferenced(lst.candidates):
         if SEQ.unpack(key[:8])[0] >= limit:
             continue  # revived or stored again since the list: not collected now
+        if loc is not None and condemned is not None and (key[8:], loc.pack) not in condemned:
+            continue
+        places[key[8:]] = None if loc is None else loc.pack
         children: list[bytes] = []
         if loc is not None:
             copies.append((key[8:], loc.pack))
@@ -487,7 +496,8 @@ def _execute(
     _write_done(store, lst, nodes)
     for start in range(0, len(items), _BATCH):
         store.confirm_gc()
-        report.objects_deleted += len(store.index.collect(items[start : start + _BATCH], limit))
+        batch = items[start : start + _BATCH]
+        report.objects_deleted += len(store.index.collect(batch, limit, places))
     for name in lst.unfinished:
         store.confirm_gc()
         try:

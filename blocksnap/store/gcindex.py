@@ -4,12 +4,14 @@ collecting it with its children's counts, and moving records when packs are comp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from blocksnap.errors import IntegrityError
+from blocksnap.store.collection import DONE, CollectionList
 from blocksnap.store.entries import (
     DEAD,
     GONE,
@@ -56,13 +58,18 @@ class GcIndex(ObjectIndex):
         return out
 
     def collect(
-        self, items: list[tuple[bytes, list[bytes]]], limit: int
+        self,
+        items: list[tuple[bytes, list[bytes]]],
+        limit: int,
+        places: dict[bytes, bytes | None] | None = None,
     ) -> list[tuple[bytes, bytes | None]]:
         """Delete condemned objects, each given by its unref key and the ids it names.
 
         An object is deleted only if it is still unreferenced since the same epoch (a
-        writer may have revived it meanwhile); its children are decremented in the same
-        transaction.  Returns the (object id, pack id or None) deleted.
+        writer may have revived it meanwhile), and, with places, only while the index
+        places it in the pack places gives (None: nowhere), the copy a collection list
+        names; its children are decremented in the same transaction.  Returns the
+        (object id, pack id or None) deleted.
         """
 
         def body(txn: Txn) -> list[tuple[bytes, bytes | None]]:
@@ -77,12 +84,15 @@ class GcIndex(ObjectIndex):
                     continue
                 raw = txn.get(object_id, db=self.objects)
                 pack: bytes | None = None
+                loc: Location | None = None
                 if raw is not None:
-                    try:
+                    with contextlib.suppress(IntegrityError):  # damaged: no pack to account
                         loc = decode_location(object_id, bytes(raw))
-                    except IntegrityError:
-                        pass  # a damaged entry: nothing in a pack to account for
-                    else:
+                where = None if loc is None else loc.pack
+                if places is not None and places.get(object_id) != where:
+                    continue  # placed anew since the list named its copy: it stays
+                if raw is not None:
+                    if loc is not None:
                         size = HEADER_SIZE + loc.stored_size
                         deltas[loc.pack] = deltas.get(loc.pack, 0) - size
                         pack = loc.pack
@@ -236,7 +246,7 @@ class GcIndex(ObjectIndex):
     ) -> None:
         """Remember copies (object, pack) and packs that done lists name collected and
         deleted, so that a pack indexed later leaves them out (add_pack): a rebuild
-        notes every list before it indexes the packs.  condemned: (seq, copies) of each
+        notes every list before it indexes the packs (note_lists).  condemned: (seq, copies) of each
         list under way, whose copies add_pack takes for weak (placed only where no other
         copy is) until acquit."""
 
@@ -253,6 +263,21 @@ class GcIndex(ObjectIndex):
                         txn.put(key, value, db=self.meta)
 
         self._write("following a collection", body)
+
+    def note_lists(self, lists: Sequence[CollectionList]) -> None:
+        """note_collections for lists read just now: what the done ones collected and
+        deleted, and what those under way condemn.  Called after the listing that named
+        the packs about to be indexed (a sync's, a discovery's, a rebuild's): a copy a
+        writer stored again since a list was published is in such a pack only if the
+        list was there to read."""
+        done = [lst for lst in lists if lst.state == DONE]
+        under_way = [(lst.seq, lst.condemned) for lst in lists if lst.state != DONE]
+        if done or any(pairs for _, pairs in under_way):
+            self.note_collections(
+                [c for lst in done for c in lst.collected],
+                [p for lst in done for p in lst.deleted_packs],
+                under_way,
+            )
 
     def acquit(self, seq: int, condemned: list[tuple[bytes, bytes]]) -> None:
         """Drop the marks list seq (done, followed) left on the copies it condemned and

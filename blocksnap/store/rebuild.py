@@ -52,6 +52,7 @@ from blocksnap.errors import (
     BlocksnapError,
     IntegrityError,
     MissingObjectError,
+    StoreError,
     UnsupportedFormatError,
 )
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
@@ -301,19 +302,22 @@ def _broken(index: Index, named: dict[bytes, list[bytes]]) -> set[bytes]:
 
 
 def _note_collections(store: Store, index: Index, report: RebuildReport) -> None:
-    """Mark in the new index what the done lists of a shared store collected and deleted,
-    before any pack is indexed: a copy collected in a pack that lives on would otherwise
-    be indexed again, and may take the place of the object's live copy, which following
-    the list then takes away (store/collection.py).  A damaged list is reported (the
+    """Mark in the new index what the lists of a shared store collected and deleted, and
+    what those under way condemn (GcIndex.note_lists), before any pack is indexed: a copy
+    collected in a pack that lives on would otherwise be indexed again, and a condemned
+    one may take the place of the copy a writer stored since; following the list would
+    then take that place away (store/collection.py).  A damaged list is reported (the
     copies it names may be indexed again); one of a newer format stops the rebuild."""
+    lists = []
     for seq in collection.listed_seqs(store.backend):
         try:
             lst = collection.read(store.backend, seq)
         except IntegrityError as exc:
             report.damaged.append(str(exc))
             continue
-        if lst is not None and lst.state == collection.DONE:
-            index.note_collections(lst.collected, lst.deleted_packs)
+        if lst is not None:
+            lists.append(lst)
+    index.note_lists(lists)
 
 
 def index_missing(path: str, *, objects_elsewhere: bool = False) -> bool:
@@ -346,10 +350,11 @@ def rebuild_index(
         new_path = os.path.join(path, REBUILD_DIR)
         shutil.rmtree(new_path, ignore_errors=True)
         index = Index(new_path, create=True)
-        # On a shared store, gc elsewhere waits for this session: no list armed from now
-        # on is carried out while the packs are indexed.
-        session = store.sessions.start() if store.shared else None
+        session = None
         try:
+            # On a shared store, gc elsewhere waits for this session: no list armed from
+            # now on is carried out while the packs are indexed.
+            session = store.sessions.start() if store.shared else None
             index.initialize(store.config.id)
             # The records before the packs: every pack a committed record names is
             # listed then (a writer on another host stores its packs before its record).
@@ -416,6 +421,12 @@ def rebuild_index(
             _restore_settings(store, index, committed, old.policies, report)
             if not store.shared:
                 report.garbage += index.forget_unreferenced()
+            if session is not None and not session.valid():
+                raise StoreError(
+                    "the rebuilt index was not swapped in: this rebuild's session lapsed "
+                    "(its heartbeat to the storage failed), so gc elsewhere may have "
+                    "stopped waiting for it; run the repair again"
+                )
         finally:
             if session is not None:
                 session.end()

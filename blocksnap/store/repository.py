@@ -578,7 +578,7 @@ class Store:
             # applied after it, once the snapshots it removes have released their roots.
             nonlocal lists
             lists = self._unapplied_lists()
-            self._note_lists(lists)
+            self.index.note_lists(lists)
 
         report = sync.sync(
             self.backend,
@@ -591,20 +591,6 @@ class Store:
         for volume, seq in report.pending_seq.items():
             self._pending_seq[volume] = max(self._pending_seq.get(volume, 0), seq)
         return report
-
-    def _note_lists(self, lists: list[collection.CollectionList]) -> None:
-        """Mark in the index what lists read just now collect, delete and condemn
-        (GcIndex.note_collections), before a pack listed or named before the read is
-        indexed: a copy a writer stored again since a list was published is in such a
-        pack only if the list was there to read."""
-        done = [lst for lst in lists if lst.state == collection.DONE]
-        under_way = [(lst.seq, lst.condemned) for lst in lists if lst.state != collection.DONE]
-        if done or any(pairs for _, pairs in under_way):
-            self.index.note_collections(
-                [c for lst in done for c in lst.collected],
-                [p for lst in done for p in lst.deleted_packs],
-                under_way,
-            )
 
     def _unapplied_lists(self) -> list[collection.CollectionList]:
         """The collection lists after the seq up to which the index follows them."""
@@ -716,7 +702,7 @@ class Store:
         if named is None:
             unknown = [(pack_name(p), size) for p, size in self.unknown_packs().items()]
             if unknown and self.shared:
-                self._note_lists(self._unapplied_lists())  # after the listing: see there
+                self.index.note_lists(self._unapplied_lists())  # after the listing
         else:
             unknown = [
                 (pack_name(p), None)
