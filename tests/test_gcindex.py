@@ -214,3 +214,67 @@ def test_condemned_marks_never_undo_a_collection_or_a_later_list(index: Index) -
     assert index.location(twice.id).pack == other  # type: ignore[union-attr]
     index.add_pack(pack, 1000, [gone, twice])  # and it never takes the place back
     assert index.location(twice.id).pack == other  # type: ignore[union-attr]
+
+
+def test_a_spare_copy_takes_the_place_of_one_collected_or_deleted(index: Index) -> None:
+    """A shared store's cache indexed a writer's new copy of an object and then an older
+    duplicate, which took the place (both at count 0).  When a list collects or deletes
+    the duplicate, the writer's copy takes the place, live bytes and all: its pack must
+    never look empty while that writer may still commit."""
+    index.keep_spares = True
+    new_pack, duplicate, third = os.urandom(16), os.urandom(16), os.urandom(16)
+    block = _record(0)
+    copy = Record(0, KIND_BLOCK, 0, 100, 100, block.id, 0)
+    index.add_pack(new_pack, 1000, [copy])
+    index.add_pack(duplicate, 1000, [block])  # last wins at count 0
+    assert index.location(block.id).pack == duplicate  # type: ignore[union-attr]
+    assert index.pack_infos()[new_pack]["live"] == 0
+    # Another host's gc deleted the duplicate's pack, naming the copy collected.
+    assert not index.forget_copies([(block.id, duplicate)])
+    index.forget_packs([duplicate])
+    assert index.location(block.id).pack == new_pack  # type: ignore[union-attr]
+    assert index.pack_infos()[new_pack]["live"] == HEADER_SIZE + 100
+    assert _counts(index, block.id) == [0]
+    # This cache's own gc collects it (a list named the placed copy): a spare again
+    # takes the place, and the node above it keeps counting it.
+    index.add_pack(third, 1000, [Record(0, KIND_BLOCK, 0, 100, 100, block.id, 0)])
+    node = _record(0, KIND_NODE)
+    node_pack = os.urandom(16)
+    index.add_pack(node_pack, 1000, [node], {node.id: [block.id]})
+    [(key, loc)] = [item for item in index.unreferenced([node.id])]
+    assert loc is not None and loc.pack == node_pack
+    assert index.collect([(key, [block.id])], limit=1 << 40) == [(node.id, node_pack)]
+    assert _counts(index, block.id) == [0]
+    [(key, loc)] = index.unreferenced([block.id])
+    assert loc is not None
+    placed = loc.pack
+    assert index.collect([(key, [])], limit=1 << 40) == []  # moved to its spare
+    moved = index.location(block.id)
+    assert moved is not None and moved.pack in {new_pack, third} - {placed}
+    assert index.pack_infos()[moved.pack]["live"] == HEADER_SIZE + 100
+    assert index.pack_infos()[placed]["live"] == 0
+    # Its last copy collected: it leaves, and a spare in a pack forgotten never serves.
+    [(key, _loc)] = index.unreferenced([block.id])
+    assert index.collect([(key, [])], limit=1 << 40) == [(block.id, moved.pack)]
+    assert index.location(block.id) is None
+
+
+def test_a_spare_in_a_deleted_pack_never_takes_the_place(index: Index) -> None:
+    index.keep_spares = True
+    first, second = os.urandom(16), os.urandom(16)
+    block = _record(0)
+    index.add_pack(first, 1000, [block])
+    index.add_pack(second, 1000, [Record(0, KIND_BLOCK, 0, 100, 100, block.id, 0)])
+    assert index.location(block.id).pack == second  # type: ignore[union-attr]
+    index.forget_packs([first])  # gone with its copy (named relocated elsewhere)
+    assert not index.forget_copies([(block.id, second)])
+    assert index.location(block.id) is None
+
+
+def test_a_local_index_keeps_no_spares(index: Index) -> None:
+    first, second = os.urandom(16), os.urandom(16)
+    block = _record(0)
+    index.add_pack(first, 1000, [block])
+    index.add_pack(second, 1000, [Record(0, KIND_BLOCK, 0, 100, 100, block.id, 0)])
+    assert not index.forget_copies([(block.id, second)])
+    assert index.location(block.id) is None

@@ -304,3 +304,33 @@ def test_an_index_growing_while_it_is_opened_is_not_called_damaged(
     monkeypatch.setattr(lmdbfile, "_parse_meta", parse)
     lmdbfile.check_data_file(str(path / "index"))
     assert os.path.getsize(path / "index" / "data.mdb") > grown[0]
+
+
+def test_an_index_of_format_3_is_taken_and_a_newer_one_refused(tmp_path: Path) -> None:
+    """Format 4 only added keys: a format 3 index is used as it is and marked 4 when opened
+    for writing; one of a format this blocksnap does not know is refused, with the fix."""
+    from blocksnap.store.index import Index
+
+    repo = tmp_path / "repo"
+    blocksnap.Repository.init(repo).close()
+
+    def set_format(value: bytes) -> None:
+        index = Index(str(repo / "index"))
+        index._write("test", lambda txn: txn.put(b"format", value, db=index.meta))
+        index.close()
+
+    def get_format() -> bytes | None:
+        index = Index(str(repo / "index"))
+        with index._begin() as txn:
+            value = txn.get(b"format", db=index.meta)
+        index.close()
+        return None if value is None else bytes(value)
+
+    set_format(b"3")
+    blocksnap.Repository(repo).close()  # opened for writing: upgraded
+    assert get_format() == b"4"
+    set_format(b"5")
+    proc = run_cli("list", str(repo))
+    assert proc.returncode != 0
+    assert "index format b'5' is not b'4'; run repair --rebuild-index" in proc.stderr
+    assert "Traceback" not in proc.stderr

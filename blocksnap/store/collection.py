@@ -54,6 +54,15 @@ copy whatever its count), each time after the listing that named the packs to in
 and before the first is indexed; the marks of the copies a done list did not collect are
 dropped as it is followed.
 
+A cache may still place an object in another copy than the writer's that will need it
+(an older duplicate, listed last).  So a cache of a shared store also remembers the
+copies it does not place (spares, in its index): when a list collects or deletes the
+placed copy, a spare takes the place, live bytes and all, and the object stays at
+count 0 for a later list to condemn there.  No pack that holds the only copy a writer
+of another host stored looks empty to any cache, so none is deleted under its commit.
+The collecting cache does the same: a candidate with another copy is not dropped but
+moves there.
+
 A cache that forgets a map node at count 0 releases what the node names, as its own gc
 would, so that its counts stay exact.  The node may be gone with its pack by then, so a
 done list that names collected map nodes has their children beside it, in

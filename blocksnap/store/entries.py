@@ -21,6 +21,9 @@ CRC = struct.Struct("<I")  # ... and its check, of key and body
 # weak, placed only where the object has no other copy).
 GONE = b"gone/"
 DEAD = b"dead/"
+# + object id + pack id -> a location record: a copy of an object that another copy
+# holds the place of (shared stores only), which takes the place when that copy goes.
+SPARE = b"spare/"
 SEQ = struct.Struct(">Q")  # epochs and seqs in keys: big-endian, so keys sort by them
 REF = struct.Struct("<IQ")  # refs value: count, since
 POLICY_PREFIX = b"policy\x00"

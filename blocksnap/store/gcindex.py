@@ -17,6 +17,7 @@ from blocksnap.store.entries import (
     GONE,
     REF,
     SEQ,
+    SPARE,
     Location,
     decode_location,
     encode_location,
@@ -91,6 +92,12 @@ class GcIndex(ObjectIndex):
                 where = None if loc is None else loc.pack
                 if places is not None and places.get(object_id) != where:
                     continue  # placed anew since the list named its copy: it stays
+                if loc is not None and self._place_spare(txn, object_id, epoch, deltas):
+                    # Another copy of it takes the place: that copy is not collected yet
+                    # (it may be a writer's of another host that has not committed).
+                    deltas[loc.pack] = deltas.get(loc.pack, 0) - HEADER_SIZE - loc.stored_size
+                    continue
+                self._drop_spares(txn, object_id)
                 if raw is not None:
                     if loc is not None:
                         size = HEADER_SIZE + loc.stored_size
@@ -150,6 +157,7 @@ class GcIndex(ObjectIndex):
         def body(txn: Txn) -> None:
             deltas: dict[bytes, int] = {}
             for object_id, pack_id, loc in moves:
+                txn.delete(SPARE + object_id + pack_id, db=self.meta)
                 raw = txn.get(object_id, db=self.objects)
                 if raw is None:
                     continue
@@ -158,6 +166,7 @@ class GcIndex(ObjectIndex):
                 except IntegrityError:
                     old = None
                 if old is None or old.pack == pack_id:
+                    txn.delete(SPARE + object_id + loc.pack, db=self.meta)
                     txn.put(object_id, encode_location(object_id, loc), db=self.objects)
                     # The live bytes move with it, so that its new pack is never taken
                     # for empty (its copy there was dead weight here until now).
@@ -200,6 +209,8 @@ class GcIndex(ObjectIndex):
                     continue
                 if loc.pack == pack_id:
                     deltas[pack_id] = deltas.get(pack_id, 0) - (HEADER_SIZE + loc.stored_size)
+                    if self._place_spare(txn, object_id, epoch, deltas):
+                        continue  # another copy takes the place, the count stays
                     txn.delete(object_id, db=self.objects)
                     placed.append((object_id, pack_id))
             # Those at count 0 leave, releasing what they name, until none falls to 0: a
@@ -214,6 +225,7 @@ class GcIndex(ObjectIndex):
                         continue
                     txn.delete(object_id, db=self.refs)
                     txn.delete(SEQ.pack(since) + object_id, db=self.unref)
+                    self._drop_spares(txn, object_id)
                     for child in released.get(object_id, ()):
                         value = txn.get(child, db=self.refs)
                         if value is not None and REF.unpack(value)[0] > 0:
@@ -303,6 +315,7 @@ class GcIndex(ObjectIndex):
                     if not cursor.delete():
                         break
         for object_id, pack_id in copies:
+            txn.delete(SPARE + object_id + pack_id, db=self.meta)
             if txn.get(GONE + pack_id, db=self.meta) is None:
                 txn.put(DEAD + pack_id + object_id, b"", db=self.meta)
 

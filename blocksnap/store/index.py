@@ -2,13 +2,16 @@
 
 The environment is the directory REPO/index (data.mdb, lock.mdb).  Named databases:
 
-    meta       b"format" -> b"3"; b"repository" -> the repository id (ASCII hex);
+    meta       b"format" -> b"4"; b"repository" -> the repository id (ASCII hex);
                b"epoch" -> u64 big-endian, the logical clock of the writer registry;
                b"collections" -> u64 big-endian, on a shared store the seq up to which
                the collection lists are followed (store/collection.py);
                b"gone/" + pack id -> b"": packs a done list named deleted, and
                b"dead/" + pack id + object id -> b"": copies one named collected, each
-               never indexed again (GcIndex.forget_packs, forget_copies)
+               never indexed again (GcIndex.forget_packs, forget_copies), or -> seq u64
+               big-endian: copies list seq, under way, condemns (weak: see add_pack);
+               b"spare/" + object id + pack id -> location: a copy of an object placed
+               elsewhere, which takes the place when that copy goes (shared stores)
     objects    object id (32 bytes) -> location, 38 bytes little-endian:
                  pack id (16 bytes), offset u64 (of the record header), stored_size u32,
                  raw_size u32, kind u8, codec u8, crc32 u32 (of key and the 34 bytes before)
@@ -105,7 +108,13 @@ from blocksnap.store.writerindex import WriterIndex
 if TYPE_CHECKING:
     from blocksnap.store.lmdbenv import Txn
 
-INDEX_FORMAT = b"3"
+# Format 4 added the meta keys of a shared store's condemned copies (a seq as the value
+# of a dead/ key) and spares; format 3 has neither, so this blocksnap takes a format 3
+# index as it is and marks it 4 as it opens it for writing.  A blocksnap that reads only
+# format 3 refuses a format 4 index (it would take a condemned copy for a collected one):
+# its repair --rebuild-index builds one of its own.
+INDEX_FORMAT = b"4"
+_UPGRADABLE = b"3"
 
 
 class Index(WriterIndex, CatalogIndex, GcIndex, RebuildIndex):
@@ -124,12 +133,16 @@ class Index(WriterIndex, CatalogIndex, GcIndex, RebuildIndex):
         with lmdb_errors("reading index"), self._begin() as txn:
             fmt = txn.get(b"format", db=self.meta)
             rid = txn.get(b"repository", db=self.meta)
-        if fmt != INDEX_FORMAT:
+        if fmt not in (INDEX_FORMAT, _UPGRADABLE):
             raise IntegrityError(
                 f"index format {fmt!r} is not {INDEX_FORMAT!r}; run repair --rebuild-index"
             )
         if rid != repository_id.encode():
             raise IntegrityError("index belongs to another repository; run repair")
+        if fmt == _UPGRADABLE and not self._readonly:
+            self._write(
+                "upgrading index", lambda txn: txn.put(b"format", INDEX_FORMAT, db=self.meta)
+            )
 
     def view(self, *, check_pages: bool = False) -> IndexView:
         """Everything verify checks, copied out of one read transaction, so that it sees

@@ -22,6 +22,7 @@ from blocksnap.store.entries import (
     LOC,
     REF,
     SEQ,
+    SPARE,
     Location,
     decode_location,
     encode_location,
@@ -38,6 +39,12 @@ if TYPE_CHECKING:
 
 class ObjectIndex(IndexEnv):
     """The objects, refs, unref, packs and sparse databases of an Index."""
+
+    # On a store that hosts share, the index remembers the copies of an object that it
+    # does not place (spares), so that one takes the place when the placed copy is
+    # collected or deleted: a copy a writer of another host stored since may be the
+    # one its snapshot will need, and its pack must never look empty here meanwhile.
+    keep_spares = False
 
     def location(self, object_id: bytes) -> Location | None:
         with lmdb_errors("reading index"), self._begin_buffers() as txn:
@@ -185,6 +192,67 @@ class ObjectIndex(IndexEnv):
             if delta < 0:
                 txn.put(pack_id, b"", db=self.sparse)
 
+    def _keep_spare(self, txn: Txn, object_id: bytes, loc: Location) -> None:
+        if self.keep_spares:
+            txn.put(SPARE + object_id + loc.pack, encode_location(object_id, loc), db=self.meta)
+
+    def _take_spare(self, txn: Txn, object_id: bytes) -> Location | None:
+        """Take out of the spares the object's copy to place it in: one in a pack the
+        index has and no list named collected, one no list under way condemns first.
+        Those that cannot serve are dropped."""
+        prefix = SPARE + object_id
+        usable: list[tuple[bytes, Location, bool]] = []
+        stale: list[bytes] = []
+        cursor = txn.cursor(db=self.meta)
+        if cursor.set_range(prefix):
+            for raw_key, value in cursor:
+                key = bytes(raw_key)
+                if not key.startswith(prefix):
+                    break
+                pack_id = key[len(prefix) :]
+                mark = txn.get(DEAD + pack_id + object_id, db=self.meta)
+                try:
+                    loc = decode_location(object_id, bytes(value))
+                except IntegrityError:
+                    stale.append(key)
+                    continue
+                if txn.get(pack_id, db=self.packs) is None or (mark is not None and not mark):
+                    stale.append(key)
+                    continue
+                usable.append((key, loc, mark is not None))
+        usable.sort(key=lambda u: u[2])  # not condemned first
+        for key in stale + [u[0] for u in usable[:1]]:
+            txn.delete(key, db=self.meta)
+        return usable[0][1] if usable else None
+
+    def _drop_spares(self, txn: Txn, object_id: bytes) -> None:
+        """Forget every spare of an object that leaves the index."""
+        prefix = SPARE + object_id
+        cursor = txn.cursor(db=self.meta)
+        if cursor.set_range(prefix):
+            while bytes(cursor.key()).startswith(prefix):
+                if not cursor.delete():
+                    break
+
+    def _place_spare(
+        self, txn: Txn, object_id: bytes, epoch: int, deltas: dict[bytes, int]
+    ) -> bool:
+        """Place the object in a spare copy, if it has one, its place being gone: its
+        count stays, and at count 0 it is unreferenced anew (stored again, as far as gc
+        here is concerned)."""
+        spare = self._take_spare(txn, object_id) if self.keep_spares else None
+        if spare is None:
+            return False
+        txn.put(object_id, encode_location(object_id, spare), db=self.objects)
+        deltas[spare.pack] = deltas.get(spare.pack, 0) + HEADER_SIZE + spare.stored_size
+        value = txn.get(object_id, db=self.refs)
+        if value is not None:
+            count, since = REF.unpack(value)
+            if not count:
+                txn.delete(SEQ.pack(since) + object_id, db=self.unref)
+                self._set_unreferenced(txn, object_id, epoch)
+        return True
+
     def _left_out(
         self, txn: Txn, pack_id: bytes, records: list[Record], known: dict[bytes, list[bytes]]
     ) -> tuple[set[bytes], set[bytes]]:
@@ -280,19 +348,26 @@ class ObjectIndex(IndexEnv):
                             live += HEADER_SIZE + rec.stored_size  # placed by a first add
                             continue
                         if rec.id in weak:
-                            continue  # condemned: the copy indexed may be its successor
+                            # condemned: the copy indexed may be its successor
+                            self._keep_spare(txn, rec.id, loc)
+                            continue
                         if (
                             count
                             and rec.id not in replace
                             and txn.get(DEAD + old_loc.pack + rec.id, db=self.meta) is None
                         ):
-                            continue  # dead weight, unless its indexed copy is condemned
+                            # dead weight, unless its indexed copy is condemned
+                            self._keep_spare(txn, rec.id, loc)
+                            continue
                         if not count:
                             txn.delete(SEQ.pack(since) + rec.id, db=self.unref)
                             self._set_unreferenced(txn, rec.id, epoch)
                         deltas[old_loc.pack] = deltas.get(old_loc.pack, 0) - (
                             HEADER_SIZE + old_loc.stored_size
                         )
+                        self._keep_spare(txn, rec.id, old_loc)
+                if self.keep_spares:
+                    txn.delete(SPARE + rec.id + pack_id, db=self.meta)
                 txn.put(rec.id, encode_location(rec.id, loc), db=self.objects)
                 live += HEADER_SIZE + rec.stored_size
             self._incref_many(txn, increments)

@@ -350,6 +350,7 @@ def rebuild_index(
         new_path = os.path.join(path, REBUILD_DIR)
         shutil.rmtree(new_path, ignore_errors=True)
         index = Index(new_path, create=True)
+        index.keep_spares = store.shared
         session = None
         try:
             # On a shared store, gc elsewhere waits for this session: no list armed from

@@ -40,6 +40,7 @@ class RebuildIndex(ObjectIndex):
                         txn.delete(SEQ.pack(since) + object_id, db=self.unref)
                     txn.delete(object_id, db=self.refs)
                 txn.delete(object_id, db=self.objects)
+                self._drop_spares(txn, object_id)
             if not keep_live:
                 self._adjust_live(txn, deltas)
 

@@ -185,6 +185,7 @@ class Store:
                 self._index = index_module.acquire(
                     os.path.join(path, "index"), read_only=self.read_only
                 )
+                self._index.keep_spares = self.shared
                 try:
                     self._index.check_identity(self.config.id)
                 except BaseException:
