@@ -18,6 +18,7 @@ from blocksnap.restore import RestoreResult, restore_image
 from blocksnap.retention import Decision, Policy, decide
 from blocksnap.snapshot import CHECKPOINT_SIZE, check_labels, take_snapshot
 from blocksnap.source import SourceArg
+from blocksnap.store import index as index_module
 from blocksnap.store import location, nodecache, sync
 from blocksnap.store.backend import ObjectStore
 from blocksnap.store.config import (
@@ -91,8 +92,12 @@ class Repository:
             self.url = name
             name, backend = _s3_cache(name, s3 or S3Options())
         self.path = name
-        if index_missing(self.path, objects_elsewhere=backend is not None):
-            # The index is a cache of the objects: one that is gone is rebuilt from them.
+        shared = backend is not None and not backend.capabilities.local
+        if index_missing(self.path, objects_elsewhere=backend is not None) or (
+            shared and index_module.outdated(os.path.join(self.path, "index"))
+        ):
+            # The index is a cache of the objects: one that is gone, or a shared store's
+            # of the format before, is rebuilt from them.
             rebuild_index(self.path, backend=backend, locks=locks, sessions=sessions)
         limit = s3.cache_limit if s3 is not None else None
         self._store = Store(

@@ -235,8 +235,8 @@ def test_a_spare_copy_takes_the_place_of_one_collected_or_deleted(index: Index) 
     assert index.location(block.id).pack == new_pack  # type: ignore[union-attr]
     assert index.pack_infos()[new_pack]["live"] == HEADER_SIZE + 100
     assert _counts(index, block.id) == [0]
-    # This cache's own gc collects it (a list named the placed copy): a spare again
-    # takes the place, and the node above it keeps counting it.
+    # This cache's own gc collects it (a list named the placed copy) once the node above
+    # it went: a spare again takes the place.
     index.add_pack(third, 1000, [Record(0, KIND_BLOCK, 0, 100, 100, block.id, 0)])
     node = _record(0, KIND_NODE)
     node_pack = os.urandom(16)
@@ -253,7 +253,7 @@ def test_a_spare_copy_takes_the_place_of_one_collected_or_deleted(index: Index) 
     assert moved is not None and moved.pack in {new_pack, third} - {placed}
     assert index.pack_infos()[moved.pack]["live"] == HEADER_SIZE + 100
     assert index.pack_infos()[placed]["live"] == 0
-    # Its last copy collected: it leaves, and a spare in a pack forgotten never serves.
+    # Its last copy collected: it leaves.
     [(key, _loc)] = index.unreferenced([block.id])
     assert index.collect([(key, [])], limit=1 << 40) == [(block.id, moved.pack)]
     assert index.location(block.id) is None
@@ -278,3 +278,35 @@ def test_a_local_index_keeps_no_spares(index: Index) -> None:
     index.add_pack(second, 1000, [Record(0, KIND_BLOCK, 0, 100, 100, block.id, 0)])
     assert not index.forget_copies([(block.id, second)])
     assert index.location(block.id) is None
+
+
+def test_a_node_moved_to_a_spare_keeps_its_children_counted(index: Index) -> None:
+    """A map node placed in a copy another host's gc deletes moves to a spare, one that no
+    list under way condemns first; its children stay counted (it is still indexed), so
+    nothing drifts from a recount."""
+    index.keep_spares = True
+    block_pack, condemned, placed, other, root_pack = (os.urandom(16) for _ in range(5))
+    block = _record(0)
+    index.add_pack(block_pack, 1000, [block])
+    node = _record(0, KIND_NODE)
+
+    def copy_of(rec: Record) -> Record:
+        return Record(0, rec.kind, 0, 100, 100, rec.id, 0)
+
+    index.note_collections([], [], [(7, [(node.id, condemned)])])
+    index.add_pack(condemned, 1000, [copy_of(node)], {node.id: [block.id]})
+    index.add_pack(placed, 1000, [copy_of(node)], {node.id: [block.id]})  # takes the place
+    root = _record(0, KIND_NODE)
+    index.add_pack(root_pack, 1000, [root], {root.id: [node.id]})
+    index.add_pack(other, 1000, [copy_of(node)], {node.id: [block.id]})  # dead weight
+    assert index.location(node.id).pack == placed  # type: ignore[union-attr]
+    assert _counts(index, root.id, node.id, block.id) == [0, 1, 1]
+    assert not index.forget_copies([(node.id, placed)], {node.id: [block.id]})
+    assert index.location(node.id).pack == other  # type: ignore[union-attr]
+    assert _counts(index, root.id, node.id, block.id) == [0, 1, 1]
+    infos = index.pack_infos()
+    assert infos[other]["live"] == HEADER_SIZE + 100 and infos[placed]["live"] == 0
+    # Its last spare is the condemned copy: it serves once the other goes too.
+    assert not index.forget_copies([(node.id, other)], {node.id: [block.id]})
+    assert index.location(node.id).pack == condemned  # type: ignore[union-attr]
+    assert _counts(index, node.id, block.id) == [1, 1]

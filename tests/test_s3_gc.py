@@ -389,3 +389,25 @@ def test_a_follow_from_an_older_read_keeps_the_candidates_a_newer_one_saw(
         collection.write(store.backend, lst)
         store.follow_collections()
         assert store.avoid == frozenset()
+
+
+def test_a_cache_of_the_format_before_is_rebuilt(
+    hosts: tuple[str, S3Options, S3Options], tmp_path: Path
+) -> None:
+    """A cache of index format 3 lacks the spares every cache of a shared store must
+    have alike: it is rebuilt from the bucket as it is opened, with the same snapshots."""
+    from blocksnap.store.index import Index
+
+    url, a, _b = hosts
+    image = tmp_path / "vol.img"
+    image.write_bytes(os.urandom(2 << 20))
+    with blocksnap.Repository.init(url, s3=a) as repo:
+        snap = repo.snapshot("vol", image)
+        cache = Path(repo.store.path) / "index"
+    old = Index(str(cache))
+    old._write("test", lambda txn: txn.put(b"format", b"3", db=old.meta))
+    old.close()
+    with blocksnap.Repository(url, s3=a) as repo:
+        assert repo.store.index.format() == b"4"
+        assert [s.id for s in repo.snapshots("vol")] == [snap.id]
+    assert_restores(url, a, snap, image.read_bytes(), tmp_path / "out.img")

@@ -452,7 +452,9 @@ def _execute(
     store: Store, lst: collection.CollectionList, limit: int, report: GcReport, *, retire: bool
 ) -> None:
     """Carry out a list whose writers are gone: its candidates still at count 0 (since
-    before every live writer here) leave the index.  The list says so first (more than
+    before every live writer here) and placed where it condemned them leave the index,
+    or move to a spare copy (GcIndex.collect), the list naming the condemned copy
+    collected either way.  The list says so first (more than
     was collected is safe: a cache that forgets a copy only stores it again), and with
     retire, names deleted its orphans that the index still lacks and no writer here
     writes, with their copies, before they are deleted: their records stay avoided up to

@@ -69,8 +69,10 @@ class GcIndex(ObjectIndex):
         An object is deleted only if it is still unreferenced since the same epoch (a
         writer may have revived it meanwhile), and, with places, only while the index
         places it in the pack places gives (None: nowhere), the copy a collection list
-        names; its children are decremented in the same transaction.  Returns the
-        (object id, pack id or None) deleted.
+        names; its children are decremented in the same transaction.  One with a spare
+        copy (ObjectIndex.keep_spares) moves there instead, unreferenced anew, its
+        children still counted: the next list condemns that copy.  Returns the (object
+        id, pack id or None) deleted.
         """
 
         def body(txn: Txn) -> list[tuple[bytes, bytes | None]]:
@@ -185,13 +187,14 @@ class GcIndex(ObjectIndex):
     ) -> bool:
         """Forget the copies (object id, pack id) that gc on another host deleted (store/
         collection.py), each only where the index places the object in that pack.  An
-        object at count 0 leaves the index; one still counted (by nodes or checkpoints of
-        this host that no snapshot committed) keeps its count without a place, so that no
-        writer refers to it and the next copy stored takes its place.  Returns whether any
-        was still counted.  children: the ids each map node among them names, released
-        as it leaves the index (a child may fall to count 0, for a later gc here).  A
-        node left out keeps its children counted: a leak, mended by repair
-        --rebuild-index, never a loss."""
+        object with a spare copy moves there, its count and children as they are (see
+        ObjectIndex.keep_spares).  Else one at count 0 leaves the index, and one still
+        counted (by nodes or checkpoints of this host that no snapshot committed) keeps
+        its count without a place, so that no writer refers to it and the next copy
+        stored takes its place.  Returns whether any was still counted.  children: the
+        ids each map node among them names, released as it leaves the index (a child may
+        fall to count 0, for a later gc here).  A node left out keeps its children
+        counted: a leak, mended by repair --rebuild-index, never a loss."""
         released = children or {}
 
         def body(txn: Txn) -> bool:

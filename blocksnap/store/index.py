@@ -109,10 +109,13 @@ if TYPE_CHECKING:
     from blocksnap.store.lmdbenv import Txn
 
 # Format 4 added the meta keys of a shared store's condemned copies (a seq as the value
-# of a dead/ key) and spares; format 3 has neither, so this blocksnap takes a format 3
-# index as it is and marks it 4 as it opens it for writing.  A blocksnap that reads only
-# format 3 refuses a format 4 index (it would take a condemned copy for a collected one):
-# its repair --rebuild-index builds one of its own.
+# of a dead/ key) and spares.  A local repository's index has neither, so this blocksnap
+# takes a format 3 one as it is and marks it 4 as it opens it for writing; a shared
+# store's cache of format 3 lacks the spares of the packs it indexed, which every cache
+# must have alike (store/collection.py), so it is rebuilt (Repository does so as it opens
+# it; Store refuses it).  A blocksnap that reads only format 3 refuses a format 4 index
+# (it would take a condemned copy for a collected one): its repair --rebuild-index
+# builds one of its own.
 INDEX_FORMAT = b"4"
 _UPGRADABLE = b"3"
 
@@ -129,11 +132,18 @@ class Index(WriterIndex, CatalogIndex, GcIndex, RebuildIndex):
 
         self._write("initialising index", body)
 
-    def check_identity(self, repository_id: str) -> None:
+    def format(self) -> bytes | None:
+        with lmdb_errors("reading index"), self._begin() as txn:
+            fmt = txn.get(b"format", db=self.meta)
+        return None if fmt is None else bytes(fmt)
+
+    def check_identity(self, repository_id: str, *, upgrade: bool = True) -> None:
+        """Refuse an index of another repository or format; upgrade: take one of the
+        format before (see INDEX_FORMAT)."""
         with lmdb_errors("reading index"), self._begin() as txn:
             fmt = txn.get(b"format", db=self.meta)
             rid = txn.get(b"repository", db=self.meta)
-        if fmt not in (INDEX_FORMAT, _UPGRADABLE):
+        if fmt not in ((INDEX_FORMAT, _UPGRADABLE) if upgrade else (INDEX_FORMAT,)):
             raise IntegrityError(
                 f"index format {fmt!r} is not {INDEX_FORMAT!r}; run repair --rebuild-index"
             )
@@ -186,6 +196,18 @@ class Index(WriterIndex, CatalogIndex, GcIndex, RebuildIndex):
 # Repository objects on the same path; they share one Index, counted here.
 _shared: dict[str, tuple[Index, int]] = {}
 _shared_lock = threading.Lock()
+
+
+def outdated(path: str) -> bool:
+    """Whether the index at path (REPO/index) exists and has the format before this one
+    (see INDEX_FORMAT): a shared store's cache of it is rebuilt."""
+    if not os.path.exists(os.path.join(path, "data.mdb")):
+        return False
+    index = acquire(path)
+    try:
+        return index.format() == _UPGRADABLE
+    finally:
+        release(index)
 
 
 def acquire(path: str, *, read_only: bool = False) -> Index:

@@ -198,8 +198,8 @@ class ObjectIndex(IndexEnv):
 
     def _take_spare(self, txn: Txn, object_id: bytes) -> Location | None:
         """Take out of the spares the object's copy to place it in: one in a pack the
-        index has and no list named collected, one no list under way condemns first.
-        Those that cannot serve are dropped."""
+        index has and no list named deleted or collected it in, one no list under way
+        condemns first.  Those that cannot serve are dropped."""
         prefix = SPARE + object_id
         usable: list[tuple[bytes, Location, bool]] = []
         stale: list[bytes] = []
@@ -216,7 +216,11 @@ class ObjectIndex(IndexEnv):
                 except IntegrityError:
                     stale.append(key)
                     continue
-                if txn.get(pack_id, db=self.packs) is None or (mark is not None and not mark):
+                if (
+                    txn.get(pack_id, db=self.packs) is None
+                    or txn.get(GONE + pack_id, db=self.meta) is not None
+                    or (mark is not None and not mark)
+                ):
                     stale.append(key)
                     continue
                 usable.append((key, loc, mark is not None))

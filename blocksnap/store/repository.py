@@ -187,7 +187,7 @@ class Store:
                 )
                 self._index.keep_spares = self.shared
                 try:
-                    self._index.check_identity(self.config.id)
+                    self._index.check_identity(self.config.id, upgrade=not self.shared)
                 except BaseException:
                     index_module.release(self._index)
                     self._index = None
