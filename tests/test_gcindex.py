@@ -259,14 +259,21 @@ def test_a_spare_copy_takes_the_place_of_one_collected_or_deleted(index: Index) 
     assert index.location(block.id) is None
 
 
-def test_a_spare_in_a_deleted_pack_never_takes_the_place(index: Index) -> None:
+@pytest.mark.parametrize("how", ["forgotten", "marked gone"])
+def test_a_spare_in_a_deleted_pack_never_takes_the_place(index: Index, how: str) -> None:
+    """A spare in a pack the index forgot, or one a list read just now names deleted
+    (marked before the list is applied), never serves."""
     index.keep_spares = True
     first, second = os.urandom(16), os.urandom(16)
     block = _record(0)
     index.add_pack(first, 1000, [block])
     index.add_pack(second, 1000, [Record(0, KIND_BLOCK, 0, 100, 100, block.id, 0)])
     assert index.location(block.id).pack == second  # type: ignore[union-attr]
-    index.forget_packs([first])  # gone with its copy (named relocated elsewhere)
+    if how == "forgotten":
+        index.forget_packs([first])  # gone with its copy (named relocated elsewhere)
+    else:
+        index.note_collections([], [first])
+        assert index.pack_infos().get(first) is not None
     assert not index.forget_copies([(block.id, second)])
     assert index.location(block.id) is None
 

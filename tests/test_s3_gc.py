@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -405,9 +406,17 @@ def test_a_cache_of_the_format_before_is_rebuilt(
         snap = repo.snapshot("vol", image)
         cache = Path(repo.store.path) / "index"
     old = Index(str(cache))
-    old._write("test", lambda txn: txn.put(b"format", b"3", db=old.meta))
+
+    def outdate(txn: Any) -> None:
+        txn.put(b"format", b"3", db=old.meta)
+        txn.put(b"left by the old index", b"", db=old.meta)
+
+    old._write("test", outdate)
     old.close()
     with blocksnap.Repository(url, s3=a) as repo:
-        assert repo.store.index.format() == b"4"
+        index = repo.store.index
+        assert index.format() == b"4"
+        with index._begin() as txn:  # a new index, not the old one upgraded
+            assert txn.get(b"left by the old index", db=index.meta) is None
         assert [s.id for s in repo.snapshots("vol")] == [snap.id]
     assert_restores(url, a, snap, image.read_bytes(), tmp_path / "out.img")

@@ -322,6 +322,13 @@ class GcIndex(ObjectIndex):
             if txn.get(GONE + pack_id, db=self.meta) is None:
                 txn.put(DEAD + pack_id + object_id, b"", db=self.meta)
 
+    def has_marks(self, pack_id: bytes) -> bool:
+        """Whether a list named or condemned any copy in the pack (DEAD marks)."""
+        prefix = DEAD + pack_id
+        with lmdb_errors("reading index"), self._begin() as txn:
+            cursor = txn.cursor(db=self.meta)
+            return cursor.set_range(prefix) and bytes(cursor.key()).startswith(prefix)
+
     def is_gone(self, pack_id: bytes) -> bool:
         """Whether a done list named the pack deleted (forget_packs)."""
         with lmdb_errors("reading index"), self._begin() as txn:

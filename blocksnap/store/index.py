@@ -201,8 +201,8 @@ _shared_lock = threading.Lock()
 def outdated(path: str) -> bool:
     """Whether the index at path (REPO/index) exists and has the format before this one
     (see INDEX_FORMAT): a shared store's cache of it is rebuilt."""
-    if not os.path.exists(os.path.join(path, "data.mdb")):
-        return False
+    if not os.path.exists(os.path.join(path, "data.mdb")) or not os.access(path, os.W_OK):
+        return False  # (read-only: nothing is written, nor gc run, with it)
     index = acquire(path)
     try:
         return index.format() == _UPGRADABLE

@@ -41,6 +41,7 @@ the repository's lock exclusively, so no reader or writer sees the swap.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -354,8 +355,12 @@ def rebuild_index(
         session = None
         try:
             # On a shared store, gc elsewhere waits for this session: no list armed from
-            # now on is carried out while the packs are indexed.
-            session = store.sessions.start() if store.shared else None
+            # now on is carried out while the packs are indexed.  Insurance only (the
+            # marks noted below keep the rebuild right without it): credentials that may
+            # only read, or storage failing writes, rebuild without one.
+            if store.shared:
+                with contextlib.suppress(StoreError):
+                    session = store.sessions.start()
             index.initialize(store.config.id)
             # The records before the packs: every pack a committed record names is
             # listed then (a writer on another host stores its packs before its record).

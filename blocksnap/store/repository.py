@@ -187,7 +187,11 @@ class Store:
                 )
                 self._index.keep_spares = self.shared
                 try:
-                    self._index.check_identity(self.config.id, upgrade=not self.shared)
+                    # A shared store's cache of the format before is rebuilt, unless
+                    # only read (see store/index.py INDEX_FORMAT).
+                    self._index.check_identity(
+                        self.config.id, upgrade=not self.shared or self.read_only
+                    )
                 except BaseException:
                     index_module.release(self._index)
                     self._index = None
@@ -699,6 +703,7 @@ class Store:
         one listed under packs/; return what could not be read."""
         problems: list[str] = []
         found: list[tuple[bytes, int, list[Record], dict[bytes, list[bytes]]]] = []
+        marked: list[tuple[bytes, int, list[Record], dict[bytes, list[bytes]]]] = []
         unknown: list[tuple[str, int | None]]
         if named is None:
             unknown = [(pack_name(p), size) for p, size in self.unknown_packs().items()]
@@ -740,7 +745,13 @@ class Store:
                 break
             for pack_id, size, good, children in ready:
                 self.index.add_pack(pack_id, size, good, children)
+            marked += [p for p in ready if self.index.has_marks(p[0])]
             found = [p for p in found if p not in ready]
+        # A node left out of a pack for naming a copy there that a list collected
+        # (ObjectIndex._left_out) is indexed in a second add once what it names is
+        # indexed from other packs: as a spare, as in a cache that indexed those first.
+        for pack_id, size, good, children in marked:
+            self.index.add_pack(pack_id, size, good, children)
         return problems
 
     def _delete_or_leave_to_gc(self, name: str, registration: Registration) -> None:
