@@ -20,6 +20,7 @@ from blocksnap.errors import StoreError
 from blocksnap.model import Progress, SnapshotInfo
 from blocksnap.store import collection
 from blocksnap.store.backend import ObjectInfo
+from blocksnap.store.entries import Location
 from blocksnap.store.location import S3Options
 from blocksnap.store.objectlocks import ObjectSession, ObjectSessions
 from blocksnap.store.s3 import S3Backend
@@ -47,6 +48,22 @@ def _two_versions(repo: blocksnap.Repository, image: Path, tmp_path: Path) -> by
     debugfs(image, "rm unique.bin")
     repo.snapshot("vol1", image)
     return first
+
+
+def _pruned_version(
+    url: str, options: S3Options, image: Path, tmp_path: Path
+) -> tuple[bytes, bytes, Location, Path]:
+    """A new repository with _two_versions of image in vol1, the first pruned: (its
+    bytes, its map root, where the root is, an image file of it)."""
+    with blocksnap.Repository.init(url, s3=options) as repo:
+        first = _two_versions(repo, image, tmp_path)
+        pruned_root = repo.resolve("vol1", "latest~1").map_root
+        old_copy = repo.store.index.location(pruned_root)
+        assert old_copy is not None
+        repo.prune("vol1", blocksnap.Policy(keep_last=1))
+    image_x = tmp_path / "x.img"
+    image_x.write_bytes(first)
+    return first, pruned_root, old_copy, image_x
 
 
 def test_gc_waits_for_a_writer_of_another_host_that_refers_to_pruned_blocks(
@@ -87,14 +104,7 @@ def test_a_writer_that_starts_after_the_list_stores_candidates_again(
     hosts: tuple[str, S3Options, S3Options], ext4_image: Path, tmp_path: Path, s3_server: S3Server
 ) -> None:
     url, a, b = hosts
-    with blocksnap.Repository.init(url, s3=a) as repo:
-        first = _two_versions(repo, ext4_image, tmp_path)
-        pruned_root = repo.resolve("vol1", "latest~1").map_root
-        old_copy = repo.store.index.location(pruned_root)
-        assert old_copy is not None
-        repo.prune("vol1", blocksnap.Policy(keep_last=1))
-    image_x = tmp_path / "x.img"
-    image_x.write_bytes(first)
+    first, pruned_root, old_copy, image_x = _pruned_version(url, a, ext4_image, tmp_path)
     # A writer on a third host is running (its session alive): gc publishes and waits.
     other = ObjectSessions(s3_server.backend(url.split("/", 3)[3]), ttl=4.0, host="c")
     running: ObjectSession = other.start()
@@ -321,14 +331,7 @@ def test_a_cache_rebuilt_while_a_list_is_under_way_and_another_host_writes(
     published it, or by C, which must not collect the root from B's copy."""
     url, a, b = hosts
     c = S3Options(cache_dir=str(tmp_path / "c"))
-    with blocksnap.Repository.init(url, s3=a) as repo:
-        first = _two_versions(repo, ext4_image, tmp_path)
-        pruned_root = repo.resolve("vol1", "latest~1").map_root
-        old_copy = repo.store.index.location(pruned_root)
-        assert old_copy is not None
-        repo.prune("vol1", blocksnap.Policy(keep_last=1))
-    image_x = tmp_path / "x.img"
-    image_x.write_bytes(first)
+    first, pruned_root, old_copy, image_x = _pruned_version(url, a, ext4_image, tmp_path)
     backend = s3_server.backend(url.split("/", 3)[3])
     other = ObjectSessions(backend, ttl=4.0, host="d")
     running: ObjectSession = other.start()

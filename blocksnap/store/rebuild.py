@@ -17,11 +17,11 @@ would have collected them, and their records become dead bytes for gc's compacti
 On a store that hosts share, writers on other hosts may be running meanwhile: the
 records are listed before the packs (a committed record's packs are all listed then),
 the collection lists after (store/collection.py: their marks, before any pack is
-indexed), and the rebuild holds a writer session, so that no list armed while it runs
-is carried out before it ends.  What no snapshot reaches may be a running writer's, so
-it stays in the index at count 0, for gc's lists to collect or its commit to count;
-only map nodes that name objects no pack holds are left out, their bytes still counted
-live so that no gc takes their pack for empty.
+indexed), and the rebuild holds a writer session where it can write one, so that no
+list armed while it runs is carried out before it ends.  What no snapshot reaches may
+be a running writer's, so it stays in the index at count 0, for gc's lists to collect
+or its commit to count; only map nodes that name objects no pack holds are left out,
+their bytes still counted live so that no gc takes their pack for empty.
 
 A pack is indexed from its table of contents, read from its tail (store/packindex.py), so
 a pack of data blocks costs one or two small ranged reads, not a download.  Its blocks are
@@ -376,7 +376,7 @@ def rebuild_index(
                     report.damaged.append(f"{entry.name}: not a pack name")
                     continue
                 listed.append((entry.name, entry.size, pack_id))
-            if store.shared:  # after the listing: see Store._note_lists
+            if store.shared:  # after the listing: see GcIndex.note_lists
                 _note_collections(store, index, report)
             named = [(name, size) for name, size, p in listed if not index.is_gone(p)]
             total = sum(size for _, size in named)
