@@ -115,6 +115,7 @@ def kill_sweep(
     return states
 
 
+@pytest.mark.slow
 def test_kill_during_prune_at_many_moments(
     history: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
@@ -190,6 +191,7 @@ LOOPS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_snapshots_restores_and_prune_gc_run_at_once(tmp_path: Path) -> None:
     seconds = float(os.environ.get("BLOCKSNAP_CONCURRENCY_SECONDS", "60"))
     make_tree(tmp_path / "tree", seed=5, size_mb=6)

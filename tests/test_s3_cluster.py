@@ -49,6 +49,7 @@ def _check(repo: blocksnap.Repository, expected: dict[str, bytes], tmp_path: Pat
         target.unlink()
 
 
+@pytest.mark.slow
 def test_volume_server_killed_during_a_snapshot(
     cluster: WeedCluster, ext4_image: Path, tmp_path: Path
 ) -> None:

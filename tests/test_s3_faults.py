@@ -67,6 +67,7 @@ def _check_all(repo: blocksnap.Repository, expected: dict[str, bytes], tmp_path:
         target.unlink()
 
 
+@pytest.mark.slow
 def test_server_killed_during_uploads_restore_and_gc(
     weed: Weed, ext4_image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -145,6 +146,7 @@ def test_server_killed_during_uploads_restore_and_gc(
         _check_all(repo, expected, tmp_path)
 
 
+@pytest.mark.slow
 def test_slow_down_and_lost_answers_under_the_engine(
     s3_server: S3Server,
     s3_prefix: str,
