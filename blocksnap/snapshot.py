@@ -48,7 +48,11 @@ from blocksnap.store.repository import Store
 from blocksnap.store.writer import StoreWriter
 from blocksnap.workers import worker_pool
 
-BUFFER_SIZE = 8 << 20
+# Memory: at most WINDOW_PER_WORKER * workers + 1 buffers of BUFFER_SIZE are filled or in
+# flight, each with its sealed (compressed) new blocks, so 2 cores hold about 10 MiB of
+# image and as much of packs-to-be.  Larger buffers or a deeper window measured no faster.
+BUFFER_SIZE = 2 << 20
+WINDOW_PER_WORKER = 2
 CHECKPOINT_SIZE = 2 << 30  # bytes of the volume between checkpoints, by default
 RESUME_SAMPLE_COUNT = 30  # checkpointed blocks read again to check a resume's source
 MAX_VOLUME_NAME_SIZE = 200
@@ -505,13 +509,13 @@ class _Run:
         src, bs = self.src, self.bs
         scanner = Scanner(self.store, self.writer, bs)
         # Hinted runs read little and compress most of it: smaller steps spread that work
-        # over every worker instead of leaving one extent's 8 MiB to a single thread.
+        # over every worker instead of leaving one extent's buffer to a single thread.
         step_size = BUFFER_SIZE if self.hints is None else READ_PART
         buffer_blocks = max(1, step_size // bs)
         workers = workers or os.cpu_count() or 2
         # Steps in flight: enough that one buffer full of changed blocks being compressed
         # does not stall the other workers, few enough that memory stays small and fixed.
-        window = 4 * workers
+        window = WINDOW_PER_WORKER * workers
         report: ProgressCallback = progress or (lambda _p: None)
         size = src.size
 
@@ -532,7 +536,7 @@ class _Run:
                     n = buffer_blocks if end is None else min(buffer_blocks, end - pos)
                     offset = pos * bs
                     length = n * bs if size is None else min(n * bs, size - offset)
-                    # A short step (a changed extent) gets a buffer its size, not 8 MiB.
+                    # A short step (a changed extent) gets a buffer its size, not a whole one.
                     buf = free.pop() if free else None
                     if buf is None or len(buf) < length:
                         buf = bytearray(max(length, bs))

@@ -17,7 +17,7 @@ import pytest
 import blocksnap
 from blocksnap.errors import UsageError
 from blocksnap.extents import DataRuns, hint_runs, parse_extents
-from blocksnap.snapshot import RESUME_SAMPLE_COUNT
+from blocksnap.snapshot import BUFFER_SIZE, RESUME_SAMPLE_COUNT
 from blocksnap.store.packs import overhead_size
 from tests.conftest import debugfs, interrupt_after, run_cli
 from tests.test_gc_safety import run_killed
@@ -291,21 +291,29 @@ def busy_image(ext4_image: Path) -> Path:
     return ext4_image
 
 
+# A run with checkpoints every 12 MiB, interrupted after 20 MiB, has checkpointed once, at
+# the first step (of BUFFER_SIZE) that ends at or after 12 MiB.
+CHECKPOINTED = -(-(12 << 20) // BUFFER_SIZE) * BUFFER_SIZE
+assert CHECKPOINTED < 20 << 20
+
+
 def test_resume_reads_and_stores_nothing_twice(busy_image: Path, tmp_path: Path) -> None:
     size = busy_image.stat().st_size
     with blocksnap.Repository.init(tmp_path / "repo", pack_target_size=256 << 10) as repo:
         with pytest.raises(blocksnap.Interrupted, match="checkpointed: run it again with --resume"):
             repo.snapshot(
-                "vol", busy_image, checkpoint_size=12 << 20, progress=interrupt_after(24 << 20)
+                "vol", busy_image, checkpoint_size=12 << 20, progress=interrupt_after(20 << 20)
             )
         ck = repo.checkpoint("vol")
-        assert ck is not None and ck.block_count * BS == 16 << 20
+        assert ck is not None and ck.block_count * BS == CHECKPOINTED
         # What was stored after the checkpoint is in the index, unreferenced.
         assert repo.store.index.unreferenced_count() > 0
         # The checkpoint's references are counted: verify finds no drift, even mid-way.
         assert repo.verify().ok
         # A resumed run stopped before its own first checkpoint leaves the old one.
-        with pytest.raises(blocksnap.Interrupted, match="first 16777216 bytes are checkpointed"):
+        with pytest.raises(
+            blocksnap.Interrupted, match=f"first {CHECKPOINTED} bytes are checkpointed"
+        ):
             repo.snapshot("vol", busy_image, resume=True, progress=interrupt_after(0))
         assert repo.checkpoint("vol") == ck
         before = bytes_read_by_process()
@@ -313,7 +321,7 @@ def test_resume_reads_and_stores_nothing_twice(busy_image: Path, tmp_path: Path)
         read = bytes_read_by_process() - before
         assert info.counts.resumed == ck.block_count
         # Only a sample of what the checkpoint covers is read again, to check the source.
-        assert read <= size - (16 << 20) + (RESUME_SAMPLE_COUNT + 3) * BS
+        assert read <= size - CHECKPOINTED + (RESUME_SAMPLE_COUNT + 3) * BS
         assert dead_bytes(repo) == 0  # no block stored twice
         assert repo.checkpoint("vol") is None
         assert restored_digest(repo, info, tmp_path) == digest(busy_image)
@@ -333,7 +341,7 @@ def test_resume_after_its_parent_is_pruned_and_gc_runs(
         parent = repo.snapshot("vol", ext4_base)
         with pytest.raises(blocksnap.Interrupted):
             repo.snapshot(
-                "vol", busy_image, checkpoint_size=12 << 20, progress=interrupt_after(24 << 20)
+                "vol", busy_image, checkpoint_size=12 << 20, progress=interrupt_after(20 << 20)
             )
         # While it waits, its parent is removed and gc runs: the checkpoint keeps the
         # parent's map (and so its blocks), which the resumed run takes the rest from.
@@ -344,7 +352,7 @@ def test_resume_after_its_parent_is_pruned_and_gc_runs(
         assert repo.store.index.location(parent.map_root) is not None
         assert repo.verify().ok
         info = repo.snapshot("vol", busy_image, resume=True)
-        assert info.parent == parent.id and info.counts.resumed * BS == 16 << 20
+        assert info.parent == parent.id and info.counts.resumed * BS == CHECKPOINTED
         assert restored_digest(repo, info, tmp_path) == digest(busy_image)
         repo.gc()
         report = repo.verify(read_data=True)

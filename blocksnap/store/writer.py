@@ -148,6 +148,7 @@ class StoreWriter:
 
     WRITE_PART = 1 << 20
     SYNC_EVERY = 4 << 20
+    MAX_QUEUED = 8  # tasks (mostly parts of WRITE_PART) queued for the pack thread: a bound
 
     def __init__(self, store: OpenStore) -> None:
         self.store = store
@@ -269,6 +270,10 @@ class StoreWriter:
     # --- on the calling thread -------------------------------------------------------------
 
     def _submit(self, fn: Callable[..., int], *args: Any) -> None:
+        # Storage slower than the engine makes the caller wait here, rather than pile up
+        # parts of packs in memory.
+        while len(self._tasks) >= self.MAX_QUEUED:
+            self._reap(until=self._tasks[0])
         self._tasks.append(self._pool.submit(fn, *args))
 
     def _reap(self, until: Future[int] | None = None, wait: bool = False) -> None:
