@@ -21,6 +21,42 @@ PAIRS = [
     ("test_incremental_snapshot", "test_baseline_cat", "`cat IMAGE > /dev/null`", 0.5),
     ("test_full_restore", "test_baseline_cp", "`cp` of the image", 0.5),
     (
+        "test_device_full_snapshot[cold]",
+        "test_device_baseline_zstd_T2[cold]",
+        "`zstd -1 -T2` of the loop device, page cache dropped",
+        0.9,
+    ),
+    (
+        "test_device_full_snapshot[warm]",
+        "test_device_baseline_zstd_T2[warm]",
+        "`zstd -1 -T2` of the loop device, warm",
+        0.9,
+    ),
+    (
+        "test_device_incremental_snapshot[cold]",
+        "test_device_baseline_dd[cold]",
+        "`dd bs=16M` of the loop device, page cache dropped",
+        0.9,
+    ),
+    (
+        "test_device_incremental_snapshot[warm]",
+        "test_device_baseline_dd[warm]",
+        "`dd bs=16M` of the loop device, warm",
+        0.9,
+    ),
+    (
+        "test_device_restore[whole]",
+        "test_device_baseline_dd_direct_write",
+        "`dd bs=16M oflag=direct` of the image onto the device",
+        0.8,
+    ),
+    (
+        "test_device_restore[only-changed]",
+        "test_device_baseline_dd_direct_write",
+        "`dd bs=16M oflag=direct` of the image onto the device",
+        0.8,
+    ),
+    (
         "test_s3_full_snapshot",
         "test_baseline_s3_parallel_upload",
         "bare parallel upload of the stored bytes, same client (S3)",

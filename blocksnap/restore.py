@@ -2,7 +2,8 @@
 
 A new file is built under a temporary name beside the target and renamed into place only
 when complete, so a failed or interrupted restore leaves nothing behind.  An existing file
-or block device is written in place; with only_changed, each of its blocks is first read
+or block device is written in place (a device with O_DIRECT, in runs gathered in aligned
+buffers, where it takes them); with only_changed, each of its blocks is first read
 and compared (by the same seeded XXH3-128 change filter that snapshots use) and only blocks
 that differ are written.  Every block written was checked against its ID by the source.
 
@@ -16,9 +17,12 @@ block.  Each worker holds at most one batch.
 from __future__ import annotations
 
 import contextlib
+import errno
+import mmap
 import os
 import secrets
 import stat
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -42,6 +46,57 @@ CHUNK_SIZE = 8 << 20
 # Block bytes all workers together hold from the source at once, at most: on a host with
 # many cores each worker's batch is smaller than READ_BATCH_SIZE, so memory stays flat.
 READ_BUDGET = 64 << 20
+# Onto a block device, blocks go through one aligned buffer per worker of DIRECT_RUN bytes
+# with O_DIRECT: buffered writes and the final fsync took a loop device 3.4 s per GiB on
+# the reference machine, direct ones 0.5 s (dd bs=4M to 16M oflag=direct conv=fsync).
+DIRECT_RUN = 2 << 20
+DIRECT_ALIGN = 4096  # offsets and lengths of direct writes: any device's logical block
+
+
+def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
+    while view:
+        done = os.pwrite(fd, view, pos)
+        view, pos = view[done:], pos + done
+
+
+class _DirectWriter:
+    """A worker's writes onto a device: consecutive blocks gathered in an aligned buffer
+    and written with O_DIRECT in runs; what is not aligned (the image's end, on a larger
+    device) goes through the ordinary descriptor, as does everything once the device
+    refuses a direct write (EINVAL: a logical block larger than DIRECT_ALIGN)."""
+
+    def __init__(self, direct_fd: int, fd: int, block_size: int) -> None:
+        self.direct_fd = direct_fd
+        self.fd = fd
+        self.size = max(DIRECT_RUN, block_size)
+        self.buf = mmap.mmap(-1, self.size)  # page-aligned, as O_DIRECT needs
+        self.view = memoryview(self.buf)
+        self.start = 0  # where in the target the buffer's first byte goes
+        self.fill = 0
+
+    def add(self, pos: int, data: bytes | memoryview) -> None:
+        if self.fill and (pos != self.start + self.fill or self.fill + len(data) > self.size):
+            self.flush()
+        if not self.fill:
+            self.start = pos
+        self.view[self.fill : self.fill + len(data)] = data
+        self.fill += len(data)
+
+    def flush(self) -> None:
+        fill, self.fill = self.fill, 0
+        aligned = 0 if self.start % DIRECT_ALIGN else fill // DIRECT_ALIGN * DIRECT_ALIGN
+        if aligned and self.direct_fd >= 0:
+            try:
+                _pwrite_all(self.direct_fd, self.view[:aligned], self.start)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self.direct_fd = -1
+                aligned = 0
+        else:
+            aligned = 0
+        if aligned < fill:
+            _pwrite_all(self.fd, self.view[aligned:fill], self.start + aligned)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +152,8 @@ def restore_image(
     read_batch_size: block bytes asked of the source at once; one block size gives one
     read per block (the benchmarks compare the two)."""
     fd, is_new = _open_device(target, info.image_size)
+    device = fd >= 0
+    direct_fd = -1
     tmp: str | None = None
     in_place = fd >= 0 or (not is_new and only_changed)
     try:
@@ -111,10 +168,14 @@ def restore_image(
                 )
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 os.ftruncate(fd, info.image_size)
+        if fd >= 0 and device:
+            with contextlib.suppress(OSError):  # not every device takes O_DIRECT
+                direct_fd = os.open(target, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
         result = _write(
             source,
             info,
             fd,
+            direct_fd,
             in_place,
             only_changed,
             filter_seed,
@@ -136,6 +197,8 @@ def restore_image(
     except OSError as exc:
         raise RestoreError(f"cannot write {target}: {exc.strerror or exc}") from exc
     finally:
+        if direct_fd >= 0:
+            os.close(direct_fd)
         if fd >= 0:
             os.close(fd)
         if tmp is not None:
@@ -147,6 +210,7 @@ def _write(
     source: BlockSource,
     info: SnapshotInfo,
     fd: int,
+    direct_fd: int,
     in_place: bool,
     only_changed: bool,
     seed: int,
@@ -161,6 +225,8 @@ def _write(
     per_chunk = max(1, CHUNK_SIZE // bs)
     totals = [0, 0, 0, 0]  # written, unchanged, zero, bytes
     report: Callable[[Progress], None] = progress or (lambda _p: None)
+    zeros = bytes(bs)
+    local = threading.local()  # each worker's _DirectWriter, onto a device
 
     def work(start: int, digests: bytes, ids: bytes) -> tuple[int, int, int, int]:
         count = len(ids) // BLOCK_ID_SIZE
@@ -172,6 +238,11 @@ def _write(
             current_flags = bytearray(count)
             current = bytearray(count * 16)
             native.scan(existing, bs, seed, digests, current_flags, current)
+        out: _DirectWriter | None = None
+        if direct_fd >= 0:
+            out = getattr(local, "out", None)
+            if out is None:
+                out = local.out = _DirectWriter(direct_fd, fd, bs)
         written = unchanged = zero = nbytes = 0
         wanted: list[tuple[int, bytes]] = []  # (i, block id) of the blocks to write
         for i in range(count):
@@ -186,21 +257,25 @@ def _write(
             for (i, block_id), data in zip(run, contents, strict=True):
                 pos = offset + i * bs
                 size = min(bs, info.image_size - pos)
+                view = memoryview(data)
                 if block_id == ZERO_ID:
                     zero += 1
                     if not in_place:
                         continue  # a hole in the new sparse file
-                    data = bytes(size)
+                    view = memoryview(zeros)[:size]
                 else:
                     written += 1
                     if len(data) != size:
                         raise RestoreError(
                             f"block {start + i} holds {len(data)} bytes, expected {size}"
                         )
-                view = memoryview(data)
-                while view:
-                    view = view[os.pwrite(fd, view, pos + len(data) - len(view)) :]
+                if out is not None:
+                    out.add(pos, view)
+                else:
+                    _pwrite_all(fd, view, pos)
                 nbytes += size
+        if out is not None:
+            out.flush()  # the chunk's last run: a chunk's work is done when it is written
         return written, unchanged, zero, nbytes
 
     def collect(future: Future[tuple[int, int, int, int]]) -> None:

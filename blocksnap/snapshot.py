@@ -50,7 +50,8 @@ from blocksnap.workers import worker_pool
 
 # Memory: at most WINDOW_PER_WORKER * workers + 1 buffers of BUFFER_SIZE are filled or in
 # flight, each with its sealed (compressed) new blocks, so 2 cores hold about 10 MiB of
-# image and as much of packs-to-be.  Larger buffers or a deeper window measured no faster.
+# image and as much of packs-to-be (a buffer holds one block at least: 4 MiB blocks take
+# 4 MiB buffers).  Larger buffers or a deeper window measured no faster.
 BUFFER_SIZE = 2 << 20
 WINDOW_PER_WORKER = 2
 CHECKPOINT_SIZE = 2 << 30  # bytes of the volume between checkpoints, by default

@@ -148,7 +148,7 @@ class StoreWriter:
 
     WRITE_PART = 1 << 20
     SYNC_EVERY = 4 << 20
-    MAX_QUEUED = 8  # tasks (mostly parts of WRITE_PART) queued for the pack thread: a bound
+    MAX_QUEUED = 8  # tasks (mostly parts of WRITE_PART) queued when add() takes a record
 
     def __init__(self, store: OpenStore) -> None:
         self.store = store
@@ -215,6 +215,12 @@ class StoreWriter:
         if not checked and not self.missing([object_id])[0]:
             return 0
         self._reap()
+        # Storage slower than the engine makes the caller wait here, before this record
+        # changes any state (a failure of the work waited for leaves the writer as it
+        # was), rather than pile up parts of packs in memory.  One add queues at most a
+        # few more tasks (begin, a part, and sealing: a part and the finish, twice).
+        while len(self._tasks) >= self.MAX_QUEUED:
+            self._reap(until=self._tasks[0])
         kind = sealed.kind
         pack = self._open.get(kind)
         if pack is None:
@@ -270,10 +276,6 @@ class StoreWriter:
     # --- on the calling thread -------------------------------------------------------------
 
     def _submit(self, fn: Callable[..., int], *args: Any) -> None:
-        # Storage slower than the engine makes the caller wait here, rather than pile up
-        # parts of packs in memory.
-        while len(self._tasks) >= self.MAX_QUEUED:
-            self._reap(until=self._tasks[0])
         self._tasks.append(self._pool.submit(fn, *args))
 
     def _reap(self, until: Future[int] | None = None, wait: bool = False) -> None:
