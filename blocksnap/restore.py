@@ -51,6 +51,7 @@ READ_BUDGET = 64 << 20
 # the reference machine, direct ones 0.5 s (dd bs=4M to 16M oflag=direct conv=fsync).
 DIRECT_RUN = 2 << 20
 DIRECT_ALIGN = 4096  # offsets and lengths of direct writes: any device's logical block
+O_DIRECT: int = getattr(os, "O_DIRECT", 0)  # Linux; elsewhere devices are written buffered
 
 
 def _pwrite_all(fd: int, view: memoryview, pos: int) -> None:
@@ -81,6 +82,10 @@ class _DirectWriter:
             self.start = pos
         self.view[self.fill : self.fill + len(data)] = data
         self.fill += len(data)
+
+    def discard(self) -> None:
+        """Forget what is gathered: the chunk it belongs to failed."""
+        self.fill = 0
 
     def flush(self) -> None:
         fill, self.fill = self.fill, 0
@@ -168,9 +173,11 @@ def restore_image(
                 )
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 os.ftruncate(fd, info.image_size)
-        if fd >= 0 and device:
-            with contextlib.suppress(OSError):  # not every device takes O_DIRECT
-                direct_fd = os.open(target, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        if fd >= 0 and device and O_DIRECT:
+            # The device already opened (not the path again, which a symlink re-pointed
+            # meanwhile could turn into another device); not every device takes O_DIRECT.
+            with contextlib.suppress(OSError):
+                direct_fd = os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | O_DIRECT | os.O_CLOEXEC)
         result = _write(
             source,
             info,
@@ -243,6 +250,7 @@ def _write(
             out = getattr(local, "out", None)
             if out is None:
                 out = local.out = _DirectWriter(direct_fd, fd, bs)
+            out.discard()  # what a failed chunk of this worker left is not written
         written = unchanged = zero = nbytes = 0
         wanted: list[tuple[int, bytes]] = []  # (i, block id) of the blocks to write
         for i in range(count):
