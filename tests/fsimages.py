@@ -91,7 +91,8 @@ def _blank(image: Path, size_mb: int) -> None:
 
 
 @contextlib.contextmanager
-def _loop(image: Path) -> Iterator[str]:
+def loop_device(image: Path) -> Iterator[str]:
+    """A loop device over image (read-write), detached on leaving."""
     device = subprocess.run(
         ["losetup", "-f", "--show", str(image)], check=True, capture_output=True, text=True
     ).stdout.strip()
@@ -111,7 +112,7 @@ def _mounted(image: Path, kind: str) -> Iterator[Path]:
             elif kind == "ntfs":
                 _run("ntfs-3g", str(image), str(point))
             else:
-                _run("mount.exfat-fuse", stack.enter_context(_loop(image)), str(point))
+                _run("mount.exfat-fuse", stack.enter_context(loop_device(image)), str(point))
             try:
                 yield point
             finally:
@@ -243,7 +244,7 @@ def lvm_physical_volumes(workdir: Path, vg: str, root: Path, data: Path) -> list
     pvs = [workdir / f"{vg}-pv{i}.img" for i in (1, 2)]
     for pv in pvs:
         _blank(pv, size >> 20)
-    with _loop(pvs[0]) as first, _loop(pvs[1]) as second:
+    with loop_device(pvs[0]) as first, loop_device(pvs[1]) as second:
         files = {first: pvs[0], second: pvs[1]}
 
         def lvm(*args: str) -> list[list[str]]:

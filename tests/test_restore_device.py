@@ -9,10 +9,7 @@ import fcntl
 import os
 import random
 import shutil
-import subprocess
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ import pytest
 import blocksnap
 from blocksnap.restore import DIRECT_RUN
 from tests.conftest import debugfs
+from tests.fsimages import loop_device
 
 _real_pwrite = os.pwrite
 
@@ -40,17 +38,6 @@ def written(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 
     monkeypatch.setattr(os, "pwrite", pwrite)
     return counts
-
-
-@contextmanager
-def loop_device(backing: Path) -> Iterator[str]:
-    device = subprocess.run(
-        ["losetup", "-f", "--show", str(backing)], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    try:
-        yield device
-    finally:
-        subprocess.run(["losetup", "-d", device], check=True)
 
 
 def read_device(device: str, size: int) -> bytes:
