@@ -126,6 +126,28 @@ def test_device_baseline_zstd_T2(
     )
 
 
+def _snapshot_rounds(
+    benchmark: Any, tmp_path: Path, cache: str, source: str, parent: str | None
+) -> None:
+    """Rounds of a snapshot of source into a new repository, after one of parent."""
+    counter = iter(range(1000))
+
+    def setup() -> tuple[tuple[blocksnap.Repository], dict[str, Any]]:
+        repo = blocksnap.Repository.init(tmp_path / f"repo{next(counter)}")
+        if parent is not None:
+            repo.snapshot("vol", parent)
+            os.sync()  # the full snapshot's packs written back, as hours later in service
+        _prepare(cache, source)
+        return (repo,), {}
+
+    def run(repo: blocksnap.Repository) -> None:
+        info = repo.snapshot("vol", source)
+        benchmark.extra_info["stored_size"] = info.stored_size
+        repo.close()
+
+    benchmark.pedantic(run, setup=setup, rounds=ROUNDS)
+
+
 @pytest.mark.parametrize("cache", CACHES)
 def test_device_full_snapshot(
     benchmark: Any,
@@ -136,18 +158,7 @@ def test_device_full_snapshot(
 ) -> None:
     device, _ = devices
     _record(benchmark, bench_images[0].stat().st_size, cache)
-    counter = iter(range(1000))
-
-    def setup() -> tuple[tuple[blocksnap.Repository], dict[str, Any]]:
-        repo = blocksnap.Repository.init(tmp_path / f"repo{next(counter)}")
-        _prepare(cache, device)
-        return (repo,), {}
-
-    def run(repo: blocksnap.Repository) -> None:
-        repo.snapshot("vol", device)
-        repo.close()
-
-    benchmark.pedantic(run, setup=setup, rounds=ROUNDS)
+    _snapshot_rounds(benchmark, tmp_path, cache, device, None)
 
 
 @pytest.mark.parametrize("cache", CACHES)
@@ -160,21 +171,7 @@ def test_device_incremental_snapshot(
 ) -> None:
     device, changed = devices
     _record(benchmark, bench_images[1].stat().st_size, cache)
-    counter = iter(range(1000))
-
-    def setup() -> tuple[tuple[blocksnap.Repository], dict[str, Any]]:
-        repo = blocksnap.Repository.init(tmp_path / f"repo{next(counter)}")
-        repo.snapshot("vol", device)
-        os.sync()  # the full snapshot's packs written back, as hours later in service
-        _prepare(cache, changed)
-        return (repo,), {}
-
-    def run(repo: blocksnap.Repository) -> None:
-        info = repo.snapshot("vol", changed)
-        benchmark.extra_info["stored_size"] = info.stored_size
-        repo.close()
-
-    benchmark.pedantic(run, setup=setup, rounds=ROUNDS)
+    _snapshot_rounds(benchmark, tmp_path, cache, changed, device)
 
 
 @pytest.fixture(scope="module")

@@ -173,7 +173,7 @@ def restore_image(
                 )
                 fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 os.ftruncate(fd, info.image_size)
-        if fd >= 0 and device and O_DIRECT:
+        if device and O_DIRECT:
             # The device already opened (not the path again, which a symlink re-pointed
             # meanwhile could turn into another device); not every device takes O_DIRECT.
             with contextlib.suppress(OSError):
