@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 # (operation, its baseline, what the baseline is, target ratio)
@@ -143,6 +144,52 @@ def _requests(counted: dict[str, int]) -> str:
     return ", ".join(f"{op} {n}" for op, n in sorted(counted.items(), key=lambda kv: -kv[1]))
 
 
+PEER_OPERATIONS = [
+    ("full", "full snapshot"),
+    ("incremental", "incremental (2% of files rewritten)"),
+    ("restore", "full restore, checked byte-identical"),
+    ("one_file", "one 1 MiB file back (peers: full restore, loop mount, copy)"),
+]
+
+
+def peers(benches: dict[str, Any]) -> None:
+    """bench_peers' tables: each peer's time, bytes stored per incremental and peak RSS as
+    a ratio to blocksnap's in the same run (above 1x: the peer takes more), then the
+    versions and settings."""
+    tools = [
+        name.removeprefix("test_peer_full[").rstrip("]")
+        for name in benches
+        if name.startswith("test_peer_full[")
+    ]
+    if "blocksnap" not in tools:
+        return
+    tools.remove("blocksnap")
+    print("\n| peers, page cache warm | blocksnap | " + " | ".join(tools) + " |")
+    print("|---|---|" + "---|" * len(tools))
+    measures: list[tuple[str, Callable[[dict[str, Any]], float], str]] = [
+        ("time", lambda b: float(b["stats"]["median"]), "{:.2f} s"),
+        ("bytes stored", lambda b: float(b["extra_info"]["stored_bytes"]), "{:.1f} MiB"),
+        ("peak RSS", lambda b: float(b["extra_info"]["peak_rss_mib"]), "{:.0f} MiB"),
+    ]
+    for op, label in PEER_OPERATIONS:
+        own = benches.get(f"test_peer_{op}[blocksnap]")
+        if own is None:
+            continue
+        for what, value, unit in measures:
+            if what == "bytes stored" and op != "incremental":
+                continue
+            scale = 2**20 if what == "bytes stored" else 1
+            cells = [unit.format(value(own) / scale)]
+            for tool in tools:
+                peer = benches.get(f"test_peer_{op}[{tool}]")
+                cells.append(f"{value(peer) / value(own):.2f}x" if peer else "-")
+            print(f"| {label}: {what} | " + " | ".join(cells) + " |")
+    print("\n| tool | version | settings |\n|---|---|---|")
+    for tool in ["blocksnap", *tools]:
+        info = benches[f"test_peer_full[{tool}]"]["extra_info"]
+        print(f"| {tool} | {info['tool']} | {info['settings']} |")
+
+
 def main(path: str) -> None:
     with open(path) as f:
         benches = {b["name"]: b for b in json.load(f)["benchmarks"]}
@@ -153,6 +200,7 @@ def main(path: str) -> None:
             print(f"| {name.removeprefix('test_')} | {label} | {ratio:.2f}x | {target}x |")
     single_file(benches)
     s3_requests(benches)
+    peers(benches)
     synth, full = benches.get("test_synthesize"), benches.get("test_full_snapshot")
     gc1 = benches.get("test_gc_after_pruning_one_snapshot[1]")
     gc10 = benches.get("test_gc_after_pruning_one_snapshot[10]")
