@@ -4,13 +4,22 @@ Every tool runs as its own command line, timed whole (start-up included), its pe
 taken by GNU time (`%M`: the command's own high-water mark, not its parent's).  The
 operations are those of a backup cycle: a full snapshot of the benchmark image; an
 incremental of the copy with 2% of its files rewritten; a full restore of that one,
-checked byte-identical; and one file of about 1 MiB out of it, checked too.  Only
-blocksnap reads a file out of a snapshot: a peer restores the whole image, mounts it
-read-only on a loop device and copies the file, its only way.  A restore is timed until
-its output is on disk (fsync), as blocksnap's own restore and extract wait for that
-before they end and the peers do not.  The page cache is warm
-(the image is read before every round, after the previous round's output is written back
-with sync), so the figures compare the tools and not the disk.
+checked byte-identical; and one file of about 1 MiB out of it, checked too.
+
+Only blocksnap reads a file out of a snapshot without mounting anything: a peer restores
+the whole image, mounts it read-only on a loop device and copies the file (borg, restic
+and casync can also mount a backup through FUSE or serve it as a device, which this does
+not measure).  A restore is timed until its output is on disk (fsync), as blocksnap's own
+restore and extract wait for that before they end and the peers do not.  The page cache
+is warm in the sense that the image is read before every round, after the previous
+round's output is written back with sync; a restore reads the repository as the earlier
+rounds left it in the page cache.  Outputs are checked and removed, and byte counts
+taken, between rounds, outside the timing.
+
+The images are sparse files: blocksnap skips their holes unread and restores them as
+holes, as casync does; the peers read every zero byte of them, and borg (`extract
+--stdout`) and restic (`dump`) also write every zero byte back, which weighs on their
+full and restore times.
 
 Settings, chosen so that the stored bytes compare: no encryption where a tool allows it
 (restic always encrypts); zstd, at level 1 where the level can be chosen (borg; restic's
@@ -18,7 +27,7 @@ Settings, chosen so that the stored bytes compare: no encryption where a tool al
 default block size) and at 4 MiB, and its default buzhash chunker; casync's default
 64 KiB average chunks.  BLOCKSNAP_BENCH_PEER_ROUNDS gives the rounds (1 in the quick pass,
 3 in the README's full run).  A tool that is not installed is skipped, naming what
-installs the peers: `bash .ci/setup-peers`.
+installs the peers: `bash .ci/setup --peers`.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from tests.conftest import DEBUGFS
 ROUNDS = int(os.environ.get("BLOCKSNAP_BENCH_PEER_ROUNDS", "1"))
 TIME = "/usr/bin/time"
 WANT_SIZE = 1 << 20
-INSTALL = "bash .ci/setup-peers installs them"
+INSTALL = "bash .ci/setup --peers installs them"
 
 
 class Peer:
@@ -71,19 +80,21 @@ class Peer:
 
     def extract(self, repo: Path, image: Path, n: int, path: str, to: Path) -> float:
         """Bring the file at path in backup n back into the directory to, and return the
-        peak RSS in MiB of the commands it took.  A peer's only way: restore the whole
+        peak RSS in MiB of the restore command.  A peer's only way: restore the whole
         image, mount it read-only on a loop device, copy the file, unmount."""
         whole = to / "whole.img"
         argv, stdout = self.restore(repo, image, n, whole)
-        peak = run(argv, self.env(repo), whole if stdout else None)
         mnt = to / "mnt"
-        mnt.mkdir()
-        subprocess.run(["mount", "-o", "ro,loop", str(whole), str(mnt)], check=True)
         try:
-            shutil.copyfile(mnt / path.lstrip("/"), to / Path(path).name)
+            peak = run(argv, self.env(repo), whole if stdout else None)
+            mnt.mkdir()
+            subprocess.run(["mount", "-o", "ro,loop", str(whole), str(mnt)], check=True)
+            try:
+                shutil.copyfile(mnt / path.lstrip("/"), to / Path(path).name)
+            finally:
+                subprocess.run(["umount", str(mnt)], check=False)
         finally:
-            subprocess.run(["umount", str(mnt)], check=True)
-        whole.unlink()
+            whole.unlink(missing_ok=True)
         fsync(to / Path(path).name)
         return peak
 
@@ -300,18 +311,31 @@ def _rounds(
     image: Path,
     run_round: Callable[..., None],
     prepare: Callable[[Path], tuple[Any, ...]] = lambda where: (where,),
+    finish: Callable[[Path], None] = lambda where: None,
 ) -> None:
-    """ROUNDS rounds of run_round(*prepare(fresh directory)), each after _warm(image)."""
+    """ROUNDS rounds of run_round(*prepare(fresh directory)), each after _warm(image).
+    finish(directory) runs after each round, untimed (in the next round's setup, and
+    after the last), and then the directory is removed."""
     counter = itertools.count()
+    done: list[Path] = []
+
+    def settle() -> None:
+        while done:
+            where = done.pop()
+            finish(where)
+            shutil.rmtree(where)
 
     def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        settle()
         where = tmp_path / f"round{next(counter)}"
         where.mkdir()
+        done.append(where)
         args = prepare(where)
         _warm(image)
         return args, {}
 
     benchmark.pedantic(run_round, setup=setup, rounds=ROUNDS)
+    settle()
 
 
 @pytest.mark.parametrize("peer", PEERS, ids=lambda p: p.name)
@@ -329,9 +353,11 @@ def test_peer_full(
 
     def full(repo: Path) -> None:
         peaks.append(run(peer.backup(repo, image, 0), peer.env(repo)))
-        benchmark.extra_info["stored_bytes"] = stored_bytes(repo)
 
-    _rounds(benchmark, tmp_path, image, full, setup)
+    def finish(where: Path) -> None:
+        benchmark.extra_info["stored_bytes"] = stored_bytes(where / "repo")
+
+    _rounds(benchmark, tmp_path, image, full, setup, finish)
     _record(benchmark, peer, image.stat().st_size, peaks)
 
 
@@ -342,18 +368,23 @@ def test_peer_incremental(
     _usable(peer)
     image, changed = bench_images
     peaks: list[float] = []
+    before: dict[Path, int] = {}
 
-    def setup(where: Path) -> tuple[Path, int]:
+    def setup(where: Path) -> tuple[Path]:
         repo = where / "repo"
         run(peer.init(repo), peer.env(repo))
         run(peer.backup(repo, image, 0), peer.env(repo))
-        return repo, stored_bytes(repo)
+        before[repo] = stored_bytes(repo)
+        return (repo,)
 
-    def incremental(repo: Path, before: int) -> None:
+    def incremental(repo: Path) -> None:
         peaks.append(run(peer.backup(repo, changed, 1), peer.env(repo)))
-        benchmark.extra_info["stored_bytes"] = stored_bytes(repo) - before
 
-    _rounds(benchmark, tmp_path, changed, incremental, setup)
+    def finish(where: Path) -> None:
+        repo = where / "repo"
+        benchmark.extra_info["stored_bytes"] = stored_bytes(repo) - before.pop(repo)
+
+    _rounds(benchmark, tmp_path, changed, incremental, setup, finish)
     _record(benchmark, peer, changed.stat().st_size, peaks)
 
 
@@ -362,18 +393,18 @@ def test_peer_restore(benchmark: Any, filled: Filled, tmp_path: Path, peer: Peer
     _usable(peer)
     repo = filled(peer)
     peaks: list[float] = []
-    outs: list[Path] = []
 
     def restore(where: Path) -> None:
         out = where / "restored.img"
         argv, stdout = peer.restore(repo, filled.changed, 1, out)
         peaks.append(run(argv, peer.env(repo), out if stdout else None))
         fsync(out)
-        outs.append(out)
 
-    _rounds(benchmark, tmp_path, filled.changed, restore)
-    for out in outs:
+    def finish(where: Path) -> None:
+        out = where / "restored.img"
         assert filecmp.cmp(out, filled.changed, shallow=False), f"{peer.name} restored {out}"
+
+    _rounds(benchmark, tmp_path, filled.changed, restore, finish=finish)
     _record(benchmark, peer, filled.changed.stat().st_size, peaks)
 
 
@@ -384,13 +415,14 @@ def test_peer_one_file(benchmark: Any, filled: Filled, tmp_path: Path, peer: Pee
         pytest.skip(f"{peer.name} brings one file back by mounting the image: needs root")
     repo = filled(peer)
     peaks: list[float] = []
-    got: list[Path] = []
+    name = Path(filled.path).name
 
     def one_file(where: Path) -> None:
         peaks.append(peer.extract(repo, filled.changed, 1, filled.path, where))
-        got.append(where / Path(filled.path).name)
 
-    _rounds(benchmark, tmp_path, filled.changed, one_file)
-    for path in got:
-        assert filecmp.cmp(path, filled.reference, shallow=False), f"{peer.name}: {path}"
+    def finish(where: Path) -> None:
+        got = where / name
+        assert filecmp.cmp(got, filled.reference, shallow=False), f"{peer.name}: {got}"
+
+    _rounds(benchmark, tmp_path, filled.changed, one_file, finish=finish)
     _record(benchmark, peer, filled.reference.stat().st_size, peaks)

@@ -156,11 +156,12 @@ def peers(benches: dict[str, Any]) -> None:
     """bench_peers' tables: each peer's time, bytes stored per incremental and peak RSS as
     a ratio to blocksnap's in the same run (above 1x: the peer takes more), then the
     versions and settings."""
-    tools = [
-        name.removeprefix("test_peer_full[").rstrip("]")
-        for name in benches
-        if name.startswith("test_peer_full[")
-    ]
+    tools: list[str] = []
+    for name in benches:
+        if name.startswith("test_peer_") and "[" in name:
+            tool = name.split("[", 1)[1].rstrip("]")
+            if tool not in tools:
+                tools.append(tool)
     if "blocksnap" not in tools:
         return
     tools.remove("blocksnap")
@@ -186,7 +187,7 @@ def peers(benches: dict[str, Any]) -> None:
             print(f"| {label}: {what} | " + " | ".join(cells) + " |")
     print("\n| tool | version | settings |\n|---|---|---|")
     for tool in ["blocksnap", *tools]:
-        info = benches[f"test_peer_full[{tool}]"]["extra_info"]
+        info = next(b["extra_info"] for n, b in benches.items() if n.endswith(f"[{tool}]"))
         print(f"| {tool} | {info['tool']} | {info['settings']} |")
 
 
