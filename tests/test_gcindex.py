@@ -34,7 +34,8 @@ def _mark(index: Index, pack_id: bytes, object_id: bytes) -> bytes | None:
 
 
 def _counts(index: Index, *ids: bytes) -> list[int | None]:
-    counts = index.view().counts
+    with index.copy() as view:
+        counts = dict(view.counts())
     return [counts.get(i) for i in ids]
 
 

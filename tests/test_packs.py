@@ -238,8 +238,9 @@ def _two_snapshots(repo_path: Path, image: Path) -> dict[str, bytes]:
 
 def _packs_by_kind(repo: blocksnap.Repository) -> dict[bytes, set[int]]:
     kinds: dict[bytes, set[int]] = defaultdict(set)
-    for loc in repo.store.index.view().locations.values():
-        kinds[loc.pack].add(loc.kind)
+    with repo.store.index.copy() as view:
+        for _object_id, loc in view.locations():
+            kinds[loc.pack].add(loc.kind)
     return kinds
 
 

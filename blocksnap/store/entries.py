@@ -1,6 +1,6 @@
 """The index's keys and values as bytes: the checked location record of an object, the
-reference-count value, timeline and settings keys, JSON entries, and IndexView (the index
-copied out).  Pure data and codecs: the layout they fill is documented in store/index.py.
+reference-count value, timeline and settings keys, and JSON entries.  Pure data and
+codecs: the layout they fill is documented in store/index.py.
 """
 
 from __future__ import annotations
@@ -55,18 +55,6 @@ def decode_location(key: bytes, value: bytes) -> Location:
     if CRC.unpack_from(value, LOC.size)[0] != zlib.crc32(key + body):
         raise IntegrityError(f"index entry for object {key.hex()} is damaged (checksum)")
     return Location(*LOC.unpack(body))
-
-
-@dataclass(frozen=True, slots=True)
-class IndexView:
-    """The index as one read transaction saw it (Index.view)."""
-
-    locations: dict[bytes, Location]  # object id -> location, for every intact entry
-    damaged: dict[bytes, str]  # object id -> why its entry cannot be trusted
-    counts: dict[bytes, int]  # object id -> reference count
-    packs: dict[bytes, dict[str, Any]]  # pack id -> pack entry
-    snapshots: list[tuple[str, str, bytes | None]]  # (volume, id, record or None), in order
-    pinned: list[bytes]  # the roots checkpoints hold references to
 
 
 def timeline_key(volume: str, seq: int, snapshot_id: str) -> bytes:

@@ -91,17 +91,10 @@ from typing import TYPE_CHECKING
 from blocksnap.errors import IntegrityError, StoreError
 from blocksnap.store import lmdbfile
 from blocksnap.store.catalogindex import CatalogIndex
-from blocksnap.store.entries import (
-    REF,
-    SEQ,
-    IndexView,
-    Location,
-    decode_location,
-    json_entry,
-    pinned_roots,
-)
+from blocksnap.store.entries import SEQ
 from blocksnap.store.gcindex import GcIndex
-from blocksnap.store.lmdbenv import lmdb_errors, prefixed
+from blocksnap.store.indexcopy import IndexCopy
+from blocksnap.store.lmdbenv import lmdb_errors
 from blocksnap.store.rebuildindex import RebuildIndex
 from blocksnap.store.writerindex import WriterIndex
 
@@ -154,42 +147,18 @@ class Index(WriterIndex, CatalogIndex, GcIndex, RebuildIndex):
                 "upgrading index", lambda txn: txn.put(b"format", INDEX_FORMAT, db=self.meta)
             )
 
-    def view(self, *, check_pages: bool = False) -> IndexView:
-        """Everything verify checks, copied out of one read transaction, so that it sees
-        one consistent state however long it then takes (see store/verify.py).  check_pages:
+    def copy(self, *, check_pages: bool = False, by_pack: bool = False) -> IndexCopy:
+        """Everything verify checks, copied out of one read transaction into a private
+        environment on disk, so that verify sees one consistent state however long it then
+        takes, in memory flat in the index's size (store/indexcopy.py).  check_pages:
         first check the structure of every page of that state (store/lmdbfile.py), which
-        LMDB would read unchecked."""
+        LMDB would read unchecked; by_pack: copy the entries by pack as well."""
         for _attempt in range(8):
             with lmdb_errors("reading index"), self._begin() as txn:
                 if check_pages and not lmdbfile.check_pages(self.path, txn.id()):
                     continue  # two commits since it began: its pages may be reused
-                return self._view(txn)
+                return IndexCopy(self, txn, by_pack=by_pack)
         raise StoreError("the index changed too often to check its pages; try again")
-
-    def _view(self, txn: Txn) -> IndexView:
-        locations: dict[bytes, Location] = {}
-        damaged: dict[bytes, str] = {}
-        snapshots: list[tuple[str, str, bytes | None]] = []
-        for key, value in txn.cursor(db=self.objects):
-            try:
-                locations[key] = decode_location(key, value)
-            except IntegrityError as exc:
-                damaged[key] = str(exc)
-        counts = {key: int(REF.unpack(value)[0]) for key, value in txn.cursor(db=self.refs)}
-        packs = {
-            key: json_entry(value, f"pack {key.hex()}") for key, value in txn.cursor(db=self.packs)
-        }
-        for name, _ in txn.cursor(db=self.volumes):
-            volume = name.decode()
-            for _, snapshot_id in prefixed(txn, self.timeline, name + b"\x00"):
-                record = txn.get(snapshot_id, db=self.snapshots)
-                snapshots.append((volume, snapshot_id.decode(), record))
-        pinned = [
-            root
-            for key, value in txn.cursor(db=self.checkpoints)
-            for root in pinned_roots(value, key)
-        ]
-        return IndexView(locations, damaged, counts, packs, snapshots, pinned)
 
 
 # LMDB forbids opening one environment twice in a process, yet a service may hold several

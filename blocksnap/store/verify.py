@@ -10,36 +10,44 @@ It also recounts, from one consistent view of the index, every reference count (
 node's entries and each snapshot's root) and every pack's live bytes, and reports any
 drift from what the index keeps: the backstop behind gc's exact counts.
 
-Verify runs safely beside snapshots, prune and gc, and never writes (so it works on a
-read-only copy).  It checks one view of the index, read in one transaction and copied
-out, so that it never holds LMDB's old pages (or gc) back for the hours a --read-data
-run may take.  What storage lacks is then either damage or a concurrent gc's doing: a
-pack compacted away after the view, a snapshot pruned and collected.  Before anything
-missing is called damage it is looked at again in the current index: an object that
-moved is checked where it is now, a map node is read where it is now, and damage to a
-snapshot that no longer exists is no damage.  Only what is still missing from a state
-that names it is reported.
+Verify runs safely beside snapshots, prune and gc, and never writes to the repository
+(so it works on a read-only copy).  It checks one view of the index, read in one
+transaction and copied to a private environment on disk (store/indexcopy.py), so that it
+never holds LMDB's old pages back for the hours a --read-data run may take, and so that
+its memory stays flat in the repository's size: what it keeps per object (the view, the
+recount's tally, the entries of each pack) is on disk; in memory is only what it keeps
+per pack, per snapshot, or per damaged object.
+
+What storage lacks is then either damage or a concurrent gc's doing: a pack compacted
+away after the view, a snapshot pruned and collected.  Before anything missing is called
+damage it is looked at again in the current index: an object that moved is checked where
+it is now, a map node is read where it is now, and damage to a snapshot that no longer
+exists is no damage.  Only what is still missing from a state that names it is reported.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections import Counter, defaultdict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from blocksnap.blockmap import ZERO_ID, BlockMap, node_children
 from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError
 from blocksnap.model import BLOCK_ID_SIZE, Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog, sync
-from blocksnap.store.entries import IndexView
+from blocksnap.store.indexcopy import IndexCopy
 from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, pack_name, walk_pack
 from blocksnap.store.records import open_checked
 from blocksnap.store.repository import Store
 
 INTERRUPTED_REPAIR = ("index.rebuild", "index.old")  # see store/rebuild.py
 _ATTEMPTS = 4  # looks again at what a concurrent gc moved, before calling it damage
+READ_BUDGET = 64 << 20  # whole packs --read-data holds at once, as far as it can
+_TALLY_BOUND = 100_000  # distinct objects the recount counts in memory before adding them
 
 
 @dataclass(slots=True)
@@ -134,12 +142,12 @@ class _Reader:
     """Reads map nodes where the view put them; a node whose pack a concurrent gc
     compacted away is looked up again in the current index (as Store.read_object does)."""
 
-    def __init__(self, store: Store, view: IndexView) -> None:
+    def __init__(self, store: Store, view: IndexCopy) -> None:
         self.store = store
         self.view = view
 
     def node(self, node_id: bytes) -> bytes:
-        loc = self.view.locations.get(node_id)
+        loc = self.view.location(node_id)
         if loc is None:
             why = self.view.damaged.get(node_id, "is not in the index")
             raise IntegrityError(f"map node {node_id.hex()}: {why}")
@@ -149,66 +157,114 @@ class _Reader:
             return self.store.read_node(node_id)
 
 
-def _recount(store: Store, report: VerifyReport, view: IndexView, limit: int = 20) -> list[str]:
+def _recount(store: Store, report: VerifyReport, view: IndexCopy, limit: int = 20) -> list[str]:
     """Messages for every count and live-byte total that differs from a full recount.
 
     The recount needs every map node of its view, counted or not.  When a concurrent gc
     deleted one after view was read, the recount starts again from a new view; after
-    _ATTEMPTS such races it is left out (counts_checked stays 0) rather than guessed."""
+    _ATTEMPTS such races it is left out (counts_checked stays 0) rather than guessed.
+    The counts go to the view's tally on disk, _TALLY_BOUND distinct objects at a time."""
     for attempt in range(_ATTEMPTS):
-        if attempt:
-            view = store.index.view()
-        reader = _Reader(store, view)
-        expected: Counter[bytes] = Counter()
-        expected_live: Counter[bytes] = Counter()
-        problems: list[str] = []
-        raced = False
-        for _volume, snapshot_id, record in view.snapshots:
-            if record is None:
-                continue  # reported with the snapshots
-            try:
-                expected[catalog.decode(record, f"snapshot {snapshot_id}").map_root] += 1
-            except IntegrityError as exc:
-                problems.append(f"reference recount: {exc}")
-        expected.update(view.pinned)  # an interrupted snapshot's checkpoint
-        for object_id, loc in view.locations.items():
-            expected_live[loc.pack] += HEADER_SIZE + loc.stored_size
-            if loc.kind != KIND_NODE:
-                continue
-            try:
-                expected.update(node_children(reader.node(object_id)))
-            except MissingObjectError as exc:
-                if store.index.location(object_id) is None:  # collected since the view
-                    raced = True
-                    break
-                problems.append(f"reference recount: {exc}")
-            except BlocksnapError as exc:
-                problems.append(f"reference recount: map node {object_id.hex()}: {exc}")
-        if raced:
-            continue
-        counts = view.counts
-        drift = [
-            f"reference count drift: object {object_id.hex()} has {counts.get(object_id)}, "
-            f"recount gives {expected[object_id]}"
-            for object_id in sorted(set(counts) | set(expected))
-            if counts.get(object_id, 0) != expected[object_id]
-        ]
-        report.counts_checked = len(counts)
-        report.unreferenced_objects = sum(1 for count in counts.values() if count == 0)
-        drift += [
-            f"live bytes drift: pack {pack_id.hex()} has {int(info.get('live', 0))}, "
-            f"recount gives {expected_live[pack_id]}"
-            for pack_id, info in sorted(view.packs.items())
-            if int(info.get("live", 0)) != expected_live[pack_id]
-        ]
-        if len(drift) > limit:
-            drift = [*drift[:limit], f"... and {len(drift) - limit} more counts drifted"]
-        return problems + drift
+        with contextlib.ExitStack() as own:
+            if attempt:
+                view = own.enter_context(store.index.copy())
+            problems = _tally(store, view)
+            if problems is None:
+                continue  # raced with a gc
+            return problems + _drift(report, view, limit)
     return []
 
 
+def _tally(store: Store, view: IndexCopy) -> list[str] | None:
+    """Count every reference of the view into its tally: the problems found on the way,
+    or None when a concurrent gc collected a map node since the view."""
+    reader = _Reader(store, view)
+    tally: Counter[bytes] = Counter()
+    problems: list[str] = []
+    for _volume, snapshot_id, record in view.snapshots():
+        if record is None:
+            continue  # reported with the snapshots
+        try:
+            tally[catalog.decode(record, f"snapshot {snapshot_id}").map_root] += 1
+        except IntegrityError as exc:
+            problems.append(f"reference recount: {exc}")
+    tally.update(view.pinned)  # an interrupted snapshot's checkpoint
+    for object_id, loc in view.locations():
+        if loc.kind != KIND_NODE:
+            continue
+        try:
+            tally.update(node_children(reader.node(object_id)))
+        except MissingObjectError as exc:
+            if store.index.location(object_id) is None:  # collected since the view
+                return None
+            problems.append(f"reference recount: {exc}")
+        except BlocksnapError as exc:
+            problems.append(f"reference recount: map node {object_id.hex()}: {exc}")
+        if len(tally) >= _TALLY_BOUND:
+            view.add_tally(tally)
+            tally.clear()
+    view.add_tally(tally)
+    return problems
+
+
+def _drift(report: VerifyReport, view: IndexCopy, limit: int) -> list[str]:
+    """Messages (at most limit, then how many more) for every count of the view that its
+    tally does not match, and every pack's live bytes that its entries do not add up to."""
+    drift: list[str] = []
+    more = 0
+    counts_checked = unreferenced = 0
+    for object_id, count, expected in _pairs(view.counts(), view.tally()):
+        if count is not None:
+            counts_checked += 1
+            unreferenced += count == 0
+        if (count or 0) != (expected or 0):
+            if len(drift) < limit:
+                drift.append(
+                    f"reference count drift: object {object_id.hex()} has {count}, "
+                    f"recount gives {expected or 0}"
+                )
+            else:
+                more += 1
+    report.counts_checked = counts_checked
+    report.unreferenced_objects = unreferenced
+    live: Counter[bytes] = Counter()
+    for _object_id, loc in view.locations():
+        live[loc.pack] += HEADER_SIZE + loc.stored_size
+    for pack_id, info in sorted(view.packs.items()):
+        if int(info.get("live", 0)) != live[pack_id]:
+            if len(drift) < limit:
+                drift.append(
+                    f"live bytes drift: pack {pack_id.hex()} has {int(info.get('live', 0))}, "
+                    f"recount gives {live[pack_id]}"
+                )
+            else:
+                more += 1
+    if more:
+        drift.append(f"... and {more} more counts drifted")
+    return drift
+
+
+def _pairs(
+    left: Iterator[tuple[bytes, int]], right: Iterator[tuple[bytes, int]]
+) -> Iterator[tuple[bytes, int | None, int | None]]:
+    """(key, left's value or None, right's value or None) for every key of two iterators
+    of (key, value) in key order."""
+    a, b = next(left, None), next(right, None)
+    while a is not None or b is not None:
+        if b is None or (a is not None and a[0] < b[0]):
+            assert a is not None
+            yield a[0], a[1], None
+            a = next(left, None)
+        elif a is None or b[0] < a[0]:
+            yield b[0], None, b[1]
+            b = next(right, None)
+        else:
+            yield a[0], a[1], b[1]
+            a, b = next(left, None), next(right, None)
+
+
 def _settle(
-    store: Store, view: IndexView, suspects: dict[bytes, str], read_data: bool
+    store: Store, view: IndexCopy, suspects: dict[bytes, str], read_data: bool
 ) -> tuple[dict[bytes, str], set[bytes]]:
     """Decide, against the current index, about objects whose pack was missing when
     verify looked for it: (damaged object -> message, objects collected since the view).
@@ -220,7 +276,7 @@ def _settle(
     snapshot that still exists needs it (decided with the snapshots)."""
     bad: dict[bytes, str] = {}
     gone: set[bytes] = set()
-    seen = {object_id: view.locations[object_id] for object_id in suspects}
+    seen = {object_id: view.location(object_id) for object_id in suspects}
     pending = dict(suspects)
     for _attempt in range(_ATTEMPTS):
         if not pending:
@@ -259,21 +315,32 @@ def verify(
     progress: ProgressCallback | None = None,
     workers: int | None = None,
 ) -> VerifyReport:
+    # 1. One view of the index; storage is listed after it, so everything the view names
+    # was written before the listing, and what is missing was deleted since (or is lost).
+    # check_pages: LMDB reads damaged pages unchecked.
+    with store.index.copy(check_pages=True, by_pack=read_data) as view:
+        return _verify(store, view, read_data, progress, workers)
+
+
+def _verify(
+    store: Store,
+    view: IndexCopy,
+    read_data: bool,
+    progress: ProgressCallback | None,
+    workers: int | None,
+) -> VerifyReport:
     report = VerifyReport()
     say: Callable[[Progress], None] = progress or (lambda _p: None)
     damage: dict[str, set[str]] = defaultdict(set)  # message -> snapshot labels
     labels: dict[str, str] = {}  # label -> snapshot id
 
-    # 1. One view of the index; storage is listed after it, so everything the view names
-    # was written before the listing, and what is missing was deleted since (or is lost).
-    view = store.index.view(check_pages=True)  # LMDB reads damaged pages unchecked
     present = _Listing(store, "packs/")
     records = _Listing(store, "snapshots/")
     # 2. Index entries: decodable, pointing into a pack that exists and is long enough.
     bad_objects: dict[bytes, str] = dict(view.damaged)
     suspects: dict[bytes, str] = {}  # pack missing: gc may have deleted it since the view
-    report.objects_indexed = len(view.locations) + len(view.damaged)
-    for key, loc in view.locations.items():
+    report.objects_indexed = view.objects + len(view.damaged)
+    for key, loc in view.locations():
         name = pack_name(loc.pack)
         size = present.size(name)
         if size is None:
@@ -293,15 +360,17 @@ def verify(
         sizes = {p: present.size(pack_name(p)) for p in view.packs}
         packs = [(pack_name(p), p) for p, size in sizes.items() if size is not None]
         total = sum(size or 0 for size in sizes.values())
-        by_pack: dict[bytes, dict[int, bytes]] = defaultdict(dict)
-        for key, loc in view.locations.items():
-            by_pack[loc.pack][loc.offset] = key
-        parallel = workers or store.backend.capabilities.max_parallelism
+        largest = max((size or 0 for size in sizes.values()), default=1)
+        parallel = workers or max(
+            1, min(store.backend.capabilities.max_parallelism, READ_BUDGET // max(1, largest))
+        )
         with ThreadPoolExecutor(max_workers=parallel) as pool:
-            results = pool.map(lambda item: (item[1], _read_pack(store, *item)), packs)
+            results = _bounded_map(
+                pool, lambda item: (item[1], _read_pack(store, *item)), packs, 2 * parallel
+            )
             for pack_id, read in results:
                 if read is None:  # deleted since the listing
-                    for key in by_pack[pack_id].values():
+                    for _offset, key in view.in_pack(pack_id):
                         suspects[key] = f"pack {pack_id.hex()} is missing"
                     continue
                 report.packs_checked += 1
@@ -310,7 +379,7 @@ def verify(
                     damage.setdefault(msg, set())
                 report.bytes_read += size
                 say(Progress("read-data", report.bytes_read, total, ProgressUnit.BYTES))
-                for offset, key in by_pack[pack_id].items():
+                for offset, key in view.in_pack(pack_id):
                     if offset in bad:
                         bad_objects[key] = bad[offset]
                     elif offset not in good:
@@ -323,13 +392,13 @@ def verify(
 
     # 4. Snapshots: record, map, and every block they name.
     reader = _Reader(store, view)
-    for volume, snapshot_id, record in view.snapshots:
+    for volume, snapshot_id, record in view.snapshots():
         label = f"{volume}@{snapshot_id[:12]}"
         labels[label] = snapshot_id
         report.snapshots_checked += 1
         say(
             Progress(
-                "snapshots", report.snapshots_checked, len(view.snapshots), ProgressUnit.SNAPSHOTS
+                "snapshots", report.snapshots_checked, view.snapshot_count, ProgressUnit.SNAPSHOTS
             )
         )
         try:
@@ -345,16 +414,16 @@ def verify(
             block_map = BlockMap(reader.node, info.map_root, info.map_height, info.block_count)
             for leaf_index in range(block_map.leaf_count()):
                 _digests, ids = block_map.leaf(leaf_index)
-                for k in range(0, len(ids), BLOCK_ID_SIZE):
-                    block_id = ids[k : k + BLOCK_ID_SIZE]
-                    if block_id == ZERO_ID:
-                        continue
-                    report.blocks_referenced += 1
+                blocks = [ids[k : k + BLOCK_ID_SIZE] for k in range(0, len(ids), BLOCK_ID_SIZE)]
+                blocks = [block_id for block_id in blocks if block_id != ZERO_ID]
+                report.blocks_referenced += len(blocks)
+                absent = view.absent(blocks)
+                for block_id in blocks:
                     if block_id in bad_objects:
                         damage[f"block {block_id.hex()}: {bad_objects[block_id]}"].add(label)
                     elif block_id in gone:
                         damage[f"block {block_id.hex()} was collected by gc"].add(label)
-                    elif block_id not in view.locations:
+                    elif block_id in absent:
                         damage[f"block {block_id.hex()} is not in the index"].add(label)
         except BlocksnapError as exc:
             damage[str(exc)].add(label)
@@ -371,7 +440,7 @@ def verify(
         alive = sorted(s for s in snaps if labels[s] in current)
         if alive or not snaps:
             problems.append(Problem(msg, alive))
-    cached = {snapshot_id for _v, snapshot_id, _r in view.snapshots}
+    cached = {snapshot_id for _v, snapshot_id, _r in view.snapshots()}
     removed = sync.listed_ids(store.backend, catalog.TOMBSTONES)
     listed = {catalog.id_of(name) for name in records.names()}
     uncached = {s for s in listed - cached - removed if s is not None}
@@ -388,7 +457,7 @@ def verify(
             problems.append(Problem(f"{exc}; the snapshot it commits is not in the index"))
             continue
         root = entry.info.map_root
-        if root not in view.locations:  # its blocks are not kept for it
+        if root not in view:  # its blocks are not kept for it
             problems.append(
                 Problem(
                     f"snapshot {snapshot_id} is committed and not in the index, and its map "
@@ -464,6 +533,24 @@ def _record_object_problem(
     if body != cached:
         return f"{name} differs from the index's copy of the record; {fix}"
     return None
+
+
+_I = TypeVar("_I")
+_R = TypeVar("_R")
+
+
+def _bounded_map(
+    pool: ThreadPoolExecutor, fn: Callable[[_I], _R], items: Iterable[_I], window: int
+) -> Iterator[_R]:
+    """fn of every item, in order, with at most window of them submitted and not yet
+    taken: a slow consumer never lets finished results pile up."""
+    pending: deque[Future[_R]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def _current_snapshots(store: Store) -> set[str]:
