@@ -8,6 +8,7 @@ session fixture in conftest.py starts one and every test gets its own bucket.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -36,6 +37,13 @@ REGION = "us-east-1"
 S3_BUCKET = "blocksnap-tests"
 READY_TIMEOUT = 60.0  # seconds
 STOP_TIMEOUT = 10.0  # seconds: weed mini exits in ~4 s on TERM
+
+
+def _dies_with_parent() -> None:
+    """In a server's child before exec: SIGKILL it when pytest ends in any way (killed,
+    SIGTERM, kill -9), which the teardown that stops it by PID cannot see."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @dataclass(frozen=True, slots=True)
@@ -273,6 +281,7 @@ class Weed:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_dies_with_parent,
         )
         log.close()
         deadline = time.monotonic() + READY_TIMEOUT
@@ -389,6 +398,7 @@ class WeedCluster:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=_dies_with_parent,
         )
         log.close()
 
@@ -496,6 +506,7 @@ def rclone_s3(scratch: Path) -> Iterator[S3Server]:
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         start_new_session=True,
+        preexec_fn=_dies_with_parent,
     )
     try:
         deadline = time.monotonic() + READY_TIMEOUT
