@@ -14,9 +14,11 @@ from tests.conftest import debugfs
 
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    """Batches of 7 entries and a tally flushed every 5 objects, so that every path
-    across a batch's end is taken; the copies go to a directory of their own."""
+    """Batches of 7 entries, a tally flushed every 5 objects and a map of 16 pages at
+    first, so that every path across a batch's end and every growth of the map is taken;
+    the copies go to a directory of their own."""
     monkeypatch.setattr(indexcopy, "_BATCH", 7)
+    monkeypatch.setattr(indexcopy, "_INITIAL_MAP", 16 * 4096)
     monkeypatch.setattr(verify, "_TALLY_BOUND", 5)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -39,6 +41,8 @@ def test_verify_through_batches_finds_no_damage_and_then_the_drift(
             assert [s for _v, s, _r in view.snapshots()][-1] == second.id
             entries = [key for pack in view.packs for _off, key in view.in_pack(pack)]
             assert sorted(entries) == ids
+            grown = view._scratch._env.info()["map_size"]  # the private map had to grow
+            assert grown > indexcopy._INITIAL_MAP
         report = repo.verify(read_data=True)
         assert report.ok, report.problems
         assert report.counts_checked == len(ids)

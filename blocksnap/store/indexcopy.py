@@ -34,21 +34,20 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import lmdb
-
 from blocksnap.errors import IntegrityError, StoreError
 from blocksnap.store.entries import REF, Location, decode_location, json_entry, pinned_roots
-from blocksnap.store.lmdbenv import lmdb_errors, prefixed
+from blocksnap.store.lmdbenv import ScratchEnv, prefixed
 
 if TYPE_CHECKING:
     from blocksnap.store.lmdbenv import Txn
 
 _INITIAL_MAP = 4 << 20  # small (under ulimit -v it is address space); doubles when full
-_BATCH = 20_000  # entries per write transaction: bounds its dirty pages in memory
+_BATCH = 20_000  # entries per transaction: bounds a write's dirty pages and a read's list
 _COUNT = struct.Struct("<I")
 _N = struct.Struct(">Q")
 _OFFSET = struct.Struct(">Q")
 _SNAPSHOT = struct.Struct(">HHB")
+_DBS = (b"objects", b"refs", b"bypack", b"snapshots", b"tally")
 
 
 class IndexCopy:
@@ -63,7 +62,7 @@ class IndexCopy:
 
     def __init__(self, source: Any, txn: Txn, *, by_pack: bool = False) -> None:
         """Copy what txn sees of source (an Index); by_pack: also the bypack database."""
-        self._env: Any = None
+        self._env: ScratchEnv | None = None
         try:
             self._dir = tempfile.mkdtemp(prefix="blocksnap-verify-")
         except OSError as exc:
@@ -72,25 +71,21 @@ class IndexCopy:
                 f"({exc.strerror}); TMPDIR says where"
             ) from exc
         try:
-            with lmdb_errors("copying the index for verify"):
-                self._env = lmdb.open(
-                    self._dir,
-                    map_size=_INITIAL_MAP,
-                    max_dbs=8,
-                    sync=False,  # private and thrown away: never needs to survive a crash
-                    metasync=False,
-                    readahead=False,
-                    max_readers=8,
-                )
-                self._objects = self._env.open_db(b"objects")
-                self._refs = self._env.open_db(b"refs")
-                self._bypack = self._env.open_db(b"bypack")
-                self._snapshots = self._env.open_db(b"snapshots")
-                self._tally = self._env.open_db(b"tally")
-                self._copy(source, txn, by_pack)
+            self._env = ScratchEnv(self._dir, _DBS, "verify's copy of the index", _INITIAL_MAP)
+            dbs = self._env.dbs
+            self._objects, self._refs, self._bypack, self._snapshots, self._tally = (
+                dbs[name] for name in _DBS
+            )
+            self._copy(source, txn, by_pack)
         except BaseException:
             self.close()
             raise
+
+    @property
+    def _scratch(self) -> ScratchEnv:
+        if self._env is None:
+            raise StoreError("verify's copy of the index is closed")
+        return self._env
 
     def _copy(self, source: Any, txn: Txn, by_pack: bool) -> None:
         self.damaged = {}
@@ -153,18 +148,8 @@ class IndexCopy:
         return total
 
     def _put(self, db: Any, batch: list[tuple[bytes, bytes]], append: bool) -> int:
-        while True:
-            try:
-                with self._env.begin(write=True) as txn:
-                    txn.cursor(db=db).putmulti(batch, append=append)
-                return len(batch)
-            except lmdb.MapFullError:  # aborted: grow the map and put the batch again
-                self._grow()
-
-    def _grow(self) -> None:
-        """Double the map (no transaction is open on it).  Under an address-space limit
-        that leaves no room for it, LMDB's error says so (through lmdb_errors)."""
-        self._env.set_mapsize(2 * int(self._env.info()["map_size"]))
+        self._scratch.write(lambda txn: txn.cursor(db=db).putmulti(batch, append=append))
+        return len(batch)
 
     def close(self) -> None:
         if self._env is not None:
@@ -181,29 +166,12 @@ class IndexCopy:
     # --- reading ---------------------------------------------------------------------
 
     def _scan(self, db: Any, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-        """(key, value) of every entry of db whose key starts with prefix, in key order,
-        read _BATCH at a time, each batch in a transaction of its own: none is open
-        between them, so the map can grow meanwhile (add_tally)."""
-        start = prefix
-        while True:
-            with lmdb_errors("reading verify's copy of the index"), self._env.begin() as txn:
-                cur = txn.cursor(db=db)
-                chunk: list[tuple[bytes, bytes]] = []
-                if cur.set_range(start):
-                    for key, value in cur:
-                        if not key.startswith(prefix):
-                            break
-                        chunk.append((key, value))
-                        if len(chunk) >= _BATCH:
-                            break
-            yield from chunk
-            if len(chunk) < _BATCH:
-                return
-            start = chunk[-1][0] + b"\x00"  # the next key after the last one read
+        """Every entry of db under prefix in key order, _BATCH at a time, so that none
+        holds a transaction open between batches (add_tally may grow the map)."""
+        return self._scratch.scan(db, prefix, _BATCH)
 
     def _get(self, db: Any, key: bytes) -> bytes | None:
-        with lmdb_errors("reading verify's copy of the index"), self._env.begin() as txn:
-            value: bytes | None = txn.get(key, db=db)
+        value: bytes | None = self._scratch.read(lambda txn: txn.get(key, db=db))
         return value
 
     def location(self, object_id: bytes) -> Location | None:
@@ -217,8 +185,9 @@ class IndexCopy:
 
     def absent(self, object_ids: list[bytes]) -> set[bytes]:
         """Those of object_ids that have no intact entry, looked up in one transaction."""
-        with lmdb_errors("reading verify's copy of the index"), self._env.begin() as txn:
-            return {i for i in object_ids if txn.get(i, db=self._objects) is None}
+        return self._scratch.read(
+            lambda txn: {i for i in object_ids if txn.get(i, db=self._objects) is None}
+        )
 
     def locations(self) -> Iterator[tuple[bytes, Location]]:
         """Every intact entry, in object id order."""
@@ -252,20 +221,14 @@ class IndexCopy:
 
     def add_tally(self, counts: dict[bytes, int]) -> None:
         """Add counts to the tally, in one transaction."""
-        with lmdb_errors("counting in verify's copy of the index"):
-            self._add_tally(counts)
 
-    def _add_tally(self, counts: dict[bytes, int]) -> None:
-        while True:
-            try:
-                with self._env.begin(write=True, db=self._tally) as txn:
-                    for key in sorted(counts):
-                        old = txn.get(key)
-                        value = counts[key] + (0 if old is None else _COUNT.unpack(old)[0])
-                        txn.put(key, _COUNT.pack(value))
-                return
-            except lmdb.MapFullError:
-                self._grow()
+        def add(txn: Txn) -> None:
+            for key in sorted(counts):
+                old = txn.get(key, db=self._tally)
+                value = counts[key] + (0 if old is None else _COUNT.unpack(old)[0])
+                txn.put(key, _COUNT.pack(value), db=self._tally)
+
+        self._scratch.write(add)
 
     def tally(self) -> Iterator[tuple[bytes, int]]:
         """(object id, count) of every object the tally counted, in object id order."""

@@ -4,15 +4,18 @@ processes may grow and that grows when a write fills it, and the transactions on
 The databases and what they hold are documented in store/index.py; the map's size in
 store/mapsize.py.  Every transaction of a process holds a gate shared, and resizing the
 map holds it exclusive (_Gate), since LMDB may resize only with no transaction open.
+ScratchEnv is a private environment that one process fills, reads and throws away
+(verify's copy of the index, store/indexcopy.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import lmdb
@@ -55,10 +58,13 @@ def lmdb_errors(what: str) -> Iterator[None]:
         raise StoreError(f"{what}: index error ({exc})") from exc
 
 
-def prefixed(txn: lmdb.Transaction, db: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """(key, value) of every entry of db whose key starts with prefix, in key order."""
+def prefixed(
+    txn: lmdb.Transaction, db: Any, prefix: bytes, start: bytes = b""
+) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) of every entry of db whose key starts with prefix, in key order, from
+    the first key at or after start (when start is after prefix)."""
     cur = txn.cursor(db=db)
-    if cur.set_range(prefix):
+    if cur.set_range(max(prefix, start)):
         for key, value in cur:
             if not bytes(key).startswith(prefix):
                 return
@@ -261,3 +267,67 @@ class IndexEnv:
                     if self._readonly:
                         raise
                     self._resize(seen, grow=True)
+
+
+class ScratchEnv:
+    """A private LMDB environment in a directory of its own that one process fills, reads
+    and throws away: never synced, never shared, its map small at first and doubled when
+    a write fills it.  Errors name what (through lmdb_errors).
+
+    Reads (get, scan) each open a transaction of their own and hold none between batches,
+    so that a write may grow the map in between."""
+
+    def __init__(self, path: str, names: Iterable[bytes], what: str, map_size: int) -> None:
+        self._what = what
+        names = list(names)
+        with lmdb_errors(f"opening {what}"):
+            self._env = lmdb.open(
+                os.fsencode(path),
+                map_size=map_size,
+                max_dbs=len(names),
+                sync=False,  # thrown away: it never needs to survive a crash
+                metasync=False,
+                readahead=False,
+                max_readers=8,
+            )
+        self.dbs: dict[bytes, Any] = {}
+        with lmdb_errors(f"opening {what}"):
+            for name in names:
+                self.dbs[name] = self._env.open_db(name)
+
+    def close(self) -> None:
+        self._env.close()
+
+    def write(self, body: Callable[[Txn], _T]) -> _T:
+        """Run body in a write transaction, and again in a new one after doubling the map
+        when it fills: body must keep its state inside, so that a rerun starts afresh.
+        Under an address-space limit that leaves no room, LMDB's error says so."""
+        with lmdb_errors(f"writing {self._what}"):
+            while True:
+                try:
+                    with self._env.begin(write=True) as txn:
+                        return body(txn)
+                except lmdb.MapFullError:  # aborted: no transaction is open now
+                    self._env.set_mapsize(2 * int(self._env.info()["map_size"]))
+
+    def read(self, body: Callable[[Txn], _T]) -> _T:
+        """body's result, run in a read transaction."""
+        with lmdb_errors(f"reading {self._what}"), self._env.begin() as txn:
+            return body(txn)
+
+    def scan(self, db: Any, prefix: bytes, batch: int) -> Iterator[tuple[bytes, bytes]]:
+        """(key, value) of every entry of db whose key starts with prefix, in key order,
+        read batch entries at a time, each batch in a transaction of its own."""
+
+        def chunk_from(start: bytes) -> list[tuple[bytes, bytes]]:
+            return self.read(
+                lambda txn: list(itertools.islice(prefixed(txn, db, prefix, start), batch))
+            )
+
+        start = prefix
+        while True:
+            chunk = chunk_from(start)
+            yield from chunk
+            if len(chunk) < batch:
+                return
+            start = chunk[-1][0] + b"\x00"  # the next key after the last one read
