@@ -8,6 +8,11 @@ content (BLOCKSNAP_BENCH_GC_MB each, default 32): each round writes new files (2
 image), snapshots, prunes the volume's oldest snapshot and times the gc that follows.  The
 target is that 10 volumes cost at most 1.5x what 1 does.
 
+test_verify_restore_points[1|56] verifies (metadata, no --read-data) a repository holding
+one snapshot of the image beside one holding 56 restore points of it (4 a day for 14
+days), each after a 256 KiB file was written into the image: the walk checks each
+distinct map leaf once, so the 56 should cost a small multiple of the 1, not 56 times.
+
 test_hinted_incremental_snapshot takes the same incremental as test_incremental_snapshot
 (bench_engine.py: 2% of the files rewritten) but is told the exact changed extents, the
 4 KiB pages a hypervisor's dirty bitmap would list; the target is at least 20x faster.
@@ -185,3 +190,36 @@ def test_gc_after_pruning_one_snapshot(
         benchmark.extra_info["repository_bytes"] = sum(
             f.stat().st_size for f in (repo_path / "packs").rglob("*") if f.is_file()
         )
+
+
+@pytest.fixture(scope="module")
+def restore_points(
+    bench_images: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[int, Path]:
+    """Repositories holding 1 and 56 snapshots of the image, changed a little each time."""
+    image, _ = bench_images
+    root = tmp_path_factory.mktemp("points")
+    work = root / "work.img"
+    work.write_bytes(image.read_bytes())
+    blob = root / "blob.bin"
+    repos = {1: root / "repo1", 56: root / "repo56"}
+    with blocksnap.Repository.init(repos[1]) as repo:
+        repo.snapshot("vol", work)
+    with blocksnap.Repository.init(repos[56]) as repo:
+        for k in range(56):
+            if k:
+                blob.write_bytes(os.urandom(256 << 10))
+                debugfs(work, f"write {blob} point{k}")
+            repo.snapshot("vol", work)
+    return repos
+
+
+@pytest.mark.parametrize("points", [1, 56])
+def test_verify_restore_points(
+    benchmark: Any, restore_points: dict[int, Path], points: int
+) -> None:
+    with blocksnap.Repository(restore_points[points]) as repo:
+        report = benchmark.pedantic(repo.verify, rounds=3)
+    assert report.ok, report.problems
+    assert report.snapshots_checked == points
+    benchmark.extra_info["blocks_referenced"] = report.blocks_referenced

@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 
 import blocksnap
+from blocksnap.blockmap import ZERO_ID, BlockMap
+from blocksnap.model import BLOCK_ID_SIZE
 from blocksnap.store import indexcopy, verify
-from tests.conftest import debugfs
+from blocksnap.store.packs import HEADER_SIZE
+from tests.conftest import debugfs, flip
 
 
 @pytest.fixture
@@ -57,3 +60,52 @@ def test_verify_through_batches_finds_no_damage_and_then_the_drift(
             f"reference count drift: object {victim.hex()} has {count + 1}, recount gives {count}"
         ]
     assert list(small_batches.iterdir()) == []  # every copy removed
+
+
+def test_a_damaged_block_that_snapshots_share_names_every_one_of_them(
+    tmp_path: Path, ext4_image: Path, small_batches: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk checks each distinct leaf once and keeps its findings on disk as notes
+    (one leaf at a time here): a block in a leaf that four snapshots share is still
+    named with all four, and each snapshot's blocks are still counted."""
+    monkeypatch.setattr(verify, "_LEAF_BOUND", 1)
+    repo_path = tmp_path / "repo"
+    with blocksnap.Repository.init(repo_path) as repo:
+        snaps = [repo.snapshot("vol", ext4_image, block_size=4096)]  # 48 leaves
+        for n in range(3):
+            debugfs(ext4_image, f"mkdir /round{n}")
+            snaps.append(repo.snapshot("vol", ext4_image))
+        store = repo.store
+        maps = [BlockMap(store.read_node, s.map_root, s.map_height, s.block_count) for s in snaps]
+        shared = [  # leaves all four snapshots share that name a block (not zero)
+            leaf
+            for leaf in range(maps[0].leaf_count())
+            if len({m.leaf_id(leaf) for m in maps}) == 1
+            and any(
+                maps[0].leaf(leaf)[1][k : k + BLOCK_ID_SIZE] != ZERO_ID
+                for k in range(0, len(maps[0].leaf(leaf)[1]), BLOCK_ID_SIZE)
+            )
+        ]
+        assert shared
+        _digests, ids = maps[0].leaf(shared[0])
+        victim = next(
+            ids[k : k + BLOCK_ID_SIZE]
+            for k in range(0, len(ids), BLOCK_ID_SIZE)
+            if ids[k : k + BLOCK_ID_SIZE] != ZERO_ID
+        )
+        referenced = sum(
+            1
+            for m in maps
+            for leaf in range(m.leaf_count())
+            for k in range(0, len(m.leaf(leaf)[1]), BLOCK_ID_SIZE)
+            if m.leaf(leaf)[1][k : k + BLOCK_ID_SIZE] != ZERO_ID
+        )
+        loc = repo.store.index.location(victim)
+        assert loc is not None
+    flip(repo_path / "packs" / loc.pack.hex()[:2] / loc.pack.hex(), loc.offset + HEADER_SIZE)
+    with blocksnap.Repository(repo_path) as repo:
+        report = repo.verify(read_data=True)
+    named = [p for p in report.problems if p.message.startswith(f"block {victim.hex()}:")]
+    assert len(named) == 1, report.problems
+    assert named[0].snapshots == sorted(f"vol@{s.id[:12]}" for s in snaps)
+    assert report.blocks_referenced == referenced

@@ -21,6 +21,7 @@ copy is private to one process and never reopened, so its layout is no kept form
     snapshots n u64 big-endian -> volume and snapshot id lengths (u16, u16), a flag
               (1: the record follows), volume, id, record: the catalog in timeline order
     tally     object id -> count u32 little-endian: the caller's own counts (add_tally)
+    notes     key -> the caller's note of it (add_notes): what verify found in a map leaf
 
 The packs, the pinned roots and the damaged entries are kept in memory: one entry per
 pack of about 16 MiB, per checkpoint, per damaged entry.
@@ -47,7 +48,7 @@ _COUNT = struct.Struct("<I")
 _N = struct.Struct(">Q")
 _OFFSET = struct.Struct(">Q")
 _SNAPSHOT = struct.Struct(">HHB")
-_DBS = (b"objects", b"refs", b"bypack", b"snapshots", b"tally")
+_DBS = (b"objects", b"refs", b"bypack", b"snapshots", b"tally", b"notes")
 
 
 class IndexCopy:
@@ -73,7 +74,7 @@ class IndexCopy:
         try:
             self._env = ScratchEnv(self._dir, _DBS, "verify's copy of the index", _INITIAL_MAP)
             dbs = self._env.dbs
-            self._objects, self._refs, self._bypack, self._snapshots, self._tally = (
+            self._objects, self._refs, self._bypack, self._snapshots, self._tally, self._notes = (
                 dbs[name] for name in _DBS
             )
             self._copy(source, txn, by_pack)
@@ -234,6 +235,16 @@ class IndexCopy:
         """(object id, count) of every object the tally counted, in object id order."""
         for key, value in self._scan(self._tally):
             yield key, _COUNT.unpack(value)[0]
+
+    # --- the caller's notes ----------------------------------------------------------
+
+    def add_notes(self, notes: dict[bytes, bytes]) -> None:
+        """Keep notes (key -> note, replacing an older one), in one transaction."""
+        self._put(self._notes, sorted(notes.items()), append=False)
+
+    def note(self, key: bytes) -> bytes | None:
+        """The note kept for key, or None."""
+        return self._get(self._notes, key)
 
 
 def _by_pack(entries: list[tuple[bytes, Location]]) -> list[tuple[bytes, bytes]]:

@@ -15,8 +15,9 @@ Verify runs safely beside snapshots, prune and gc, and never writes to the repos
 transaction and copied to a private environment on disk (store/indexcopy.py), so that it
 never holds LMDB's old pages back for the hours a --read-data run may take, and so that
 its memory stays flat in the repository's size: what it keeps per object (the view, the
-recount's tally, the entries of each pack) is on disk; in memory is only what it keeps
-per pack, per snapshot, or per damaged object.
+recount's tally, the entries of each pack) and per map leaf (what it found there, so that
+a leaf that many snapshots share is checked once) is on disk; in memory is only what it
+keeps per pack, per snapshot, or per damaged object.
 
 What storage lacks is then either damage or a concurrent gc's doing: a pack compacted
 away after the view, a snapshot pruned and collected.  Before anything missing is called
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +50,8 @@ INTERRUPTED_REPAIR = ("index.rebuild", "index.old")  # see store/rebuild.py
 _ATTEMPTS = 4  # looks again at what a concurrent gc moved, before calling it damage
 READ_BUDGET = 64 << 20  # whole packs --read-data holds at once, as far as it can
 _TALLY_BOUND = 100_000  # distinct objects the recount counts in memory before adding them
+_LEAF_BOUND = 10_000  # map leaves whose notes the snapshot walk keeps in memory
+_NOTE = struct.Struct(">HI")  # a leaf's note: entry count, blocks referenced (see _Leaves)
 
 
 @dataclass(slots=True)
@@ -155,6 +159,50 @@ class _Reader:
             return self.store.read_at(node_id, loc)
         except MissingObjectError:
             return self.store.read_node(node_id)
+
+
+class _Leaves:
+    """What the snapshot walk found in each distinct map leaf: checked once however many
+    snapshots share it (56 restore points of a volume share most of their leaves), and
+    kept as notes in the view on disk, _LEAF_BOUND leaves at a time in memory.
+
+    A note holds the leaf's entry count, the blocks it references that are not zero and
+    the damage messages of its blocks.  A leaf at a position whose entry count differs
+    from its note is read again, so that the map's shape is checked at every position."""
+
+    def __init__(self, view: IndexCopy, bad_objects: dict[bytes, str], gone: set[bytes]) -> None:
+        self._view = view
+        self._bad = bad_objects
+        self._gone = gone
+        self._pending: dict[bytes, bytes] = {}
+
+    def check(self, block_map: BlockMap, leaf_index: int) -> tuple[int, list[str]]:
+        """(blocks referenced, damage messages) of one leaf of block_map."""
+        leaf_id = block_map.leaf_id(leaf_index)
+        note = self._pending.get(leaf_id) or self._view.note(leaf_id)
+        if note is not None:
+            size, referenced = _NOTE.unpack_from(note)
+            if size == block_map.leaf_size(leaf_index):
+                found = note[_NOTE.size :].decode()
+                return referenced, found.split("\x00") if found else []
+        _digests, ids = block_map.leaf(leaf_index)
+        blocks = [ids[k : k + BLOCK_ID_SIZE] for k in range(0, len(ids), BLOCK_ID_SIZE)]
+        blocks = [block_id for block_id in blocks if block_id != ZERO_ID]
+        absent = self._view.absent(blocks)
+        messages: list[str] = []
+        for block_id in blocks:
+            if block_id in self._bad:
+                messages.append(f"block {block_id.hex()}: {self._bad[block_id]}")
+            elif block_id in self._gone:
+                messages.append(f"block {block_id.hex()} was collected by gc")
+            elif block_id in absent:
+                messages.append(f"block {block_id.hex()} is not in the index")
+        size = len(ids) // BLOCK_ID_SIZE
+        self._pending[leaf_id] = _NOTE.pack(size, len(blocks)) + "\x00".join(messages).encode()
+        if len(self._pending) >= _LEAF_BOUND:
+            self._view.add_notes(self._pending)
+            self._pending.clear()
+        return len(blocks), messages
 
 
 def _recount(store: Store, report: VerifyReport, view: IndexCopy, limit: int = 20) -> list[str]:
@@ -392,6 +440,7 @@ def _verify(
 
     # 4. Snapshots: record, map, and every block they name.
     reader = _Reader(store, view)
+    leaves = _Leaves(view, bad_objects, gone)
     for volume, snapshot_id, record in view.snapshots():
         label = f"{volume}@{snapshot_id[:12]}"
         labels[label] = snapshot_id
@@ -413,18 +462,10 @@ def _verify(
                 damage[problem].add(label)
             block_map = BlockMap(reader.node, info.map_root, info.map_height, info.block_count)
             for leaf_index in range(block_map.leaf_count()):
-                _digests, ids = block_map.leaf(leaf_index)
-                blocks = [ids[k : k + BLOCK_ID_SIZE] for k in range(0, len(ids), BLOCK_ID_SIZE)]
-                blocks = [block_id for block_id in blocks if block_id != ZERO_ID]
-                report.blocks_referenced += len(blocks)
-                absent = view.absent(blocks)
-                for block_id in blocks:
-                    if block_id in bad_objects:
-                        damage[f"block {block_id.hex()}: {bad_objects[block_id]}"].add(label)
-                    elif block_id in gone:
-                        damage[f"block {block_id.hex()} was collected by gc"].add(label)
-                    elif block_id in absent:
-                        damage[f"block {block_id.hex()} is not in the index"].add(label)
+                referenced, found = leaves.check(block_map, leaf_index)
+                report.blocks_referenced += referenced
+                for msg in found:
+                    damage[msg].add(label)
         except BlocksnapError as exc:
             damage[str(exc)].add(label)
 
