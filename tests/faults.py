@@ -98,6 +98,9 @@ class FaultyBackend:
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         return self.run("get", name, lambda: self.inner.get(name, offset, length))
 
+    def get_into(self, name: str, buffer: memoryview) -> int:
+        return self.run("get", name, lambda: self.inner.get_into(name, buffer))
+
     def stat(self, name: str) -> ObjectInfo:
         return self.run("stat", name, lambda: self.inner.stat(name))
 

@@ -348,6 +348,24 @@ def test_backend_ranged_read(
     assert backend.get("packs/00/ranged", offset, length) == data[expected[0] : expected[1]]
 
 
+@pytest.mark.parametrize("size", [0, 1, 4096, 3 << 20])
+def test_backend_get_into_fills_a_buffer_from_the_start(backend: ObjectStore, size: int) -> None:
+    """Into a buffer of the object's size, one larger, one shorter, and an empty one;
+    the bytes past what was read are left as they were."""
+    data = bytes(i % 253 for i in range(size))
+    backend.put("packs/00/into", data)
+    for room in {size, size + 100, size // 2, 0}:
+        buffer = bytearray(b"\xee") * room
+        read = backend.get_into("packs/00/into", memoryview(buffer))
+        assert read == min(size, room)
+        assert buffer[:read] == data[:read]
+        assert buffer[read:] == b"\xee" * (room - read)
+    with pytest.raises(MissingObjectError):
+        backend.get_into("packs/00/none", memoryview(bytearray(10)))
+    with pytest.raises(MissingObjectError):
+        backend.get_into("packs/00/none", memoryview(bytearray(0)))
+
+
 @pytest.mark.parametrize(("offset", "length"), [(-1, 10), (0, -1)])
 def test_backend_negative_range_is_a_usage_error(
     backend: ObjectStore, offset: int, length: int

@@ -74,6 +74,11 @@ class _GcAt:
             self._fire()
         return self._backend.get(name, offset, length)
 
+    def get_into(self, name: str, buffer: memoryview) -> int:
+        if self._point == "before-read" and name.startswith("packs/"):
+            self._fire()
+        return self._backend.get_into(name, buffer)
+
     def __getattr__(self, name: str) -> object:
         return getattr(self._backend, name)
 

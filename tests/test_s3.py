@@ -44,6 +44,10 @@ class _ReadLog(S3Backend):
         self.gets.append((name, offset, length))
         return super().get(name, offset, length)
 
+    def get_into(self, name: str, buffer: memoryview) -> int:
+        self.gets.append((name, 0, len(buffer)))
+        return super().get_into(name, buffer)
+
 
 def _backend(server: S3Server, prefix: str) -> _ReadLog:
     backend = server.backend(prefix, kind=_ReadLog)

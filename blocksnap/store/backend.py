@@ -145,6 +145,12 @@ class ObjectStore(Protocol):
         """Read length bytes (all when None) from offset; fewer if the object is shorter."""
         ...
 
+    def get_into(self, name: str, buffer: memoryview) -> int:
+        """Read the object from its start into buffer, as much of it as fits; the bytes
+        read (fewer than len(buffer) if the object is shorter).  A caller that reads many
+        large objects reuses one buffer, where get would allocate one each time."""
+        ...
+
     def stat(self, name: str) -> ObjectInfo:
         """The object's size and time; MissingObjectError if there is none."""
         ...
@@ -331,6 +337,21 @@ class LocalBackend:
             raise _os_error("reading", name, exc) from exc
         finally:
             self._release(fd)
+
+    def get_into(self, name: str, buffer: memoryview) -> int:
+        fd = self._fd(name)
+        done = 0
+        try:
+            while done < len(buffer):
+                n = os.preadv(fd, [buffer[done:]], done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as exc:
+            raise _os_error("reading", name, exc) from exc
+        finally:
+            self._release(fd)
+        return done
 
     def stat(self, name: str) -> ObjectInfo:
         try:

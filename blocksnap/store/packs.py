@@ -471,7 +471,7 @@ def _intact_at(
     return rec
 
 
-def walk_pack(data: bytes, name: str) -> PackWalk:
+def walk_pack(data: bytes | memoryview, name: str) -> PackWalk:
     """Every record of a whole pack, each checked against its header, TOC entry and check.
 
     The TOC says where records are when it is intact; otherwise the pack is scanned (see
@@ -492,7 +492,8 @@ def walk_pack(data: bytes, name: str) -> PackWalk:
         toc = decode_toc(view[trailer.toc_offset : scan_end + trailer.toc_size], trailer, where)
     except IntegrityError as exc:
         walk.problems.append(exc)
-        for item in _scan(data, PACK_HEADER_SIZE, scan_end, where):
+        whole = data if isinstance(data, bytes) else bytes(data)  # _scan searches it
+        for item in _scan(whole, PACK_HEADER_SIZE, scan_end, where):
             if isinstance(item, IntegrityError):
                 walk.problems.append(item)
             else:

@@ -109,6 +109,9 @@ class RetryingBackend:
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         return self._call(lambda: self.inner.get(name, offset, length))
 
+    def get_into(self, name: str, buffer: memoryview) -> int:
+        return self._call(lambda: self.inner.get_into(name, buffer))  # a retry starts over
+
     def stat(self, name: str) -> ObjectInfo:
         return self._call(lambda: self.inner.stat(name))
 

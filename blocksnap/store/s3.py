@@ -275,6 +275,32 @@ class S3Backend:
             data: bytes = response["Body"].read()
             return data
 
+        return self._read(name, read, b"")
+
+    def get_into(self, name: str, buffer: memoryview) -> int:
+        if not len(buffer):
+            self.stat(name)  # nothing to read, but a missing object is still missing
+            return 0
+        key = self.key(name)
+
+        def read() -> int:
+            response = self._client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes=0-{len(buffer) - 1}"
+            )
+            body = response["Body"]
+            done = 0
+            while done < len(buffer):
+                n = body.readinto(buffer[done:])
+                if not n:
+                    break
+                done += n
+            return int(done)
+
+        return self._read(name, read, 0)
+
+    def _read(self, name: str, read: Callable[[], T], past_end: T) -> T:
+        """read()'s result, or past_end when the range starts at or past the object's end
+        (S3 answers InvalidRange: the object exists)."""
         try:
             return self._call("reading", name, read)
         except (StoreError, MissingObjectError) as exc:
@@ -283,7 +309,7 @@ class S3Backend:
                 isinstance(cause, botocore.exceptions.ClientError)
                 and cause.response.get("Error", {}).get("Code") == "InvalidRange"
             ):
-                return b""  # the object exists and offset is at or past its end
+                return past_end
             raise
 
     def stat(self, name: str) -> ObjectInfo:
