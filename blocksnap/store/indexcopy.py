@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from blocksnap.store.lmdbenv import Txn
 
 _INITIAL_MAP = 4 << 20  # small (under ulimit -v it is address space); doubles when full
-_BATCH = 20_000  # entries per transaction: bounds a write's dirty pages and a read's list
+_BATCH = 2_000  # entries per transaction: bounds a write's dirty pages and a read's list
 _COUNT = struct.Struct("<I")
 _N = struct.Struct(">Q")
 _OFFSET = struct.Struct(">Q")
@@ -77,6 +77,7 @@ class IndexCopy:
             self._objects, self._refs, self._bypack, self._snapshots, self._tally, self._notes = (
                 dbs[name] for name in _DBS
             )
+            self._source = source
             self._copy(source, txn, by_pack)
         except BaseException:
             self.close()
@@ -144,6 +145,7 @@ class IndexCopy:
             if len(batch) >= _BATCH:
                 total += self._put(db, batch, append)
                 batch = []
+                self._source.trim_resident()  # the source's transaction is a long one
         if batch:
             total += self._put(db, batch, append)
         return total

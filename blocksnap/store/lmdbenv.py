@@ -5,7 +5,9 @@ The databases and what they hold are documented in store/index.py; the map's siz
 store/mapsize.py.  Every transaction of a process holds a gate shared, and resizing the
 map holds it exclusive (_Gate), since LMDB may resize only with no transaction open.
 ScratchEnv is a private environment that one process fills, reads and throws away
-(verify's copy of the index, store/indexcopy.py).
+(verify's copy of the index, store/indexcopy.py), and keeps the pages of its map out of
+the process's resident set (store/resident.py), as IndexEnv.trim_resident does for a
+long reader of the index.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import lmdb
 from blocksnap.errors import BlocksnapError, IntegrityError, StoreError
 from blocksnap.store import lmdbfile, mapsize
 from blocksnap.store.mapsize import MIB, address_space_limit, limit_error, map_size_for
+from blocksnap.store.resident import Trimmer
 
 REPAIR_HINT = "run `blocksnap repair REPO --rebuild-index`"
 
@@ -176,6 +179,7 @@ class IndexEnv:
             self.timeline = db(b"timeline")
             self.settings = db(b"settings")
             self.checkpoints = db(b"checkpoints")
+        self._trimmer = Trimmer(os.path.join(path, "data.mdb"))
 
     def close(self) -> None:
         self.env.close()
@@ -254,6 +258,18 @@ class IndexEnv:
             self._resize(seen, grow=False)
         raise StoreError("the index map keeps being resized by other processes")
 
+    def _map_size(self) -> int:
+        return int(self.env.info()["map_size"])
+
+    def trim_resident(self) -> None:
+        """Drop the map's pages from this process's resident set: for a reader of much
+        of the index (verify's copy), every few thousand entries.
+        Safe inside a transaction of this thread: the gate keeps the map where it is.
+        Not done after every transaction: a snapshot's lookups, faulting its pages back
+        in, measured 1.3-1.4x slower."""
+        with self._gate.shared():
+            self._trimmer.trim(self._map_size())
+
     def _write(self, what: str, body: Callable[[Txn], _T]) -> _T:
         """Run body in a write transaction, and again in a new one after growing the map
         when it fills: body must keep its state inside, so that a rerun starts afresh."""
@@ -270,7 +286,7 @@ class IndexEnv:
 
 
 class ScratchEnv:
-    """A private LMDB environment in a directory of its own that one process fills, reads
+    """A private LMDB environment in a directory of its own that one thread fills, reads
     and throws away: never synced, never shared, its map small at first and doubled when
     a write fills it.  Errors name what (through lmdb_errors).
 
@@ -294,6 +310,7 @@ class ScratchEnv:
         with lmdb_errors(f"opening {what}"):
             for name in names:
                 self.dbs[name] = self._env.open_db(name)
+        self._trimmer = Trimmer(os.path.join(path, "data.mdb"))
 
     def close(self) -> None:
         self._env.close()
@@ -306,14 +323,19 @@ class ScratchEnv:
             while True:
                 try:
                     with self._env.begin(write=True) as txn:
-                        return body(txn)
+                        result = body(txn)
+                    break
                 except lmdb.MapFullError:  # aborted: no transaction is open now
                     self._env.set_mapsize(2 * int(self._env.info()["map_size"]))
+        self._trimmer.maybe_trim(lambda: int(self._env.info()["map_size"]))
+        return result
 
     def read(self, body: Callable[[Txn], _T]) -> _T:
         """body's result, run in a read transaction."""
         with lmdb_errors(f"reading {self._what}"), self._env.begin() as txn:
-            return body(txn)
+            result = body(txn)
+        self._trimmer.maybe_trim(lambda: int(self._env.info()["map_size"]))
+        return result
 
     def scan(self, db: Any, prefix: bytes, batch: int) -> Iterator[tuple[bytes, bytes]]:
         """(key, value) of every entry of db whose key starts with prefix, in key order,
