@@ -263,10 +263,10 @@ class IndexEnv:
 
     def trim_resident(self) -> None:
         """Drop the map's pages from this process's resident set: for a reader of much
-        of the index (verify's copy), every few thousand entries.
-        Safe inside a transaction of this thread: the gate keeps the map where it is.
-        Not done after every transaction: a snapshot's lookups, faulting its pages back
-        in, measured 1.3-1.4x slower."""
+        of the index (verify's copy), every few thousand entries.  Safe inside a
+        transaction of this thread: the gate keeps the map where it is.  Not done after
+        every transaction: a snapshot's lookups, faulting its pages back in, measured
+        1.3-1.4x slower."""
         with self._gate.shared():
             self._trimmer.trim(self._map_size())
 
@@ -290,8 +290,8 @@ class ScratchEnv:
     and throws away: never synced, never shared, its map small at first and doubled when
     a write fills it.  Errors name what (through lmdb_errors).
 
-    Reads (get, scan) each open a transaction of their own and hold none between batches,
-    so that a write may grow the map in between."""
+    Reads (read, scan) each open a transaction of their own and hold none between
+    batches, so that a write may grow the map in between."""
 
     def __init__(self, path: str, names: Iterable[bytes], what: str, map_size: int) -> None:
         self._what = what
@@ -315,6 +315,9 @@ class ScratchEnv:
     def close(self) -> None:
         self._env.close()
 
+    def _map_size(self) -> int:
+        return int(self._env.info()["map_size"])
+
     def write(self, body: Callable[[Txn], _T]) -> _T:
         """Run body in a write transaction, and again in a new one after doubling the map
         when it fills: body must keep its state inside, so that a rerun starts afresh.
@@ -326,15 +329,15 @@ class ScratchEnv:
                         result = body(txn)
                     break
                 except lmdb.MapFullError:  # aborted: no transaction is open now
-                    self._env.set_mapsize(2 * int(self._env.info()["map_size"]))
-        self._trimmer.maybe_trim(lambda: int(self._env.info()["map_size"]))
+                    self._env.set_mapsize(2 * self._map_size())
+        self._trimmer.maybe_trim(self._map_size)
         return result
 
     def read(self, body: Callable[[Txn], _T]) -> _T:
         """body's result, run in a read transaction."""
         with lmdb_errors(f"reading {self._what}"), self._env.begin() as txn:
             result = body(txn)
-        self._trimmer.maybe_trim(lambda: int(self._env.info()["map_size"]))
+        self._trimmer.maybe_trim(self._map_size)
         return result
 
     def scan(self, db: Any, prefix: bytes, batch: int) -> Iterator[tuple[bytes, bytes]]:
