@@ -4,7 +4,8 @@ It forwards each request as it came (the Host header included, so that SigV4 sti
 holds) and injects, for requests that match a rule, either an error answer (503
 SlowDown) without forwarding, or a lost answer: the request is forwarded and carried
 out, and the client's connection is closed before the answer, as when a connection
-drops.  A latency delays every request, as a bucket in a far region would.
+drops, or a stall: the request waits until the test releases it (a server that hangs),
+and is then forwarded.  A latency delays every request, as a bucket in a far region would.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ Match = Callable[[str, str], bool]  # (method, path with query) -> inject here?
 @dataclass
 class Rule:
     match: Match
-    action: str  # "slow-down" or "lose-answer"
+    action: str  # "slow-down", "lose-answer" or "stall"
     count: int = 1  # requests it still applies to
     hits: int = 0
 
@@ -43,6 +44,7 @@ class FaultProxy:
     in_flight: int = 0  # requests being forwarded now
     max_in_flight: int = 0  # the most at once, since started
     lock: threading.Lock = field(default_factory=threading.Lock)
+    released: threading.Event = field(default_factory=threading.Event)  # ends the stalls
 
     def inject(self, action: str, match: Match, count: int = 1) -> Rule:
         rule = Rule(match, action, count)
@@ -81,6 +83,8 @@ def _handler(proxy: FaultProxy) -> type[http.server.BaseHTTPRequestHandler]:
                 self.end_headers()
                 self.wfile.write(SLOW_DOWN)
                 return
+            if action == "stall":
+                proxy.released.wait(60)
             with proxy.lock:
                 proxy.in_flight += 1
                 proxy.max_in_flight = max(proxy.max_in_flight, proxy.in_flight)

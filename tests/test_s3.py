@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,7 @@ from blocksnap.errors import (
 )
 from blocksnap.extract import extract
 from blocksnap.retention import Policy
+from blocksnap.store import s3
 from blocksnap.store.s3 import S3Backend
 from tests.conftest import debugfs
 from tests.s3proxy import FaultProxy, Match, fault_proxy
@@ -241,6 +244,47 @@ def test_s3_exclusive_multipart_commit_whose_answer_was_lost_is_committed(
     assert rule.hits == 1 and backend.requests["CompleteMultipartUpload"] >= 2
     assert backend.get("packs/ab/ab01") == data
     assert backend.leftovers() == []
+
+
+def _until(done: Callable[[], bool], seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return done()
+
+
+def test_s3_abort_does_not_wait_for_a_stalled_part(
+    proxy: FaultProxy, s3_server: S3Server, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that holds a part (hung, or answering only after minutes of retries)
+    holds neither the writer's abort beyond ABORT_WAIT nor the backend's close; when the
+    part's answer comes at last, the upload is aborted once more, and nothing is left."""
+    monkeypatch.setattr(s3, "ABORT_WAIT", 0.5)
+    backend = _via(proxy, s3_server, s3_prefix)
+    rule = proxy.inject("stall", _is("PUT", "partNumber=2"))
+    out = backend.create("packs/ef/ef01")
+    out.write(os.urandom(backend.part_size * 2))  # part 1 goes up, part 2 stalls
+    assert _until(lambda: rule.hits == 1)
+    # Without the bound, the abort would wait for this release.
+    safety = threading.Timer(20, proxy.released.set)
+    safety.start()
+    try:
+        started = time.monotonic()
+        out.abort()
+        aborted = time.monotonic() - started
+        backend.close()
+        closed = time.monotonic() - started
+        assert aborted < 5 and closed < 5, (aborted, closed)
+        assert not proxy.released.is_set()
+        assert backend.requests["AbortMultipartUpload"] == 1
+        proxy.released.set()  # the part is answered now: its writer aborts again
+        assert _until(lambda: backend.requests["AbortMultipartUpload"] == 2)
+    finally:
+        safety.cancel()
+        proxy.released.set()
+    assert backend.leftovers() == []
+    with pytest.raises(MissingObjectError):
+        backend.stat("packs/ef/ef01")
 
 
 def test_s3_parts_go_up_together_and_a_failed_one_aborts_the_upload(

@@ -42,6 +42,7 @@ import contextlib
 import hashlib
 import os
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -70,6 +71,7 @@ DEFAULT_PARALLELISM = 8
 RETRY_ATTEMPTS = 5  # botocore's attempts in all, first included (backoff up to 20 s)
 CONNECT_TIMEOUT = 10.0  # seconds
 READ_TIMEOUT = 60.0  # seconds: a 8 MiB part on a slow link still fits
+ABORT_WAIT = 5.0  # seconds an aborting writer waits for its parts in flight, in all
 
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 _DENIED_CODES = frozenset(
@@ -422,11 +424,13 @@ class S3Backend:
         """Release the pooled connections and part threads.  Idempotent; like the local
         backend, which reopens its files, a later call opens new connections and threads
         (a Repository hands one backend to the rebuild of its index and then to its own
-        store).  A writer still uploading parts is the caller's to commit or abort first."""
+        store).  A writer still uploading parts is the caller's to commit or abort first;
+        the parts of an aborted one that are still on their way finish on their threads,
+        which close does not wait for (see _S3Writer.abort)."""
         with self._pool_lock:
             pool, self._part_pool = self._part_pool, None
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=False, cancel_futures=True)
         self._client.close()
 
 
@@ -594,16 +598,32 @@ class _S3Writer:
         self._upload_id = None
 
     def abort(self) -> None:
+        """Give the upload up.  Parts still uploading would land after the abort and keep
+        the upload alive, so it waits for them, but at most ABORT_WAIT seconds in all (a
+        stalled server would hold a part for its retries and timeouts, minutes); a part
+        still on its way then aborts the upload again when its answer is in."""
         upload_id, self._upload_id = self._upload_id, None
         self._buffer = bytearray()
-        # Parts still uploading would land after the abort and keep the upload alive.
         in_flight, self._in_flight = self._in_flight, deque()
+        deadline = time.monotonic() + ABORT_WAIT
+        late: list[Future[dict[str, Any]]] = []
         for future in in_flight:
-            if not future.cancel():
-                with contextlib.suppress(BaseException):
-                    future.result()
-        if upload_id is not None:
-            # An abort that fails leaves an upload that leftovers() reports and a delete
-            # of the name (gc, for a dead writer's intent) reclaims: never an object.
-            with contextlib.suppress(StoreError):
-                self._backend._abort(self._key, upload_id)
+            if future.cancel():
+                continue
+            try:
+                future.result(timeout=max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                late.append(future)
+            except BaseException:  # the part failed: moot, as the upload is given up
+                continue
+        if upload_id is None:
+            return
+        # An abort that fails leaves an upload that leftovers() reports and a delete of
+        # the name (gc, for a dead writer's intent) reclaims: never an object.
+        self._abort_quietly(upload_id)
+        for future in late:
+            future.add_done_callback(lambda _done: self._abort_quietly(upload_id))
+
+    def _abort_quietly(self, upload_id: str) -> None:
+        with contextlib.suppress(StoreError):
+            self._backend._abort(self._key, upload_id)
