@@ -262,8 +262,14 @@ def main(path: str) -> None:
         print("\n| image | " + " | ".join(ops) + " |")
         print("|---" * (len(ops) + 1) + "|")
         for b in sorted(memory, key=lambda b: b["extra_info"]["image_mb"]):
-            peaks = b["extra_info"]["peak_rss_mib"]
-            cells = " | ".join(f"{peaks[op]:.0f} MiB" for op in ops)
+            x = b["extra_info"]
+            peaks = x["peak_rss_mib"]
+            anon, file = x.get("peak_anon_mib"), x.get("peak_file_mib")
+            cells = " | ".join(
+                f"{peaks[op]:.0f} MiB"
+                + (f" ({anon[op]:.0f} + {file[op]:.0f})" if anon and file else "")
+                for op in ops
+            )
             print(f"| {b['extra_info']['image_mb']} MiB | {cells} |")
 
 

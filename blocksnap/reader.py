@@ -10,7 +10,7 @@ from blocksnap.blockmap import ZERO_ID, BlockMap
 from blocksnap.errors import IntegrityError
 from blocksnap.model import BLOCK_ID_SIZE, READ_BATCH_SIZE, BlockSource, SnapshotInfo
 
-DEFAULT_CACHE_SIZE = 32 << 20
+DEFAULT_CACHE_SIZE = 16 << 20  # blocks kept; 32 MiB fetched no fewer for a whole tree (README)
 
 
 @dataclass(slots=True)
