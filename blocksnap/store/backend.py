@@ -58,7 +58,7 @@ import secrets
 import stat
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -201,6 +201,18 @@ def check_range(offset: int, length: int | None) -> None:
         raise UsageError(f"invalid object range: offset {offset}, length {length}")
 
 
+def fill(buffer: memoryview, read_at: Callable[[memoryview, int], int]) -> int:
+    """Fill buffer from the start by read_at(the rest of it, offset), which returns the
+    bytes it read (0 at the end); the bytes read in all.  get_into of every backend."""
+    done = 0
+    while done < len(buffer):
+        n = read_at(buffer[done:], done)
+        if not n:
+            break
+        done += n
+    return done
+
+
 _TRANSIENT = frozenset({errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.EINTR})
 
 
@@ -340,13 +352,8 @@ class LocalBackend:
 
     def get_into(self, name: str, buffer: memoryview) -> int:
         fd = self._fd(name)
-        done = 0
         try:
-            while done < len(buffer):
-                n = os.preadv(fd, [buffer[done:]], done)
-                if n == 0:
-                    break
-                done += n
+            done = fill(buffer, lambda rest, offset: os.preadv(fd, [rest], offset))
         except OSError as exc:
             raise _os_error("reading", name, exc) from exc
         finally:

@@ -59,7 +59,7 @@ from blocksnap.errors import (
     StoreError,
     TransientStoreError,
 )
-from blocksnap.store.backend import Capabilities, ObjectInfo, check_name, check_range
+from blocksnap.store.backend import Capabilities, ObjectInfo, check_name, check_range, fill
 
 T = TypeVar("T")
 
@@ -290,13 +290,7 @@ class S3Backend:
                 Bucket=self.bucket, Key=key, Range=f"bytes=0-{len(buffer) - 1}"
             )
             body = response["Body"]
-            done = 0
-            while done < len(buffer):
-                n = body.readinto(buffer[done:])
-                if not n:
-                    break
-                done += n
-            return int(done)
+            return fill(buffer, lambda rest, _offset: int(body.readinto(rest) or 0))
 
         return self._read(name, read, 0)
 
