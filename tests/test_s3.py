@@ -259,12 +259,14 @@ def test_s3_abort_does_not_wait_for_a_stalled_part(
     """A server that holds a part (hung, or answering only after minutes of retries)
     holds neither the writer's abort beyond ABORT_WAIT nor the backend's close; when the
     part's answer comes at last, the upload is aborted once more, and nothing is left."""
-    monkeypatch.setattr(s3, "ABORT_WAIT", 0.5)
+    monkeypatch.setattr(s3, "ABORT_WAIT", 1.0)
     backend = _via(proxy, s3_server, s3_prefix)
     rule = proxy.inject("stall", _is("PUT", "partNumber=2"))
     out = backend.create("packs/ef/ef01")
     out.write(os.urandom(backend.part_size * 2))  # part 1 goes up, part 2 stalls
-    assert _until(lambda: rule.hits == 1)
+    # Part 2 waits at the proxy, part 1 is through it (a stalled request is not counted
+    # in flight): only part 2 can be late for the abort.
+    assert _until(lambda: rule.hits == 1 and proxy.in_flight == 0)
     # Without the bound, the abort would wait for this release.
     safety = threading.Timer(20, proxy.released.set)
     safety.start()
