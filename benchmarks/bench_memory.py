@@ -48,9 +48,9 @@ def report():
     sys.stderr.write(f"\\nVmHWM {now['VmHWM']} {anon} {file}\\n")
     sys.stderr.flush()
 exit_now = os._exit
-def reported_exit(status):
+def reported_exit(code):
     report()
-    exit_now(status)
+    exit_now(code)
 os._exit = reported_exit
 runpy.run_module("blocksnap", run_name="__main__", alter_sys=True)
 """

@@ -266,7 +266,8 @@ class IndexEnv:
         of the index (verify's copy), every few thousand entries.  Safe inside a
         transaction of this thread: the gate keeps the map where it is.  Not done after
         every transaction: a snapshot's lookups, faulting its pages back in, measured
-        1.3-1.4x slower."""
+        1.3-1.4x slower, and random lookups map the pages again at once (README, the
+        memory budget), so a trim every 0.25 s left a snapshot's peak where it was."""
         with self._gate.shared():
             self._trimmer.trim(self._map_size())
 

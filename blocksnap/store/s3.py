@@ -614,10 +614,14 @@ class _S3Writer:
             return
         # An abort that fails leaves an upload that leftovers() reports and a delete of
         # the name (gc, for a dead writer's intent) reclaims: never an object.
-        self._abort_quietly(upload_id)
-        for future in late:
-            future.add_done_callback(lambda _done: self._abort_quietly(upload_id))
-
-    def _abort_quietly(self, upload_id: str) -> None:
         with contextlib.suppress(StoreError):
+            self._backend._abort(self._key, upload_id)
+        for future in late:
+            future.add_done_callback(lambda _done: self._abort_late(upload_id))
+
+    def _abort_late(self, upload_id: str) -> None:
+        """The abort again, on the thread of a part that answered after the first: any
+        failure stays here (concurrent.futures would print it with a traceback), and what
+        it leaves is reclaimed as above."""
+        with contextlib.suppress(Exception):
             self._backend._abort(self._key, upload_id)
