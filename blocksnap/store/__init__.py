@@ -16,7 +16,7 @@ seam, store/backend.py, and live in REPO/ itself with the default local backend)
     lock, locks/    flock files (store/locks.py)
 
 A repository on S3 (store/location.py) keeps the objects above in its bucket, with three
-more kinds that exist only there: sessions/ID and locks/NAME, the writer sessions and
+more kinds that exist only there: sessions/ID and locks/NAME/GEN, the writer sessions and
 leases that hold across hosts (store/objectlocks.py), and gc/SEQ, the collection lists
 through which gc deletes while other hosts write (store/collection.py).  REPO is then
 this host's cache directory: the index and the host-local state.

@@ -21,25 +21,36 @@ sessions: one whose heartbeats were ever ttl/2 apart is no longer valid, for goo
 (confirm) before every step that deletes, so each stops well before any other host may
 have found it dead, and never acts on what it decided before such a gap.
 
-Leases, locks/<name>, for the locks that must hold across hosts (volume-<h>, one
-snapshot of a volume at a time; gc, maintenance).  A lease is taken by creating its
-object create-if-absent; it names its holder's session, and lives exactly as long as
-that session: it needs no expiry of its own, and its fencing token is that session's
-id.  A lease whose holder session is dead is broken by the one process that wins the
-create-if-absent of locks/<name>.broken-<holder>: it deletes the lease if it still
-names that holder, then competes to create a new one like anyone else (a marker older
-than ttl, whose breaker died, is deleted by the next taker).  The lease is
-deleted by its holder when the lock is released.  The "repository" lock guards only a
-host's own cache (store/location.py), so it stays a local flock; so does every lock
-within a host, taken before the lease.
+Leases, locks/<name>/<gen>, for the locks that must hold across hosts (volume-<h>, one
+snapshot of a volume at a time; gc, maintenance).  gen is a generation, 20 decimal
+digits, and the holder of a lease is whoever created its highest generation: taking
+is a listing of locks/<name>/, a read of the highest generation G, and, if that is
+released or its holder session is dead, the create-if-absent of generation G + 1, of
+which exactly one taker wins.  A lease names its holder's session and lives exactly as
+long as that session: it needs no expiry of its own, and its fencing token is its
+generation, which only grows.  Its holder releases it by writing a tombstone over its
+own generation.  Nothing ever deletes the highest generation, or writes any but its
+own: a request that a client retries late (botocore's retries, minutes later after a
+lost answer) therefore never touches another holder's lease.  Lower generations are
+superseded for good, and any holder deletes them once there are LOWER_KEPT of them.
+A taker that read a stale highest generation may still win the create of a lower one
+(taken and deleted meanwhile): it lists again after its create, and holds the lease
+only if its generation is the highest there, else deletes it and starts over.  So at
+any moment at most one valid session holds a lease, and confirm() checks exactly that:
+its session is valid and its generation the highest.  The "repository" lock guards only
+a host's own cache (store/location.py), so it stays a local flock; so does every lock
+within a host, taken before the lease.  (Leases were one object, locks/<name>, before
+0.2.0, which was never released: no host runs that layout, and such an object is
+ignored.)
 
 Object bodies are UTF-8 JSON with "format": 1 and the keys below; a reader ignores keys
 it does not know.  A lease it cannot decode (damaged, or a newer format without a
 "session" key) is never broken: whether its holder lives cannot be told, so taking it
 says so and names the object to delete by hand.
 
-    sessions/<id>   {"format": 1, "host", "pid", "started" (ISO 8601 UTC, this host's)}
-    locks/<name>    {"format": 1, "session": hex id, "host", "pid"}
+    sessions/<id>       {"format": 1, "host", "pid", "started" (ISO 8601 UTC, this host's)}
+    locks/<name>/<gen>  {"format": 1, "session": hex id, "host", "pid"}, and once released
+                        the same with "released": true
 """
 
 from __future__ import annotations
@@ -61,6 +72,7 @@ from blocksnap.errors import (
     LockedError,
     MissingObjectError,
     ObjectExistsError,
+    StoreError,
     UsageError,
 )
 from blocksnap.store.backend import ObjectStore
@@ -70,12 +82,16 @@ DEFAULT_TTL = 60.0  # seconds without a heartbeat after which a session is dead
 SESSIONS = "sessions/"
 LOCKS = "locks/"
 FORMAT = 1
-# The body of a marker (locks/<name>.broken-<holder>) and of a clock probe: never empty,
-# since SeaweedFS 4.48 answers an empty PUT so that the next request on its connection
-# hangs for a minute.
+# The body of a clock probe: never empty, since SeaweedFS 4.48 answers an empty PUT so
+# that the next request on its connection hangs for a minute.
 MARK = b'{"format": 1}\n'
 _SESSION_NAME = re.compile(r"sessions/([0-9a-f]{32})")
 _LOCK_NAME = re.compile(r"[0-9a-z-]+")
+_GEN = re.compile(r"[0-9]{20}")
+# Lower generations of a lease that may pile up before its holder deletes them: each take
+# adds one, so this bounds the listing and spares a delete on most takes.
+LOWER_KEPT = 4
+TAKE_ROUNDS = 8  # listings a taker reads before it gives up to a race it keeps losing
 # Sessions this process ended, whether or not their delete reached the storage (it may be
 # down): known dead here without waiting for their ttl.
 _ENDED: set[bytes] = set()
@@ -329,7 +345,7 @@ class ObjectLocks:
         self.backend = backend
         self.sessions = sessions
         self.local = local
-        self._held: dict[str, ObjectSession] = {}
+        self._held: dict[str, tuple[ObjectSession, int]] = {}
 
     @contextlib.contextmanager
     def hold(self, name: str, *, busy: str, shared: bool = False) -> Iterator[None]:
@@ -341,96 +357,121 @@ class ObjectLocks:
                 raise UsageError(f"no shared or unnamed lease {name!r}")
             session = self.sessions.start()
             try:
-                self._take(name, session, busy)
-                self._held[name] = session
+                gen = self._take(name, session, busy)
+                self._held[name] = (session, gen)
                 try:
                     yield
                 finally:
                     del self._held[name]
-                    self._release(name, session)
+                    self._release(name, session, gen)
             finally:
                 session.end()
+
+    def token(self, name: str) -> int:
+        """The fencing token of a lease this process holds: its generation."""
+        return self._held[name][1]
 
     def confirm(self, name: str) -> None:
         """Raise LockedError unless this process still holds the lease, and no other host
         can have found it dead: called before every step that deletes."""
-        session = self._held.get(name)
-        if session is None or not session.valid():
+        held = self._held.get(name)
+        if held is None or not held[0].valid():
             raise LockedError(f"lost the {name} lease (its heartbeat failed); stopped")
-        try:
-            holder = _holder(self.backend.get(LOCKS + name))
-        except MissingObjectError:
-            holder = None
-        if holder is None or holder[0] != session.id:
+        gens = self._generations(name)
+        if not gens or gens[-1] != held[1]:
             raise LockedError(f"lost the {name} lease to another process; stopped")
 
-    def _take(self, name: str, session: ObjectSession, busy: str) -> None:
-        lease = LOCKS + name
+    def _generations(self, name: str) -> list[int]:
+        """The generations of a lease that exist, lowest first."""
+        prefix = f"{LOCKS}{name}/"
+        return sorted(
+            int(obj.name[len(prefix) :])
+            for obj in self.backend.list(prefix)
+            if _GEN.fullmatch(obj.name[len(prefix) :])
+        )
+
+    def _take(self, name: str, session: ObjectSession, busy: str) -> int:
+        """Create the next generation of a lease, as the one taker that wins it; return it."""
         body = {"format": FORMAT, "session": session.id.hex(), "pid": os.getpid()}
         body["host"] = self.sessions.host
         data_ours = json.dumps(body, sort_keys=True).encode()
-        for _attempt in range(4):
-            try:
-                self.backend.put(lease, data_ours, exclusive=True)
-                return
-            except ObjectExistsError:
-                pass
-            try:
-                data = self.backend.get(lease)
-            except MissingObjectError:
-                continue  # released meanwhile
-            holder = _holder(data)
-            if holder is not None:
-                holder_id, host, pid = holder
-                if self.sessions.alive(holder_id):
+        for _round in range(TAKE_ROUNDS):
+            gens = self._generations(name)
+            top = gens[-1] if gens else 0
+            if top:
+                lease = _generation(name, top)
+                try:
+                    holder = _holder(self.backend.get(lease))
+                except MissingObjectError:
+                    continue  # the highest is never deleted: this listing was stale
+                if holder is None:
+                    # A newer blocksnap's lease, or a damaged one: whether its holder
+                    # lives cannot be told, so it is never taken over here.
+                    raise LockedError(
+                        f"{busy} (the lease {lease} cannot be read; if no maintenance runs "
+                        "on any host, delete that object)"
+                    )
+                holder_id, host, pid, released = holder
+                if holder_id == session.id and not released:
+                    # Our own create, whose answer was lost: the retry found it there.
+                    self._tidy(name, gens, top)
+                    return top
+                if not released and self.sessions.alive(holder_id):
                     raise LockedError(f"{busy} (on host {host}, pid {pid})")
-                mark = holder_id.hex()
-            else:
-                # A newer blocksnap's lease, or a damaged one: whether its holder lives
-                # cannot be told, so it is never broken here.
-                raise LockedError(
-                    f"{busy} (the lease {lease} cannot be read; if no maintenance runs on "
-                    "any host, delete that object)"
+            gen = top + 1
+            try:
+                self.backend.put(_generation(name, gen), data_ours, exclusive=True)
+            except ObjectExistsError:
+                continue  # another taker won it (or our own retried create: read next)
+            after = self._generations(name)
+            if after and after[-1] > gen:
+                # Our view was stale: gen had been taken and superseded meanwhile, so
+                # ours is a lower generation, which holds nothing.
+                with contextlib.suppress(BlocksnapError):
+                    self.backend.delete(_generation(name, gen))
+                continue
+            if gen not in after:
+                with contextlib.suppress(BlocksnapError):
+                    self._release(name, session, gen)
+                raise StoreError(
+                    f"the listing of {LOCKS}{name}/ does not show the lease just created "
+                    "there: leases need listings that follow writes"
                 )
-            self._break(lease, data, f"{lease}.broken-{mark}", busy)
-        raise LockedError(busy)
+            self._tidy(name, after, gen)
+            return gen
+        raise LockedError(f"{busy} (other processes keep taking it)")
 
-    def _break(self, lease: str, data: bytes, marker: str, busy: str) -> None:
-        """Delete a dead holder's lease, as the one process that won its marker."""
-        try:
-            self.backend.put(marker, MARK, exclusive=True)
-        except ObjectExistsError:
-            # A marker older than ttl is a breaker's that died before deleting it: it
-            # goes, and the next attempt breaks the lease.
-            with contextlib.suppress(MissingObjectError):
-                if self.sessions.age(self.backend.stat(marker).mtime) > self.sessions.ttl:
-                    self.backend.delete(marker)
-            raise LockedError(
-                f"{busy} (its last holder died; another process is taking over)"
-            ) from None
-        try:
-            with contextlib.suppress(MissingObjectError):
-                if self.backend.get(lease) == data:  # nobody broke and retook it before
-                    self.backend.delete(lease)
-        finally:
-            with contextlib.suppress(BlocksnapError):
-                self.backend.delete(marker)
+    def _tidy(self, name: str, gens: list[int], gen: int) -> None:
+        """Delete the generations below gen once LOWER_KEPT of them have piled up."""
+        lower = [g for g in gens if g < gen]
+        if len(lower) >= LOWER_KEPT:
+            with contextlib.suppress(BlocksnapError):  # the next holder tries again
+                self.backend.delete_many(_generation(name, g) for g in lower)
 
-    def _release(self, name: str, session: ObjectSession) -> None:
-        lease = LOCKS + name
+    def _release(self, name: str, session: ObjectSession, gen: int) -> None:
+        """Write a tombstone over our own generation: never a delete, which a late retry
+        could carry onto the next holder's lease."""
+        body = {"format": FORMAT, "session": session.id.hex(), "pid": os.getpid()}
+        body.update(host=self.sessions.host, released=True)
         with contextlib.suppress(BlocksnapError):  # a lease left behind dies with us
-            holder = _holder(self.backend.get(lease))
-            if holder is not None and holder[0] == session.id:
-                self.backend.delete(lease)
+            self.backend.put(_generation(name, gen), json.dumps(body, sort_keys=True).encode())
 
 
-def _holder(data: bytes) -> tuple[bytes, str, int] | None:
-    """(session id, host, pid) that a lease names, or None if it cannot be read."""
+def _generation(name: str, gen: int) -> str:
+    return f"{LOCKS}{name}/{gen:020d}"
+
+
+def _holder(data: bytes) -> tuple[bytes, str, int, bool] | None:
+    """(session id, host, pid, released) that a lease names, or None if it cannot be
+    read."""
     try:
         body = json.loads(data)
         session_id = bytes.fromhex(body["session"])
         if len(session_id) != 16:
             return None
-        return session_id, str(body.get("host", "?")), int(body.get("pid", 0))
+        released = body.get("released", False)
+        if not isinstance(released, bool):
+            return None
+        return session_id, str(body.get("host", "?")), int(body.get("pid", 0)), released
     except (ValueError, TypeError, KeyError, AttributeError):
         return None
