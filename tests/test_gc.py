@@ -16,6 +16,7 @@ import pytest
 import blocksnap
 from blocksnap.blockmap import BlockMap
 from blocksnap.retention import Policy
+from blocksnap.store import catalog
 from blocksnap.store.backend import LocalBackend
 from tests.conftest import debugfs, run_cli
 
@@ -239,12 +240,17 @@ def test_gc_full_indexes_and_frees_packs_no_writer_or_snapshot_has(
         assert skipped.orphan_packs == 0
         assert all((copy / rel).exists() for rel in strays)
     damaged.unlink()
+    # A damaged policy names no packs: it is reported, and holds nothing back.
+    policy = copy / catalog.policy_name("ghost")
+    policy.parent.mkdir(parents=True, exist_ok=True)
+    policy.write_bytes(b"not a policy")
     with blocksnap.Repository(copy) as repo:
         report = repo.gc(full=True)
-        assert report.problems == [], report.problems
+        assert len(report.problems) == 1 and "policy" in report.problems[0], report.problems
         assert report.orphan_packs == len(strays) and report.objects_deleted > 0
         assert not any((copy / rel).exists() for rel in strays)
         assert repo.volumes() == ["vol"]
+        policy.unlink()  # verify names it too
         assert_clean(repo)
         target = tmp_path / "restored.img"
         repo.restore("vol", kept.id, target)

@@ -111,8 +111,9 @@ def collect_garbage(
         synced = store.sync_catalog()
         report.problems += synced.problems
         blocking = [f"snapshot {s}" for s in synced.blocking]
-        if full and synced.problems:
-            # A record that could not be indexed may name packs that would look orphaned.
+        if full and synced.unaccounted:
+            # A record that could not be indexed may name packs that would look orphaned
+            # (a damaged policy, say, names none: it does not hold the reconciliation).
             report.problems.append(
                 "the full reconciliation was skipped while records stand unindexed (see above)"
             )
