@@ -22,10 +22,12 @@ import pytest
 
 import blocksnap
 from blocksnap.errors import LockedError, StoreError
+from blocksnap.store import catalog
 from blocksnap.store.init import probe_create_if_absent
 from blocksnap.store.location import S3Options
 from blocksnap.store.locks import LocalLocks
 from blocksnap.store.objectlocks import ObjectLocks, ObjectSessions
+from blocksnap.store.packs import pack_name
 from blocksnap.store.s3 import S3Backend
 from tests.conftest import debugfs, run_cli
 from tests.s3server import S3_BUCKET, S3Server, rclone_s3, use_server
@@ -363,3 +365,39 @@ def test_a_session_ended_while_storage_was_down_is_dead_here_at_once(
     assert not other.alive(session.id)
     assert [info.alive for info in other.listing() if info.id == session.id] == [False]
     sessions.close()
+
+
+def test_verify_takes_another_hosts_new_commit_for_what_it_is(
+    aws_env: None, s3_server: S3Server, s3_prefix: str, ext4_image: Path, tmp_path: Path
+) -> None:
+    """A host verifies while another commits a snapshot of data this host's cache has
+    never indexed: that record is a leftover (the next writing command indexes it), not
+    damage.  A record whose map root is in none of the packs it names still is."""
+    url = _url(s3_prefix)
+    a = S3Options(cache_dir=str(tmp_path / "a"))
+    b = S3Options(cache_dir=str(tmp_path / "b"))
+    with blocksnap.Repository.init(url, s3=a) as repo:
+        repo.snapshot("vol", ext4_image)
+    noise = tmp_path / "noise.img"
+    noise.write_bytes(os.urandom(4 << 20))
+    with blocksnap.Repository(url, s3=a) as verifier:
+        with blocksnap.Repository(url, s3=b) as other:
+            new = other.snapshot("other", noise)  # after the verifier's sync
+        report = verifier.verify()
+        assert report.ok, report.problems
+        assert any(new.id in leftover for leftover in report.leftovers), report.leftovers
+    # Another commit after the verifier's sync, whose packs are then lost: its map root
+    # is nowhere, and that is damage.
+    backend = s3_server.backend(s3_prefix)
+    noise.write_bytes(os.urandom(4 << 20))
+    with blocksnap.Repository(url, s3=a) as verifier:
+        with blocksnap.Repository(url, s3=b) as other:
+            lost = other.snapshot("third", noise)
+        entry, _body = catalog.read_record(backend.get, lost.id)
+        assert entry.packs
+        backend.delete_many(pack_name(p) for p in entry.packs)
+        report = verifier.verify()
+        assert [p.message for p in report.problems] == [
+            f"snapshot {lost.id} is committed and not in the index, and its map root "
+            f"{lost.map_root.hex()} is not in the index either"
+        ], report.problems

@@ -43,6 +43,7 @@ from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError
 from blocksnap.model import BLOCK_ID_SIZE, Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog, sync
 from blocksnap.store.indexcopy import IndexCopy
+from blocksnap.store.packindex import many_tocs
 from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, pack_name, walk_pack
 from blocksnap.store.records import open_checked
 from blocksnap.store.repository import Store
@@ -375,6 +376,24 @@ def _settle(
     return bad, gone
 
 
+def _in_unindexed_packs(store: Store, entry: catalog.Entry) -> bool:
+    """Whether a record's map root is in a pack its run wrote that this index does not
+    know: on a store that hosts share, a commit of another host since this cache synced,
+    which the next command that writes indexes.  Only the packs' TOCs are read."""
+    if not store.shared:
+        return False
+    unknown = {}
+    for pack_id in entry.packs:
+        if not store.index.has_pack(pack_id):
+            with contextlib.suppress(MissingObjectError):  # lost: not found there
+                unknown[pack_id] = store.backend.stat(pack_name(pack_id)).size
+    root = entry.info.map_root
+    for _pack, _size, toc in many_tocs(store.backend, unknown):
+        if not isinstance(toc, BlocksnapError) and any(rec.id == root for rec in toc):
+            return True
+    return False
+
+
 def verify(
     store: Store,
     *,
@@ -517,7 +536,8 @@ def _verify(
             problems.append(Problem(f"{exc}; the snapshot it commits is not in the index"))
             continue
         root = entry.info.map_root
-        if root not in view:  # its blocks are not kept for it
+        if root not in view and not _in_unindexed_packs(store, entry):
+            # Its blocks are not kept for it (a local store, or its run's packs are lost).
             problems.append(
                 Problem(
                     f"snapshot {snapshot_id} is committed and not in the index, and its map "
