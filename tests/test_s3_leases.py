@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
+import blocksnap
 from blocksnap.errors import LockedError
+from blocksnap.store.location import S3Options
 from blocksnap.store.locks import LocalLocks
 from blocksnap.store.objectlocks import LOWER_KEPT, ObjectLocks, ObjectSessions
 from blocksnap.store.s3 import S3Backend
 from tests.s3proxy import FaultProxy, Match, fault_proxy
-from tests.s3server import S3Server
+from tests.s3server import S3_BUCKET, S3Server, SnapshotThread, use_server
 
 TTL = 4.0
 
@@ -218,3 +221,38 @@ def test_a_damaged_lease_is_never_taken_over(
             assert locks.token("gc") == 2
     finally:
         locks.sessions.close()
+
+
+def test_a_snapshot_whose_volume_lease_lapsed_is_not_committed(
+    proxy: FaultProxy,
+    s3_server: S3Server,
+    s3_prefix: str,
+    ext4_image: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The heartbeats of the volume lease's session fail while those of the writer's
+    session go through: another host may take the volume over, so the snapshot must not
+    commit (the chain would fork), though its writer's session is valid."""
+    use_server(
+        monkeypatch, s3_server, endpoint=False, BLOCKSNAP_SESSION_TTL=str(TTL), AWS_MAX_ATTEMPTS="1"
+    )
+    url = f"s3://{S3_BUCKET}/{s3_prefix}"
+    options = S3Options(endpoint_url=proxy.endpoint, cache_dir=str(tmp_path / "cache"))
+    blocksnap.Repository.init(url, s3=options).close()
+    host = SnapshotThread(url, options, "vol", ext4_image, pause_at="packs-written")
+    host.start()
+    try:
+        assert host.paused.wait(120)
+        direct = s3_server.backend(s3_prefix)
+        (lease,) = [o.name for o in direct.list("locks/") if o.name.startswith("locks/volume-")]
+        session = json.loads(direct.get(lease))["session"]
+        rule = proxy.inject("slow-down", _is("PUT", f"/sessions/{session}"), count=10**6)
+        assert _until(lambda: rule.hits >= 3)  # ttl/2 and more without a heartbeat
+        time.sleep(TTL / 2)
+    finally:
+        host.resume()
+        host.join(120)
+    assert isinstance(host.outcome, LockedError), host.outcome
+    assert re.search(r"was not committed: lost the volume-\w+ lease", str(host.outcome))
+    assert not list(direct.list("snapshots/"))

@@ -51,7 +51,8 @@ class Locks(Protocol):
 
     def confirm(self, name: str) -> None:
         """Raise LockedError unless this process still holds the exclusive lock name (a
-        lease across hosts can be lost; an flock cannot): asked before deleting."""
+        lease across hosts can be lost; an flock cannot): asked before deleting, and
+        before a snapshot commits."""
         ...
 
 

@@ -18,8 +18,9 @@ errors count in favour of the session, so a host whose clock is off by any amoun
 never makes another's live session look dead.  A process also watches its own
 sessions: one whose heartbeats were ever ttl/2 apart is no longer valid, for good
 (Session.valid): a writer checks that before it commits, and the holder of a lease
-(confirm) before every step that deletes, so each stops well before any other host may
-have found it dead, and never acts on what it decided before such a gap.
+(confirm) before every step that deletes and before a commit under the volume's lease,
+so each stops well before any other host may have found it dead, and never acts on what
+it decided before such a gap.
 
 Leases, locks/<name>/<gen>, for the locks that must hold across hosts (volume-<h>, one
 snapshot of a volume at a time; gc, maintenance).  gen is a generation, 20 decimal
@@ -373,7 +374,8 @@ class ObjectLocks:
 
     def confirm(self, name: str) -> None:
         """Raise LockedError unless this process still holds the lease, and no other host
-        can have found it dead: called before every step that deletes."""
+        can have found it dead: called before every step that deletes, and before a
+        snapshot commits."""
         held = self._held.get(name)
         if held is None or not held[0].valid():
             raise LockedError(f"lost the {name} lease (its heartbeat failed); stopped")

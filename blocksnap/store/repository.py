@@ -44,6 +44,7 @@ from blocksnap.errors import (
     BlocksnapError,
     IntegrityError,
     Interrupted,
+    LockedError,
     MissingObjectError,
     NotFoundError,
     ObjectExistsError,
@@ -388,9 +389,8 @@ class Store:
 
     def lock_volume(self, volume: str) -> contextlib.AbstractContextManager[None]:
         self.require_writable()
-        key = blake3.blake3(volume.encode()).hexdigest()[:32]
         return self.locks.hold(
-            f"volume-{key}", busy=f"a snapshot of volume {volume!r} is already running"
+            _volume_lock(volume), busy=f"a snapshot of volume {volume!r} is already running"
         )
 
     def lock_gc(self) -> contextlib.AbstractContextManager[None]:
@@ -444,6 +444,14 @@ class Store:
                 f"snapshot {info.id} was not committed: this writer's session lapsed "
                 "(its heartbeat to the storage failed); run the snapshot again"
             )
+        try:
+            # On a shared store the volume's lease may lapse apart from the writer's
+            # session: then another host may be committing to this volume.
+            self.locks.confirm(_volume_lock(info.volume))
+        except LockedError as exc:
+            raise LockedError(
+                f"snapshot {info.id} was not committed: {exc}; run the snapshot again"
+            ) from None
         seq = max(self.index.next_seq(info.volume), self._pending_seq.get(info.volume, 0) + 1)
         packs = writer.indexed_packs if self.shared else None
         body = catalog.encode(info, self.config.algorithms(), seq, packs)
@@ -853,3 +861,8 @@ class Store:
         """Remove a dead writer from the registry (its intents dealt with) and its session."""
         self.index.unregister_writer(writer_id)
         self.sessions.forget(writer_id)
+
+
+def _volume_lock(volume: str) -> str:
+    """The name of the lock a snapshot of volume holds."""
+    return f"volume-{blake3.blake3(volume.encode()).hexdigest()[:32]}"
