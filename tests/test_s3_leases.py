@@ -198,6 +198,12 @@ def test_generations_only_grow_and_stay_few(
             assert listed[-1] == f"locks/gc/{tokens[-1]:020d}"
             assert json.loads(backend.get(listed[-1]))["released"] is True
         assert tokens == list(range(1, 3 * LOWER_KEPT + 1))
+        # A higher generation than the holder's (no taker makes one while it is valid):
+        # the holder stops.
+        with locks.hold("gc", busy="busy"):
+            backend.put(f"locks/gc/{locks.token('gc') + 1:020d}", b"{}")
+            with pytest.raises(LockedError, match="lost the gc lease to another process"):
+                locks.confirm("gc")
         with pytest.raises(LockedError, match="lost the gc lease"):
             locks.confirm("gc")  # not held now
     finally:

@@ -205,8 +205,8 @@ def test_lease_of_a_killed_holder_runs_out_and_a_live_one_holds(
             except LockedError:
                 time.sleep(0.5)
         assert taken is not None and 3.0 <= taken < 12.0, taken
-        # One generation per take, the dead holder's and the two here; the last is a
-        # tombstone, and nothing else is left.
+        # One generation per take: the dead holder's, then this one's (the other taker
+        # was refused); the last is a tombstone, and nothing else is left.
         names = [o.name for o in backend.list("locks/")]
         assert names == [f"locks/gc/{gen:020d}" for gen in (1, 2)], names
         assert json.loads(backend.get(names[-1]))["released"] is True

@@ -150,7 +150,7 @@ def collect_garbage(
         limit = min((int(w["epoch"]) for w in live.values()), default=epoch + 1)
         try:
             if store.shared:
-                counted_all = not synced.problems
+                counted_all = not synced.unaccounted
                 _collect_shared(
                     store, me.id, ready, limit, report, say, full=full, counted_all=counted_all
                 )
@@ -379,7 +379,7 @@ def _collect_shared(
         if synced.blocking:  # a snapshot not counted: the list waits for a later run
             report.problems += synced.problems
             break
-        _execute(store, lst, limit, report, retire=not synced.problems)
+        _execute(store, lst, limit, report, retire=not synced.unaccounted)
         say(Progress("collect", report.objects_deleted, 0, ProgressUnit.OBJECTS))
     _delete_empty_packs(store, report)
 

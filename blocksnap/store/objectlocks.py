@@ -382,6 +382,8 @@ class ObjectLocks:
         gens = self._generations(name)
         if not gens or gens[-1] != held[1]:
             raise LockedError(f"lost the {name} lease to another process; stopped")
+        if not held[0].valid():  # the listing may have been slow: still valid after it
+            raise LockedError(f"lost the {name} lease (its heartbeat failed); stopped")
 
     def _generations(self, name: str) -> list[int]:
         """The generations of a lease that exist, lowest first."""

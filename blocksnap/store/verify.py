@@ -377,21 +377,29 @@ def _settle(
 
 
 def _in_unindexed_packs(store: Store, entry: catalog.Entry) -> bool:
-    """Whether a record's map root is in a pack its run wrote that this index does not
-    know: on a store that hosts share, a commit of another host since this cache synced,
-    which the next command that writes indexes.  Only the packs' TOCs are read."""
+    """Whether a record is a commit of another host since this cache synced, on a store
+    that hosts share: its map root is in a pack its run wrote that this index does not
+    know, and every such pack is there, readable from its TOC and named gone by no list
+    (the next command that writes indexes them).  Only the TOCs are read."""
     if not store.shared:
         return False
     unknown = {}
     for pack_id in entry.packs:
-        if not store.index.has_pack(pack_id):
-            with contextlib.suppress(MissingObjectError):  # lost: not found there
-                unknown[pack_id] = store.backend.stat(pack_name(pack_id)).size
+        if store.index.has_pack(pack_id):
+            continue
+        if store.index.is_gone(pack_id):
+            return False  # collected: never indexed again
+        try:
+            unknown[pack_id] = store.backend.stat(pack_name(pack_id)).size
+        except MissingObjectError:
+            return False  # lost
     root = entry.info.map_root
+    found = False
     for _pack, _size, toc in many_tocs(store.backend, unknown):
-        if not isinstance(toc, BlocksnapError) and any(rec.id == root for rec in toc):
-            return True
-    return False
+        if isinstance(toc, BlocksnapError):
+            return False
+        found = found or any(rec.id == root for rec in toc)
+    return found
 
 
 def verify(
