@@ -15,6 +15,7 @@ import pytest
 
 import blocksnap
 from tests.fsimages import CAPS, KINDS, build, lvm_physical_volumes, make_files, partitioned
+from tests.s3proxy import FaultProxy, fault_proxy
 from tests.s3server import S3_BUCKET, S3Server, seaweed
 
 MKFS = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
@@ -242,6 +243,13 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         client.create_bucket(Bucket=S3_BUCKET)
         client.close()
         yield server
+
+
+@pytest.fixture
+def proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
+    """A fault proxy on loopback in front of the session's S3 server (tests/s3proxy.py)."""
+    with fault_proxy(s3_server.endpoint) as found:
+        yield found
 
 
 @pytest.fixture

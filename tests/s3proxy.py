@@ -27,6 +27,19 @@ SLOW_DOWN = (
 Match = Callable[[str, str], bool]  # (method, path with query) -> inject here?
 
 
+def request(method: str, fragment: str) -> Match:
+    """Requests of method whose path (with its query) holds fragment."""
+    return lambda m, path: m == method and fragment in path
+
+
+def until(done: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Wait until done() (what a request through the proxy brings about), for a while."""
+    deadline = time.monotonic() + seconds
+    while not done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return done()
+
+
 @dataclass
 class Rule:
     match: Match

@@ -13,7 +13,6 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from blocksnap.retention import Policy
 from blocksnap.store import s3
 from blocksnap.store.s3 import S3Backend
 from tests.conftest import debugfs
-from tests.s3proxy import FaultProxy, Match, fault_proxy
+from tests.s3proxy import FaultProxy, request, until
 from tests.s3server import S3_BUCKET, S3Server
 
 PACK_TARGET_SIZE = 12 << 20  # bytes: packs of a full 8 MiB part and a shorter last one
@@ -186,30 +185,20 @@ def test_s3_credentials_from_the_environment(
 # --- faults between the backend and the server ------------------------------------------
 
 
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
-    with fault_proxy(s3_server.endpoint) as found:
-        yield found
-
-
 def _via(proxy: FaultProxy, server: S3Server, prefix: str, **kwargs: int) -> S3Backend:
     return server.backend(prefix, S3_BUCKET, kind=S3Backend, endpoint=proxy.endpoint, **kwargs)
-
-
-def _is(method: str, fragment: str) -> Match:
-    return lambda m, path: m == method and fragment in path
 
 
 def test_s3_slow_down_is_retried_then_transient(
     proxy: FaultProxy, s3_server: S3Server, s3_prefix: str
 ) -> None:
     backend = _via(proxy, s3_server, s3_prefix)
-    rule = proxy.inject("slow-down", _is("PUT", "/config"), count=2)
+    rule = proxy.inject("slow-down", request("PUT", "/config"), count=2)
     backend.put("config", b"data")  # botocore's own retries absorb two 503s
     assert rule.hits == 2 and backend.requests["PutObject"] == 3
     assert backend.get("config") == b"data"
     once = _via(proxy, s3_server, s3_prefix, retry_attempts=1)
-    proxy.inject("slow-down", _is("GET", "/config"))
+    proxy.inject("slow-down", request("GET", "/config"))
     with pytest.raises(TransientStoreError, match="failed for now: SlowDown"):
         once.get("config")
     assert once.get("config") == b"data"
@@ -221,13 +210,13 @@ def test_s3_exclusive_put_whose_answer_was_lost_is_not_a_lost_race(
     """The first attempt stores the object and its answer is lost; botocore's retry
     then meets a 412 from our own object, which must not read as a race lost."""
     backend = _via(proxy, s3_server, s3_prefix)
-    rule = proxy.inject("lose-answer", _is("PUT", "/snapshots/s1"))
+    rule = proxy.inject("lose-answer", request("PUT", "/snapshots/s1"))
     backend.put("snapshots/s1", b"record", exclusive=True)
     assert rule.hits == 1 and backend.requests["PutObject"] == 2
     assert backend.get("snapshots/s1") == b"record"
     with pytest.raises(ObjectExistsError):  # another writer's bytes: a race lost
         backend.put("snapshots/s1", b"other", exclusive=True)
-    proxy.inject("lose-answer", _is("PUT", "/snapshots/s1"))
+    proxy.inject("lose-answer", request("PUT", "/snapshots/s1"))
     with pytest.raises(ObjectExistsError):  # lost answer, but the object is not ours
         backend.put("snapshots/s1", b"other", exclusive=True)
 
@@ -237,20 +226,13 @@ def test_s3_exclusive_multipart_commit_whose_answer_was_lost_is_committed(
 ) -> None:
     backend = _via(proxy, s3_server, s3_prefix)
     data = os.urandom(backend.part_size + 1000)
-    rule = proxy.inject("lose-answer", _is("POST", "uploadId="))  # CompleteMultipartUpload
+    rule = proxy.inject("lose-answer", request("POST", "uploadId="))  # CompleteMultipartUpload
     out = backend.create("packs/ab/ab01", exclusive=True)
     out.write(data)
     out.commit()
     assert rule.hits == 1 and backend.requests["CompleteMultipartUpload"] >= 2
     assert backend.get("packs/ab/ab01") == data
     assert backend.leftovers() == []
-
-
-def _until(done: Callable[[], bool], seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not done() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return done()
 
 
 def test_s3_abort_does_not_wait_for_a_stalled_part(
@@ -261,12 +243,12 @@ def test_s3_abort_does_not_wait_for_a_stalled_part(
     part's answer comes at last, the upload is aborted once more, and nothing is left."""
     monkeypatch.setattr(s3, "ABORT_WAIT", 1.0)
     backend = _via(proxy, s3_server, s3_prefix)
-    rule = proxy.inject("stall", _is("PUT", "partNumber=2"))
+    rule = proxy.inject("stall", request("PUT", "partNumber=2"))
     out = backend.create("packs/ef/ef01")
     out.write(os.urandom(backend.part_size * 2))  # part 1 goes up, part 2 stalls
     # Part 2 waits at the proxy, part 1 is through it (a stalled request is not counted
     # in flight): only part 2 can be late for the abort.
-    assert _until(lambda: rule.hits == 1 and proxy.in_flight == 0)
+    assert until(lambda: rule.hits == 1 and proxy.in_flight == 0)
     # Without the bound, the abort would wait for this release.
     safety = threading.Timer(20, proxy.released.set)
     safety.start()
@@ -280,7 +262,7 @@ def test_s3_abort_does_not_wait_for_a_stalled_part(
         assert not proxy.released.is_set()
         assert backend.requests["AbortMultipartUpload"] == 1
         proxy.released.set()  # the part is answered now: its writer aborts again
-        assert _until(lambda: backend.requests["AbortMultipartUpload"] == 2)
+        assert until(lambda: backend.requests["AbortMultipartUpload"] == 2)
     finally:
         safety.cancel()
         proxy.released.set()
@@ -313,7 +295,7 @@ def test_s3_parts_go_up_together_and_a_failed_one_aborts_the_upload(
     assert backend.get("packs/cd/cd02") == data
     assert proxy.max_in_flight >= 3
 
-    rule = proxy.inject("slow-down", _is("PUT", "partNumber=3"), count=100)
+    rule = proxy.inject("slow-down", request("PUT", "partNumber=3"), count=100)
     out = backend.create("packs/cd/cd03")
     with pytest.raises(TransientStoreError, match="SlowDown"):
         for offset in range(0, len(data), 1 << 20):

@@ -9,7 +9,6 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,20 +19,10 @@ from blocksnap.store.location import S3Options
 from blocksnap.store.locks import LocalLocks
 from blocksnap.store.objectlocks import LOWER_KEPT, ObjectLocks, ObjectSessions
 from blocksnap.store.s3 import S3Backend
-from tests.s3proxy import FaultProxy, Match, fault_proxy
+from tests.s3proxy import FaultProxy, Match, request, until
 from tests.s3server import S3_BUCKET, S3Server, SnapshotThread, use_server
 
 TTL = 4.0
-
-
-@pytest.fixture
-def proxy(s3_server: S3Server) -> Iterator[FaultProxy]:
-    with fault_proxy(s3_server.endpoint) as found:
-        yield found
-
-
-def _is(method: str, fragment: str) -> Match:
-    return lambda m, path: m == method and fragment in path
 
 
 def _writes(fragment: str) -> Match:
@@ -93,7 +82,7 @@ def test_a_release_retried_late_never_touches_the_next_holders_lease(
         with contextlib.ExitStack() as stack:
             _take_when_free(second, stack)  # the release reached the server
             # ... and its retry comes to wait at the proxy (after botocore's backoff).
-            assert _until(lambda: [rule.hits for rule in proxy.rules] == [1, 1]), proxy.rules
+            assert until(lambda: [rule.hits for rule in proxy.rules] == [1, 1]), proxy.rules
             proxy.released.set()  # the late retry goes through now
             holder.join(60)
             assert not holder.is_alive() and not failure, failure
@@ -105,15 +94,6 @@ def test_a_release_retried_late_never_touches_the_next_holders_lease(
         holder.join(60)
         for locks in (first, second, third):
             locks.sessions.close()
-
-
-def _until(done: Callable[[], bool], seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _take_when_free(locks: ObjectLocks, stack: contextlib.ExitStack) -> None:
@@ -141,7 +121,7 @@ def test_a_taker_that_read_a_stale_generation_holds_nothing(
     others = _locks(direct, tmp_path, "others")
     with others.hold("gc", busy="busy"):
         pass  # generation 1, released: the stalled taker goes for generation 2
-    rule = proxy.inject("stall", _is("PUT", "/locks/gc/"))
+    rule = proxy.inject("stall", request("PUT", "/locks/gc/"))
     outcome: list[object] = []
 
     def take() -> None:
@@ -154,7 +134,7 @@ def test_a_taker_that_read_a_stale_generation_holds_nothing(
     taker = threading.Thread(target=take)
     taker.start()
     try:
-        assert _until(lambda: rule.hits == 1)
+        assert until(lambda: rule.hits == 1)
         for _ in range(LOWER_KEPT + 2):  # generations 2.., the lower ones deleted
             with others.hold("gc", busy="busy"):
                 pass
@@ -253,8 +233,8 @@ def test_a_snapshot_whose_volume_lease_lapsed_is_not_committed(
         direct = s3_server.backend(s3_prefix)
         (lease,) = [o.name for o in direct.list("locks/") if o.name.startswith("locks/volume-")]
         session = json.loads(direct.get(lease))["session"]
-        rule = proxy.inject("slow-down", _is("PUT", f"/sessions/{session}"), count=10**6)
-        assert _until(lambda: rule.hits >= 3)  # ttl/2 and more without a heartbeat
+        rule = proxy.inject("slow-down", request("PUT", f"/sessions/{session}"), count=10**6)
+        assert until(lambda: rule.hits >= 3)  # ttl/2 and more without a heartbeat
         time.sleep(TTL / 2)
     finally:
         host.resume()
