@@ -182,11 +182,25 @@ def _ports_free(ports: list[int]) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def _port_block() -> int:
-    """A base port whose block (PORT..PORT+8 and PORT+10008, see _args) is free now.
-    The pid spreads parallel sessions apart; a taken port moves on to the next block."""
-    start = 20000 + (os.getpid() % 200) * 100
-    for base in range(start, 45000, 100):
+    """A base port whose block (PORT..PORT+8 and PORT+10008, see _args) is free now, all
+    below the ephemeral range: there an outgoing connection can take a port between this
+    check and weed's bind.  The pid spreads parallel sessions apart; a taken port moves
+    on to the next block."""
+    bases = list(range(10000, _ephemeral_low() - 10008, 100))
+    if not bases:
+        raise RuntimeError("no port block for SeaweedFS below the ephemeral range")
+    first = os.getpid() % len(bases)
+    for base in bases[first:] + bases[:first]:
         if _ports_free([*range(base, base + 9), base + 10008]):
             return base
     raise RuntimeError("no free port block for SeaweedFS")
