@@ -342,7 +342,7 @@ def test_a_session_whose_heartbeats_had_a_gap_stays_invalid(
     try:
         assert session.valid()
         session.last_beat -= 2.5  # the heartbeats stopped for more than ttl/2
-        session.beat(time.monotonic())  # and came back
+        session.beat(time.monotonic(), session.beaten[1])  # and came back
         assert not session.valid()
         assert sessions.alive(session.id)  # to others it looks alive again: hence the rule
     finally:

@@ -30,6 +30,7 @@ import os
 import re
 import secrets
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from blocksnap.errors import LockedError, StoreError
@@ -37,6 +38,16 @@ from blocksnap.errors import LockedError, StoreError
 REPOSITORY_LOCK = "repository"
 GC_LOCK = "gc"
 _SESSION = re.compile(r"writer-([0-9a-f]{32})\.lock")
+
+
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """When a write must land to count as made while a session is valid: by the server's
+    time `server` (whole seconds since the epoch, as objects' modification times are),
+    which a write answered by the monotonic time `local` surely did."""
+
+    server: int
+    local: float
 
 
 class Locks(Protocol):
@@ -55,6 +66,11 @@ class Locks(Protocol):
         before a snapshot commits."""
         ...
 
+    def deadline(self, name: str) -> Deadline | None:
+        """For a lease held here, when a write must land to count as made under it
+        (Session.deadline); None for a lock that cannot be lost."""
+        ...
+
 
 class Session(Protocol):
     """A started writer session: its id, alive until end()."""
@@ -70,6 +86,12 @@ class Session(Protocol):
 
     def valid(self) -> bool:
         """Whether no other process can have found this session dead yet."""
+        ...
+
+    def deadline(self) -> Deadline | None:
+        """When a write made now must land for no other process to have found this
+        session dead by then (asked right after valid()); None where sessions cannot
+        lapse while their process runs."""
         ...
 
 
@@ -154,6 +176,9 @@ class LocalLocks:
     def confirm(self, name: str) -> None:
         """An flock is held until its holder lets go or dies: nothing to check."""
 
+    def deadline(self, name: str) -> Deadline | None:
+        return None
+
     @contextlib.contextmanager
     def hold(self, name: str, *, busy: str, shared: bool = False) -> Iterator[None]:
         path = self.path(name)
@@ -186,6 +211,9 @@ class _LocalSession:
     def valid(self) -> bool:
         """Alive exactly while the flock is held."""
         return self._lock.fd >= 0
+
+    def deadline(self) -> Deadline | None:
+        return None
 
     def end(self) -> None:
         if self._lock.fd >= 0:

@@ -22,6 +22,19 @@ sessions: one whose heartbeats were ever ttl/2 apart is no longer valid, for goo
 so each stops well before any other host may have found it dead, and never acts on what
 it decided before such a gap.
 
+A check before a write does not bound when the write lands: a request a client retries,
+or that a proxy or a busy server holds, may land minutes later.  So a snapshot record
+carries a deadline in the server's time (Session.deadline: one second and ttl/2 after
+the modification time of its session's last heartbeat before the put, and of its
+lease's), and counts only if its own modification time is no later
+(store/catalog.py).  No other host can have found the session dead by then (that takes
+ttl after the heartbeat), and the margin of ttl/2 - 1 seconds covers the rounding of
+S3's whole seconds and the clocks of the server's gateways.  The writer reads its
+record's modification time after the put, as every reader judges by it, and deletes a
+record that landed late and reports the snapshot not committed; should that read fail,
+a put answered within ttl/2 - 1 seconds of the heartbeat it counts from surely landed
+in time (Deadline.local).
+
 Leases, locks/<name>/<gen>, for the locks that must hold across hosts (volume-<h>, one
 snapshot of a volume at a time; gc, maintenance).  gen is a generation, 20 decimal
 digits, and the holder of a lease is whoever created its highest generation: taking
@@ -59,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import re
 import secrets
@@ -77,7 +91,7 @@ from blocksnap.errors import (
     UsageError,
 )
 from blocksnap.store.backend import ObjectStore
-from blocksnap.store.locks import REPOSITORY_LOCK, LocalLocks
+from blocksnap.store.locks import REPOSITORY_LOCK, Deadline, LocalLocks
 
 DEFAULT_TTL = 60.0  # seconds without a heartbeat after which a session is dead
 SESSIONS = "sessions/"
@@ -134,7 +148,9 @@ class ObjectSession:
         self.body = body
         self.lock = threading.Lock()  # a heartbeat and end() never overlap
         self.ended = False
-        self.last_beat = time.monotonic()  # of the last heartbeat that succeeded
+        # (monotonic time sent, the server's modification time) of the last heartbeat
+        # that succeeded: one tuple, so that a deadline reads the two of one heartbeat.
+        self.beaten = (time.monotonic(), 0.0)
         # Once two successful heartbeats were ttl/2 apart, another host may have found the
         # session dead meanwhile (and acted on it): it stays invalid for good.
         self.lapsed = False
@@ -143,12 +159,30 @@ class ObjectSession:
     def id(self) -> bytes:
         return self._id
 
-    def beat(self, sent: float) -> None:
-        """Note a successful heartbeat, sent at monotonic time sent: the server wrote it
-        no earlier, so it counts from then."""
+    @property
+    def last_beat(self) -> float:
+        return self.beaten[0]
+
+    @last_beat.setter
+    def last_beat(self, sent: float) -> None:
+        self.beaten = (sent, self.beaten[1])
+
+    def beat(self, sent: float, mtime: float) -> None:
+        """Note a successful heartbeat, sent at monotonic time sent and written by the
+        server at modification time mtime: it counts from when it was sent."""
         if time.monotonic() - self.last_beat >= self._sessions.ttl / 2:
             self.lapsed = True
-        self.last_beat = sent
+        self.beaten = (sent, mtime)
+
+    def deadline(self) -> Deadline:
+        """When a write made now must land to count as made while this session is valid
+        (see the module doc): by the server's time one second and ttl/2 after its last
+        heartbeat.  Ask it right after valid()."""
+        sent, mtime = self.beaten
+        server = math.floor(mtime + 1.0 + self._sessions.ttl / 2)
+        # The server's time at `sent` was below mtime + 1 (mtime is whole seconds, the
+        # heartbeat written after it was sent): an answer by `local` landed by `server`.
+        return Deadline(server, sent + (server - mtime - 1.0))
 
     def valid(self) -> bool:
         """Whether no other host can have found this session dead, now or at any moment
@@ -189,12 +223,14 @@ class ObjectSessions:
 
     # --- the clock -----------------------------------------------------------------------
 
-    def _stamp(self, name: str) -> None:
-        """Note the server's time from the object just written under name."""
+    def _stamp(self, name: str) -> float:
+        """Note the server's time from the object just written under name; return the
+        object's modification time."""
         before = time.monotonic()
         mtime = self.backend.stat(name).mtime
         with self._guard:
             self._clock = (mtime, before)
+        return mtime
 
     def server_now(self) -> float:
         """A lower bound of the server's time now (seconds since the epoch)."""
@@ -239,9 +275,9 @@ class ObjectSessions:
             except ObjectExistsError:
                 continue
             session = ObjectSession(self, session_id, body)
-            session.last_beat = sent  # the server may have written it as early as that
             try:
-                self._stamp(name)
+                # It counts from when it was sent: the server wrote it no earlier.
+                session.beaten = (sent, self._stamp(name))
             except BaseException:
                 session.end()
                 raise
@@ -332,10 +368,10 @@ class ObjectSessions:
             sent = time.monotonic()
             try:
                 self.backend.put(name, session.body)
-                self._stamp(name)
+                mtime = self._stamp(name)
             except BlocksnapError:
                 return  # tried again next time; valid() turns false if this goes on
-            session.beat(sent)
+            session.beat(sent, mtime)
 
 
 class ObjectLocks:
@@ -371,6 +407,12 @@ class ObjectLocks:
     def token(self, name: str) -> int:
         """The fencing token of a lease this process holds: its generation."""
         return self._held[name][1]
+
+    def deadline(self, name: str) -> Deadline | None:
+        """When a write must land to count as made under the lease (Session.deadline);
+        None for a lock that is not a lease held here."""
+        held = self._held.get(name)
+        return None if held is None else held[0].deadline()
 
     def confirm(self, name: str) -> None:
         """Raise LockedError unless this process still holds the lease, and no other host

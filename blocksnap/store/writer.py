@@ -16,7 +16,7 @@ from blocksnap.store.backend import ObjectStore, ObjectWriter
 from blocksnap.store.config import RepositoryConfig
 from blocksnap.store.index import Index
 from blocksnap.store.lmdbenv import lmdb_errors
-from blocksnap.store.locks import Session, WriterSessions
+from blocksnap.store.locks import Deadline, Session, WriterSessions
 from blocksnap.store.nodecache import NodeCache
 from blocksnap.store.packs import KIND_BLOCK, KIND_NODE, PackBuilder, pack_name
 
@@ -77,6 +77,10 @@ class Registration:
     def valid(self) -> bool:
         """Whether the session still holds (see Session.valid): checked before a commit."""
         return self._session.valid()
+
+    def deadline(self) -> Deadline | None:
+        """When a commit put now must land (see Session.deadline)."""
+        return self._session.deadline()
 
     def keep_intents(self) -> None:
         """An object this registration meant to delete may still exist: when it ends, it
