@@ -155,3 +155,27 @@ def test_a_newer_frame_is_unsupported_and_unknown_keys_are_ignored() -> None:
     extended = _reframed(GOLDEN_RECORD, catalog.SNAPSHOT_MAGIC, '"seq": 7', '"seq": 7, "zz": [1]')
     body = catalog.unframe(catalog.SNAPSHOT_MAGIC, extended, "golden")
     assert catalog.decode_entry(body, "golden").info.id == SNAPSHOT
+
+
+def test_a_record_counts_only_if_it_landed_by_its_commit_by() -> None:
+    """commit_by is whole seconds of the server's time: a modification time within that
+    second is in time (a listing may give fractions where a HEAD gives whole seconds),
+    one a second later is not; a record without the key is never late."""
+    body = catalog.unframe(catalog.SNAPSHOT_MAGIC, GOLDEN_RECORD, "golden")
+    entry = catalog.decode_entry(body, "golden")
+    assert entry.commit_by is None and not entry.late(4.0e9)
+    data = catalog.encode(entry.info, ALGORITHMS, entry.seq, commit_by=1_796_400_000)
+    entry = catalog.decode_entry(data, "golden")
+    assert entry.commit_by == 1_796_400_000
+    assert not entry.late(1_796_400_000.0) and not entry.late(1_796_400_000.999)
+    assert entry.late(1_796_400_001.0)
+
+
+@pytest.mark.parametrize("bad", ['"1796400000"', "true", "1.5", "[1]"])
+def test_a_commit_by_that_is_not_whole_seconds_is_damage(bad: str) -> None:
+    data = _reframed(
+        GOLDEN_RECORD, catalog.SNAPSHOT_MAGIC, '"seq": 7', f'"commit_by": {bad}, "seq": 7'
+    )
+    body = catalog.unframe(catalog.SNAPSHOT_MAGIC, data, "golden")
+    with pytest.raises(IntegrityError, match="damaged snapshot record"):
+        catalog.decode_entry(body, "golden")

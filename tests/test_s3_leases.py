@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 import blocksnap
-from blocksnap.errors import LockedError
+from blocksnap.errors import LockedError, StoreError
+from blocksnap.store import catalog
 from blocksnap.store.location import S3Options
 from blocksnap.store.locks import LocalLocks
 from blocksnap.store.objectlocks import LOWER_KEPT, ObjectLocks, ObjectSessions
@@ -242,3 +243,149 @@ def test_a_snapshot_whose_volume_lease_lapsed_is_not_committed(
     assert isinstance(host.outcome, LockedError), host.outcome
     assert re.search(r"was not committed: lost the volume-\w+ lease", str(host.outcome))
     assert not list(direct.list("snapshots/"))
+
+
+def _held_record_put(
+    proxy: FaultProxy, url: str, options: S3Options, image: Path, *, fail_delete: bool
+) -> SnapshotThread:
+    """A snapshot whose record put the proxy holds until well past the record's deadline
+    (commit_by, in the server's time), then lets through; fail_delete: every later write
+    or delete of a record (a batch delete too) fails as well, so that the late record
+    stays.  Returns the ended thread."""
+    host = SnapshotThread(url, options, "vol", image, pause_at="packs-written")
+    host.start()
+    try:
+        assert host.paused.wait(120)
+        rule = proxy.inject("stall", request("PUT", "/snapshots/"))
+        if fail_delete:
+            proxy.inject("slow-down", _writes("/snapshots/"), count=10**6)
+        host.resume()
+        assert until(lambda: rule.hits == 1, 60)
+        time.sleep(TTL + 1.5)  # past commit_by: one second and ttl/2 after a heartbeat
+    finally:
+        proxy.released.set()
+        host.resume()
+        host.join(120)
+    return host
+
+
+def _other_host(url: str, tmp_path: Path, name: str) -> blocksnap.Repository:
+    """The repository as a host with a cache of its own and no proxy sees it."""
+    return blocksnap.Repository(url, s3=S3Options(cache_dir=str(tmp_path / name)))
+
+
+def test_a_record_that_lands_after_its_deadline_is_no_snapshot(
+    proxy: FaultProxy,
+    s3_server: S3Server,
+    s3_prefix: str,
+    ext4_image: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The record put is checked valid, then held (a retry, a proxy, a busy server) until
+    other hosts could have found the writer's session dead.  The writer sees from the
+    record's modification time that it landed late, deletes it and reports the snapshot
+    not committed; nothing of it is left as a snapshot."""
+    use_server(
+        monkeypatch, s3_server, endpoint=False, BLOCKSNAP_SESSION_TTL=str(TTL), AWS_MAX_ATTEMPTS="1"
+    )
+    url = f"s3://{S3_BUCKET}/{s3_prefix}"
+    options = S3Options(endpoint_url=proxy.endpoint, cache_dir=str(tmp_path / "cache"))
+    blocksnap.Repository.init(url, s3=options).close()
+    host = _held_record_put(proxy, url, options, ext4_image, fail_delete=False)
+    assert isinstance(host.outcome, StoreError), host.outcome
+    assert re.search(
+        r"snapshot \w+ was not committed: its record reached the storage after "
+        r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC",
+        str(host.outcome),
+    ), host.outcome
+    direct = s3_server.backend(s3_prefix)
+    assert not list(direct.list("snapshots/"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    with blocksnap.Repository(url, s3=options) as repo:  # the writer's own cache
+        assert repo.snapshots("vol") == []
+        report = repo.verify()
+        assert report.ok, report.problems
+    # The writer runs again, and commits.
+    with blocksnap.Repository(url, s3=options) as repo:
+        info = repo.snapshot("vol", ext4_image)
+        entry, _body = catalog.read_record(direct.get, info.id)
+        assert entry.commit_by is not None
+        assert not entry.late(direct.stat(f"snapshots/{info.id}").mtime)
+        assert [s.id for s in repo.snapshots("vol")] == [info.id]
+
+
+def test_a_late_record_that_stays_is_left_out_everywhere_and_collected(
+    proxy: FaultProxy,
+    s3_server: S3Server,
+    s3_prefix: str,
+    ext4_image: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As above, and the writer's delete of its late record fails too: another host
+    leaves the record out (no snapshot, no parent for its next one), verify names it
+    only as a leftover, a rebuilt index leaves it out, and the writer's own gc, which
+    finds it among the intents of a writer that ended, deletes it."""
+    use_server(
+        monkeypatch, s3_server, endpoint=False, BLOCKSNAP_SESSION_TTL=str(TTL), AWS_MAX_ATTEMPTS="1"
+    )
+    url = f"s3://{S3_BUCKET}/{s3_prefix}"
+    options = S3Options(endpoint_url=proxy.endpoint, cache_dir=str(tmp_path / "cache"))
+    blocksnap.Repository.init(url, s3=options).close()
+    host = _held_record_put(proxy, url, options, ext4_image, fail_delete=True)
+    assert isinstance(host.outcome, StoreError), host.outcome
+    assert "was not committed: its record reached the storage after" in str(host.outcome)
+    direct = s3_server.backend(s3_prefix)
+    (late,) = [o.name for o in direct.list("snapshots/")]
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    with _other_host(url, tmp_path, "other") as repo:
+        assert repo.snapshots("vol") == []
+        report = repo.verify()
+        assert report.ok, report.problems
+        assert [x for x in report.leftovers if x.startswith(late)] == [
+            f"{late} (a record that landed after its deadline: no snapshot; gc deletes it)"
+        ]
+        info = repo.snapshot("vol", ext4_image)
+        assert info.parent is None  # the late record is no parent
+    other = S3Options(cache_dir=str(tmp_path / "other"))
+    rebuilt = blocksnap.repair_index(url, s3=other)
+    assert rebuilt.snapshots == 1 and not rebuilt.damaged, rebuilt
+    proxy.rules.clear()  # the writer's host, its cache (named by the proxy's endpoint)
+    with blocksnap.Repository(url, s3=options) as repo:
+        gc = repo.gc()
+        assert not gc.problems, gc.problems
+        assert gc.leftovers_deleted >= 1
+        assert [o.name for o in direct.list("snapshots/")] == [f"snapshots/{info.id}"]
+        assert [s.id for s in repo.snapshots("vol")] == [info.id]
+        assert repo.verify(read_data=True).ok
+    with blocksnap.Repository(url, s3=other) as repo:
+        assert [s.id for s in repo.snapshots("vol")] == [info.id]
+        assert repo.verify(read_data=True).ok
+
+
+def test_a_record_answered_in_time_commits_though_its_time_cannot_be_read(
+    proxy: FaultProxy,
+    s3_server: S3Server,
+    s3_prefix: str,
+    ext4_image: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stat of the record after its put fails: a put answered well before the
+    deadline surely landed in time, so the snapshot is committed all the same."""
+    use_server(
+        monkeypatch, s3_server, endpoint=False, BLOCKSNAP_SESSION_TTL=str(TTL), AWS_MAX_ATTEMPTS="1"
+    )
+    url = f"s3://{S3_BUCKET}/{s3_prefix}"
+    options = S3Options(endpoint_url=proxy.endpoint, cache_dir=str(tmp_path / "cache"))
+    blocksnap.Repository.init(url, s3=options).close()
+    host = SnapshotThread(url, options, "vol", ext4_image, pause_at="packs-written")
+    host.start()
+    assert host.paused.wait(120)
+    rule = proxy.inject("slow-down", request("HEAD", "/snapshots/"))
+    info = host.result()
+    assert rule.hits == 1
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    with _other_host(url, tmp_path, "other") as repo:
+        assert [s.id for s in repo.snapshots("vol")] == [info.id]

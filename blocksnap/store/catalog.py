@@ -46,6 +46,14 @@ A snapshot record, snapshots/<id>, written create-if-absent (the commit point):
     packs          optional: on a store that hosts share, the ids (32 hex digits) of the
                    packs the run wrote, so that another host's cache indexes just those
                    (store/sync.py); a reader that finds the map root elsewhere ignores it
+    commit_by      optional: on a store that hosts share, the server's time (whole
+                   seconds since the epoch) by which the record had to land for its
+                   writer's session, and its volume's lease, to be valid then
+                   (store/objectlocks.py).  A record whose object's modification time
+                   (in whole seconds) is later is no snapshot: every reader leaves it
+                   out (as it does an absent one), and gc deletes it.  (A reader older
+                   than the key counts such a record: every host sharing a store must
+                   know it.)
 
 The index keeps the body as a cache (store/index.py).
 
@@ -148,17 +156,28 @@ class Entry:
     info: SnapshotInfo
     seq: int
     packs: tuple[bytes, ...] = ()  # the packs its run wrote, when the record names them
+    commit_by: int | None = None  # when the record had to land, when it says so
 
     @property
     def order(self) -> tuple[int, str]:
         return self.seq, self.info.id
 
+    def late(self, mtime: float) -> bool:
+        """Whether a record object of modification time mtime landed after its deadline,
+        and so is no snapshot (see the module doc).  In whole seconds, as S3 gives them
+        (a listing may give fractions where a HEAD does not)."""
+        return self.commit_by is not None and mtime >= self.commit_by + 1
+
 
 def encode(
-    info: SnapshotInfo, algorithms: dict[str, str], seq: int, packs: list[bytes] | None = None
+    info: SnapshotInfo,
+    algorithms: dict[str, str],
+    seq: int,
+    packs: list[bytes] | None = None,
+    commit_by: int | None = None,
 ) -> bytes:
-    """The record body (see the module doc); packs: the packs the run wrote, named on a
-    store that hosts share."""
+    """The record body (see the module doc); packs: the packs the run wrote, and
+    commit_by: when the record must land, both on a store that hosts share."""
     record: dict[str, Any] = {
         "format": RECORD_FORMAT,
         "namespace": NAMESPACE,
@@ -168,6 +187,8 @@ def encode(
     }
     if packs:
         record["packs"] = [p.hex() for p in packs]
+    if commit_by is not None:
+        record["commit_by"] = commit_by
     return json.dumps(record, sort_keys=True).encode()
 
 
@@ -221,6 +242,11 @@ def decode_entry(data: bytes | memoryview, what: str) -> Entry:
         )
         seq = int(r["seq"])
         packs = tuple(bytes.fromhex(p) for p in r.get("packs", []))
+        commit_by = r.get("commit_by")
+        if commit_by is not None and (
+            isinstance(commit_by, bool) or not isinstance(commit_by, int)
+        ):
+            raise ValueError(f"commit_by {commit_by!r}")
     except (IntegrityError, UnsupportedFormatError):
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -234,7 +260,7 @@ def decode_entry(data: bytes | memoryview, what: str) -> Entry:
         or any(len(p) != 16 for p in packs)
     ):
         raise IntegrityError(f"{what}: damaged snapshot record (invalid fields)")
-    return Entry(info, seq, packs)
+    return Entry(info, seq, packs, commit_by)
 
 
 def decode(data: bytes | memoryview, what: str) -> SnapshotInfo:

@@ -7,9 +7,10 @@ Three steps, each safe to interrupt at any instant (kill -9 included):
    index step counts its root before anything is collected.  Writers that died (their
    session is not alive) are then cleaned up exactly: every object named by one of
    their intents that is not part of the repository (a pack not indexed, a record a
-   tombstone names, one a compaction meant to delete) is deleted, a removal that never
-   wrote its tombstone is called off, and the writer leaves the registry.  Record
-   objects of removed snapshots that a prune could not delete go too.
+   tombstone names or that landed after its deadline, one a compaction meant to delete)
+   is deleted, a removal that never wrote its tombstone is called off, and the writer
+   leaves the registry.  Record objects of removed snapshots that a prune could not
+   delete go too, and those that landed after their deadline (store/sync.py).
 2. Objects whose reference count is 0 since before the start of every live writer (see
    store/index.py) are deleted from the index, in batches; a deleted map node decrements
    its children in the same transaction, so whole trees go in one run when no writer is
@@ -133,7 +134,7 @@ def collect_garbage(
                 blocking.append(f"writer {writer_id.hex()}")
         store.sweep_orphan_locks()
         _end_abandoned_removals(store)
-        _delete_removed_records(store, me, report)
+        _delete_removed_records(store, me, report, set(synced.late))
         if blocking:
             # A committed snapshot the index could not take in may have its blocks at
             # count 0: collecting anything now could delete them.
@@ -176,11 +177,8 @@ def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None
         if name.startswith("packs/"):
             keep = store.index.has_pack(bytes.fromhex(name.rsplit("/", 1)[-1]))
         elif name.startswith(catalog.SNAPSHOTS) and snapshot_id is not None:
-            # A record is the snapshot unless a tombstone names it; one never written
-            # may have left an unfinished write, which the delete takes.
-            keep = store.exists(name) and not store.exists(catalog.tombstone_name(snapshot_id))
-            if keep and store.index.snapshot_record(snapshot_id) is None:
-                _cache_before_forgetting(store, snapshot_id, report)
+            # One never written may have left an unfinished write, which the delete takes.
+            keep = _standing_record(store, name, snapshot_id, report)
         elif name.startswith(catalog.TOMBSTONES) and snapshot_id is not None:
             # A removal: done if its tombstone exists (the sync above applied it),
             # else it never happened and the snapshot stays.
@@ -203,21 +201,36 @@ def _clean_dead_writer(store: Store, writer_id: bytes, report: GcReport) -> None
     store.forget_writer(writer_id)
 
 
-def _cache_before_forgetting(store: Store, snapshot_id: str, report: GcReport) -> None:
-    """A dead writer's record that stands and that the sync above did not cache (it
-    appeared after the listing): cached now, before the writer's epoch stops keeping
-    its blocks.  One that cannot be cached raises, so the writer stays registered."""
+def _standing_record(store: Store, name: str, snapshot_id: str, report: GcReport) -> bool:
+    """Whether a dead writer's record is a snapshot: it exists, no tombstone names it and
+    it landed by its deadline (store/catalog.py).  One that the sync above did not cache
+    (it appeared after the listing) is cached now, before the writer's epoch stops
+    keeping its blocks; one that cannot be cached raises, so the writer stays
+    registered."""
+    try:
+        mtime = store.backend.stat(name).mtime
+    except MissingObjectError:
+        return False
+    if store.exists(catalog.tombstone_name(snapshot_id)):
+        return False
+    if store.index.snapshot_record(snapshot_id) is not None:
+        return True
     try:
         entry, body = catalog.read_record(store.backend.get, snapshot_id)
+    except MissingObjectError:
+        return False
     except IntegrityError as exc:  # damaged: no one can read that snapshot
         report.problems.append(f"snapshot {snapshot_id} cannot be indexed: {exc}")
-        return
+        return True
+    if entry.late(mtime):
+        return False
     try:
         sync.cache_entry(store.index, entry, body)
     except BlocksnapError as exc:
         if not sync.lasting_fault(store.index, entry):
             raise
         report.problems.append(f"snapshot {snapshot_id} cannot be indexed: {exc}")
+    return True
 
 
 def _end_abandoned_removals(store: Store) -> None:
@@ -238,12 +251,15 @@ def _end_abandoned_removals(store: Store) -> None:
             store.index.unmark_removing(snapshot_id, marked_by=writer_id, unregistered=True)
 
 
-def _delete_removed_records(store: Store, me: Registration, report: GcReport) -> None:
-    """Delete the record objects that tombstones name (a prune whose delete failed)."""
+def _delete_removed_records(
+    store: Store, me: Registration, report: GcReport, late: set[str]
+) -> None:
+    """Delete the record objects that tombstones name (a prune whose delete failed), and
+    those that landed after their deadline (late: found by the sync)."""
     tombstones = sync.listed_ids(store.backend, catalog.TOMBSTONES)
     for entry in store.backend.list(catalog.SNAPSHOTS):
         snapshot_id = catalog.id_of(entry.name)
-        if snapshot_id is None or snapshot_id not in tombstones:
+        if snapshot_id is None or not (snapshot_id in tombstones or snapshot_id in late):
             continue
         intent = me.intent(entry.name)
         store.index.add_intent(intent)

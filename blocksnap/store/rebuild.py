@@ -135,12 +135,13 @@ class _Found:
 
 
 def _catalog(store: Store, old: dict[str, bytes], report: RebuildReport) -> list[_Found]:
-    """The snapshots the objects define: records that no tombstone names.  One whose
-    record object is damaged or missing is taken from the old index's copy (to be
+    """The snapshots the objects define: records that no tombstone names and that landed
+    by their deadline (store/catalog.py; one that landed later is left for gc).  One
+    whose record object is damaged or missing is taken from the old index's copy (to be
     written again once it is indexed); one with no intact copy is reported."""
     removed = sync.listed_ids(store.backend, catalog.TOMBSTONES)
     found: list[_Found] = []
-    listed = {o.name for o in store.backend.list(catalog.SNAPSHOTS)}
+    listed = {o.name: o.mtime for o in store.backend.list(catalog.SNAPSHOTS)}
     ids = {catalog.id_of(name) for name in listed}
     for name in sorted(listed):
         if catalog.id_of(name) is None:
@@ -158,7 +159,8 @@ def _catalog(store: Store, old: dict[str, bytes], report: RebuildReport) -> list
         except BlocksnapError as exc:
             why = str(exc)
         else:
-            found.append(_Found(entry, body))
+            if not _late(store, entry, name, listed):
+                found.append(_Found(entry, body))
             continue
         copy = old.get(snapshot_id)
         if copy is None:
@@ -166,6 +168,19 @@ def _catalog(store: Store, old: dict[str, bytes], report: RebuildReport) -> list
             continue
         found.append(_Found(catalog.decode_entry(copy, name), copy, why))
     return found
+
+
+def _late(store: Store, entry: catalog.Entry, name: str, listed: dict[str, float]) -> bool:
+    """Whether a record read whole landed after its deadline: then no snapshot."""
+    if entry.commit_by is None:
+        return False
+    mtime = listed.get(name)
+    if mtime is None:  # read, though the listing missed it
+        try:
+            mtime = store.backend.stat(name).mtime
+        except MissingObjectError:
+            return True  # deleted since it was read: gc deletes only records that are none
+    return entry.late(mtime)
 
 
 def _valid(found: list[_Found], nodes: set[bytes], report: RebuildReport) -> list[_Found]:

@@ -28,11 +28,14 @@ such a case: its readers have no LMDB reader slot, so use a writable path for th
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
+import math
 import os
 import re
 import shutil
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,6 +66,7 @@ from blocksnap.store.index import Index
 from blocksnap.store.locks import (
     GC_LOCK,
     REPOSITORY_LOCK,
+    Deadline,
     LocalLocks,
     LocalSessions,
     Locks,
@@ -452,9 +456,13 @@ class Store:
             raise LockedError(
                 f"snapshot {info.id} was not committed: {exc}; run the snapshot again"
             ) from None
+        deadline = _earliest(
+            writer.registration.deadline(), self.locks.deadline(_volume_lock(info.volume))
+        )
         seq = max(self.index.next_seq(info.volume), self._pending_seq.get(info.volume, 0) + 1)
         packs = writer.indexed_packs if self.shared else None
-        body = catalog.encode(info, self.config.algorithms(), seq, packs)
+        commit_by = None if deadline is None else deadline.server
+        body = catalog.encode(info, self.config.algorithms(), seq, packs, commit_by)
         data = catalog.frame(catalog.SNAPSHOT_MAGIC, body)
         name = catalog.object_name(info.id)
         intent = writer.registration.intent(name)
@@ -471,6 +479,8 @@ class Store:
             if not landed:
                 raise
             # The put's answer was lost, but the record is there: the snapshot is committed.
+        if deadline is not None:
+            self._landed_in_time(name, info.id, deadline, writer.registration)
         try:
             self.index.commit_snapshot(
                 info.volume,
@@ -508,6 +518,38 @@ class Store:
         except BaseException:
             registration.keep_intents()
             return None
+
+    def _landed_in_time(
+        self, name: str, snapshot_id: str, deadline: Deadline, registration: Registration
+    ) -> None:
+        """A record just put: return if it landed by its deadline (it is the snapshot),
+        else delete it and raise (it is none).  Its modification time decides, as for
+        every reader (sync.py), so that a server clock that jumped misleads no one."""
+        answered = time.monotonic()
+        try:
+            mtime = self.backend.stat(name).mtime
+        except MissingObjectError:
+            mtime = math.inf  # deleted by now: only a gc that found it late does that
+        except BlocksnapError as exc:
+            if answered <= deadline.local:
+                return  # answered so soon that it surely landed in time
+            registration.keep_intents()
+            raise StoreError(
+                f"cannot tell whether snapshot {snapshot_id} was committed ({exc}): it was "
+                f"if its record exists and was modified by {_utc(deadline.server)}; the "
+                "next command that opens the repository sees"
+            ) from exc
+        if mtime < deadline.server + 1:  # (whole seconds: see catalog.Entry.late)
+            return
+        try:
+            self.backend.delete(name)
+        except BlocksnapError:  # every reader leaves it out, and gc deletes it
+            registration.keep_intents()
+        raise StoreError(
+            f"snapshot {snapshot_id} was not committed: its record reached the storage "
+            f"after {_utc(deadline.server)}, when other hosts may have found this writer's "
+            "session dead; run the snapshot again"
+        )
 
     def save_checkpoint(self, checkpoint: Checkpoint, writer: StoreWriter) -> None:
         """Record the checkpoint; the caller flushed its writer, so its map is durable.
@@ -861,6 +903,20 @@ class Store:
         """Remove a dead writer from the registry (its intents dealt with) and its session."""
         self.index.unregister_writer(writer_id)
         self.sessions.forget(writer_id)
+
+
+def _earliest(*deadlines: Deadline | None) -> Deadline | None:
+    """The deadline that comes first of those given (None: none given)."""
+    given = [d for d in deadlines if d is not None]
+    if not given:
+        return None
+    return Deadline(min(d.server for d in given), min(d.local for d in given))
+
+
+def _utc(seconds: int) -> str:
+    """A server time, as people read it."""
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _volume_lock(volume: str) -> str:

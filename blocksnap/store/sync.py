@@ -15,6 +15,12 @@ a place in the volume's order, and first in gc.  It
 - brings protections and policies in line with their objects (a protect, unprotect or
   policy change killed between its object and its index step).
 
+A record whose object landed after the deadline it carries (store/catalog.py's
+commit_by: a put that a retry, a proxy or a busy server held past its session's
+validity) is no snapshot: sync leaves it out, names it in `late` for gc to delete, and
+counts it nowhere else (its packs are its writer's, reclaimed as an interrupted
+writer's are).
+
 On a store that hosts share (S3), a record another host committed names a map root in
 packs this host's index has never seen.  Such a record names the packs its run wrote,
 and sync indexes those it lacks from their tables of contents (store/packindex.py)
@@ -55,6 +61,7 @@ class SyncReport:
     # not cached, a pack not read): what a reconciliation of packs must wait for.
     unaccounted: list[str] = field(default_factory=list)
     blocking: list[str] = field(default_factory=list)  # records that stand, not cached
+    late: list[str] = field(default_factory=list)  # records that landed after their deadline
     pending_seq: dict[str, int] = field(default_factory=dict)  # volume -> their highest seq
 
     def unaccount(self, problem: str) -> None:
@@ -85,7 +92,7 @@ def sync(
     records and tombstones are listed, before the index changes."""
     report = SyncReport()
     listed_all = discover is None
-    records = listed_ids(backend, catalog.SNAPSHOTS)
+    records = listed_times(backend, catalog.SNAPSHOTS)
     tombstones = listed_ids(backend, catalog.TOMBSTONES)
     if listed is not None:
         listed()
@@ -96,7 +103,7 @@ def sync(
                 report.forgotten.append(snapshot_id)
         except BlocksnapError as exc:
             report.problems.append(f"removed snapshot {snapshot_id} stays in the index: {exc}")
-    for snapshot_id in sorted(records - tombstones - cached):
+    for snapshot_id in sorted(records.keys() - tombstones - cached):
         try:
             if exists(backend, catalog.tombstone_name(snapshot_id)):
                 continue  # a listing may lag behind a removal: never bring one back
@@ -109,6 +116,9 @@ def sync(
         except BlocksnapError as exc:  # unreadable now, or of a newer format: it stands
             report.unaccount(f"snapshot {snapshot_id} cannot be indexed: {exc}")
             report.blocking.append(snapshot_id)
+            continue
+        if entry.late(records[snapshot_id]):
+            report.late.append(snapshot_id)
             continue
         try:
             if discover is not None and index.location(entry.info.map_root) is None:
@@ -147,7 +157,13 @@ def lasting_fault(index: Index, entry: catalog.Entry) -> bool:
 
 def listed_ids(backend: ObjectStore, prefix: str) -> set[str]:
     """The snapshot ids that the objects listed under snapshots/ or tombstones/ name."""
-    return {i for o in backend.list(prefix) if (i := catalog.id_of(o.name)) is not None}
+    return set(listed_times(backend, prefix))
+
+
+def listed_times(backend: ObjectStore, prefix: str) -> dict[str, float]:
+    """The snapshot ids that the objects listed under snapshots/ or tombstones/ name,
+    each with its object's modification time."""
+    return {i: o.mtime for o in backend.list(prefix) if (i := catalog.id_of(o.name)) is not None}
 
 
 def cache_record(backend: ObjectStore, index: Index, snapshot_id: str) -> bool:

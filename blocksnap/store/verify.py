@@ -42,6 +42,7 @@ from blocksnap.blockmap import ZERO_ID, BlockMap, node_children
 from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError
 from blocksnap.model import BLOCK_ID_SIZE, Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog, sync
+from blocksnap.store.backend import ObjectInfo
 from blocksnap.store.indexcopy import IndexCopy
 from blocksnap.store.packindex import many_tocs
 from blocksnap.store.packs import HEADER_SIZE, KIND_NODE, pack_name, walk_pack
@@ -86,27 +87,31 @@ class VerifyReport:
 
 
 class _Listing:
-    """The sizes of the objects under a prefix: from one listing, and, since a listing
-    may lag behind writes (see store/backend.py), from a stat of each name it leaves
-    out, so that a stale listing never reads as a missing object."""
+    """The objects under a prefix: from one listing, and, since a listing may lag behind
+    writes (see store/backend.py), from a stat of each name it leaves out, so that a
+    stale listing never reads as a missing object."""
 
     def __init__(self, store: Store, prefix: str) -> None:
         self._store = store
-        self._sizes = {o.name: o.size for o in store.backend.list(prefix)}
+        self._found = {o.name: o for o in store.backend.list(prefix)}
         self._absent: set[str] = set()
 
-    def size(self, name: str) -> int | None:
-        size = self._sizes.get(name)
-        if size is None and name not in self._absent:
+    def info(self, name: str) -> ObjectInfo | None:
+        info = self._found.get(name)
+        if info is None and name not in self._absent:
             try:
-                size = self._sizes[name] = self._store.backend.stat(name).size
+                info = self._found[name] = self._store.backend.stat(name)
             except MissingObjectError:
                 self._absent.add(name)
-        return size
+        return info
+
+    def size(self, name: str) -> int | None:
+        info = self.info(name)
+        return None if info is None else info.size
 
     def names(self) -> set[str]:
         """The names found to exist (a stale listing can only make this short)."""
-        return set(self._sizes)
+        return set(self._found)
 
 
 _buffers = threading.local()  # each read-data worker's pack buffer
@@ -542,6 +547,12 @@ def _verify(
             continue
         except BlocksnapError as exc:
             problems.append(Problem(f"{exc}; the snapshot it commits is not in the index"))
+            continue
+        listed_record = records.info(name)
+        if listed_record is not None and entry.late(listed_record.mtime):
+            report.leftovers.append(
+                f"{name} (a record that landed after its deadline: no snapshot; gc deletes it)"
+            )
             continue
         root = entry.info.map_root
         if root not in view and not _in_unindexed_packs(store, entry):
