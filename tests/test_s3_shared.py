@@ -386,6 +386,18 @@ def test_verify_takes_another_hosts_new_commit_for_what_it_is(
         report = verifier.verify()
         assert report.ok, report.problems
         assert any(new.id in leftover for leftover in report.leftovers), report.leftovers
+    # Two commits after the verifier's sync, the second of unchanged data: its map root
+    # is in the packs of the first, which it does not name, and it is no damage either.
+    noise.write_bytes(os.urandom(4 << 20))
+    with blocksnap.Repository(url, s3=a) as verifier:
+        with blocksnap.Repository(url, s3=b) as other:
+            first = other.snapshot("idle", noise)
+            again = other.snapshot("idle", noise)
+        assert again.map_root == first.map_root and again.parent == first.id
+        report = verifier.verify()
+        assert report.ok, report.problems
+        for snapshot in (first, again):
+            assert any(snapshot.id in x for x in report.leftovers), report.leftovers
     # Another commit after the verifier's sync, whose packs are then lost: its map root
     # is nowhere, and that is damage.
     backend = s3_server.backend(s3_prefix)

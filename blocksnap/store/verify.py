@@ -381,11 +381,13 @@ def _settle(
     return bad, gone
 
 
-def _in_unindexed_packs(store: Store, entry: catalog.Entry) -> bool:
+def _in_unindexed_packs(store: Store, entry: catalog.Entry) -> bool | None:
     """Whether a record is a commit of another host since this cache synced, on a store
     that hosts share: its map root is in a pack its run wrote that this index does not
     know, and every such pack is there, readable from its TOC and named gone by no list
-    (the next command that writes indexes them).  Only the TOCs are read."""
+    (the next command that writes indexes them).  None: every such pack is, and the
+    root is in none of them (the run found it in a pack of an earlier run: unchanged
+    data).  Only the TOCs are read."""
     if not store.shared:
         return False
     unknown = {}
@@ -404,6 +406,22 @@ def _in_unindexed_packs(store: Store, entry: catalog.Entry) -> bool:
         if isinstance(toc, BlocksnapError):
             return False
         found = found or any(rec.id == root for rec in toc)
+    return found or None
+
+
+def _in_other_packs(store: Store, roots: set[bytes]) -> set[bytes]:
+    """Of roots, those in a pack in storage that this index does not know and no list
+    names gone: what another host's runs wrote since this cache synced (the next command
+    that writes indexes them, as sync does for a root in no pack of its run).  A listing
+    of packs/, and only the TOCs are read, a batch at a time."""
+    unknown = sorted(store.unknown_packs().items())
+    found: set[bytes] = set()
+    for at in range(0, len(unknown), _TOC_BATCH):
+        for _pack, _size, toc in many_tocs(store.backend, dict(unknown[at : at + _TOC_BATCH])):
+            if not isinstance(toc, BlocksnapError):
+                found.update(rec.id for rec in toc if rec.id in roots)
+        if found == roots:
+            break
     return found
 
 
@@ -539,6 +557,7 @@ def _verify(
     if uncached:
         uncached -= _current_snapshots(store)  # cached since the view
     report.leftovers = []
+    elsewhere: list[tuple[str, bytes]] = []  # (record, root in no pack of its run)
     for snapshot_id in sorted(uncached):
         name = catalog.object_name(snapshot_id)
         try:  # a record the index lacks commits a snapshot: it must be readable
@@ -555,19 +574,20 @@ def _verify(
             )
             continue
         root = entry.info.map_root
-        if root not in view and not _in_unindexed_packs(store, entry):
-            # Its blocks are not kept for it (a local store, or its run's packs are lost).
-            problems.append(
-                Problem(
-                    f"snapshot {snapshot_id} is committed and not in the index, and its map "
-                    f"root {root.hex()} is not in the index either"
-                )
-            )
-            continue
-        report.leftovers.append(
-            f"{name} (a committed snapshot the index lacks: the next command that opens "
-            "the repository for writing indexes it)"
-        )
+        placed = True if root in view else _in_unindexed_packs(store, entry)
+        if placed is None:
+            elsewhere.append((snapshot_id, root))
+        elif placed:
+            report.leftovers.append(_new_commit(snapshot_id))
+        else:  # its blocks are not kept for it (a local store, or its run's packs are lost)
+            problems.append(_rootless(snapshot_id, root))
+    if elsewhere:
+        in_other = _in_other_packs(store, {root for _s, root in elsewhere})
+        for snapshot_id, root in elsewhere:
+            if root in in_other:
+                report.leftovers.append(_new_commit(snapshot_id))
+            else:
+                problems.append(_rootless(snapshot_id, root))
     report.leftovers += sorted(
         f"snapshot {s} (removed, its tombstone exists, and still in the index: the next "
         "command that opens the repository for writing forgets it)"
@@ -597,6 +617,21 @@ def _verify(
 
 
 _REWRITTEN = "repair --rebuild-index writes it again where it can"
+_TOC_BATCH = 64  # packs whose tables of contents are in memory at once
+
+
+def _new_commit(snapshot_id: str) -> str:
+    return (
+        f"{catalog.object_name(snapshot_id)} (a committed snapshot the index lacks: the "
+        "next command that opens the repository for writing indexes it)"
+    )
+
+
+def _rootless(snapshot_id: str, root: bytes) -> Problem:
+    return Problem(
+        f"snapshot {snapshot_id} is committed and not in the index, and its map root "
+        f"{root.hex()} is not in the index either"
+    )
 
 
 def _undecodable(
