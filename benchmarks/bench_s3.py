@@ -1,9 +1,11 @@
 """blocksnap on S3 (a real SeaweedFS on loopback) beside bare transfers of the same bytes
 with the same client (boto3, 8 threads, 8 MiB requests) in the same run.
 
-- A full snapshot to S3 against a bare parallel upload of the bytes it stores.
+- A full snapshot to S3 against a bare parallel upload of the bytes it stores, and
+  against the same snapshot into a local repository.
 - A full restore from S3 (this host's cache holds the index, no data) against a bare
-  parallel ranged download of the same packs.
+  parallel ranged download of the same packs, and against a restore from a local
+  repository.
 - One file of about 1 MiB out of the snapshot, page cache dropped, with the GETs counted
   (extra_info): on a host whose cache holds the index, and on a host with an empty cache.
 - The requests of an incremental, by operation, next to the parts of new data it stores.
@@ -135,6 +137,42 @@ def test_s3_full_snapshot(benchmark: Any, stored: Stored) -> None:
 
     benchmark.pedantic(run, setup=setup, rounds=3)
     benchmark.extra_info["bytes"] = stored.packed
+
+
+def test_baseline_local_full_snapshot(benchmark: Any, stored: Stored, tmp_path: Path) -> None:
+    """The same image's full snapshot into a fresh local repository, each round: what the
+    snapshot costs without S3 (the same compression and hashing on the same cores)."""
+    rounds = itertools.count()
+
+    def setup() -> tuple[tuple[blocksnap.Repository], dict[str, Any]]:
+        return (blocksnap.Repository.init(tmp_path / f"local{next(rounds)}"),), {}
+
+    def run(repo: blocksnap.Repository) -> None:
+        repo.snapshot("vol", stored.image)
+        repo.close()
+
+    benchmark.pedantic(run, setup=setup, rounds=3)
+    benchmark.extra_info["bytes"] = stored.packed
+
+
+def test_baseline_local_full_restore(benchmark: Any, stored: Stored, tmp_path: Path) -> None:
+    """Restore of the whole image from a local repository of it to a file: what the
+    restore costs without S3 (decompression, checks and writes)."""
+    with blocksnap.Repository.init(tmp_path / "local") as repo:
+        repo.snapshot("vol", stored.image)
+    target = tmp_path / "restored.img"
+
+    def setup() -> tuple[tuple[()], dict[str, Any]]:
+        target.unlink(missing_ok=True)
+        return (), {}
+
+    def run() -> None:
+        with blocksnap.Repository(tmp_path / "local") as repo:
+            repo.restore("vol", "latest", target)
+
+    benchmark.pedantic(run, setup=setup, rounds=3)
+    benchmark.extra_info["bytes"] = stored.packed
+    assert target.read_bytes() == stored.image.read_bytes()
 
 
 def test_baseline_s3_ranged_download(benchmark: Any, server: S3Server, stored: Stored) -> None:
