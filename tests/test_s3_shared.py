@@ -8,6 +8,7 @@ real SeaweedFS; the CLI runs as a user would, credentials in the AWS environment
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -30,6 +31,7 @@ from blocksnap.store.objectlocks import ObjectLocks, ObjectSessions
 from blocksnap.store.packs import pack_name
 from blocksnap.store.s3 import S3Backend
 from tests.conftest import debugfs, run_cli
+from tests.s3proxy import until
 from tests.s3server import S3_BUCKET, S3Server, rclone_s3, use_server
 
 
@@ -329,6 +331,29 @@ def test_bad_urls_are_one_line(aws_env: None, tmp_path: Path) -> None:
         assert proc.returncode != 0, url
         assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
         assert message in proc.stderr, (url, proc.stderr)
+
+
+def test_a_sessions_deadline_comes_before_any_host_can_find_it_dead(
+    s3_server: S3Server, s3_prefix: str
+) -> None:
+    """Session.deadline: one second and ttl/2 after its last heartbeat's modification
+    time, in the server's whole seconds, which is before the earliest moment another host
+    finds it dead (ttl after that heartbeat, plus the second of rounding); its local
+    bound is at most that far after the heartbeat was sent, and moves with each one."""
+    backend = s3_server.backend(s3_prefix)
+    sessions = ObjectSessions(backend, ttl=4.0)
+    session = sessions.start()
+    try:
+        sent, mtime = session.beaten
+        first = session.deadline()
+        assert mtime == backend.stat(f"sessions/{session.id.hex()}").mtime
+        assert first.server == math.floor(mtime + 1 + 2.0) < mtime + 1 + 4.0
+        assert sent < first.local <= sent + 2.0
+        assert until(lambda: session.beaten[0] > sent, 10)  # the next heartbeat
+        assert session.deadline().local > first.local
+        assert session.deadline().server >= first.server
+    finally:
+        sessions.close()
 
 
 def test_a_session_whose_heartbeats_had_a_gap_stays_invalid(
