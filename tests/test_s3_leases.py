@@ -15,7 +15,8 @@ import pytest
 
 import blocksnap
 from blocksnap.errors import LockedError, StoreError
-from blocksnap.store import catalog
+from blocksnap.model import SnapshotInfo
+from blocksnap.store import catalog, s3
 from blocksnap.store.location import S3Options
 from blocksnap.store.locks import LocalLocks
 from blocksnap.store.objectlocks import LOWER_KEPT, ObjectLocks, ObjectSessions
@@ -344,7 +345,8 @@ def test_a_late_record_that_stays_is_left_out_everywhere_and_collected(
         report = repo.verify()
         assert report.ok, report.problems
         assert [x for x in report.leftovers if x.startswith(late)] == [
-            f"{late} (a record that landed after its deadline: no snapshot; gc deletes it)"
+            f"{late} (a record that landed after its deadline: no snapshot; the gc of its "
+            "writer's host deletes it)"
         ]
         info = repo.snapshot("vol", ext4_image)
         assert info.parent is None  # the late record is no parent
@@ -389,3 +391,71 @@ def test_a_record_answered_in_time_commits_though_its_time_cannot_be_read(
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
     with _other_host(url, tmp_path, "other") as repo:
         assert [s.id for s in repo.snapshots("vol")] == [info.id]
+
+
+def test_a_record_put_in_doubt_is_decided_by_what_lands_before_the_deadline(
+    proxy: FaultProxy,
+    s3_server: S3Server,
+    s3_prefix: str,
+    ext4_image: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The client gives up on the record put (a read timeout) while the proxy still holds
+    it, and lets it through a moment later, before the record's deadline.  The writer
+    keeps its session and the volume's lease until the record could only land late, and
+    then finds it: the snapshot is committed, and every host sees it.  (Were the session
+    ended at once, gc could collect what the record refers to before it landed.)"""
+    use_server(
+        monkeypatch, s3_server, endpoint=False, BLOCKSNAP_SESSION_TTL="10", AWS_MAX_ATTEMPTS="1"
+    )
+    monkeypatch.setattr(s3, "READ_TIMEOUT", 1.0)
+    url = f"s3://{S3_BUCKET}/{s3_prefix}"
+    options = S3Options(endpoint_url=proxy.endpoint, cache_dir=str(tmp_path / "cache"))
+    blocksnap.Repository.init(url, s3=options).close()
+    host = SnapshotThread(url, options, "vol", ext4_image, pause_at="packs-written")
+    host.start()
+    try:
+        assert host.paused.wait(120)
+        rule = proxy.inject("stall", request("PUT", "/snapshots/"))
+        host.resume()
+        assert until(lambda: rule.hits == 1, 60)
+        time.sleep(1.5)  # the client timed out: its put is in doubt
+        assert host.is_alive()  # still deciding
+    finally:
+        proxy.released.set()  # the held put lands now, within the deadline
+        host.resume()
+        host.join(120)
+    assert isinstance(host.outcome, SnapshotInfo), host.outcome
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    with _other_host(url, tmp_path, "other") as repo:
+        assert [s.id for s in repo.snapshots("vol")] == [host.outcome.id]
+        assert repo.verify(read_data=True).ok
+
+
+def test_a_record_written_again_by_repair_is_not_late(
+    s3_server: S3Server,
+    s3_prefix: str,
+    ext4_image: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """repair --rebuild-index writes a lost record again from the index's copy, long
+    after its deadline: without the deadline, so that every host still counts it."""
+    use_server(monkeypatch, s3_server, BLOCKSNAP_SESSION_TTL=str(TTL))
+    url = f"s3://{S3_BUCKET}/{s3_prefix}"
+    own = S3Options(cache_dir=str(tmp_path / "own"))
+    with blocksnap.Repository.init(url, s3=own) as repo:
+        info = repo.snapshot("vol", ext4_image)
+    direct = s3_server.backend(s3_prefix)
+    entry, _body = catalog.read_record(direct.get, info.id)
+    assert entry.commit_by is not None
+    direct.delete(f"snapshots/{info.id}")
+    time.sleep(TTL)  # well past commit_by
+    rebuilt = blocksnap.repair_index(url, s3=own)
+    assert len(rebuilt.restored) == 1, rebuilt
+    entry, _body = catalog.read_record(direct.get, info.id)
+    assert not entry.late(direct.stat(f"snapshots/{info.id}").mtime)
+    with _other_host(url, tmp_path, "other") as repo:
+        assert [s.id for s in repo.snapshots("vol")] == [info.id]
+        assert repo.verify().ok

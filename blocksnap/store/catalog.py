@@ -51,9 +51,11 @@ A snapshot record, snapshots/<id>, written create-if-absent (the commit point):
                    writer's session, and its volume's lease, to be valid then
                    (store/objectlocks.py).  A record whose object's modification time
                    (in whole seconds) is later is no snapshot: every reader leaves it
-                   out (as it does an absent one), and gc deletes it.  (A reader older
-                   than the key counts such a record: every host sharing a store must
-                   know it.)
+                   out (as it does an absent one), and the gc of its writer's host
+                   deletes it.  (A reader older than the key counts such a record: every
+                   host sharing a store must know it.  A copy of the store made object
+                   by object has new modification times: it needs its records written
+                   again without the key.)
 
 The index keeps the body as a cache (store/index.py).
 
@@ -261,6 +263,14 @@ def decode_entry(data: bytes | memoryview, what: str) -> Entry:
     ):
         raise IntegrityError(f"{what}: damaged snapshot record (invalid fields)")
     return Entry(info, seq, packs, commit_by)
+
+
+def without_deadline(body: bytes) -> bytes:
+    """A record body as written again, once judged in time (repair from an index's copy):
+    without commit_by, since its new object's modification time is not the commit's."""
+    record = json.loads(body)
+    record.pop("commit_by", None)
+    return json.dumps(record, sort_keys=True).encode()
 
 
 def decode(data: bytes | memoryview, what: str) -> SnapshotInfo:

@@ -10,7 +10,9 @@ Three steps, each safe to interrupt at any instant (kill -9 included):
    tombstone names or that landed after its deadline, one a compaction meant to delete)
    is deleted, a removal that never wrote its tombstone is called off, and the writer
    leaves the registry.  Record objects of removed snapshots that a prune could not
-   delete go too, and those that landed after their deadline (store/sync.py).
+   delete go too.  A record that landed after its deadline goes only this way, named by
+   its writer's intent: one late for another reason (a store copied object by object
+   has new modification times) is left for people to judge.
 2. Objects whose reference count is 0 since before the start of every live writer (see
    store/index.py) are deleted from the index, in batches; a deleted map node decrements
    its children in the same transaction, so whole trees go in one run when no writer is
@@ -134,7 +136,7 @@ def collect_garbage(
                 blocking.append(f"writer {writer_id.hex()}")
         store.sweep_orphan_locks()
         _end_abandoned_removals(store)
-        _delete_removed_records(store, me, report, set(synced.late))
+        _delete_removed_records(store, me, report)
         if blocking:
             # A committed snapshot the index could not take in may have its blocks at
             # count 0: collecting anything now could delete them.
@@ -251,15 +253,12 @@ def _end_abandoned_removals(store: Store) -> None:
             store.index.unmark_removing(snapshot_id, marked_by=writer_id, unregistered=True)
 
 
-def _delete_removed_records(
-    store: Store, me: Registration, report: GcReport, late: set[str]
-) -> None:
-    """Delete the record objects that tombstones name (a prune whose delete failed), and
-    those that landed after their deadline (late: found by the sync)."""
+def _delete_removed_records(store: Store, me: Registration, report: GcReport) -> None:
+    """Delete the record objects that tombstones name (a prune whose delete failed)."""
     tombstones = sync.listed_ids(store.backend, catalog.TOMBSTONES)
     for entry in store.backend.list(catalog.SNAPSHOTS):
         snapshot_id = catalog.id_of(entry.name)
-        if snapshot_id is None or not (snapshot_id in tombstones or snapshot_id in late):
+        if snapshot_id is None or snapshot_id not in tombstones:
             continue
         intent = me.intent(entry.name)
         store.index.add_intent(intent)

@@ -44,10 +44,13 @@ _SESSION = re.compile(r"writer-([0-9a-f]{32})\.lock")
 class Deadline:
     """When a write must land to count as made while a session is valid: by the server's
     time `server` (whole seconds since the epoch, as objects' modification times are),
-    which a write answered by the monotonic time `local` surely did."""
+    which a write answered by the monotonic time `local` surely did.  From the monotonic
+    time `past` on, the server's time is surely beyond that second: a write landing
+    then is late whoever judges it."""
 
     server: int
     local: float
+    past: float
 
 
 class Locks(Protocol):

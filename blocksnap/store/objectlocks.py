@@ -148,9 +148,10 @@ class ObjectSession:
         self.body = body
         self.lock = threading.Lock()  # a heartbeat and end() never overlap
         self.ended = False
-        # (monotonic time sent, the server's modification time) of the last heartbeat
-        # that succeeded: one tuple, so that a deadline reads the two of one heartbeat.
-        self.beaten = (time.monotonic(), 0.0)
+        # (monotonic time sent, the server's modification time, a monotonic time by
+        # which it was written) of the last heartbeat that succeeded: one tuple, so that
+        # a deadline reads those of one heartbeat.
+        self.beaten = (time.monotonic(), 0.0, time.monotonic())
         # Once two successful heartbeats were ttl/2 apart, another host may have found the
         # session dead meanwhile (and acted on it): it stays invalid for good.
         self.lapsed = False
@@ -165,24 +166,27 @@ class ObjectSession:
 
     @last_beat.setter
     def last_beat(self, sent: float) -> None:
-        self.beaten = (sent, self.beaten[1])
+        self.beaten = (sent, *self.beaten[1:])
 
-    def beat(self, sent: float, mtime: float) -> None:
-        """Note a successful heartbeat, sent at monotonic time sent and written by the
-        server at modification time mtime: it counts from when it was sent."""
+    def beat(self, sent: float, mtime: float, written: float) -> None:
+        """Note a successful heartbeat, sent at monotonic time sent, written by the
+        server at modification time mtime before monotonic time written: it counts from
+        when it was sent."""
         if time.monotonic() - self.last_beat >= self._sessions.ttl / 2:
             self.lapsed = True
-        self.beaten = (sent, mtime)
+        self.beaten = (sent, mtime, written)
 
     def deadline(self) -> Deadline:
         """When a write made now must land to count as made while this session is valid
         (see the module doc): by the server's time one second and ttl/2 after its last
-        heartbeat.  Ask it right after valid()."""
-        sent, mtime = self.beaten
+        heartbeat.  Ask it right after valid(), and check valid() again after: a
+        heartbeat that follows a lapse moves the deadline on."""
+        sent, mtime, written = self.beaten
         server = math.floor(mtime + 1.0 + self._sessions.ttl / 2)
         # The server's time at `sent` was below mtime + 1 (mtime is whole seconds, the
         # heartbeat written after it was sent): an answer by `local` landed by `server`.
-        return Deadline(server, sent + (server - mtime - 1.0))
+        # At `written` it was mtime at least: by `past` it is beyond server's second.
+        return Deadline(server, sent + (server - mtime - 1.0), written + (server + 1 - mtime))
 
     def valid(self) -> bool:
         """Whether no other host can have found this session dead, now or at any moment
@@ -223,14 +227,14 @@ class ObjectSessions:
 
     # --- the clock -----------------------------------------------------------------------
 
-    def _stamp(self, name: str) -> float:
+    def _stamp(self, name: str) -> tuple[float, float]:
         """Note the server's time from the object just written under name; return the
-        object's modification time."""
+        object's modification time and a monotonic time by which it was written."""
         before = time.monotonic()
         mtime = self.backend.stat(name).mtime
         with self._guard:
             self._clock = (mtime, before)
-        return mtime
+        return mtime, before
 
     def server_now(self) -> float:
         """A lower bound of the server's time now (seconds since the epoch)."""
@@ -277,7 +281,7 @@ class ObjectSessions:
             session = ObjectSession(self, session_id, body)
             try:
                 # It counts from when it was sent: the server wrote it no earlier.
-                session.beaten = (sent, self._stamp(name))
+                session.beaten = (sent, *self._stamp(name))
             except BaseException:
                 session.end()
                 raise
@@ -368,10 +372,10 @@ class ObjectSessions:
             sent = time.monotonic()
             try:
                 self.backend.put(name, session.body)
-                mtime = self._stamp(name)
+                mtime, written = self._stamp(name)
             except BlocksnapError:
                 return  # tried again next time; valid() turns false if this goes on
-            session.beat(sent, mtime)
+            session.beat(sent, mtime, written)
 
 
 class ObjectLocks:
@@ -412,7 +416,12 @@ class ObjectLocks:
         """When a write must land to count as made under the lease (Session.deadline);
         None for a lock that is not a lease held here."""
         held = self._held.get(name)
-        return None if held is None else held[0].deadline()
+        if held is None:
+            return None
+        deadline = held[0].deadline()
+        if not held[0].valid():  # a heartbeat after a lapse moves the deadline on
+            raise LockedError(f"lost the {name} lease: its session lapsed")
+        return deadline
 
     def confirm(self, name: str) -> None:
         """Raise LockedError unless this process still holds the lease, and no other host

@@ -166,6 +166,8 @@ def _catalog(store: Store, old: dict[str, bytes], report: RebuildReport) -> list
         if copy is None:
             report.damaged.append(f"{why}; snapshot {snapshot_id} left out (no intact copy)")
             continue
+        # Cached, so judged in time: its new object must not read as landing late.
+        copy = catalog.without_deadline(copy)
         found.append(_Found(catalog.decode_entry(copy, name), copy, why))
     return found
 

@@ -452,13 +452,17 @@ class Store:
             # On a shared store the volume's lease may lapse apart from the writer's
             # session: then another host may be committing to this volume.
             self.locks.confirm(_volume_lock(info.volume))
+            lease_deadline = self.locks.deadline(_volume_lock(info.volume))
         except LockedError as exc:
             raise LockedError(
                 f"snapshot {info.id} was not committed: {exc}; run the snapshot again"
             ) from None
-        deadline = _earliest(
-            writer.registration.deadline(), self.locks.deadline(_volume_lock(info.volume))
-        )
+        deadline = _earliest(writer.registration.deadline(), lease_deadline)
+        if not writer.registration.valid():  # a heartbeat after a lapse moves it on
+            raise StoreError(
+                f"snapshot {info.id} was not committed: this writer's session lapsed "
+                "(its heartbeat to the storage failed); run the snapshot again"
+            )
         seq = max(self.index.next_seq(info.volume), self._pending_seq.get(info.volume, 0) + 1)
         packs = writer.indexed_packs if self.shared else None
         commit_by = None if deadline is None else deadline.server
@@ -470,11 +474,20 @@ class Store:
         try:
             self.backend.put(name, data, exclusive=True)
         except BaseException as exc:
+            if deadline is not None and (
+                isinstance(exc, TransientStoreError) or not isinstance(exc, BlocksnapError)
+            ):
+                # The put may still land (a request held or retried somewhere): this
+                # session and the volume's lease stay until it can only land late, and
+                # what is there then decides, as it does for every host.
+                _wait_until(deadline.past)
             landed = self._landed(name, data, writer.registration)
             if landed is None:
+                by = "" if deadline is None else f" and was modified by {_utc(deadline.server)}"
                 raise StoreError(
                     f"cannot tell whether snapshot {info.id} was committed ({exc}): it was "
-                    "if its record exists; the next command that opens the repository sees"
+                    f"if its record exists{by}; the next command that opens the repository "
+                    "sees"
                 ) from exc
             if not landed:
                 raise
@@ -543,7 +556,7 @@ class Store:
             return
         try:
             self.backend.delete(name)
-        except BlocksnapError:  # every reader leaves it out, and gc deletes it
+        except BlocksnapError:  # every reader leaves it out; this host's gc deletes it
             registration.keep_intents()
         raise StoreError(
             f"snapshot {snapshot_id} was not committed: its record reached the storage "
@@ -910,7 +923,24 @@ def _earliest(*deadlines: Deadline | None) -> Deadline | None:
     given = [d for d in deadlines if d is not None]
     if not given:
         return None
-    return Deadline(min(d.server for d in given), min(d.local for d in given))
+    return Deadline(
+        min(d.server for d in given),
+        min(d.local for d in given),
+        max(d.past for d in given),
+    )
+
+
+def _wait_until(moment: float) -> None:
+    """Sleep until the monotonic time moment, a Ctrl-C meanwhile held back until then (a
+    commit in doubt ends only once it is decided)."""
+    interrupted = False
+    while (left := moment - time.monotonic()) > 0:
+        try:
+            time.sleep(min(left, 1.0))
+        except KeyboardInterrupt:
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def _utc(seconds: int) -> str:

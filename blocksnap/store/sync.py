@@ -17,9 +17,9 @@ a place in the volume's order, and first in gc.  It
 
 A record whose object landed after the deadline it carries (store/catalog.py's
 commit_by: a put that a retry, a proxy or a busy server held past its session's
-validity) is no snapshot: sync leaves it out, names it in `late` for gc to delete, and
-counts it nowhere else (its packs are its writer's, reclaimed as an interrupted
-writer's are).
+validity) is no snapshot: sync leaves it out, names it in `late`, and counts it
+nowhere else (the gc of its writer's host deletes it and reclaims its packs, as an
+interrupted writer's).
 
 On a store that hosts share (S3), a record another host committed names a map root in
 packs this host's index has never seen.  Such a record names the packs its run wrote,

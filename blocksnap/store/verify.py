@@ -570,7 +570,8 @@ def _verify(
         listed_record = records.info(name)
         if listed_record is not None and entry.late(listed_record.mtime):
             report.leftovers.append(
-                f"{name} (a record that landed after its deadline: no snapshot; gc deletes it)"
+                f"{name} (a record that landed after its deadline: no snapshot; the gc of "
+                "its writer's host deletes it)"
             )
             continue
         root = entry.info.map_root
