@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 import blocksnap
-from blocksnap.errors import LockedError, StoreError
+from blocksnap.errors import LockedError, StoreError, UsageError
 from blocksnap.model import SnapshotInfo
 from blocksnap.store import catalog, s3
 from blocksnap.store.location import S3Options
 from blocksnap.store.locks import LocalLocks
-from blocksnap.store.objectlocks import LOWER_KEPT, ObjectLocks, ObjectSessions
+from blocksnap.store.objectlocks import LOWER_KEPT, ObjectLocks, ObjectSessions, session_ttl
 from blocksnap.store.s3 import S3Backend
 from tests.s3proxy import FaultProxy, Match, request, until
 from tests.s3server import S3_BUCKET, S3Server, SnapshotThread, use_server
@@ -459,3 +459,15 @@ def test_a_record_written_again_by_repair_is_not_late(
     with _other_host(url, tmp_path, "other") as repo:
         assert [s.id for s in repo.snapshots("vol")] == [info.id]
         assert repo.verify().ok
+
+
+@pytest.mark.parametrize("raw", ["3.5", "0", "86401", "soon"])
+def test_a_session_ttl_that_leaves_no_margin_is_refused(
+    raw: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Below 4 s a record's deadline would keep no margin against clocks (ttl/2 - 1)."""
+    monkeypatch.setenv("BLOCKSNAP_SESSION_TTL", raw)
+    with pytest.raises(UsageError, match=f"BLOCKSNAP_SESSION_TTL='{raw}' is not"):
+        session_ttl()
+    monkeypatch.setenv("BLOCKSNAP_SESSION_TTL", "4")
+    assert session_ttl() == 4.0

@@ -122,8 +122,9 @@ def session_ttl() -> float:
         ttl = float(raw)
     except ValueError:
         raise UsageError(f"BLOCKSNAP_SESSION_TTL={raw!r} is not a number of seconds") from None
-    if not 2.0 <= ttl <= 86400.0:
-        raise UsageError(f"BLOCKSNAP_SESSION_TTL={raw!r} is not between 2 and 86400 seconds")
+    # At least 4: a record's deadline keeps ttl/2 - 1 seconds of margin (see the module doc).
+    if not 4.0 <= ttl <= 86400.0:
+        raise UsageError(f"BLOCKSNAP_SESSION_TTL={raw!r} is not between 4 and 86400 seconds")
     return ttl
 
 
