@@ -211,6 +211,25 @@ def test_a_damaged_lease_is_never_taken_over(
         locks.sessions.close()
 
 
+def _through_proxy(
+    proxy: FaultProxy,
+    s3_server: S3Server,
+    s3_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    ttl: float = TTL,
+) -> tuple[str, S3Options]:
+    """A new repository whose host reaches the server through the proxy, with sessions
+    of ttl and no retries by botocore: its URL and that host's options."""
+    use_server(
+        monkeypatch, s3_server, endpoint=False, BLOCKSNAP_SESSION_TTL=str(ttl), AWS_MAX_ATTEMPTS="1"
+    )
+    url = f"s3://{S3_BUCKET}/{s3_prefix}"
+    options = S3Options(endpoint_url=proxy.endpoint, cache_dir=str(tmp_path / "cache"))
+    blocksnap.Repository.init(url, s3=options).close()
+    return url, options
+
+
 def test_a_snapshot_whose_volume_lease_lapsed_is_not_committed(
     proxy: FaultProxy,
     s3_server: S3Server,
@@ -222,12 +241,7 @@ def test_a_snapshot_whose_volume_lease_lapsed_is_not_committed(
     """The heartbeats of the volume lease's session fail while those of the writer's
     session go through: another host may take the volume over, so the snapshot must not
     commit (the chain would fork), though its writer's session is valid."""
-    use_server(
-        monkeypatch, s3_server, endpoint=False, BLOCKSNAP_SESSION_TTL=str(TTL), AWS_MAX_ATTEMPTS="1"
-    )
-    url = f"s3://{S3_BUCKET}/{s3_prefix}"
-    options = S3Options(endpoint_url=proxy.endpoint, cache_dir=str(tmp_path / "cache"))
-    blocksnap.Repository.init(url, s3=options).close()
+    url, options = _through_proxy(proxy, s3_server, s3_prefix, tmp_path, monkeypatch)
     host = SnapshotThread(url, options, "vol", ext4_image, pause_at="packs-written")
     host.start()
     try:
@@ -287,12 +301,7 @@ def test_a_record_that_lands_after_its_deadline_is_no_snapshot(
     other hosts could have found the writer's session dead.  The writer sees from the
     record's modification time that it landed late, deletes it and reports the snapshot
     not committed; nothing of it is left as a snapshot."""
-    use_server(
-        monkeypatch, s3_server, endpoint=False, BLOCKSNAP_SESSION_TTL=str(TTL), AWS_MAX_ATTEMPTS="1"
-    )
-    url = f"s3://{S3_BUCKET}/{s3_prefix}"
-    options = S3Options(endpoint_url=proxy.endpoint, cache_dir=str(tmp_path / "cache"))
-    blocksnap.Repository.init(url, s3=options).close()
+    url, options = _through_proxy(proxy, s3_server, s3_prefix, tmp_path, monkeypatch)
     host = _held_record_put(proxy, url, options, ext4_image, fail_delete=False)
     assert isinstance(host.outcome, StoreError), host.outcome
     assert re.search(
@@ -328,12 +337,7 @@ def test_a_late_record_that_stays_is_left_out_everywhere_and_collected(
     leaves the record out (no snapshot, no parent for its next one), verify names it
     only as a leftover, a rebuilt index leaves it out, and the writer's own gc, which
     finds it among the intents of a writer that ended, deletes it."""
-    use_server(
-        monkeypatch, s3_server, endpoint=False, BLOCKSNAP_SESSION_TTL=str(TTL), AWS_MAX_ATTEMPTS="1"
-    )
-    url = f"s3://{S3_BUCKET}/{s3_prefix}"
-    options = S3Options(endpoint_url=proxy.endpoint, cache_dir=str(tmp_path / "cache"))
-    blocksnap.Repository.init(url, s3=options).close()
+    url, options = _through_proxy(proxy, s3_server, s3_prefix, tmp_path, monkeypatch)
     host = _held_record_put(proxy, url, options, ext4_image, fail_delete=True)
     assert isinstance(host.outcome, StoreError), host.outcome
     assert "was not committed: its record reached the storage after" in str(host.outcome)
@@ -376,12 +380,8 @@ def test_a_record_answered_in_time_commits_though_its_time_cannot_be_read(
 ) -> None:
     """The stat of the record after its put fails: a put answered well before the
     deadline surely landed in time, so the snapshot is committed all the same."""
-    use_server(
-        monkeypatch, s3_server, endpoint=False, BLOCKSNAP_SESSION_TTL=str(TTL), AWS_MAX_ATTEMPTS="1"
-    )
-    url = f"s3://{S3_BUCKET}/{s3_prefix}"
-    options = S3Options(endpoint_url=proxy.endpoint, cache_dir=str(tmp_path / "cache"))
-    blocksnap.Repository.init(url, s3=options).close()
+    # A ttl of 20 s: a put answered within 10 s of a heartbeat (every 5 s) is in time.
+    url, options = _through_proxy(proxy, s3_server, s3_prefix, tmp_path, monkeypatch, 20.0)
     host = SnapshotThread(url, options, "vol", ext4_image, pause_at="packs-written")
     host.start()
     assert host.paused.wait(120)
@@ -406,13 +406,10 @@ def test_a_record_put_in_doubt_is_decided_by_what_lands_before_the_deadline(
     keeps its session and the volume's lease until the record could only land late, and
     then finds it: the snapshot is committed, and every host sees it.  (Were the session
     ended at once, gc could collect what the record refers to before it landed.)"""
-    use_server(
-        monkeypatch, s3_server, endpoint=False, BLOCKSNAP_SESSION_TTL="10", AWS_MAX_ATTEMPTS="1"
-    )
-    monkeypatch.setattr(s3, "READ_TIMEOUT", 1.0)
-    url = f"s3://{S3_BUCKET}/{s3_prefix}"
-    options = S3Options(endpoint_url=proxy.endpoint, cache_dir=str(tmp_path / "cache"))
-    blocksnap.Repository.init(url, s3=options).close()
+    # commit_by is 7 s after a heartbeat; they come every 3 s, and the put lands at most
+    # 2.5 s after it is sent.
+    url, options = _through_proxy(proxy, s3_server, s3_prefix, tmp_path, monkeypatch, 12.0)
+    monkeypatch.setattr(s3, "READ_TIMEOUT", 2.0)  # for the snapshot's client (not init's)
     host = SnapshotThread(url, options, "vol", ext4_image, pause_at="packs-written")
     host.start()
     try:
@@ -420,7 +417,7 @@ def test_a_record_put_in_doubt_is_decided_by_what_lands_before_the_deadline(
         rule = proxy.inject("stall", request("PUT", "/snapshots/"))
         host.resume()
         assert until(lambda: rule.hits == 1, 60)
-        time.sleep(1.5)  # the client timed out: its put is in doubt
+        time.sleep(2.5)  # the client timed out: its put is in doubt
         assert host.is_alive()  # still deciding
     finally:
         proxy.released.set()  # the held put lands now, within the deadline
