@@ -32,8 +32,11 @@ ttl after the heartbeat), and the margin of ttl/2 - 1 seconds covers the roundin
 S3's whole seconds and the clocks of the server's gateways.  The writer reads its
 record's modification time after the put, as every reader judges by it, and deletes a
 record that landed late and reports the snapshot not committed; should that read fail,
-a put answered within ttl/2 - 1 seconds of the heartbeat it counts from surely landed
-in time (Deadline.local).
+a put answered within ttl/2 seconds (whole) of sending the heartbeat it counts from
+surely landed in time (Deadline.local: this trusts the gateways' clocks to agree within
+a second).  A put that failed in a way that may still land (a timeout, a reset, an
+interrupt) keeps the session and the lease alive until the server's time is surely past
+the deadline (Deadline.past), and what is there then decides.
 
 Leases, locks/<name>/<gen>, for the locks that must hold across hosts (volume-<h>, one
 snapshot of a volume at a time; gc, maintenance).  gen is a generation, 20 decimal

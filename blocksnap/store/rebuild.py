@@ -136,7 +136,7 @@ class _Found:
 
 def _catalog(store: Store, old: dict[str, bytes], report: RebuildReport) -> list[_Found]:
     """The snapshots the objects define: records that no tombstone names and that landed
-    by their deadline (store/catalog.py; one that landed later is left for gc).  One
+    by their deadline (store/catalog.py: one that landed later is none).  One
     whose record object is damaged or missing is taken from the old index's copy (to be
     written again once it is indexed); one with no intact copy is reported."""
     removed = sync.listed_ids(store.backend, catalog.TOMBSTONES)
@@ -181,7 +181,7 @@ def _late(store: Store, entry: catalog.Entry, name: str, listed: dict[str, float
         try:
             mtime = store.backend.stat(name).mtime
         except MissingObjectError:
-            return True  # deleted since it was read: gc deletes only records that are none
+            return True  # deleted since it was read (a removal, its writer's gc): none now
     return entry.late(mtime)
 
 

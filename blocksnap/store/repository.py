@@ -542,7 +542,7 @@ class Store:
         try:
             mtime = self.backend.stat(name).mtime
         except MissingObjectError:
-            mtime = math.inf  # deleted by now: only a gc that found it late does that
+            mtime = math.inf  # gone by now (a removal, or storage that lost it): it is none
         except BlocksnapError as exc:
             if answered <= deadline.local:
                 return  # answered so soon that it surely landed in time
@@ -932,7 +932,7 @@ def _earliest(*deadlines: Deadline | None) -> Deadline | None:
 
 def _wait_until(moment: float) -> None:
     """Sleep until the monotonic time moment, a Ctrl-C meanwhile held back until then (a
-    commit in doubt ends only once it is decided)."""
+    commit in doubt keeps its session and lease until its record can only land late)."""
     interrupted = False
     while (left := moment - time.monotonic()) > 0:
         try:
