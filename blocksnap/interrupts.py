@@ -10,7 +10,12 @@ handler instead:
 - the first Ctrl-C raises KeyboardInterrupt, as before, so the command stops at once and
   its cleanup (waiting for workers, deleting the unfinished pack) runs; during an import
   (the filesystem libraries load on first use) it is raised as soon as the import is
-  done, since one raised inside the import machinery can be swallowed;
+  done, since one raised inside the import machinery can be swallowed; inside the
+  threading module's own code, but for its blocking waits, it is raised as soon as that
+  code returns, since one raised between a lock's acquire and the with statement that
+  would release it (a Condition's __enter__, as every Future.done() and result() takes)
+  leaves the lock held for good, and the worker finishing that future waits forever, and
+  the command with it, in its cleanup;
 - a later one is only remembered: the cleanup the first started is not cut short;
 - once the outcome is settled (the command's work is committed, or its result is being
   reported), none raises; the command reports what really happened.
@@ -21,6 +26,7 @@ The library never installs it; it only sees KeyboardInterrupt, as with Python's 
 from __future__ import annotations
 
 import signal
+import threading
 from types import FrameType
 
 _state = {"pressed": False, "raised": False, "settled": False, "pending": False}
@@ -38,8 +44,24 @@ def _in_import(frame: FrameType | None) -> bool:
     return False
 
 
+_THREADING = threading.__file__
+# threading's blocking points, where a KeyboardInterrupt is raised safely (its own code
+# releases what it holds): a Condition's wait (Event.wait, Future.result) and a join.
+_BLOCKING = frozenset({"wait", "_wait_for_tstate_lock"})
+
+
+def _in_lock_code(frame: FrameType | None) -> bool:
+    """Whether the signal came inside threading's own code other than a blocking wait."""
+    return (
+        frame is not None
+        and frame.f_code.co_filename == _THREADING
+        and frame.f_code.co_name not in _BLOCKING
+    )
+
+
 def _interrupt(frame: FrameType | None) -> None:
-    if _in_import(frame):  # raised once the import is done, checked every _RETRY_SECONDS
+    # Raised once the import or the lock code is done, checked every _RETRY_SECONDS.
+    if _in_import(frame) or _in_lock_code(frame):
         _state["pending"] = True
         signal.setitimer(signal.ITIMER_REAL, _RETRY_SECONDS)
         return
