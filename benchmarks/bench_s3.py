@@ -20,7 +20,7 @@ import itertools
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -121,15 +121,15 @@ def test_baseline_s3_parallel_upload(benchmark: Any, server: S3Server, stored: S
     client.close()
 
 
-def test_s3_full_snapshot(benchmark: Any, stored: Stored) -> None:
-    """The same image's full snapshot into a fresh repository on S3, each round."""
+def _time_full_snapshots(
+    benchmark: Any, stored: Stored, new_repository: Callable[[int], blocksnap.Repository]
+) -> None:
+    """The image's full snapshot into the fresh repository new_repository(round) makes,
+    each of 3 rounds."""
     rounds = itertools.count()
 
     def setup() -> tuple[tuple[blocksnap.Repository], dict[str, Any]]:
-        round_ = next(rounds)
-        url = f"s3://{S3_BUCKET}/snap{round_}"
-        repo = blocksnap.Repository.init(url, s3=stored.options(f"snap{round_}"))
-        return (repo,), {}
+        return (new_repository(next(rounds)),), {}
 
     def run(repo: blocksnap.Repository) -> None:
         repo.snapshot("vol", stored.image)
@@ -137,22 +137,47 @@ def test_s3_full_snapshot(benchmark: Any, stored: Stored) -> None:
 
     benchmark.pedantic(run, setup=setup, rounds=3)
     benchmark.extra_info["bytes"] = stored.packed
+
+
+def _time_full_restores(
+    benchmark: Any,
+    stored: Stored,
+    target: Path,
+    open_repository: Callable[[], blocksnap.Repository],
+) -> None:
+    """Restore of the whole image to a new file target from the repository that
+    open_repository opens, 3 rounds, checked byte-identical."""
+
+    def setup() -> tuple[tuple[()], dict[str, Any]]:
+        target.unlink(missing_ok=True)
+        return (), {}
+
+    def run() -> None:
+        with open_repository() as repo:
+            repo.restore("vol", "latest", target)
+
+    benchmark.pedantic(run, setup=setup, rounds=3)
+    benchmark.extra_info["bytes"] = stored.packed
+    assert target.read_bytes() == stored.image.read_bytes()
+
+
+def test_s3_full_snapshot(benchmark: Any, stored: Stored) -> None:
+    """The same image's full snapshot into a fresh repository on S3, each round."""
+    _time_full_snapshots(
+        benchmark,
+        stored,
+        lambda n: blocksnap.Repository.init(
+            f"s3://{S3_BUCKET}/snap{n}", s3=stored.options(f"snap{n}")
+        ),
+    )
 
 
 def test_baseline_local_full_snapshot(benchmark: Any, stored: Stored, tmp_path: Path) -> None:
     """The same image's full snapshot into a fresh local repository, each round: what the
     snapshot costs without S3 (the same compression and hashing on the same cores)."""
-    rounds = itertools.count()
-
-    def setup() -> tuple[tuple[blocksnap.Repository], dict[str, Any]]:
-        return (blocksnap.Repository.init(tmp_path / f"local{next(rounds)}"),), {}
-
-    def run(repo: blocksnap.Repository) -> None:
-        repo.snapshot("vol", stored.image)
-        repo.close()
-
-    benchmark.pedantic(run, setup=setup, rounds=3)
-    benchmark.extra_info["bytes"] = stored.packed
+    _time_full_snapshots(
+        benchmark, stored, lambda n: blocksnap.Repository.init(tmp_path / f"local{n}")
+    )
 
 
 def test_baseline_local_full_restore(benchmark: Any, stored: Stored, tmp_path: Path) -> None:
@@ -160,19 +185,12 @@ def test_baseline_local_full_restore(benchmark: Any, stored: Stored, tmp_path: P
     restore costs without S3 (decompression, checks and writes)."""
     with blocksnap.Repository.init(tmp_path / "local") as repo:
         repo.snapshot("vol", stored.image)
-    target = tmp_path / "restored.img"
-
-    def setup() -> tuple[tuple[()], dict[str, Any]]:
-        target.unlink(missing_ok=True)
-        return (), {}
-
-    def run() -> None:
-        with blocksnap.Repository(tmp_path / "local") as repo:
-            repo.restore("vol", "latest", target)
-
-    benchmark.pedantic(run, setup=setup, rounds=3)
-    benchmark.extra_info["bytes"] = stored.packed
-    assert target.read_bytes() == stored.image.read_bytes()
+    _time_full_restores(
+        benchmark,
+        stored,
+        tmp_path / "restored.img",
+        lambda: blocksnap.Repository(tmp_path / "local"),
+    )
 
 
 def test_baseline_s3_ranged_download(benchmark: Any, server: S3Server, stored: Stored) -> None:
@@ -197,19 +215,12 @@ def test_baseline_s3_ranged_download(benchmark: Any, server: S3Server, stored: S
 
 def test_s3_full_restore(benchmark: Any, stored: Stored, tmp_path: Path) -> None:
     """Restore of the whole image from S3 to a file; this host's cache holds the index."""
-    target = tmp_path / "restored.img"
-
-    def setup() -> tuple[tuple[()], dict[str, Any]]:
-        target.unlink(missing_ok=True)
-        return (), {}
-
-    def run() -> None:
-        with blocksnap.Repository(stored.url, s3=stored.options("host")) as repo:
-            repo.restore("vol", "latest", target)
-
-    benchmark.pedantic(run, setup=setup, rounds=3)
-    benchmark.extra_info["bytes"] = stored.packed
-    assert target.read_bytes() == stored.image.read_bytes()
+    _time_full_restores(
+        benchmark,
+        stored,
+        tmp_path / "restored.img",
+        lambda: blocksnap.Repository(stored.url, s3=stored.options("host")),
+    )
 
 
 @pytest.mark.parametrize("cache", ["index", "empty"])

@@ -166,9 +166,14 @@ class Entry:
 
     def late(self, mtime: float) -> bool:
         """Whether a record object of modification time mtime landed after its deadline,
-        and so is no snapshot (see the module doc).  In whole seconds, as S3 gives them
-        (a listing may give fractions where a HEAD does not)."""
-        return self.commit_by is not None and mtime >= self.commit_by + 1
+        and so is no snapshot (see the module doc and landed_late)."""
+        return self.commit_by is not None and landed_late(self.commit_by, mtime)
+
+
+def landed_late(commit_by: int, mtime: float) -> bool:
+    """Whether an object of modification time mtime landed after commit_by: in whole
+    seconds, as S3 gives them (a listing may give fractions where a HEAD does not)."""
+    return mtime >= commit_by + 1
 
 
 def encode(

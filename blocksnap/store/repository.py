@@ -552,7 +552,7 @@ class Store:
                 f"if its record exists and was modified by {_utc(deadline.server)}; the "
                 "next command that opens the repository sees"
             ) from exc
-        if mtime < deadline.server + 1:  # (whole seconds: see catalog.Entry.late)
+        if not catalog.landed_late(deadline.server, mtime):
             return
         try:
             self.backend.delete(name)

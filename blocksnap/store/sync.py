@@ -17,9 +17,9 @@ a place in the volume's order, and first in gc.  It
 
 A record whose object landed after the deadline it carries (store/catalog.py's
 commit_by: a put that a retry, a proxy or a busy server held past its session's
-validity) is no snapshot: sync leaves it out, names it in `late`, and counts it
-nowhere else (the gc of its writer's host deletes it and reclaims its packs, as an
-interrupted writer's).
+validity) is no snapshot: sync leaves it out and counts it nowhere else (verify lists
+it; the gc of its writer's host deletes it and reclaims its packs, as an interrupted
+writer's).
 
 On a store that hosts share (S3), a record another host committed names a map root in
 packs this host's index has never seen.  Such a record names the packs its run wrote,
@@ -61,7 +61,6 @@ class SyncReport:
     # not cached, a pack not read): what a reconciliation of packs must wait for.
     unaccounted: list[str] = field(default_factory=list)
     blocking: list[str] = field(default_factory=list)  # records that stand, not cached
-    late: list[str] = field(default_factory=list)  # records that landed after their deadline
     pending_seq: dict[str, int] = field(default_factory=dict)  # volume -> their highest seq
 
     def unaccount(self, problem: str) -> None:
@@ -118,7 +117,6 @@ def sync(
             report.blocking.append(snapshot_id)
             continue
         if entry.late(records[snapshot_id]):
-            report.late.append(snapshot_id)
             continue
         try:
             if discover is not None and index.location(entry.info.map_root) is None:
