@@ -111,16 +111,16 @@ def test_server_killed_during_uploads_restore_and_gc(
             del expected[removed]
         # The kill lands just before the list that says the candidates are collected
         # is written: a fixed point, where the gc still has requests to make.
-        write = collection.write
+        advance = collection.advance
 
         def killed_before_done(
-            backend: ObjectStore, lst: collection.CollectionList, *, new: bool = False
-        ) -> None:
+            backend: ObjectStore, lst: collection.CollectionList
+        ) -> collection.CollectionList:
             if lst.state == collection.DONE and weed.proc is not None:
                 weed.kill()
-            write(backend, lst, new=new)
+            return advance(backend, lst)
 
-        monkeypatch.setattr(collection, "write", killed_before_done)
+        monkeypatch.setattr(collection, "advance", killed_before_done)
         # A gc that finds a writer session it cannot yet tell dead publishes and waits
         # (legitimately, on a slow machine); the next run, past the ttl, carries it out.
         waited = []
@@ -133,7 +133,7 @@ def test_server_killed_during_uploads_restore_and_gc(
             waited.append(report)
             time.sleep(5)  # past BLOCKSNAP_SESSION_TTL
         assert weed.proc is None, f"the gc never reached its done list: {waited}"
-        monkeypatch.setattr(collection, "write", write)
+        monkeypatch.setattr(collection, "advance", advance)
         weed.start()
     with blocksnap.Repository(url, s3=options) as repo:
         report = repo.gc()

@@ -384,13 +384,13 @@ def test_a_follow_from_an_older_read_keeps_the_candidates_a_newer_one_saw(
         stale = store._unapplied_lists()  # read before the list exists
         candidate = os.urandom(32)
         lst = collection.CollectionList(seq=1, candidates=[candidate])
-        collection.write(store.backend, lst, new=True)
+        collection.publish(store.backend, lst)
         store.follow_collections()
         assert candidate in store.avoid
         store.follow_collections(stale)
         assert candidate in store.avoid
         lst.state = collection.DONE
-        collection.write(store.backend, lst)
+        collection.advance(store.backend, lst)
         store.follow_collections()
         assert store.avoid == frozenset()
 

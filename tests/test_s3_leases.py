@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import threading
 import time
@@ -16,13 +17,15 @@ import pytest
 import blocksnap
 from blocksnap.errors import LockedError, StoreError, UsageError
 from blocksnap.model import SnapshotInfo
-from blocksnap.store import catalog, s3
+from blocksnap.store import catalog, collection, s3
+from blocksnap.store.backend import ObjectStore
+from blocksnap.store.gc import GcReport
 from blocksnap.store.location import S3Options
 from blocksnap.store.locks import LocalLocks
 from blocksnap.store.objectlocks import LOWER_KEPT, ObjectLocks, ObjectSessions, session_ttl
 from blocksnap.store.s3 import S3Backend
 from tests.s3proxy import FaultProxy, Match, request, until
-from tests.s3server import S3_BUCKET, S3Server, SnapshotThread, use_server
+from tests.s3server import S3_BUCKET, S3Server, SnapshotThread, assert_restores, use_server
 
 TTL = 4.0
 
@@ -468,3 +471,111 @@ def test_a_session_ttl_that_leaves_no_margin_is_refused(
         session_ttl()
     monkeypatch.setenv("BLOCKSNAP_SESSION_TTL", "4")
     assert session_ttl() == 4.0
+
+
+def _garbage(repo: blocksnap.Repository, tmp_path: Path) -> tuple[SnapshotInfo, bytes]:
+    """Two versions of a volume, the first pruned: its blocks and map nodes are garbage.
+    Returns the snapshot kept and its bytes."""
+    image = tmp_path / "vol.img"
+    data = bytearray(os.urandom(8 << 20))
+    image.write_bytes(data)
+    repo.snapshot("vol", image)
+    data[2 << 20 : 4 << 20] = os.urandom(2 << 20)
+    image.write_bytes(data)
+    kept = repo.snapshot("vol", image)
+    repo.prune("vol", blocksnap.Policy(keep_last=1))
+    return kept, bytes(data)
+
+
+class _GcThread(threading.Thread):
+    def __init__(self, url: str, options: S3Options) -> None:
+        super().__init__()
+        self.url, self.options = url, options
+        self.outcome: GcReport | BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with blocksnap.Repository(self.url, s3=self.options) as repo:
+                self.outcome = repo.gc()
+        except BaseException as exc:
+            self.outcome = exc
+
+
+@pytest.mark.parametrize("late", ["pending", "armed", "done", "done first"])
+def test_a_list_state_written_late_never_replaces_the_next_holders(
+    proxy: FaultProxy,
+    s3_server: S3Server,
+    s3_prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    late: str,
+) -> None:
+    """Host A's gc publishes a collection list, and its write of the list (pending, or its
+    next state: armed, or done) is held (a retry, a proxy, a busy server) while A's heartbeats fail.
+    Host B takes the maintenance lease over and carries the list out.  When A's write
+    lands at last, it finds the state taken and changes nothing: the list stays as B
+    left it, A stops, and every host restores and verifies.  Done first: A's done list
+    lands just before B's, which then finds it and goes by it (A's copies and nodes)."""
+    url, options = _through_proxy(proxy, s3_server, s3_prefix, tmp_path, monkeypatch)
+    with blocksnap.Repository(url, s3=options) as repo:
+        kept, expected = _garbage(repo, tmp_path)
+    done = f"gc/{1:016d}.done"
+    suffix = {"pending": "", "armed": ".armed", "done": ".done", "done first": ".done"}[late]
+    held = proxy.inject("stall", request("PUT", f"/gc/{1:016d}{suffix}"))  # the first
+    host_a = _GcThread(url, options)
+    direct = s3_server.backend(s3_prefix)
+    mine: list[collection.CollectionList] = []  # B's done list, done first
+    if late == "done first":
+        advance = collection.advance
+
+        def after_a(
+            backend: ObjectStore, lst: collection.CollectionList
+        ) -> collection.CollectionList:
+            if (
+                lst.seq == 1
+                and lst.state == collection.DONE
+                and threading.current_thread() is not host_a
+            ):
+                mine.append(lst)
+                proxy.released.set()  # A's done lands now
+                assert until(lambda: any(direct.list(done)), 30)
+            return advance(backend, lst)
+
+        monkeypatch.setattr(collection, "advance", after_a)
+    host_a.start()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint)
+    try:
+        assert until(lambda: held.hits == 1, 60)
+        proxy.inject("slow-down", request("PUT", "/sessions/"), count=10**6)
+        deadline = time.monotonic() + 60
+        while True:  # until A's lease has run out, and then A's other sessions
+            with contextlib.suppress(LockedError), _other_host(url, tmp_path, "b") as repo:
+                report = repo.gc()
+                assert report.problems == [], report
+                lst = collection.read(direct, 1)
+                if lst is not None and lst.state == collection.DONE:
+                    break
+            assert time.monotonic() < deadline, "A's sessions never ran out"
+            time.sleep(0.5)
+        names = [o.name for o in direct.list(f"gc/{1:016d}")]
+        stored = {name: direct.get(name) for name in names}
+    finally:
+        proxy.released.set()
+        host_a.join(120)
+    assert not host_a.is_alive()
+    assert isinstance(host_a.outcome, LockedError), host_a.outcome
+    # A's late write changed nothing.
+    assert {name: direct.get(name) for name in stored} == stored
+    assert lst.collected and lst.nodes is not None
+    if late == "done first":
+        (own,) = mine
+        assert lst.nodes != own.nodes  # A's list, found by B
+    else:
+        assert report.objects_deleted > 0, report
+    with _other_host(url, tmp_path, "c") as repo:
+        assert [s.id for s in repo.snapshots("vol")] == [kept.id]
+        again = repo.gc()
+        assert again.problems == [] and again.objects_deleted == 0, again
+    for host in ("cache", "b", "c"):  # A's own cache follows too
+        cache = S3Options(cache_dir=str(tmp_path / host))  # no proxy
+        assert_restores(url, cache, kept, expected, tmp_path / f"{host}.img")

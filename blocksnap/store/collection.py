@@ -65,9 +65,9 @@ moves there.
 
 A cache that forgets a map node at count 0 releases what the node names, as its own gc
 would, so that its counts stay exact.  The node may be gone with its pack by then, so a
-done list that names collected map nodes has their children beside it, in
-gc/<seq>.nodes ("nodes": true), written before the list is done; a cache reads it when
-it forgets one of them.
+done list that names collected map nodes has their children in an object beside it
+(gc/<seq>.<token>.nodes, see below), written before the list is done; a cache reads it
+when it forgets one of them.
 
 A writer that a list made wait stays safe while it runs; one that started after it never
 refers to a candidate; and a snapshot that a waited-for writer committed is counted
@@ -75,35 +75,60 @@ before anything is deleted (a record the sync could not count, its packs unread,
 the list).  A writer whose heartbeats were ever half the session ttl apart refuses to
 commit, since gc elsewhere may have found it dead meanwhile and stopped waiting.
 
-Format: gc/<seq> with seq 16 decimal digits from 1, one more than the highest existing
-(created create-if-absent, then replaced by its holder as it advances); a frame (store/
-frames.py) with magic b"BSGCLS", version 1, and a JSON body:
+Every state of a list is an object of its own, created create-if-absent and never
+overwritten, so that a write that lands late (held by a retry, a proxy or a busy server
+after its gc lost the maintenance lease, and another host took the list on) changes
+nothing: it finds the state taken, and the gc that made it stops.  Of two gcs that
+advance a list, the first to land wins, and the other goes by what it finds (an armed
+list's waiting_for, a done list's copies and packs).
 
-    {"format": 1, "seq": n, "state": "pending" | "armed" | "done",
+Format 2:
+- gc/<seq>, seq 16 decimal digits from 1, one more than the highest existing: the list
+  as published, "pending" (or "done" for a list published done: the empty packs).  Its
+  creation takes the seq.
+- gc/<seq>.armed and gc/<seq>.done: the list in that state, whole.
+- gc/<seq>.<token>.nodes, token 16 hex digits: the children of the map nodes a done
+  list collects, named by the list ("nodes"), written before it.
+A list is in the furthest state stored (done, armed, as published).  Each is a frame
+(store/frames.py) with magic b"BSGCLS", version 2, and a JSON body:
+
+    {"format": 2, "seq": n, "state": "pending" | "armed" | "done",
      "candidates": [hex object id, ...], "waiting_for": [hex session id, ...],
      "condemned": [[hex object id, hex pack id], ...],
-     "orphans": [hex pack id, ...], "unfinished": [object name, ...], "nodes": bool,
+     "orphans": [hex pack id, ...], "unfinished": [object name, ...],
+     "nodes": object name | null,
      "collected": [[hex object id, hex pack id], ...], "deleted_packs": [hex, ...],
      "relocated": [[hex object id, hex deleted pack id, hex pack id, offset, stored size,
                     raw size, kind, codec], ...]}
 
-gc/<seq>.nodes: a frame with magic b"BSGCND", version 1, whose body is, for each node,
+The nodes object: a frame with magic b"BSGCND", version 1, whose body is, for each node,
 its 32-byte id, a u32 (little-endian) count n and n 32-byte ids of its children.
+
+Format 1 (read, never written): the list was gc/<seq> alone, replaced in place as it
+advanced (its state in the body), "nodes" a bool for gc/<seq>.nodes; one under way is
+advanced through the objects of format 2.
 
 Compatibility: unknown keys are ignored; a list of a newer version is refused
 (UnsupportedFormatError) by every sync that reads it, so no writer or gc goes on
-without what it may name.  Lists are kept (see the notes of issue 17 on compacting
-them).
+without what it may name (a blocksnap that reads format 1 only refuses every list
+written now).  Lists are kept (see the notes of issue 17 on compacting them).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from blocksnap.errors import IntegrityError, MissingObjectError, UnsupportedFormatError
+from blocksnap.errors import (
+    IntegrityError,
+    MissingObjectError,
+    ObjectExistsError,
+    UnsupportedFormatError,
+)
 from blocksnap.store import frames
 from blocksnap.store.backend import ObjectStore
 from blocksnap.store.entries import Location
@@ -111,11 +136,15 @@ from blocksnap.store.entries import Location
 PREFIX = "gc/"
 MAGIC = b"BSGCLS"
 NODES_MAGIC = b"BSGCND"
-VERSION = 1
+VERSION = 2
+NODES_VERSION = 1
 _ID = 32  # bytes of an object id
 _COUNT = struct.Struct("<I")
 PENDING, ARMED, DONE = "pending", "armed", "done"
-_NAME = re.compile(r"gc/(\d{16})")
+_NAME = re.compile(r"gc/(\d{16})(?:\.(armed|done))?")
+_NODES_NAME = re.compile(r"gc/\d{16}\.[0-9a-f]{16}\.nodes")
+_FURTHER = {None: 0, ARMED: 1, DONE: 2}  # of the objects of one list
+_STATES = {None: (PENDING, DONE), ARMED: (ARMED,), DONE: (DONE,)}  # each may hold
 
 
 @dataclass(slots=True)
@@ -129,7 +158,7 @@ class CollectionList:
     names_condemned: bool = True  # False for a list from before lists named them
     orphans: list[bytes] = field(default_factory=list)  # packs unknown when published
     unfinished: list[str] = field(default_factory=list)  # names with unfinished writes
-    nodes: bool = False  # gc/<seq>.nodes holds the children of the nodes collected
+    nodes: str | None = None  # the object that holds the children of the nodes collected
     collected: list[tuple[bytes, bytes]] = field(default_factory=list)  # (object, pack)
     deleted_packs: list[bytes] = field(default_factory=list)
     # (object, deleted pack, its place kept): a copy in a deleted pack of an object that
@@ -142,7 +171,7 @@ class CollectionList:
 
     def encode(self) -> bytes:
         body = {
-            "format": 1,
+            "format": VERSION,
             "seq": self.seq,
             "state": self.state,
             "candidates": [c.hex() for c in self.candidates],
@@ -176,14 +205,24 @@ def list_name(seq: int) -> str:
 
 def decode(data: bytes, what: str) -> CollectionList:
     version, body = frames.unframe(data, MAGIC, what)
-    if version != VERSION:
+    if version not in (1, VERSION):
         raise UnsupportedFormatError(f"{what} has format {version}: needs a newer blocksnap")
     try:
         raw = json.loads(body)
-        if raw.get("format") != 1:
+        if raw.get("format") != version:
             raise UnsupportedFormatError(f"{what} has a newer format: needs a newer blocksnap")
-        return CollectionList(
-            seq=int(raw["seq"]),
+        seq = int(raw["seq"])
+        nodes = raw.get("nodes")
+        if version == 1:
+            nodes = nodes_name(seq) if nodes else None
+        elif nodes is not None and not (
+            isinstance(nodes, str)
+            and _NODES_NAME.fullmatch(nodes)
+            and nodes.startswith(list_name(seq) + ".")
+        ):
+            raise ValueError(f"nodes names {nodes!r}")
+        lst = CollectionList(
+            seq=seq,
             state=str(raw["state"]),
             candidates=[bytes.fromhex(c) for c in raw.get("candidates", [])],
             waiting_for=[bytes.fromhex(w) for w in raw.get("waiting_for", [])],
@@ -191,7 +230,7 @@ def decode(data: bytes, what: str) -> CollectionList:
             names_condemned="condemned" in raw,
             orphans=[bytes.fromhex(p) for p in raw.get("orphans", [])],
             unfinished=[str(n) for n in raw.get("unfinished", [])],
-            nodes=bool(raw.get("nodes", False)),
+            nodes=nodes,
             collected=[(bytes.fromhex(o), bytes.fromhex(p)) for o, p in raw.get("collected", [])],
             deleted_packs=[bytes.fromhex(p) for p in raw.get("deleted_packs", [])],
             relocated=[
@@ -205,47 +244,94 @@ def decode(data: bytes, what: str) -> CollectionList:
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise IntegrityError(f"{what} is damaged ({exc})") from None
+    # An object holds its own list, in the state its name says (a list of format 1 was
+    # replaced in place, its state in the body alone).
+    named = _NAME.fullmatch(what)
+    states = (PENDING, ARMED, DONE) if version == 1 else _STATES[named and named.group(2)]
+    if named is None or int(named.group(1)) != lst.seq or lst.state not in states:
+        raise IntegrityError(f"{what} is damaged (it holds list {lst.seq}, {lst.state})")
+    return lst
+
+
+def listed(backend: ObjectStore, after: int = 0) -> dict[int, str]:
+    """Each list after seq `after` (ascending) -> the name of its furthest state stored:
+    one listing."""
+    return _furthest((o.name for o in backend.list(PREFIX)), after)
 
 
 def listed_seqs(backend: ObjectStore) -> list[int]:
     """The seqs of every list, ascending."""
-    return sorted(
-        int(m.group(1)) for o in backend.list(PREFIX) if (m := _NAME.fullmatch(o.name)) is not None
-    )
+    return list(listed(backend))
 
 
-def read(backend: ObjectStore, seq: int) -> CollectionList | None:
-    """The list seq, or None if it is gone."""
-    name = list_name(seq)
+def _furthest(names: Iterable[str], after: int = 0) -> dict[int, str]:
+    found: dict[int, str | None] = {}
+    for name in names:
+        if (m := _NAME.fullmatch(name)) is None or (seq := int(m.group(1))) <= after:
+            continue
+        if seq not in found or _FURTHER[m.group(2)] > _FURTHER[found[seq]]:
+            found[seq] = m.group(2)
+    return {seq: _state_name(seq, found[seq]) for seq in sorted(found)}
+
+
+def _state_name(seq: int, state: str | None) -> str:
+    return list_name(seq) if state is None else f"{list_name(seq)}.{state}"
+
+
+def read(backend: ObjectStore, seq: int, name: str | None = None) -> CollectionList | None:
+    """The list seq in its furthest state stored, or None if it is gone; name: the object
+    of that state, from a listing (else one listing of the list's objects finds it)."""
+    if name is None:
+        name = _furthest(o.name for o in backend.list(list_name(seq))).get(seq)
+        if name is None:
+            return None
     try:
         return decode(backend.get(name), name)
     except MissingObjectError:
         return None
 
 
-def write(backend: ObjectStore, lst: CollectionList, *, new: bool = False) -> None:
-    """Store the list; new: create-if-absent (ObjectExistsError if seq is taken)."""
-    backend.put(lst.name, lst.encode(), exclusive=new)
+def publish(backend: ObjectStore, lst: CollectionList) -> None:
+    """Create the list at its seq, pending or done (ObjectExistsError if seq is taken)."""
+    backend.put(lst.name, lst.encode(), exclusive=True)
+
+
+def advance(backend: ObjectStore, lst: CollectionList) -> CollectionList:
+    """Store the list in its new state (armed or done), create-if-absent: lst, or the
+    list as another gc stored it first, in its furthest state (see the module doc)."""
+    if lst.state not in (ARMED, DONE):
+        raise ValueError(f"a list advances to armed or done, not {lst.state}")
+    try:
+        backend.put(_state_name(lst.seq, lst.state), lst.encode(), exclusive=True)
+    except ObjectExistsError:
+        stored = read(backend, lst.seq)
+        if stored is None:
+            raise IntegrityError(f"collection list {lst.seq} is gone while it advances") from None
+        return stored
+    return lst
 
 
 def nodes_name(seq: int) -> str:
+    """The children of list seq's collected nodes in format 1 (gc/<seq>.nodes)."""
     return f"{list_name(seq)}.nodes"
 
 
-def write_nodes(backend: ObjectStore, seq: int, children: dict[bytes, list[bytes]]) -> None:
-    """Store the children of the map nodes list seq collects (gc/<seq>.nodes)."""
+def write_nodes(backend: ObjectStore, seq: int, children: dict[bytes, list[bytes]]) -> str:
+    """Store the children of the map nodes list seq collects, under a name of their own
+    (a late write of another gc's never replaces them); returns the name."""
     parts: list[bytes] = []
     for node_id, kids in children.items():
         parts += [node_id, _COUNT.pack(len(kids)), *kids]
-    backend.put(nodes_name(seq), frames.frame(NODES_MAGIC, VERSION, b"".join(parts)))
+    name = f"{list_name(seq)}.{secrets.token_hex(8)}.nodes"
+    backend.put(name, frames.frame(NODES_MAGIC, NODES_VERSION, b"".join(parts)), exclusive=True)
+    return name
 
 
-def read_nodes(backend: ObjectStore, seq: int) -> dict[bytes, list[bytes]]:
-    """The children of the map nodes list seq collects; MissingObjectError if it has none
-    stored, IntegrityError if they are damaged."""
-    what = nodes_name(seq)
+def read_nodes(backend: ObjectStore, what: str) -> dict[bytes, list[bytes]]:
+    """The children of the map nodes a list collects, stored under what (its "nodes");
+    MissingObjectError if gone, IntegrityError if damaged."""
     version, body = frames.unframe(backend.get(what), NODES_MAGIC, what)
-    if version != VERSION:
+    if version != NODES_VERSION:
         raise UnsupportedFormatError(f"{what} has format {version}: needs a newer blocksnap")
     out: dict[bytes, list[bytes]] = {}
     at = 0

@@ -50,7 +50,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blocksnap.blockmap import node_children
-from blocksnap.errors import BlocksnapError, IntegrityError, MissingObjectError, UsageError
+from blocksnap.errors import (
+    BlocksnapError,
+    IntegrityError,
+    LockedError,
+    MissingObjectError,
+    ObjectExistsError,
+    UsageError,
+)
 from blocksnap.model import Progress, ProgressCallback, ProgressUnit
 from blocksnap.store import catalog, collection, sync
 from blocksnap.store.entries import SEQ, Location
@@ -308,13 +315,24 @@ def _alive_writers(store: Store, me: bytes) -> list[bytes]:
     return [s.id for s in sessions.listing() if s.alive and s.id not in own]
 
 
-def _arm(store: Store, lst: collection.CollectionList, me: bytes) -> None:
+def _arm(store: Store, lst: collection.CollectionList, me: bytes) -> collection.CollectionList:
     """List into a published list the sessions that may have referred to its candidates
-    before they could see it: every one alive now (see store/collection.py)."""
+    before they could see it: every one alive now (see store/collection.py).  Returns
+    the list as stored: another gc's, if one armed it first (a late write)."""
     lst.waiting_for = _alive_writers(store, me)
     lst.state = collection.ARMED
     store.confirm_gc()
-    collection.write(store.backend, lst)
+    return _advance(store, lst)
+
+
+def _advance(store: Store, lst: collection.CollectionList) -> collection.CollectionList:
+    """Store the list's new state; the list as stored.  Another gc's state found there
+    was written late by a gc that lost the lease: if this one lost it too, it stops
+    (LockedError), else it goes by what it found."""
+    stored = collection.advance(store.backend, lst)
+    if stored is not lst:
+        store.confirm_gc()
+    return stored
 
 
 def _ready_lists(store: Store, report: GcReport, me: bytes) -> list[collection.CollectionList]:
@@ -322,14 +340,12 @@ def _ready_lists(store: Store, report: GcReport, me: bytes) -> list[collection.C
     pending is armed now (later is as safe: whoever it missed has ended)."""
     ready = []
     applied = store.index.collections_applied()  # every list up to it is done
-    for seq in collection.listed_seqs(store.backend):
-        if seq <= applied:
-            continue
-        lst = collection.read(store.backend, seq)
+    for seq, name in collection.listed(store.backend, applied).items():
+        lst = collection.read(store.backend, seq, name)
+        if lst is not None and lst.state == collection.PENDING:
+            lst = _arm(store, lst, me)
         if lst is None or lst.state == collection.DONE:
             continue
-        if lst.state == collection.PENDING:
-            _arm(store, lst, me)
         waiting = [w for w in lst.waiting_for if w != me and store.sessions.alive(w)]
         if waiting:
             report.waiting_writers = max(report.waiting_writers, len(waiting))
@@ -369,10 +385,7 @@ def _collect_shared(
                     candidates.append(key[8:])
                     if loc is not None:
                         condemned.append((key[8:], loc.pack))
-        seqs = collection.listed_seqs(store.backend)
-        lst = collection.CollectionList(
-            seq=(seqs[-1] if seqs else 0) + 1, candidates=candidates, condemned=condemned
-        )
+        lst = collection.CollectionList(seq=0, candidates=candidates, condemned=condemned)
         if found is not None:
             lst.orphans, lst.unfinished, copies = found
             named = set(candidates)
@@ -381,10 +394,11 @@ def _collect_shared(
             found = None
         if not (lst.candidates or lst.orphans or lst.unfinished):
             break
-        store.confirm_gc()
-        collection.write(store.backend, lst, new=True)
+        _publish(store, lst)
         report.lists_published += 1
-        _arm(store, lst, me)
+        lst = _arm(store, lst, me)
+        if lst.state == collection.DONE:
+            continue  # done by another gc first: followed on the next level
         if lst.waiting_for:
             report.waiting_writers = max(report.waiting_writers, len(lst.waiting_for))
             break
@@ -511,11 +525,22 @@ def _execute(
         )
     collecting = {object_id for object_id, _ in copies}
     sizes = _name_copies(store, lst, orphans, nodes, report, collecting)
-    _write_done(store, lst, nodes)
+    stored = _write_done(store, lst, nodes)
+    if stored is not lst:
+        # Another gc, which lost the lease to this one, finished the list first (its write
+        # landed late): that list is the one every cache follows.
+        _carry_out(store, stored, report)
+        return
     for start in range(0, len(items), _BATCH):
         store.confirm_gc()
         batch = items[start : start + _BATCH]
         report.objects_deleted += len(store.index.collect(batch, limit, places))
+    _discard_unfinished(store, lst, report)
+    _delete_named_packs(store, sizes, report)
+    report.orphan_packs += len(sizes)
+
+
+def _discard_unfinished(store: Store, lst: collection.CollectionList, report: GcReport) -> None:
     for name in lst.unfinished:
         store.confirm_gc()
         try:
@@ -524,8 +549,6 @@ def _execute(
             report.problems.append(f"unfinished write of {name} kept: {exc}")
             continue
         report.unfinished_discarded += 1
-    _delete_named_packs(store, sizes, report)
-    report.orphan_packs += len(sizes)
 
 
 def _orphans_to_retire(
@@ -548,19 +571,51 @@ def _orphans_to_retire(
 
 
 def _write_done(
-    store: Store,
-    lst: collection.CollectionList,
-    nodes: dict[bytes, list[bytes]],
-    *,
-    new: bool = False,
-) -> None:
-    """Store a done list (new: create-if-absent), the children of the map nodes it
-    collects first (only the lease holder writes under gc/)."""
+    store: Store, lst: collection.CollectionList, nodes: dict[bytes, list[bytes]]
+) -> collection.CollectionList:
+    """Store a list done, the children of the map nodes it collects first (only the lease
+    holder writes under gc/); returns the list as stored (another gc's, if it was first)."""
     store.confirm_gc()
     if nodes:
-        collection.write_nodes(store.backend, lst.seq, nodes)
-        lst.nodes = True
-    collection.write(store.backend, lst, new=new)
+        lst.nodes = collection.write_nodes(store.backend, lst.seq, nodes)
+    return _advance(store, lst)
+
+
+def _publish(
+    store: Store, lst: collection.CollectionList, nodes: dict[bytes, list[bytes]] | None = None
+) -> None:
+    """Publish a new list at the next seq (pending, or done with the children of the map
+    nodes it collects).  A late write of a gc that lost the lease may take that seq
+    first: then the next one."""
+    for _attempt in range(3):
+        seqs = collection.listed_seqs(store.backend)
+        lst.seq = (seqs[-1] if seqs else 0) + 1
+        store.confirm_gc()
+        if nodes:
+            lst.nodes = collection.write_nodes(store.backend, lst.seq, nodes)
+        try:
+            collection.publish(store.backend, lst)
+            return
+        except ObjectExistsError:
+            continue
+    raise LockedError(
+        f"collection list {lst.seq} was taken by another gc as this one published it: "
+        "maintenance runs on another host"
+    )
+
+
+def _carry_out(store: Store, lst: collection.CollectionList, report: GcReport) -> None:
+    """Carry out a done list another gc stored: the index follows it, then what it names
+    deleted and discarded goes."""
+    store.follow_collections()
+    sizes: dict[bytes, int] = {}
+    for pack_id in lst.deleted_packs:
+        try:
+            sizes[pack_id] = store.backend.stat(pack_name(pack_id)).size
+        except MissingObjectError:
+            continue
+    _discard_unfinished(store, lst, report)
+    _delete_named_packs(store, sizes, report)
 
 
 def _name_copies(
@@ -630,9 +685,7 @@ def _delete_empty_packs(store: Store, report: GcReport) -> None:
     sizes = _name_copies(store, done, empty, nodes, report)
     if not sizes:
         return
-    seqs = collection.listed_seqs(store.backend)
-    done.seq = (seqs[-1] if seqs else 0) + 1
-    _write_done(store, done, nodes, new=True)
+    _publish(store, done, nodes)
     report.lists_published += 1
     _delete_named_packs(store, sizes, report)
 

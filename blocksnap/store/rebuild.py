@@ -327,9 +327,9 @@ def _note_collections(store: Store, index: Index, report: RebuildReport) -> None
     then take that place away (store/collection.py).  A damaged list is reported (the
     copies it names may be indexed again); one of a newer format stops the rebuild."""
     lists = []
-    for seq in collection.listed_seqs(store.backend):
+    for seq, name in collection.listed(store.backend).items():
         try:
-            lst = collection.read(store.backend, seq)
+            lst = collection.read(store.backend, seq, name)
         except IntegrityError as exc:
             report.damaged.append(str(exc))
             continue

@@ -664,9 +664,8 @@ class Store:
         """The collection lists after the seq up to which the index follows them."""
         applied = self.index.collections_applied()
         found = (
-            collection.read(self.backend, seq)
-            for seq in collection.listed_seqs(self.backend)
-            if seq > applied
+            collection.read(self.backend, seq, name)
+            for seq, name in collection.listed(self.backend, applied).items()
         )
         return [lst for lst in found if lst is not None]
 
@@ -710,7 +709,7 @@ class Store:
     def _released_children(self, lst: collection.CollectionList) -> dict[bytes, list[bytes]]:
         """The children of each map node that a done list collects and that the index
         places there, which forget_copies takes out of the index: from the
-        list's gc/<seq>.nodes, else from the node cache or storage while the pack is
+        list's nodes object, else from the node cache or storage while the pack is
         still there.  A node found nowhere is left out (its children stay counted: see
         GcIndex.forget_copies).  A list applied again finds nothing placed: a no-op."""
         pairs = set(lst.collected)
@@ -723,10 +722,10 @@ class Store:
         if not forgotten:
             return {}
         stored: dict[bytes, list[bytes]] = {}
-        if lst.nodes:
+        if lst.nodes is not None:
             # Gone or damaged: what the cache or the packs still hold.
             with contextlib.suppress(MissingObjectError, IntegrityError):
-                stored = collection.read_nodes(self.backend, lst.seq)
+                stored = collection.read_nodes(self.backend, lst.nodes)
         out: dict[bytes, list[bytes]] = {}
         for object_id, loc in forgotten:
             if object_id in stored:
