@@ -112,6 +112,10 @@ def test_a_writer_that_starts_after_the_list_stores_candidates_again(
         with blocksnap.Repository(url, s3=a) as repo:
             first_gc = repo.gc()
             assert first_gc.waiting_writers == 1 and first_gc.objects_deleted == 0
+        backend = s3_server.backend(url.split("/", 3)[3])
+        waited_seq = collection.listed_seqs(backend)[-1]
+        waiting = collection.read(backend, waited_seq)
+        assert waiting is not None and waiting.state == collection.ARMED
         # Host B starts now: the candidates (the pruned snapshot's map root, which B's
         # identical image has too) are absent to it, so it stores its own copy.
         with blocksnap.Repository(url, s3=b) as repo:
@@ -126,8 +130,8 @@ def test_a_writer_that_starts_after_the_list_stores_candidates_again(
     with blocksnap.Repository(url, s3=a) as repo:
         report = repo.gc()
         assert report.problems == [] and report.waiting_writers == 0
-    lists = [collection.read(s3_server.backend(url.split("/", 3)[3]), s) for s in range(1, 4)]
-    assert any(lst is not None and lst.state == collection.DONE for lst in lists)
+    waited = collection.read(backend, waited_seq)  # the list carried out now
+    assert waited is not None and waited.state == collection.DONE
     for options, name in ((a, "a.img"), (b, "b.img")):
         assert_restores(url, options, snap, first, tmp_path / name)
     # Both caches agree with a cache built from the bucket alone.

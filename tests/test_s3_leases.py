@@ -501,8 +501,17 @@ class _GcThread(threading.Thread):
             self.outcome = exc
 
 
+def _collected(backend: S3Backend) -> collection.CollectionList | None:
+    """The first done list that collected anything."""
+    for seq, name in collection.listed(backend).items():
+        lst = collection.read(backend, seq, name)
+        if lst is not None and lst.state == collection.DONE and lst.collected:
+            return lst
+    return None
+
+
 @pytest.mark.parametrize("late", ["pending", "armed", "done", "done first"])
-def test_a_list_state_written_late_never_replaces_the_next_holders(
+def test_a_list_written_late_never_replaces_the_next_holders(
     proxy: FaultProxy,
     s3_server: S3Server,
     s3_prefix: str,
@@ -511,17 +520,18 @@ def test_a_list_state_written_late_never_replaces_the_next_holders(
     late: str,
 ) -> None:
     """Host A's gc publishes a collection list, and its write of the list (pending, or its
-    next state: armed, or done) is held (a retry, a proxy, a busy server) while A's heartbeats fail.
-    Host B takes the maintenance lease over and carries the list out.  When A's write
-    lands at last, it finds the state taken and changes nothing: the list stays as B
-    left it, A stops, and every host restores and verifies.  Done first: A's done list
-    lands just before B's, which then finds it and goes by it (A's copies and nodes)."""
+    next state: armed, or done) is held (a retry, a proxy, a busy server) while A's
+    heartbeats fail.  Host B takes the maintenance lease over and collects.  When A's
+    write lands at last, it finds its seq (taken by B's fence) or its state (B's) taken
+    and changes nothing, A stops, and every host restores and verifies.  Done first: A's
+    done list lands just before B's, which then finds it and goes by it (A's copies and
+    nodes)."""
     url, options = _through_proxy(proxy, s3_server, s3_prefix, tmp_path, monkeypatch)
     with blocksnap.Repository(url, s3=options) as repo:
         kept, expected = _garbage(repo, tmp_path)
-    done = f"gc/{1:016d}.done"
+    a_list = collection.list_name(2)  # A's gc: its fence is list 1
     suffix = {"pending": "", "armed": ".armed", "done": ".done", "done first": ".done"}[late]
-    held = proxy.inject("stall", request("PUT", f"/gc/{1:016d}{suffix}"))  # the first
+    held = proxy.inject("stall", lambda m, path: m == "PUT" and path.endswith(a_list + suffix))
     host_a = _GcThread(url, options)
     direct = s3_server.backend(s3_prefix)
     mine: list[collection.CollectionList] = []  # B's done list, done first
@@ -532,13 +542,13 @@ def test_a_list_state_written_late_never_replaces_the_next_holders(
             backend: ObjectStore, lst: collection.CollectionList
         ) -> collection.CollectionList:
             if (
-                lst.seq == 1
+                lst.name == a_list
                 and lst.state == collection.DONE
                 and threading.current_thread() is not host_a
             ):
                 mine.append(lst)
                 proxy.released.set()  # A's done lands now
-                assert until(lambda: any(direct.list(done)), 30)
+                assert until(lambda: any(direct.list(a_list + ".done")), 30)
             return advance(backend, lst)
 
         monkeypatch.setattr(collection, "advance", after_a)
@@ -552,26 +562,25 @@ def test_a_list_state_written_late_never_replaces_the_next_holders(
             with contextlib.suppress(LockedError), _other_host(url, tmp_path, "b") as repo:
                 report = repo.gc()
                 assert report.problems == [], report
-                lst = collection.read(direct, 1)
-                if lst is not None and lst.state == collection.DONE:
+                if (lst := _collected(direct)) is not None:
                     break
             assert time.monotonic() < deadline, "A's sessions never ran out"
             time.sleep(0.5)
-        names = [o.name for o in direct.list(f"gc/{1:016d}")]
-        stored = {name: direct.get(name) for name in names}
+        stored = {o.name: direct.get(o.name) for o in direct.list(collection.PREFIX)}
     finally:
         proxy.released.set()
         host_a.join(120)
     assert not host_a.is_alive()
     assert isinstance(host_a.outcome, LockedError), host_a.outcome
     # A's late write changed nothing.
-    assert {name: direct.get(name) for name in stored} == stored
-    assert lst.collected and lst.nodes is not None
+    assert {o.name: direct.get(o.name) for o in direct.list(collection.PREFIX)} == stored
+    assert lst.nodes is not None
     if late == "done first":
         (own,) = mine
-        assert lst.nodes != own.nodes  # A's list, found by B
+        assert lst.name == a_list and lst.nodes != own.nodes  # A's list, found by B
     else:
         assert report.objects_deleted > 0, report
+        assert (lst.name == a_list) is (late != "pending")  # B's own, when A's never landed
     with _other_host(url, tmp_path, "c") as repo:
         assert [s.id for s in repo.snapshots("vol")] == [kept.id]
         again = repo.gc()

@@ -75,17 +75,21 @@ before anything is deleted (a record the sync could not count, its packs unread,
 the list).  A writer whose heartbeats were ever half the session ttl apart refuses to
 commit, since gc elsewhere may have found it dead meanwhile and stopped waiting.
 
-Every state of a list is an object of its own, created create-if-absent and never
-overwritten, so that a write that lands late (held by a retry, a proxy or a busy server
-after its gc lost the maintenance lease, and another host took the list on) changes
-nothing: it finds the state taken, and the gc that made it stops.  Of two gcs that
-advance a list, the first to land wins, and the other goes by what it finds (an armed
-list's waiting_for, a done list's copies and packs).
+A gc's write can land late: held by a retry, a proxy or a busy server until after its
+gc lost the maintenance lease and another host's gc took over.  So no list object is
+ever overwritten: every state of a list is an object of its own, created
+create-if-absent.  Of two gcs that advance a list, the first write to land wins: the
+other gc stops if it lost the lease, else goes by what it finds (an armed list's
+waiting_for, a done list's copies and packs, which it carries out), which the lost
+holder computed while it held the lease.  And each gc run first takes the next seq with
+an empty done list (a fence): a list the lost holder publishes late was numbered before
+the fence, so it finds its seq taken, and one that landed before the fence is read by
+the new holder like any list, before it reads or writes any.
 
 Format 2:
 - gc/<seq>, seq 16 decimal digits from 1, one more than the highest existing: the list
-  as published, "pending" (or "done" for a list published done: the empty packs).  Its
-  creation takes the seq.
+  as published, "pending" (or "done" for a list published done: the empty packs, a
+  fence).  Its creation takes the seq.
 - gc/<seq>.armed and gc/<seq>.done: the list in that state, whole.
 - gc/<seq>.<token>.nodes, token 16 hex digits: the children of the map nodes a done
   list collects, named by the list ("nodes"), written before it.
@@ -110,8 +114,10 @@ advanced through the objects of format 2.
 
 Compatibility: unknown keys are ignored; a list of a newer version is refused
 (UnsupportedFormatError) by every sync that reads it, so no writer or gc goes on
-without what it may name (a blocksnap that reads format 1 only refuses every list
-written now).  Lists are kept (see the notes of issue 17 on compacting them).
+without what it may name.  A blocksnap that reads format 1 only sees neither the state
+objects nor, until it meets a list published since, anything amiss: every host that
+shares a store must run a blocksnap that reads format 2 (shared stores are not released
+yet).  Lists are kept (see the notes of issue 17 on compacting them).
 """
 
 from __future__ import annotations

@@ -115,6 +115,8 @@ def collect_garbage(
     report = GcReport()
     say: Callable[[Progress], None] = progress or (lambda _p: None)
     with store.lock_gc(), store.register() as me:
+        if store.shared:
+            _fence(store)
         # On a shared store: the lists whose writers are gone, found before the sync that
         # takes in what those writers committed (store/collection.py).
         ready = _ready_lists(store, report, me.id) if store.shared else []
@@ -581,27 +583,45 @@ def _write_done(
     return _advance(store, lst)
 
 
+def _fence(store: Store) -> None:
+    """Take the next seq with an empty done list, before this run reads or writes any
+    list: a list that a gc which lost the lease publishes late was numbered before it,
+    so it finds its seq taken (store/collection.py).  One that landed first is read as
+    any other."""
+    for _attempt in range(3):
+        fence = collection.CollectionList(seq=_next_seq(store), state=collection.DONE)
+        store.confirm_gc()
+        try:
+            collection.publish(store.backend, fence)
+            return
+        except ObjectExistsError:
+            continue  # a late list landed just now: after it
+    raise LockedError("collection lists are being published by another gc: try again later")
+
+
+def _next_seq(store: Store) -> int:
+    seqs = collection.listed_seqs(store.backend)
+    return (seqs[-1] if seqs else 0) + 1
+
+
 def _publish(
     store: Store, lst: collection.CollectionList, nodes: dict[bytes, list[bytes]] | None = None
 ) -> None:
     """Publish a new list at the next seq (pending, or done with the children of the map
-    nodes it collects).  A late write of a gc that lost the lease may take that seq
-    first: then the next one."""
-    for _attempt in range(3):
-        seqs = collection.listed_seqs(store.backend)
-        lst.seq = (seqs[-1] if seqs else 0) + 1
-        store.confirm_gc()
-        if nodes:
-            lst.nodes = collection.write_nodes(store.backend, lst.seq, nodes)
-        try:
-            collection.publish(store.backend, lst)
-            return
-        except ObjectExistsError:
-            continue
-    raise LockedError(
-        f"collection list {lst.seq} was taken by another gc as this one published it: "
-        "maintenance runs on another host"
-    )
+    nodes it collects).  After this run's fence no other gc takes a seq: one taken means
+    maintenance runs elsewhere (the list is not published again with another seq, as it
+    was computed without the one that took it)."""
+    lst.seq = _next_seq(store)
+    store.confirm_gc()
+    if nodes:
+        lst.nodes = collection.write_nodes(store.backend, lst.seq, nodes)
+    try:
+        collection.publish(store.backend, lst)
+    except ObjectExistsError:
+        raise LockedError(
+            f"collection list {lst.seq} was published by another gc as this one published "
+            "it: maintenance runs elsewhere"
+        ) from None
 
 
 def _carry_out(store: Store, lst: collection.CollectionList, report: GcReport) -> None:
