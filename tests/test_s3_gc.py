@@ -399,6 +399,30 @@ def test_a_follow_from_an_older_read_keeps_the_candidates_a_newer_one_saw(
         assert store.avoid == frozenset()
 
 
+def test_the_seq_applied_never_passes_a_list_a_listing_missed(
+    hosts: tuple[str, S3Options, S3Options],
+) -> None:
+    """A paged listing can miss a list that lands between its pages (a late one, just
+    before a fence): the cache applies what it found but keeps the seq it follows from
+    below the gap, so that the missing list is read when it shows."""
+    url, a, _b = hosts
+    with blocksnap.Repository.init(url, s3=a):
+        pass
+    with blocksnap.Repository(url, s3=a) as repo:
+        store = repo.store
+        first, late, fence = (
+            collection.CollectionList(seq=n, state=collection.DONE) for n in (1, 2, 3)
+        )
+        late.collected = [(os.urandom(32), os.urandom(16))]
+        for lst in (first, fence):
+            collection.publish(store.backend, lst)
+        store.follow_collections()
+        assert store.index.collections_applied() == 1
+        collection.publish(store.backend, late)
+        store.follow_collections()
+        assert store.index.collections_applied() == 3
+
+
 def test_a_cache_of_the_format_before_is_rebuilt(
     hosts: tuple[str, S3Options, S3Options], tmp_path: Path
 ) -> None:

@@ -86,6 +86,9 @@ an empty done list (a fence): a list the lost holder publishes late was numbered
 the fence, so it finds its seq taken, and one that landed before the fence is read by
 the new holder like any list, before it reads or writes any.
 
+A cache never moves the seq up to which it follows the lists past a gap in the seqs it
+listed: a paged listing may miss a list that lands between its pages.
+
 Format 2:
 - gc/<seq>, seq 16 decimal digits from 1, one more than the highest existing: the list
   as published, "pending" (or "done" for a list published done: the empty packs, a

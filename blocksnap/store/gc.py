@@ -30,9 +30,11 @@ deletes.  Each host's cache has its own registry, which other hosts' writers are
 in, so step 2 goes in two phases through collection lists (store/collection.py): the
 objects at count 0 are published as candidates, the writers then alive are waited for
 (this run or a later one), and only then, after a sync that counts what they committed,
-do the candidates still at count 0 leave the index.  Step 3 deletes only the packs in
-which nothing is placed any more: moving live records would leave other caches placing
-them in deleted packs (compaction across hosts is a next step).
+do the candidates still at count 0 leave the index.  Each run first publishes an empty
+list (a fence) so that no list a gc that lost the lease publishes late lands after this
+run's work.  Step 3 deletes only the packs in which nothing is placed any more: moving
+live records would leave other caches placing them in deleted packs (compaction across
+hosts is a next step).
 
 A full reconciliation (full=True, gc --full) lists the whole store once, which steady
 gc never does: on a shared store it also reclaims what writers of hosts that never came

@@ -680,10 +680,15 @@ class Store:
         done: set[int] = set()
         counted = False
         advanced = applied
+        # Seqs have no gaps, but a paged listing may miss a list that landed between its
+        # pages (a late one, before a fence: see store/collection.py): the seq applied
+        # never passes a gap, so that such a list is read next time.
+        gapless, previous = True, applied
         for found in self._unapplied_lists() if lists is None else lists:
             seq = found.seq
             if seq <= applied:
                 continue
+            gapless, previous = gapless and seq == previous + 1, seq
             if found.state != collection.DONE:
                 under_way[seq] = frozenset(found.candidates)
                 continue
@@ -694,7 +699,7 @@ class Store:
             self.index.acquit(seq, found.condemned)
             self.index.relocate(found.relocated)
             self.index.forget_packs(found.deleted_packs)
-            if not under_way:
+            if not under_way and gapless:
                 advanced = seq
         if counted:
             self.index.drop_checkpoints()
